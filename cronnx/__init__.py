@@ -1,0 +1,3 @@
+"""Cronnx: an ONNX inference server for vision models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,45 @@
+"""The batch window of one worker: which waiting slots run next, and when.
+
+The window is measured from the oldest waiting request, so a later arrival never restarts
+it: a full batch runs at once, a partial one when the oldest has waited `timeout_s`, or
+at once when the front reports that no other request is being prepared for this worker
+(at low load the window would then only add latency).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class Batcher:
+    def __init__(self, batch_size: int, timeout_s: float):
+        self.batch_size = batch_size
+        self.timeout_s = timeout_s
+        # slot -> time it was enqueued, oldest first.
+        self._waiting: OrderedDict[int, float] = OrderedDict()
+        self._more_coming = False
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, slot: int, enqueued: float, filling: int) -> None:
+        self._waiting[slot] = enqueued
+        self._more_coming = filling > 0
+
+    def cancel(self, slot: int) -> bool:
+        """Remove a waiting slot; False when it is not waiting (already run or never seen)."""
+        return self._waiting.pop(slot, None) is not None
+
+    def wait_time(self, now: float) -> float | None:
+        """Seconds until the next batch is due: 0 when due now, None when nothing waits."""
+        if not self._waiting:
+            return None
+        if len(self._waiting) >= self.batch_size or not self._more_coming:
+            return 0.0
+        oldest = next(iter(self._waiting.values()))
+        return max(0.0, oldest + self.timeout_s - now)
+
+    def take(self) -> list[tuple[int, float]]:
+        """The oldest waiting slots, at most batch_size, with their enqueue times."""
+        count = min(self.batch_size, len(self._waiting))
+        return [self._waiting.popitem(last=False) for _ in range(count)]

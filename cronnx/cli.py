@@ -1,0 +1,87 @@
+"""The `cronnx` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .config import ConfigError, load_config, with_server_overrides
+
+DEFAULT_CONFIG = "config/cronnx.yaml"
+DEFAULT_DEMO_PATH = "models/mobilenetv2-demo.onnx"
+CONFIG_ERROR_EXIT = 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"cronnx: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group()
+def main() -> None:
+    """Cronnx: an ONNX inference server for vision models."""
+
+
+@main.command()
+@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help="YAML config file.")
+@click.option("--host", default=None, help="Address to bind (overrides server.host).")
+@click.option("--port", type=int, default=None, help="Port to bind (overrides server.port).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+def serve(config_path: str, host: str | None, port: int | None, log_level: str | None) -> None:
+    """Serve the models of a config file over HTTP."""
+    from .server import run_server
+
+    try:
+        config = with_server_overrides(load_config(config_path), host=host, port=port, log_level=log_level)
+    except ConfigError as exc:
+        _fail(f"config error: {exc}", CONFIG_ERROR_EXIT)
+    _setup_logging(config.server.log_level)
+    try:
+        code = run_server(config, config_path)
+    except ConfigError as exc:
+        _fail(f"config error: {exc}", CONFIG_ERROR_EXIT)
+    except OSError as exc:
+        _fail(f"cannot serve on {config.server.host}:{config.server.port}: {exc}", 1)
+    sys.exit(code)
+
+
+@main.group()
+def models() -> None:
+    """Build, download and inspect models."""
+
+
+@models.command()
+@click.option("--output", default=DEFAULT_DEMO_PATH, show_default=True, help="Where to write the model.")
+def demo(output: str) -> None:
+    """Build the deterministic, untrained demo MobileNetV2 (no download)."""
+    from .demo_model import write_demo_model
+
+    _setup_logging("info")
+    path = write_demo_model(output)
+    click.echo(f"wrote {path} (untrained demo: its predictions carry no meaning)")
+
+
+@models.command()
+@click.argument("name")
+@click.option("--dir", "dest_dir", default="models", show_default=True, help="Folder to download into.")
+def pull(name: str, dest_dir: str) -> None:
+    """Download a pretrained model of the ONNX Model Zoo and verify its sha256."""
+    from .zoo import ZOO, PullError, pull as pull_entry, pull_labels
+
+    entry = ZOO.get(name)
+    if entry is None:
+        _fail(f"unknown model {name!r}; available: {', '.join(sorted(ZOO))}", 2)
+    try:
+        path = pull_entry(entry, Path(dest_dir))
+        labels = pull_labels(Path(dest_dir))
+    except PullError as exc:
+        _fail(f"pull failed: {exc}", 1)
+    click.echo(f"wrote {path} (sha256 verified) and {labels}\n\nconfig entry:\n"
+               f"  - name: {name.split('-')[0]}\n    path: {path}\n    labels: {labels}")

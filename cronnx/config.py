@@ -1,0 +1,122 @@
+"""The one configuration object: typed msgspec structs, parsed and validated once at start-up."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import msgspec.yaml
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+ModelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+Triple = Annotated[list[float], msgspec.Meta(min_length=3, max_length=3)]
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class ConfigError(Exception):
+    """An invalid configuration; the message names the file and the field."""
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class ServerConfig(Strict):
+    host: str = "127.0.0.1"
+    port: Port = 3000
+    # aiohttp's default of 1 MiB is too small for a base64 phone photo.
+    max_body_bytes: PositiveInt = 20 * 1024 * 1024
+    request_timeout_s: PositiveFloat = 10.0
+    # Decode and resize release the GIL, so a pool this size keeps every core busy.
+    preprocess_threads: PositiveInt = max(1, os.cpu_count() or 1)
+    # Pillow refuses images above this many pixels (decompression bombs).
+    max_image_pixels: PositiveInt = 50_000_000
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class PreprocessConfig(Strict):
+    # crop: scale the shorter side to size/crop_ratio, then take the centre size x size.
+    # stretch: scale the whole image to size x size.
+    resize: Literal["crop", "stretch"] = "crop"
+    crop_ratio: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.875
+    # None: read from the model's input shape.
+    size: PositiveInt | None = None
+    mean: Triple = msgspec.field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: Triple = msgspec.field(default_factory=lambda: list(IMAGENET_STD))
+
+    def __post_init__(self) -> None:
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+
+
+class ModelConfig(Strict):
+    name: ModelName
+    path: str
+    version: PositiveInt = 1
+    batch_size: PositiveInt = 8
+    batch_timeout_ms: NonNegativeFloat = 2.0
+    # CPU: how many worker processes. GPU: ignored when devices is set (one per device).
+    workers: PositiveInt = 1
+    devices: list[Annotated[int, msgspec.Meta(ge=0)]] = []
+    # "auto" picks CUDA when onnxruntime-gpu sees a GPU, else CPU.
+    providers: list[str] | Literal["auto"] = "auto"
+    intra_op_threads: PositiveInt = 1
+    inter_op_threads: PositiveInt = 1
+    # onnxruntime's idle threads spin by default and steal CPU from the front.
+    allow_spinning: bool = False
+    # Slots per worker ring: requests beyond this are answered 503 at once.
+    ring_slots: PositiveInt = 64
+    top_k: PositiveInt = 5
+    labels: str | None = None
+    # Build the deterministic demo model at `path` when the file is missing.
+    demo: bool = False
+    preprocess: PreprocessConfig = PreprocessConfig()
+
+    def __post_init__(self) -> None:
+        if self.ring_slots < self.batch_size:
+            raise ValueError(f"ring_slots ({self.ring_slots}) must be >= batch_size ({self.batch_size})")
+
+    @property
+    def worker_count(self) -> int:
+        return len(self.devices) if self.devices else self.workers
+
+
+class Config(Strict):
+    models: Annotated[list[ModelConfig], msgspec.Meta(min_length=1)]
+    server: ServerConfig = ServerConfig()
+
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique, repeated: {', '.join(duplicates)}")
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a YAML config; every problem becomes one ConfigError naming file and field."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        return msgspec.yaml.decode(raw, type=Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def with_server_overrides(config: Config, **overrides: object) -> Config:
+    """Apply command-line overrides (None means not given) to the server section."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return config
+    return msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, **given))

@@ -1,0 +1,116 @@
+"""Image bytes -> normalised CHW float32, written straight into the destination (a ring slot).
+
+Runs in the front's thread pool: Pillow's decode and resize and numpy's arithmetic release
+the GIL, so several requests are preprocessed on several cores at once.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+import PIL
+
+from .config import PreprocessConfig
+
+# Pillow warns between MAX_IMAGE_PIXELS and twice that; a server refuses instead.
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+class ImageError(Exception):
+    """The body is not an image we can read (400)."""
+
+
+class ImageTooLarge(Exception):
+    """The image has more pixels than allowed: a decompression bomb (413)."""
+
+
+def pil_build() -> str:
+    """Which PIL is installed: pillow-simd reports a version with a '.postN' suffix."""
+    version = PIL.__version__
+    kind = "pillow-simd" if ".post" in version else "Pillow"
+    return f"{kind} {version}"
+
+
+def set_max_image_pixels(pixels: int) -> None:
+    Image.MAX_IMAGE_PIXELS = pixels
+
+
+class Preprocessor:
+    """Preprocessing for one model: fixed output size, resize mode and normalisation."""
+
+    def __init__(self, config: PreprocessConfig, height: int, width: int):
+        self.mode = config.resize
+        self.height, self.width = height, width
+        self.short_side = max(height, width) / config.crop_ratio
+        mean = np.asarray(config.mean, np.float32).reshape(3, 1, 1)
+        std = np.asarray(config.std, np.float32).reshape(3, 1, 1)
+        # (x / 255 - mean) / std == x * scale + offset: one multiply and one add in place.
+        self.scale = (1.0 / (255.0 * std)).astype(np.float32)
+        self.offset = (-mean / std).astype(np.float32)
+
+    def __call__(self, data: bytes, out: np.ndarray) -> None:
+        """Decode `data` and write the model input into `out` (shape 3 x H x W, float32)."""
+        image = self.load_rgb(data)
+        resized = self.resize(image)
+        pixels = np.asarray(resized)  # H x W x 3, uint8
+        np.multiply(pixels.transpose(2, 0, 1), self.scale, out=out)
+        out += self.offset
+
+    def load_rgb(self, data: bytes) -> Image.Image:
+        try:
+            image = Image.open(io.BytesIO(data))
+            if image.format == "JPEG":
+                # libjpeg scales by 1/2, 1/4 or 1/8 while decoding: far cheaper than resizing later.
+                image.draft("RGB", self._draft_size(image.size))
+            image.load()
+            image = ImageOps.exif_transpose(image, in_place=False) if _has_rotation(image) else image
+            return to_rgb(image)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageTooLarge(str(exc)) from None
+        except UnidentifiedImageError:
+            raise ImageError("body is not an image in a format the server can read") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageError(f"cannot decode image: {exc}") from None
+
+    def _draft_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The smallest size draft may reduce to while the resize still has enough pixels."""
+        w, h = size
+        if self.mode == "stretch":
+            return self.width, self.height
+        scale = self.short_side / min(w, h)
+        return math.ceil(w * scale), math.ceil(h * scale)
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        if self.mode == "stretch":
+            return image.resize((self.width, self.height), Image.BILINEAR)
+        w, h = image.size
+        # Resize-then-centre-crop as one resize of the source region that becomes the crop.
+        scale = self.short_side / min(w, h)
+        crop_w, crop_h = self.width / scale, self.height / scale
+        left, top = (w - crop_w) / 2, (h - crop_h) / 2
+        return image.resize((self.width, self.height), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
+
+
+def _has_rotation(image: Image.Image) -> bool:
+    return image.getexif().get(0x0112, 1) not in (1, None)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB; convert only when needed (converting RGB copies the whole image)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit grey (PNG, TIFF): Pillow's conversion to L clips at 255 instead of scaling.
+        pixels = np.asarray(image, dtype=np.int64)
+        image = Image.fromarray(np.clip(pixels >> 8, 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float32)
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")

@@ -1,0 +1,192 @@
+"""A ring of fixed-size slots in shared memory: one input and one output tensor per slot.
+
+The front process owns the segments (creates and unlinks them) and allocates slots; a worker
+attaches to them, reads the inputs of slots it is told about and writes their outputs.
+Slot lifecycle: free -> filling (front writes the input) -> sent (worker owns it until it
+answers done or dropped) -> free. Only the front changes a slot's state, so the states live
+in the front's memory; the pipes order every hand-over.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from multiprocessing import shared_memory
+
+import msgspec
+import numpy as np
+
+SEGMENT_PREFIX = "cronnx"
+
+
+class RingLayout(msgspec.Struct, frozen=True):
+    """Everything a worker needs to attach to a ring."""
+
+    input_segment: str
+    output_segment: str
+    slots: int
+    input_item_shape: tuple[int, ...]
+    output_item_shape: tuple[int, ...]
+
+    def input_bytes(self) -> int:
+        return self.slots * int(np.prod(self.input_item_shape)) * 4
+
+    def output_bytes(self) -> int:
+        return self.slots * int(np.prod(self.output_item_shape)) * 4
+
+
+def segment_name(owner_pid: int, tag: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", tag)
+    return f"{SEGMENT_PREFIX}_{owner_pid}_{safe}"
+
+
+def _view(shm: shared_memory.SharedMemory, slots: int, item_shape: tuple[int, ...]) -> np.ndarray:
+    return np.ndarray((slots, *item_shape), dtype=np.float32, buffer=shm.buf)
+
+
+FREE, FILLING, SENT = 0, 1, 2
+
+
+class SlotRing:
+    """Owner side: creates the segments and hands out slots, adjacent ones first."""
+
+    def __init__(self, tag: str, slots: int, input_item_shape, output_item_shape):
+        pid = os.getpid()
+        self.layout = RingLayout(
+            input_segment=segment_name(pid, f"{tag}_in"),
+            output_segment=segment_name(pid, f"{tag}_out"),
+            slots=slots,
+            input_item_shape=tuple(input_item_shape),
+            output_item_shape=tuple(output_item_shape),
+        )
+        self._segments: list[shared_memory.SharedMemory] = []
+        try:
+            self._segments.append(_create(self.layout.input_segment, self.layout.input_bytes()))
+            self._segments.append(_create(self.layout.output_segment, self.layout.output_bytes()))
+        except BaseException:
+            self.close()
+            raise
+        self.inputs = _view(self._segments[0], slots, self.layout.input_item_shape)
+        self.outputs = _view(self._segments[1], slots, self.layout.output_item_shape)
+        self._state = bytearray(slots)
+        self._cursor = 0
+        self.free_count = slots
+        self.filling_count = 0
+
+    @property
+    def slots(self) -> int:
+        return self.layout.slots
+
+    def acquire(self) -> int | None:
+        """A free slot, searching forward from the last one handed out so that requests
+        arriving together get adjacent slots (a batch the worker can run without a copy)."""
+        if self.free_count == 0:
+            return None
+        n = self.layout.slots
+        state = self._state
+        for step in range(n):
+            k = (self._cursor + step) % n
+            if state[k] == FREE:
+                state[k] = FILLING
+                self._cursor = (k + 1) % n
+                self.free_count -= 1
+                self.filling_count += 1
+                return k
+        raise AssertionError("free_count out of step with slot states")
+
+    def mark_sent(self, slot: int) -> None:
+        self._state[slot] = SENT
+        self.filling_count -= 1
+
+    def release(self, slot: int) -> None:
+        state = self._state[slot]
+        if state != FREE:
+            self.filling_count -= state == FILLING
+            self._state[slot] = FREE
+            self.free_count += 1
+
+    def close(self) -> None:
+        """Unmap and unlink; safe to call more than once and from any exit path."""
+        self.inputs = self.outputs = None
+        for shm in self._segments:
+            try:
+                shm.close()
+            except BufferError:
+                pass  # a numpy view is still alive; unlinking below still frees the name
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass
+        self._segments = []
+
+
+def _create(name: str, size: int) -> shared_memory.SharedMemory:
+    try:
+        return shared_memory.SharedMemory(name=name, create=True, size=size)
+    except FileExistsError:
+        # Our own pid's leftover can only come from an earlier ring in this process that
+        # was not closed; replace it rather than fail.
+        shared_memory.SharedMemory(name=name).unlink()
+        return shared_memory.SharedMemory(name=name, create=True, size=size)
+
+
+class AttachedRing:
+    """Worker side: maps the owner's segments without taking ownership."""
+
+    def __init__(self, layout: RingLayout):
+        self._segments = [_attach(layout.input_segment), _attach(layout.output_segment)]
+        self.inputs = _view(self._segments[0], layout.slots, layout.input_item_shape)
+        self.outputs = _view(self._segments[1], layout.slots, layout.output_item_shape)
+
+    def close(self) -> None:
+        self.inputs = self.outputs = None
+        for shm in self._segments:
+            try:
+                shm.close()
+            except BufferError:
+                pass  # a view is still referenced; the mapping goes with the process
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    # Before 3.13 attaching registers the segment with the resource tracker, which would then
+    # unlink it when this process exits, under the owner's feet. Attach untracked.
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)
+    from multiprocessing import resource_tracker
+
+    register = resource_tracker.register
+    resource_tracker.register = lambda *args, **kwargs: None
+    try:
+        return shared_memory.SharedMemory(name=name)
+    finally:
+        resource_tracker.register = register
+
+
+def remove_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlink segments left by a killed Cronnx process (their owner pid no longer exists)."""
+    removed = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    pattern = re.compile(rf"^{SEGMENT_PREFIX}_(\d+)_")
+    for name in names:
+        match = pattern.match(name)
+        if match and not _pid_alive(int(match.group(1))):
+            try:
+                os.unlink(os.path.join(shm_dir, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

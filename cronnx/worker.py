@@ -1,0 +1,164 @@
+"""A worker process: one onnxruntime session that runs batches straight from the ring memory.
+
+Started with `spawn`: onnxruntime's thread pools do not survive fork, so the session is
+created here, after the process starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from multiprocessing.connection import Connection
+
+import msgspec
+import numpy as np
+
+from . import protocol
+from .batcher import Batcher
+from .model_spec import ModelSpec
+from .ring import AttachedRing, RingLayout
+
+log = logging.getLogger("cronnx.worker")
+
+
+class WorkerSpec(msgspec.Struct, frozen=True):
+    model: str
+    version: int
+    index: int
+    model_path: str
+    model_spec: ModelSpec
+    ring: RingLayout
+    batch_size: int
+    batch_timeout_s: float
+    providers: list[str]
+    device_id: int | None
+    intra_op_threads: int
+    inter_op_threads: int
+    allow_spinning: bool
+    log_level: str = "info"
+
+
+def create_session(spec: WorkerSpec):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = spec.intra_op_threads
+    options.inter_op_num_threads = spec.inter_op_threads
+    options.log_severity_level = 3
+    spinning = "1" if spec.allow_spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+    providers: list = []
+    for name in spec.providers:
+        if name == "CUDAExecutionProvider" and spec.device_id is not None:
+            providers.append((name, {"device_id": spec.device_id}))
+        else:
+            providers.append(name)
+    return ort.InferenceSession(spec.model_path, options, providers=providers)
+
+
+class BatchRunner:
+    """Runs a list of slots through the session with IO binding.
+
+    Adjacent slots form one contiguous [n, C, H, W] block of ring memory, bound as is; a batch
+    of scattered slots (or one that wraps around the ring end) is gathered once into a
+    staging buffer. A model with a fixed batch dimension runs in pieces of exactly that size.
+    """
+
+    def __init__(self, session, ring: AttachedRing, spec: WorkerSpec):
+        self.session = session
+        self.ring = ring
+        self.input_name = spec.model_spec.input_name
+        self.output_name = spec.model_spec.output_name
+        self.fixed_batch = spec.model_spec.fixed_batch
+        self.piece = self.fixed_batch or spec.batch_size
+        self.stage_in = np.zeros((self.piece, *ring.inputs.shape[1:]), np.float32)
+        self.stage_out = np.zeros((self.piece, *ring.outputs.shape[1:]), np.float32)
+        self.binding = session.io_binding()
+
+    def run(self, slots: list[int]) -> None:
+        if self.fixed_batch is None and _is_run(slots):
+            first = min(slots)
+            n = len(slots)
+            self._infer(self.ring.inputs[first:first + n], self.ring.outputs[first:first + n])
+            return
+        for start in range(0, len(slots), self.piece):
+            piece = slots[start:start + self.piece]
+            n = len(piece)
+            rows = n if self.fixed_batch is None else self.fixed_batch
+            np.take(self.ring.inputs, piece, axis=0, out=self.stage_in[:n])
+            if rows > n:
+                self.stage_in[n:rows] = 0.0
+            self._infer(self.stage_in[:rows], self.stage_out[:rows])
+            self.ring.outputs[piece] = self.stage_out[:n]
+
+    def _infer(self, inputs: np.ndarray, outputs: np.ndarray) -> None:
+        b = self.binding
+        b.bind_input(self.input_name, "cpu", 0, np.float32, list(inputs.shape), inputs.ctypes.data)
+        b.bind_output(self.output_name, "cpu", 0, np.float32, list(outputs.shape), outputs.ctypes.data)
+        self.session.run_with_iobinding(b)
+
+    def warm_up(self) -> None:
+        """A few runs on zeros (staging memory, not the ring) so the first request pays no set-up."""
+        for _ in range(2):
+            rows = self.fixed_batch or 1
+            self._infer(self.stage_in[:rows], self.stage_out[:rows])
+            if self.fixed_batch is None and self.piece > 1:
+                self._infer(self.stage_in, self.stage_out)
+
+
+def _is_run(slots: list[int]) -> bool:
+    return max(slots) - min(slots) == len(slots) - 1
+
+
+def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runner: BatchRunner) -> None:
+    """Collect submits into batches and run them until told to stop or the front goes away."""
+    send = outbox.send_bytes
+    decode = protocol.decode_to_worker
+    encode = protocol.encode
+    while True:
+        wait = batcher.wait_time(time.monotonic())
+        if wait != 0.0 and inbox.poll(wait):
+            while True:
+                msg = decode(inbox.recv_bytes())
+                if type(msg) is protocol.Submit:
+                    batcher.add(msg.slot, msg.enqueued, msg.filling)
+                elif type(msg) is protocol.Cancel:
+                    if batcher.cancel(msg.slot):
+                        send(encode(protocol.Dropped(msg.slot)))
+                else:
+                    return
+                if not inbox.poll(0):
+                    break
+            continue  # re-check the window with the new arrivals
+        if wait is None:
+            continue
+        items = batcher.take()
+        slots = [slot for slot, _ in items]
+        started = time.monotonic()
+        runner.run(slots)
+        infer_s = time.monotonic() - started
+        queue_s = [started - enqueued for _, enqueued in items]
+        send(encode(protocol.Done(slots, queue_s, infer_s, len(slots))))
+
+
+def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection) -> None:
+    # Ctrl-C and SIGTERM reach the whole process group; the front decides when a worker
+    # stops (after in-flight work is answered), by a Stop message or by closing the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
+    logging.basicConfig(level=spec.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    session = create_session(spec)
+    ring = AttachedRing(spec.ring)
+    try:
+        runner = BatchRunner(session, ring, spec)
+        runner.warm_up()
+        outbox.send_bytes(protocol.encode(protocol.Ready(os.getpid(), session.get_providers())))
+        serve_batches(inbox, outbox, Batcher(spec.batch_size, spec.batch_timeout_s), runner)
+    except (EOFError, BrokenPipeError):
+        pass  # the front is gone: nobody is waiting for answers
+    finally:
+        ring.close()

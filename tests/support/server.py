@@ -1,0 +1,137 @@
+"""Start `cronnx serve` as a real process on 127.0.0.1 and always clean it up."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 90.0
+
+
+def shm_segments(pid: int) -> list[str]:
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"cronnx_{pid}_"))
+
+
+def children(pid: int) -> list[int]:
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        return []
+    return [int(p) for p in out.split()]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+class ServerProcess:
+    def __init__(self, workdir: Path, config: dict):
+        self.workdir = workdir
+        self.config_path = workdir / "cronnx.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / "server.log"
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, wait_ready: bool = True) -> "ServerProcess":
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cronnx", "serve", "--config", str(self.config_path), "--port", "0"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.url:
+            match = re.search(r"serving on (http://[\d.]+:\d+)", self.log())
+            if match:
+                self.url = match.group(1)
+            elif self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            elif time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{self.log()}")
+            else:
+                time.sleep(0.05)
+        if wait_ready:
+            self.wait_ready(deadline)
+        return self
+
+    def wait_ready(self, deadline: float | None = None) -> None:
+        deadline = deadline or time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            status, _ = self.get("/ready")
+            if status == 200:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"server not ready:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def models(self) -> dict[str, dict]:
+        _, body = self.get("/models")
+        return {m["name"]: m for m in body["models"]}
+
+    def worker_pids(self, model: str) -> list[int]:
+        return [w["pid"] for w in self.models()[model]["workers"]]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        """Signal the server and wait; returns its exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout_s)
+
+    def cleanup(self) -> None:
+        """Whatever happened in the test: no process and no segment is left behind."""
+        if self.proc is None:
+            return
+        pid = self.proc.pid
+        kids = children(pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for kid in kids:
+            if pid_alive(kid):
+                os.kill(kid, signal.SIGKILL)
+        for name in shm_segments(pid):
+            os.unlink(f"/dev/shm/{name}")
+
+
+def model_entry(name: str, path: Path, **overrides) -> dict:
+    entry = {"name": name, "path": str(path), "batch_size": 8, "batch_timeout_ms": 5,
+             "workers": 1, "intra_op_threads": 1, "ring_slots": 32}
+    entry.update(overrides)
+    return entry
+
+
+def server_config(*models: dict, **server) -> dict:
+    return {"server": {"host": "127.0.0.1", "preprocess_threads": 2, **server}, "models": list(models)}
