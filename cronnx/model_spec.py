@@ -81,6 +81,7 @@ def inspect_model(path: str, size_hint: int | None = None) -> ModelSpec:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    options.log_severity_level = 3  # warnings about the graph are not the user's problem here
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])

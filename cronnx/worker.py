@@ -118,23 +118,35 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
     send = outbox.send_bytes
     decode = protocol.decode_to_worker
     encode = protocol.encode
+
+    def read_available() -> bool:
+        """Apply every message already in the pipe; False when told to stop."""
+        while True:
+            msg = decode(inbox.recv_bytes())
+            if type(msg) is protocol.Submit:
+                batcher.add(msg.slot, msg.enqueued, msg.filling)
+            elif type(msg) is protocol.Cancel:
+                if batcher.cancel(msg.slot):
+                    send(encode(protocol.Dropped(msg.slot)))
+            else:
+                return False
+            if not inbox.poll(0):
+                return True
+
     while True:
         wait = batcher.wait_time(time.monotonic())
-        if wait != 0.0 and inbox.poll(wait):
-            while True:
-                msg = decode(inbox.recv_bytes())
-                if type(msg) is protocol.Submit:
-                    batcher.add(msg.slot, msg.enqueued, msg.filling)
-                elif type(msg) is protocol.Cancel:
-                    if batcher.cancel(msg.slot):
-                        send(encode(protocol.Dropped(msg.slot)))
-                else:
+        if wait != 0.0:
+            # Sleep until a message comes or the oldest request's window closes.
+            if inbox.poll(wait):
+                if not read_available():
                     return
-                if not inbox.poll(0):
-                    break
-            continue  # re-check the window with the new arrivals
-        if wait is None:
-            continue
+                continue
+        elif inbox.poll(0):
+            # A batch is due, but cancels that already arrived must not be computed.
+            if not read_available():
+                return
+            if batcher.wait_time(time.monotonic()) != 0.0:
+                continue
         items = batcher.take()
         slots = [slot for slot, _ in items]
         started = time.monotonic()

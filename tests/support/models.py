@@ -16,23 +16,24 @@ def _save(graph, path: Path) -> Path:
     return path
 
 
-def tiny_classifier(path: Path, size: int = 32, classes: int = 10, slow_layers: int = 0, batch="batch") -> Path:
-    """Flatten -> [MatMul+Tanh] * slow_layers -> MatMul: a classifier whose cost is set by slow_layers."""
+def tiny_classifier(path: Path, size: int = 32, classes: int = 10, slow_layers: int = 0, hidden: int = 1024,
+                    batch="batch") -> Path:
+    """Flatten -> project -> [MatMul+Tanh] * slow_layers -> MatMul: a classifier whose cost is
+    set by slow_layers (the hidden layers share one weight, so the file stays small)."""
     rng = np.random.default_rng(7)
     features = 3 * size * size
-    nodes = [helper.make_node("Flatten", ["input"], ["h0"], axis=1)]
-    inits = []
-    width = features
-    current = "h0"
+    project = rng.normal(0, 1 / np.sqrt(features), (features, hidden)).astype(np.float32)
+    square = rng.normal(0, 1 / np.sqrt(hidden), (hidden, hidden)).astype(np.float32)
+    head = rng.normal(0, 3 / np.sqrt(hidden), (hidden, classes)).astype(np.float32)
+    weights = [(project, "project"), (head, "head")] + ([(square, "square")] if slow_layers else [])
+    inits = [numpy_helper.from_array(a, n) for a, n in weights]
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "project"], ["m0"]),
+             helper.make_node("Tanh", ["m0"], ["h0"])]
     for i in range(slow_layers):
-        w = rng.normal(0, 1 / np.sqrt(width), (width, 1024)).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [f"m{i}"]))
-        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]))
-        current, width = f"h{i + 1}", 1024
-    head = rng.normal(0, 3 / np.sqrt(width), (width, classes)).astype(np.float32)
-    inits.append(numpy_helper.from_array(head, "head"))
-    nodes.append(helper.make_node("MatMul", [current, "head"], ["logits"]))
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "square"], [f"m{i + 1}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i + 1}"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("MatMul", [f"h{slow_layers}", "head"], ["logits"]))
     graph = helper.make_graph(
         nodes, "tiny",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],

@@ -1,0 +1,96 @@
+"""Every bad input gets its status and a JSON error, while good requests keep being served."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import aiohttp
+import pytest
+from PIL import Image
+
+from support.client import TIMEOUT, GoodStream, post
+from support.images import encode, photo_like
+from support.models import tiny_classifier
+from support.server import model_entry, server_config
+
+BODY_LIMIT = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return tiny_classifier(tmp_path_factory.mktemp("models") / "tiny.onnx")
+
+
+@pytest.fixture
+def server(start_server, tiny_model):
+    config = server_config(model_entry("tiny", tiny_model), max_body_bytes=BODY_LIMIT, max_image_pixels=4_000_000)
+    return start_server(config)
+
+
+def _bomb() -> bytes:
+    # 5000 x 5000 = 25 Mpx, far above the limit, yet a few kB as PNG.
+    return encode(Image.new("L", (5000, 5000)), "PNG")
+
+
+def _truncated_jpeg() -> bytes:
+    data = encode(photo_like(400, 300, seed=3), "JPEG", quality=90)
+    return data[: len(data) // 2]
+
+
+BAD_REQUESTS = {
+    "invalid base64": ("application/json", json.dumps({"image": "not*base64!"}).encode(), 400, "base64"),
+    "json without image field": ("application/json", json.dumps({"picture": "AAAA"}).encode(), 400, "image"),
+    "body is not json": ("application/json", b"{not json", 400, "JSON"),
+    "not an image": ("image/jpeg", b"plain text, no picture here", 400, "image"),
+    "base64 of a non-image": ("application/json", json.dumps({"image": base64.b64encode(b"hello").decode()}).encode(), 400, "image"),
+    "truncated jpeg": ("image/jpeg", _truncated_jpeg(), 400, "image"),
+    "empty body": ("image/png", b"", 400, "empty"),
+    "unsupported content type": ("text/plain", b"hello", 415, "Content-Type"),
+    "body over the limit": ("image/jpeg", b"\xff" * (BODY_LIMIT + 1), 413, "limit"),
+    "decompression bomb": ("image/png", _bomb(), 413, "too large"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_input_gets_its_status_while_good_requests_succeed(server, case):
+    content_type, body, status, words = BAD_REQUESTS[case]
+    url = f"{server.url}/predict/tiny"
+    good = GoodStream(url, encode(photo_like(320, 240, seed=1), "JPEG"))
+
+    async def main():
+        stream = asyncio.create_task(good.run())
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            replies = [await post(session, url, body, content_type) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        good.stop()
+        await stream
+        return replies
+
+    replies = asyncio.run(main())
+    for reply in replies:
+        assert reply.status == status, reply.body
+        assert words.lower() in reply.body["error"].lower(), reply.body
+    assert good.statuses and set(good.statuses) == {200}
+    assert all(w["slots_in_use"] == 0 for w in server.models()["tiny"]["workers"])
+
+
+def test_unknown_model_is_404_with_the_served_names(server):
+    async def main():
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            return await post(session, f"{server.url}/predict/nope", b"x")
+
+    reply = asyncio.run(main())
+    assert reply.status == 404
+    assert "nope" in reply.body["error"] and "tiny" in reply.body["error"]
+
+
+def test_unknown_route_answers_json(server):
+    async def main():
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            async with session.get(f"{server.url}/nothing-here") as r:
+                return r.status, await r.json()
+
+    status, body = asyncio.run(main())
+    assert status == 404 and "error" in body

@@ -1,0 +1,78 @@
+"""A bad config stops `cronnx serve` before anything starts: exit 2 and one line naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from support.models import tiny_classifier, two_input_model, vector_input_model
+from support.server import REPO
+
+
+def serve(config_path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cronnx", "serve", "--config", str(config_path), "--port", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_classifier(tmp_path_factory.mktemp("m") / "tiny.onnx")
+
+
+def write(tmp_path, config) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    return path
+
+
+CASES = {
+    "unknown field": ({"models": [{"name": "m", "path": "TINY", "batch_sise": 4}]}, "batch_sise"),
+    "wrong type": ({"models": [{"name": "m", "path": "TINY", "batch_size": "eight"}]}, "$.models[0].batch_size"),
+    "out of range": ({"models": [{"name": "m", "path": "TINY", "batch_size": 0}]}, "$.models[0].batch_size"),
+    "bad enum": ({"models": [{"name": "m", "path": "TINY", "preprocess": {"resize": "squash"}}]}, "resize"),
+    "no models": ({"models": []}, "$.models"),
+    "unknown server field": ({"server": {"prot": 1}, "models": [{"name": "m", "path": "TINY"}]}, "prot"),
+    "duplicate names": ({"models": [{"name": "m", "path": "TINY"}, {"name": "m", "path": "TINY"}]}, "unique"),
+    "missing model file": ({"models": [{"name": "m", "path": "/nonexistent/model.onnx"}]}, "models[0] (m).path"),
+    "ring smaller than batch": ({"models": [{"name": "m", "path": "TINY", "batch_size": 8, "ring_slots": 4}]}, "ring_slots"),
+    "unavailable provider": ({"models": [{"name": "m", "path": "TINY", "providers": ["TensorrtExecutionProvider"]}]}, "TensorrtExecutionProvider"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_invalid_config_exits_2_naming_the_field(tmp_path, tiny, case):
+    config, words = CASES[case]
+    text = yaml.safe_dump(config).replace("TINY", str(tiny))
+    result = serve(write(tmp_path, text))
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert str(tmp_path / "bad.yaml") in lines[0] and words in lines[0], lines[0]
+
+
+def test_invalid_yaml_exits_2(tmp_path):
+    result = serve(write(tmp_path, "models: [unclosed"))
+    assert result.returncode == 2 and "YAML" in result.stderr
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    result = serve(tmp_path / "nope.yaml")
+    assert result.returncode == 2 and "nope.yaml" in result.stderr
+
+
+@pytest.mark.parametrize("builder, words", [(two_input_model, "2 inputs"), (vector_input_model, "image input")])
+def test_model_that_is_not_an_image_classifier_is_refused(tmp_path, builder, words):
+    model = builder(tmp_path / "model.onnx")
+    result = serve(write(tmp_path, {"models": [{"name": "m", "path": str(model)}]}))
+    assert result.returncode == 2
+    assert "models[0] (m).path" in result.stderr and words in result.stderr, result.stderr
+
+
+def test_corrupt_model_file_is_refused(tmp_path):
+    model = tmp_path / "corrupt.onnx"
+    model.write_bytes(b"this is not a protobuf")
+    result = serve(write(tmp_path, {"models": [{"name": "m", "path": str(model)}]}))
+    assert result.returncode == 2 and "cannot load" in result.stderr

@@ -1,0 +1,170 @@
+"""Workers that die, servers that stop, clients that leave, requests that wait too long."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import aiohttp
+import pytest
+
+from support.client import TIMEOUT, post, predict_many
+from support.images import encode, photo_like
+from support.models import tiny_classifier
+from support.server import model_entry, pid_alive, server_config, shm_segments
+
+IMAGE = encode(photo_like(320, 240, seed=1), "JPEG")
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def quick_model(models_dir):
+    """About 2 ms per image."""
+    return tiny_classifier(models_dir / "quick.onnx", slow_layers=30)
+
+
+@pytest.fixture(scope="module")
+def slow_model(models_dir):
+    """About 60 ms per image: requests queue up behind each other."""
+    return tiny_classifier(models_dir / "slow.onnx", slow_layers=200, hidden=2048)
+
+
+def wait_until(predicate, timeout_s: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def _load(url: str, clients: int, duration_s: float, outcomes: list) -> None:
+    """Closed-loop clients for a bounded time; records (status, error text) or exception names."""
+    deadline = time.monotonic() + duration_s
+
+    async def client(session):
+        while time.monotonic() < deadline:
+            try:
+                reply = await post(session, url, IMAGE)
+                outcomes.append((reply.status, reply.body.get("error", "")))
+            except aiohttp.ClientError as exc:
+                outcomes.append((type(exc).__name__, str(exc)))
+                await asyncio.sleep(0.01)
+
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+
+
+def test_killed_worker_fails_its_requests_with_503_and_is_replaced(start_server, quick_model):
+    server = start_server(server_config(model_entry("quick", quick_model, batch_size=4)))
+    url = f"{server.url}/predict/quick"
+    (old_pid,) = server.worker_pids("quick")
+    outcomes: list = []
+
+    async def main():
+        load = asyncio.create_task(_load(url, 8, 3.0, outcomes))
+        await asyncio.sleep(0.7)
+        os.kill(old_pid, signal.SIGKILL)
+        await load
+
+    asyncio.run(main())
+    wait_until(lambda: server.models()["quick"]["workers"][0]["live"], what="replacement worker")
+    worker = server.models()["quick"]["workers"][0]
+    assert worker["pid"] != old_pid and worker["restarts"] == 1
+
+    statuses = {status for status, _ in outcomes}
+    assert statuses <= {200, 503}, outcomes
+    died = [error for status, error in outcomes if status == 503 and "died" in error]
+    assert died, "requests in flight at the kill must fail with 503 saying the worker died"
+    assert any(status == 200 for status, _ in outcomes)
+
+    after = asyncio.run(predict_many(url, [IMAGE] * 10))
+    assert [r.status for r in after] == [200] * 10
+    assert server.models()["quick"]["workers"][0]["slots_in_use"] == 0
+
+
+def test_sigterm_finishes_in_flight_requests_and_leaves_nothing_behind(start_server, slow_model):
+    server = start_server(server_config(model_entry("slow", slow_model, batch_size=1, ring_slots=16),
+                                        request_timeout_s=30))
+    url = f"{server.url}/predict/slow"
+    workers = server.worker_pids("slow")
+    pid = server.proc.pid
+
+    async def main():
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            in_flight = [asyncio.create_task(post(session, url, IMAGE)) for _ in range(6)]
+            # Six requests of ~60 ms each, run one at a time: most are still queued at the signal.
+            await asyncio.sleep(0.15)
+            server.proc.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*in_flight)
+
+    replies = asyncio.run(main())
+    assert [r.status for r in replies] == [200] * 6, replies
+    assert server.proc.wait(30) == 0
+    assert not any(pid_alive(w) for w in workers)
+    assert shm_segments(pid) == []
+
+
+def test_sigint_stops_cleanly_too(start_server, quick_model):
+    server = start_server(server_config(model_entry("quick", quick_model)))
+    workers = server.worker_pids("quick")
+    assert server.stop(signal.SIGINT) == 0
+    assert not any(pid_alive(w) for w in workers)
+    assert shm_segments(server.proc.pid) == []
+
+
+def test_request_waiting_longer_than_its_timeout_gets_504(start_server, slow_model):
+    server = start_server(server_config(model_entry("slow", slow_model, batch_size=1, ring_slots=32),
+                                        request_timeout_s=0.3))
+    replies = asyncio.run(predict_many(f"{server.url}/predict/slow", [IMAGE] * 16))
+    statuses = [r.status for r in replies]
+    assert 200 in statuses and 504 in statuses, statuses
+    assert set(statuses) == {200, 504}
+    assert all("timeout" in r.body["error"] for r in replies if r.status == 504)
+    # Timed-out requests that had not run yet are dropped by the worker, not computed.
+    wait_until(lambda: server.models()["slow"]["workers"][0]["slots_in_use"] == 0, what="slots freed")
+    worker = server.models()["slow"]["workers"][0]
+    assert worker["items_dropped"] > 0
+    assert worker["items_run"] + worker["items_dropped"] == 16
+
+
+def test_client_that_disconnects_costs_no_inference(start_server, slow_model):
+    server = start_server(server_config(model_entry("slow", slow_model, batch_size=1, ring_slots=32),
+                                        request_timeout_s=30))
+    url = f"{server.url}/predict/slow"
+
+    async def impatient():
+        timeout = aiohttp.ClientTimeout(total=0.25)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            results = await asyncio.gather(*(post(session, url, IMAGE) for _ in range(12)), return_exceptions=True)
+        return results
+
+    results = asyncio.run(impatient())
+    assert any(isinstance(r, asyncio.TimeoutError) for r in results)
+    wait_until(lambda: server.models()["slow"]["workers"][0]["slots_in_use"] == 0, what="slots freed")
+    worker = server.models()["slow"]["workers"][0]
+    assert worker["items_dropped"] > 0
+    assert worker["items_run"] + worker["items_dropped"] == 12
+    # The server is still fine.
+    assert [r.status for r in asyncio.run(predict_many(url, [IMAGE]))] == [200]
+
+
+def test_full_ring_answers_503_with_retry_after_at_once(start_server, slow_model):
+    server = start_server(server_config(model_entry("slow", slow_model, batch_size=1, ring_slots=2),
+                                        request_timeout_s=30))
+
+    async def main():
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            return await asyncio.gather(*(post(session, f"{server.url}/predict/slow", IMAGE) for _ in range(10)))
+
+    replies = asyncio.run(main())
+    full = [r for r in replies if r.status == 503]
+    assert full and len(full) <= 8
+    assert all(r.headers.get("Retry-After") == "1" and "capacity" in r.body["error"] for r in full)
+    assert {r.status for r in replies} == {200, 503}
