@@ -21,6 +21,11 @@ from .config import PreprocessConfig
 warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
+# Formats a client may send. Pillow can open more (EPS, for one, runs Ghostscript), which a
+# server that reads untrusted bodies should not offer. (JPEG covers multi-picture MPO files.)
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
 class ImageError(Exception):
     """The body is not an image we can read (400)."""
 
@@ -63,7 +68,7 @@ class Preprocessor:
 
     def load_rgb(self, data: bytes) -> Image.Image:
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
             if image.format == "JPEG":
                 # libjpeg scales by 1/2, 1/4 or 1/8 while decoding: far cheaper than resizing later.
                 image.draft("RGB", self._draft_size(image.size))
@@ -73,7 +78,7 @@ class Preprocessor:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageTooLarge(str(exc)) from None
         except UnidentifiedImageError:
-            raise ImageError("body is not an image in a format the server can read") from None
+            raise ImageError(f"body is not an image in a format the server reads ({', '.join(ACCEPTED_FORMATS)})") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise ImageError(f"cannot decode image: {exc}") from None
 

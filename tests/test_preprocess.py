@@ -117,3 +117,9 @@ def test_decompression_bomb_is_refused():
             run(encode(Image.new("L", (2000, 2000)), "PNG"))
     finally:
         set_max_image_pixels(50_000_000)
+
+
+def test_formats_outside_the_accepted_list_are_refused():
+    # PPM is a real image format Pillow reads, but not one a client of this server may send.
+    with pytest.raises(ImageError, match="format"):
+        run(encode(photo_like(40, 30, seed=1), "PPM"))
