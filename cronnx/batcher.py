@@ -15,15 +15,15 @@ class Batcher:
     def __init__(self, batch_size: int, timeout_s: float):
         self.batch_size = batch_size
         self.timeout_s = timeout_s
-        # slot -> time it was enqueued, oldest first.
-        self._waiting: OrderedDict[int, float] = OrderedDict()
+        # slot -> (time it was enqueued, alone in the model when submitted), oldest first.
+        self._waiting: OrderedDict[int, tuple[float, bool]] = OrderedDict()
         self._more_coming = False
 
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def add(self, slot: int, enqueued: float, filling: int) -> None:
-        self._waiting[slot] = enqueued
+    def add(self, slot: int, enqueued: float, filling: int, alone: bool = False) -> None:
+        self._waiting[slot] = (enqueued, alone)
         self._more_coming = filling > 0
 
     def cancel(self, slot: int) -> bool:
@@ -36,10 +36,14 @@ class Batcher:
             return None
         if len(self._waiting) >= self.batch_size or not self._more_coming:
             return 0.0
-        oldest = next(iter(self._waiting.values()))
+        oldest, _ = next(iter(self._waiting.values()))
         return max(0.0, oldest + self.timeout_s - now)
 
-    def take(self) -> list[tuple[int, float]]:
-        """The oldest waiting slots, at most batch_size, with their enqueue times."""
+    def take(self) -> tuple[list[int], list[float], bool]:
+        """The oldest waiting slots (at most batch_size), their enqueue times, and whether the
+        batch is a lone request that had the model to itself."""
         count = min(self.batch_size, len(self._waiting))
-        return [self._waiting.popitem(last=False) for _ in range(count)]
+        items = [self._waiting.popitem(last=False) for _ in range(count)]
+        slots = [slot for slot, _ in items]
+        enqueued = [t for _, (t, _) in items]
+        return slots, enqueued, count == 1 and items[0][1][1]

@@ -69,6 +69,9 @@ class ModelConfig(Strict):
     providers: list[str] | Literal["auto"] = "auto"
     intra_op_threads: PositiveInt = 1
     inter_op_threads: PositiveInt = 1
+    # A second session with this many threads runs a request that is alone in the model (no
+    # other request in flight): lowest latency when idle, one thread per worker under load.
+    solo_intra_op_threads: PositiveInt | None = None
     # onnxruntime's idle threads spin by default and steal CPU from the front.
     allow_spinning: bool = False
     # Slots per worker ring: requests beyond this are answered 503 at once.

@@ -163,7 +163,7 @@ async def predict(request: web.Request) -> web.Response:
         async with asyncio.timeout(timeout_s):
             worker, slot = pool.acquire()
             preprocess_s = await _preprocess_into_slot(state, pool, worker, slot, image)
-            future = worker.submit(slot)
+            future = pool.submit(worker, slot)
             try:
                 done = await future
             except asyncio.CancelledError:  # timed out, or the client went away

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -69,7 +70,7 @@ class ModelPool:
             batch_timeout_s=c.batch_timeout_ms / 1000.0, providers=providers,
             device_id=c.devices[index] if c.devices else None,
             intra_op_threads=c.intra_op_threads, inter_op_threads=c.inter_op_threads,
-            allow_spinning=c.allow_spinning, log_level=log_level)
+            solo_intra_op_threads=c.solo_intra_op_threads, allow_spinning=c.allow_spinning, log_level=log_level)
 
     def start(self) -> None:
         for worker in self.workers:
@@ -91,6 +92,11 @@ class ModelPool:
         if slot is None:
             raise Unavailable(f"model {self.name!r} is at capacity ({self.config.ring_slots} queued per worker)")
         return best, slot
+
+    def submit(self, worker: WorkerHandle, slot: int) -> asyncio.Future:
+        """Hand the filled slot to its worker, saying whether it is the model's only request."""
+        in_use = sum(w.ring.slots - w.ring.free_count for w in self.workers)
+        return worker.submit(slot, alone=in_use == 1)
 
     async def stop(self) -> None:
         for worker in self.workers:

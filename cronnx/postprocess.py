@@ -7,10 +7,11 @@ import numpy as np
 
 def top_k(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
     """Softmax probabilities of the k most likely classes, highest first."""
-    scores = logits.reshape(-1).astype(np.float64)
-    exp = np.exp(scores - scores.max())
-    probs = exp / exp.sum()
-    k = min(k, probs.size)
-    best = np.argpartition(-probs, k - 1)[:k]
-    best = best[np.argsort(-probs[best], kind="stable")]
-    return [(int(i), float(probs[i])) for i in best]
+    scores = logits.reshape(-1)
+    k = min(k, scores.size)
+    # Softmax keeps the order of the scores: pick the top k first, normalise only those.
+    best = np.argpartition(scores, scores.size - k)[-k:]
+    best = best[np.argsort(-scores[best], kind="stable")]
+    peak = float(scores[best[0]])
+    total = float(np.exp(scores.astype(np.float64) - peak).sum())
+    return [(int(i), float(np.exp(float(scores[i]) - peak) / total)) for i in best]

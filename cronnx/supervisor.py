@@ -81,7 +81,7 @@ class WorkerHandle:
         self._loop.add_reader(process.sentinel, self._on_exit)
         log.info("worker %s starting (pid %d)", self.name, process.pid)
 
-    def submit(self, slot: int) -> asyncio.Future:
+    def submit(self, slot: int, alone: bool) -> asyncio.Future:
         """Hand a filled slot to the worker; the future resolves with its Completion."""
         if not self.live:
             self.ring.release(slot)
@@ -89,7 +89,7 @@ class WorkerHandle:
         future = self._loop.create_future()
         self._in_flight[slot] = future
         self.ring.mark_sent(slot)
-        submit = protocol.Submit(slot, time.monotonic(), self.ring.filling_count)
+        submit = protocol.Submit(slot, time.monotonic(), self.ring.filling_count, alone)
         self._inbox.send_bytes(protocol.encode(submit))
         return future
 

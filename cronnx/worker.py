@@ -36,15 +36,16 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     device_id: int | None
     intra_op_threads: int
     inter_op_threads: int
+    solo_intra_op_threads: int | None
     allow_spinning: bool
     log_level: str = "info"
 
 
-def create_session(spec: WorkerSpec):
+def create_session(spec: WorkerSpec, intra_op_threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = spec.intra_op_threads
+    options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = spec.inter_op_threads
     options.log_severity_level = 3
     spinning = "1" if spec.allow_spinning else "0"
@@ -60,15 +61,18 @@ def create_session(spec: WorkerSpec):
 
 
 class BatchRunner:
-    """Runs a list of slots through the session with IO binding.
+    """Runs a list of slots through a session with IO binding.
 
     Adjacent slots form one contiguous [n, C, H, W] block of ring memory, bound as is; a batch
     of scattered slots (or one that wraps around the ring end) is gathered once into a
     staging buffer. A model with a fixed batch dimension runs in pieces of exactly that size.
+    A lone request runs on the solo session (more threads) when there is one.
     """
 
-    def __init__(self, session, ring: AttachedRing, spec: WorkerSpec):
-        self.session = session
+    def __init__(self, session, solo_session, ring: AttachedRing, spec: WorkerSpec):
+        self.sessions = [(session, session.io_binding())]
+        if solo_session is not None:
+            self.sessions.append((solo_session, solo_session.io_binding()))
         self.ring = ring
         self.input_name = spec.model_spec.input_name
         self.output_name = spec.model_spec.output_name
@@ -76,13 +80,13 @@ class BatchRunner:
         self.piece = self.fixed_batch or spec.batch_size
         self.stage_in = np.zeros((self.piece, *ring.inputs.shape[1:]), np.float32)
         self.stage_out = np.zeros((self.piece, *ring.outputs.shape[1:]), np.float32)
-        self.binding = session.io_binding()
 
-    def run(self, slots: list[int]) -> None:
+    def run(self, slots: list[int], solo: bool = False) -> None:
+        session, binding = self.sessions[-1] if solo else self.sessions[0]
         if self.fixed_batch is None and _is_run(slots):
             first = min(slots)
             n = len(slots)
-            self._infer(self.ring.inputs[first:first + n], self.ring.outputs[first:first + n])
+            self._infer(session, binding, self.ring.inputs[first:first + n], self.ring.outputs[first:first + n])
             return
         for start in range(0, len(slots), self.piece):
             piece = slots[start:start + self.piece]
@@ -91,22 +95,22 @@ class BatchRunner:
             np.take(self.ring.inputs, piece, axis=0, out=self.stage_in[:n])
             if rows > n:
                 self.stage_in[n:rows] = 0.0
-            self._infer(self.stage_in[:rows], self.stage_out[:rows])
+            self._infer(session, binding, self.stage_in[:rows], self.stage_out[:rows])
             self.ring.outputs[piece] = self.stage_out[:n]
 
-    def _infer(self, inputs: np.ndarray, outputs: np.ndarray) -> None:
-        b = self.binding
-        b.bind_input(self.input_name, "cpu", 0, np.float32, list(inputs.shape), inputs.ctypes.data)
-        b.bind_output(self.output_name, "cpu", 0, np.float32, list(outputs.shape), outputs.ctypes.data)
-        self.session.run_with_iobinding(b)
+    def _infer(self, session, binding, inputs: np.ndarray, outputs: np.ndarray) -> None:
+        binding.bind_input(self.input_name, "cpu", 0, np.float32, list(inputs.shape), inputs.ctypes.data)
+        binding.bind_output(self.output_name, "cpu", 0, np.float32, list(outputs.shape), outputs.ctypes.data)
+        session.run_with_iobinding(binding)
 
     def warm_up(self) -> None:
         """A few runs on zeros (staging memory, not the ring) so the first request pays no set-up."""
-        for _ in range(2):
-            rows = self.fixed_batch or 1
-            self._infer(self.stage_in[:rows], self.stage_out[:rows])
-            if self.fixed_batch is None and self.piece > 1:
-                self._infer(self.stage_in, self.stage_out)
+        rows = self.fixed_batch or 1
+        for session, binding in self.sessions:
+            for _ in range(2):
+                self._infer(session, binding, self.stage_in[:rows], self.stage_out[:rows])
+                if self.fixed_batch is None and self.piece > 1:
+                    self._infer(session, binding, self.stage_in, self.stage_out)
 
 
 def _is_run(slots: list[int]) -> bool:
@@ -124,7 +128,7 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
         while True:
             msg = decode(inbox.recv_bytes())
             if type(msg) is protocol.Submit:
-                batcher.add(msg.slot, msg.enqueued, msg.filling)
+                batcher.add(msg.slot, msg.enqueued, msg.filling, msg.alone)
             elif type(msg) is protocol.Cancel:
                 if batcher.cancel(msg.slot):
                     send(encode(protocol.Dropped(msg.slot)))
@@ -147,12 +151,11 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
                 return
             if batcher.wait_time(time.monotonic()) != 0.0:
                 continue
-        items = batcher.take()
-        slots = [slot for slot, _ in items]
+        slots, enqueued, solo = batcher.take()
         started = time.monotonic()
-        runner.run(slots)
+        runner.run(slots, solo)
         infer_s = time.monotonic() - started
-        queue_s = [started - enqueued for _, enqueued in items]
+        queue_s = [started - t for t in enqueued]
         send(encode(protocol.Done(slots, queue_s, infer_s, len(slots))))
 
 
@@ -163,10 +166,11 @@ def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection) -> Non
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
     logging.basicConfig(level=spec.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    session = create_session(spec)
+    session = create_session(spec, spec.intra_op_threads)
+    solo = create_session(spec, spec.solo_intra_op_threads) if spec.solo_intra_op_threads else None
     ring = AttachedRing(spec.ring)
     try:
-        runner = BatchRunner(session, ring, spec)
+        runner = BatchRunner(session, solo, ring, spec)
         runner.warm_up()
         outbox.send_bytes(protocol.encode(protocol.Ready(os.getpid(), session.get_providers())))
         serve_batches(inbox, outbox, Batcher(spec.batch_size, spec.batch_timeout_s), runner)

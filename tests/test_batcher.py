@@ -9,7 +9,7 @@ def test_full_batch_is_due_at_once():
     assert abs(b.wait_time(100.0) - 0.010) < 1e-9
     b.add(1, enqueued=100.001, filling=5)
     assert b.wait_time(100.001) == 0.0
-    assert [slot for slot, _ in b.take()] == [0, 1]
+    assert b.take() == ([0, 1], [100.0, 100.001], False)
     assert b.wait_time(100.002) is None
 
 
@@ -31,8 +31,17 @@ def test_take_returns_at_most_batch_size_oldest_first():
     b = Batcher(batch_size=3, timeout_s=0.0)
     for slot in [5, 6, 7, 0, 1]:
         b.add(slot, enqueued=float(slot), filling=1)
-    assert [slot for slot, _ in b.take()] == [5, 6, 7]
-    assert [slot for slot, _ in b.take()] == [0, 1]
+    assert b.take()[0] == [5, 6, 7]
+    assert b.take()[0] == [0, 1]
+
+
+def test_a_lone_request_that_had_the_model_to_itself_is_marked_solo():
+    b = Batcher(batch_size=4, timeout_s=0.0)
+    b.add(1, enqueued=0.0, filling=0, alone=True)
+    assert b.take() == ([1], [0.0], True)
+    b.add(2, enqueued=0.0, filling=1, alone=True)
+    b.add(3, enqueued=0.0, filling=0, alone=False)
+    assert b.take()[2] is False
 
 
 def test_cancel_removes_only_waiting_slots():

@@ -19,7 +19,7 @@ def direct(demo_model):
 
 @pytest.fixture
 def demo_server(start_server, demo_model):
-    return start_server(server_config(model_entry("mobilenetv2", demo_model, batch_size=8, batch_timeout_ms=20,
+    return start_server(server_config(model_entry("mobilenetv2", demo_model, batch_size=8, batch_timeout_ms=20, solo_intra_op_threads=2,
                                                   labels=None, demo=True)))
 
 
