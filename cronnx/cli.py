@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 import click
 
 from .config import ConfigError, load_config, with_server_overrides
+from .logs import setup_logging
 
 DEFAULT_CONFIG = "config/cronnx.yaml"
 DEFAULT_DEMO_PATH = "models/mobilenetv2-demo.onnx"
 CONFIG_ERROR_EXIT = 2
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _fail(message: str, code: int) -> None:
@@ -34,15 +30,18 @@ def main() -> None:
 @click.option("--host", default=None, help="Address to bind (overrides server.host).")
 @click.option("--port", type=int, default=None, help="Port to bind (overrides server.port).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
-def serve(config_path: str, host: str | None, port: int | None, log_level: str | None) -> None:
+@click.option("--log-format", type=click.Choice(["json", "text"]), default=None,
+              help="JSON lines (default) or human-readable text (overrides server.log_format).")
+def serve(config_path: str, host: str | None, port: int | None, log_level: str | None, log_format: str | None) -> None:
     """Serve the models of a config file over HTTP."""
     from .server import run_server
 
     try:
-        config = with_server_overrides(load_config(config_path), host=host, port=port, log_level=log_level)
+        config = with_server_overrides(load_config(config_path), host=host, port=port, log_level=log_level,
+                                       log_format=log_format)
     except ConfigError as exc:
         _fail(f"config error: {exc}", CONFIG_ERROR_EXIT)
-    _setup_logging(config.server.log_level)
+    setup_logging(config.server.log_level, config.server.log_format)
     try:
         code = run_server(config, config_path)
     except ConfigError as exc:
@@ -63,7 +62,7 @@ def demo(output: str) -> None:
     """Build the deterministic, untrained demo MobileNetV2 (no download)."""
     from .demo_model import write_demo_model
 
-    _setup_logging("info")
+    setup_logging("info", "text")
     path = write_demo_model(output)
     click.echo(f"wrote {path} (untrained demo: its predictions carry no meaning)")
 

@@ -17,6 +17,10 @@ ModelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,6
 Triple = Annotated[list[float], msgspec.Meta(min_length=3, max_length=3)]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
+# 100 microseconds to 10 seconds: the span of inference latencies, from a tiny model on a GPU
+# to a large one on a busy CPU.
+DEFAULT_LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                             0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
@@ -39,6 +43,15 @@ class ServerConfig(Strict):
     # Pillow refuses images above this many pixels (decompression bombs).
     max_image_pixels: PositiveInt = 50_000_000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # json: one JSON object per line (for log collectors); text: for a person at a terminal.
+    log_format: Literal["json", "text"] = "json"
+    # Histogram buckets of every latency metric, in seconds.
+    latency_buckets_s: Annotated[list[PositiveFloat], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: list(DEFAULT_LATENCY_BUCKETS_S))
+
+    def __post_init__(self) -> None:
+        if sorted(set(self.latency_buckets_s)) != list(self.latency_buckets_s):
+            raise ValueError("latency_buckets_s must be strictly increasing")
 
 
 class PreprocessConfig(Strict):

@@ -37,5 +37,9 @@ class Unavailable(ApiError):
         super().__init__(message, {"Retry-After": str(retry_after_s)})
 
 
+class RingFull(Unavailable):
+    """The model's queue (its workers' rings) is full."""
+
+
 class GatewayTimeout(ApiError):
     status = 504

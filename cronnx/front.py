@@ -5,88 +5,30 @@ from __future__ import annotations
 import asyncio
 import binascii
 import logging
+import re
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 from aiohttp import web
 
+from .api import (JSON_TYPE, Health, ImageRequest, Prediction, PredictResponse, Timings, model_status)
 from .config import ServerConfig
-from .errors import (ApiError, BadRequest, GatewayTimeout, NotFound, PayloadTooLarge, Unavailable,
+from .errors import (ApiError, BadRequest, GatewayTimeout, NotFound, PayloadTooLarge, RingFull, Unavailable,
                      UnsupportedMediaType)
+from .metrics import UNKNOWN_MODEL, Metrics
 from .pool import ModelPool
 from .postprocess import top_k
 from .preprocess import ImageError, ImageTooLarge
 
 log = logging.getLogger("cronnx.front")
+access_log = logging.getLogger("cronnx.access")
 
 RAW_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "application/octet-stream"})
-JSON_TYPE = "application/json"
-
-
-class ImageRequest(msgspec.Struct):
-    image: str
-
-
-class Prediction(msgspec.Struct):
-    class_id: int
-    label: str
-    confidence: float
-
-
-class Timings(msgspec.Struct):
-    total: float
-    preprocess: float
-    queue: float
-    inference: float
-
-
-class PredictResponse(msgspec.Struct):
-    model: str
-    version: int
-    predictions: list[Prediction]
-    batch_size: int
-    timings_ms: Timings
-
-
-class Health(msgspec.Struct):
-    status: str
-    models: dict[str, int] = {}
-
-
-class WorkerStatus(msgspec.Struct):
-    pid: int | None
-    live: bool
-    restarts: int
-    providers: list[str]
-    slots_in_use: int
-    items_run: int
-    items_dropped: int
-
-
-class ModelStatus(msgspec.Struct):
-    name: str
-    version: int
-    state: str
-    input: str
-    input_shape: list[int | str]
-    output: str
-    num_classes: int
-    batch_size: int
-    description: str
-    workers: list[WorkerStatus]
-
-
-def model_status(pool: ModelPool) -> ModelStatus:
-    spec = pool.spec
-    workers = [WorkerStatus(w.pid, w.live, w.restarts, w.providers, w.ring.slots - w.ring.free_count,
-                            w.items_run, w.items_dropped) for w in pool.workers]
-    return ModelStatus(
-        name=pool.name, version=pool.version, state="ready" if pool.live_workers else "loading",
-        input=spec.input_name, input_shape=[spec.fixed_batch or "batch", *spec.input_chw],
-        output=spec.output_name, num_classes=spec.num_classes, batch_size=pool.config.batch_size,
-        description=spec.description, workers=workers)
-
+REQUEST_ID_HEADER = "X-Request-ID"
+# A client's request id is echoed into headers and logs: keep it short and printable.
+_VALID_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 _json = msgspec.json.Encoder()
 _image_request = msgspec.json.Decoder(ImageRequest)
@@ -97,11 +39,12 @@ def json_response(body: msgspec.Struct | dict, status: int = 200, headers: dict 
 
 
 class ServerState:
-    """What the handlers share: the models, the preprocessing pool, and whether we are draining."""
+    """What the handlers share: the models, the preprocessing pool, metrics, and whether we are draining."""
 
-    def __init__(self, config: ServerConfig, pools: dict[str, ModelPool]):
+    def __init__(self, config: ServerConfig, pools: dict[str, ModelPool], metrics: Metrics):
         self.config = config
         self.pools = pools
+        self.metrics = metrics
         self.draining = False
         self.executor = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="cronnx-preprocess")
 
@@ -113,18 +56,22 @@ STATE = web.AppKey("state", ServerState)
 
 
 @web.middleware
-async def json_errors(request: web.Request, handler):
-    """Every error leaves as {"error": "..."} with its status, whatever raised it."""
+async def request_ids_and_json_errors(request: web.Request, handler):
+    """Every answer carries the request id; every error leaves as {"error": "..."} with its status."""
+    request_id = request.headers.get(REQUEST_ID_HEADER, "")
+    if not _VALID_REQUEST_ID.match(request_id):
+        request_id = uuid.uuid4().hex
+    request["request_id"] = request_id
     try:
-        return await handler(request)
+        response = await handler(request)
     except ApiError as exc:
-        return json_response({"error": exc.message}, exc.status, exc.headers)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return json_response({"error": f"request body is larger than the limit of {exc.max_size} bytes"}, 413)
+        response = json_response({"error": exc.message}, exc.status, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return json_response({"error": exc.reason}, exc.status)
+        response = json_response({"error": exc.reason}, exc.status)
+    response.headers[REQUEST_ID_HEADER] = request_id
+    return response
 
 
 async def health(request: web.Request) -> web.Response:
@@ -146,24 +93,64 @@ async def list_models(request: web.Request) -> web.Response:
     return json_response({"models": [model_status(pool) for pool in state.pools.values()]})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+class RequestRecord:
+    """What one prediction request did, for its metrics and its log line."""
+
+    def __init__(self, request_id: str, model: str, version: str):
+        self.request_id, self.model, self.version = request_id, model, version
+        # 499: the client closed the connection first (nginx's convention).
+        self.status = 500
+        self.error = ""
+        self.ring_full = False
+        self.batch_size = 0
+        self.phases: dict[str, float] = {}
+
+
 async def predict(request: web.Request) -> web.Response:
     started = time.perf_counter()
     state = request.app[STATE]
-    name = request.match_info["model"]
-    pool = state.pools.get(name)
+    pool = state.pools.get(request.match_info["model"])
+    record = RequestRecord(request["request_id"], pool.name if pool else UNKNOWN_MODEL, str(pool.version) if pool else "")
+    state.metrics.in_flight.inc()
+    try:
+        response = await _predict(request, state, pool, record, started)
+        record.status = 200
+        return response
+    except ApiError as exc:
+        record.status, record.error = exc.status, exc.message
+        record.ring_full = isinstance(exc, RingFull)
+        raise
+    except asyncio.CancelledError:
+        record.status, record.error = 499, "the client closed the connection"
+        raise
+    finally:
+        state.metrics.in_flight.dec()
+        _record(state.metrics, record, time.perf_counter() - started)
+
+
+async def _predict(request: web.Request, state: ServerState, pool: ModelPool | None, record: RequestRecord,
+                   started: float) -> web.Response:
     if pool is None:
-        raise NotFound(f"unknown model {name!r}; served models: {sorted(state.pools)}")
+        raise NotFound(f"unknown model {request.match_info['model']!r}; served models: {sorted(state.pools)}")
     if state.draining:
         raise Unavailable("server is shutting down")
     k = _top_k_param(request, pool.top_k)
     image = await _read_image(request, state.config.max_body_bytes)
+    read_s = time.perf_counter() - started
 
     timeout_s = state.config.request_timeout_s
     try:
         async with asyncio.timeout(timeout_s):
             worker, slot = pool.acquire()
-            preprocess_s = await _preprocess_into_slot(state, pool, worker, slot, image)
-            future = pool.submit(worker, slot)
+            preprocess_started = time.perf_counter()
+            await _preprocess_into_slot(state, pool, worker, slot, image)
+            preprocess_s = time.perf_counter() - preprocess_started
+            future = pool.submit(worker, slot, record.request_id)
             try:
                 done = await future
             except asyncio.CancelledError:  # timed out, or the client went away
@@ -171,21 +158,44 @@ async def predict(request: web.Request) -> web.Response:
                 raise
     except TimeoutError:
         raise GatewayTimeout(f"request did not complete within the timeout of {timeout_s}s") from None
-    total_ms = (time.perf_counter() - started) * 1000.0
+    respond_started = time.perf_counter()
     predictions = [Prediction(i, pool.labels[i], p) for i, p in top_k(done.output, k)]
-    return json_response(PredictResponse(
-        model=pool.name, version=pool.version, predictions=predictions, batch_size=done.batch_size,
-        timings_ms=Timings(total=total_ms, preprocess=preprocess_s * 1000.0,
-                           queue=done.queue_s * 1000.0, inference=done.infer_s * 1000.0)))
+    timings = Timings(total=(respond_started - started) * 1000.0, read=read_s * 1000.0,
+                      preprocess=preprocess_s * 1000.0, queue=done.queue_s * 1000.0, inference=done.infer_s * 1000.0)
+    response = json_response(PredictResponse(model=pool.name, version=pool.version, predictions=predictions,
+                                             batch_size=done.batch_size, timings_ms=timings))
+    record.batch_size = done.batch_size
+    record.phases = {"read": read_s, "preprocess": preprocess_s, "queue": done.queue_s,
+                     "inference": done.infer_s, "respond": time.perf_counter() - respond_started}
+    return response
 
 
-async def _preprocess_into_slot(state: ServerState, pool: ModelPool, worker, slot: int, image: bytes) -> float:
+def _record(metrics: Metrics, record: RequestRecord, total_s: float) -> None:
+    labels = (record.model, record.version)
+    metrics.requests.labels(*labels, "success" if record.status == 200 else str(record.status)).inc()
+    metrics.duration.labels(*labels).observe(total_s)
+    for phase, seconds in record.phases.items():
+        metrics.phase.labels(*labels, phase).observe(seconds)
+    if record.ring_full:
+        metrics.ring_full.labels(*labels).inc()
+    fields = {"request_id": record.request_id, "model": record.model, "version": record.version,
+              "status": record.status, "total_ms": total_s * 1000.0}
+    if record.batch_size:
+        fields["batch_size"] = record.batch_size
+    if record.phases:
+        fields["phases_ms"] = {phase: seconds * 1000.0 for phase, seconds in record.phases.items()}
+    if record.error:
+        fields["error"] = record.error
+    access_log.info("request", extra={"fields": fields})
+
+
+async def _preprocess_into_slot(state: ServerState, pool: ModelPool, worker, slot: int, image: bytes) -> None:
     """Decode and normalise straight into the slot's input memory, in the thread pool."""
     loop = asyncio.get_running_loop()
     ring = worker.ring
-    job = state.executor.submit(_timed, pool.preprocess, image, ring.inputs[slot])
+    job = state.executor.submit(pool.preprocess, image, ring.inputs[slot])
     try:
-        return await asyncio.wrap_future(job)
+        await asyncio.wrap_future(job)
     except asyncio.CancelledError:
         # The thread may still be writing into the slot: free it only when the thread is done.
         job.add_done_callback(lambda _: loop.call_soon_threadsafe(ring.release, slot))
@@ -199,12 +209,6 @@ async def _preprocess_into_slot(state: ServerState, pool: ModelPool, worker, slo
     except BaseException:
         ring.release(slot)
         raise
-
-
-def _timed(preprocess, image: bytes, out) -> float:
-    start = time.perf_counter()
-    preprocess(image, out)
-    return time.perf_counter() - start
 
 
 def _top_k_param(request: web.Request, default: int) -> int:
@@ -225,9 +229,13 @@ async def _read_image(request: web.Request, limit: int) -> bytes:
     if content_type != JSON_TYPE and content_type not in RAW_IMAGE_TYPES:
         allowed = ", ".join([JSON_TYPE, *sorted(RAW_IMAGE_TYPES)])
         raise UnsupportedMediaType(f"unsupported Content-Type {content_type!r}; use one of: {allowed}")
+    too_large = f"request body is larger than the limit of {limit} bytes"
     if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"request body of {request.content_length} bytes is larger than the limit of {limit} bytes")
-    body = await request.read()
+        raise PayloadTooLarge(too_large)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:  # a chunked body without a length, over the limit
+        raise PayloadTooLarge(too_large) from None
     if not body:
         raise BadRequest("request body is empty")
     if content_type != JSON_TYPE:
@@ -247,11 +255,11 @@ async def _read_image(request: web.Request, limit: int) -> bytes:
 
 
 def make_app(state: ServerState) -> web.Application:
-    # The body limit is checked again here so that chunked bodies without a length are bounded too.
-    app = web.Application(middlewares=[json_errors], client_max_size=state.config.max_body_bytes)
+    app = web.Application(middlewares=[request_ids_and_json_errors], client_max_size=state.config.max_body_bytes)
     app[STATE] = state
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/models", list_models)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/predict/{model}", predict)
     return app

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import logging
+import logging as _logging
 from pathlib import Path
 
 from .config import ConfigError, ModelConfig
-from .errors import Unavailable
+from .errors import RingFull, Unavailable
 from .model_spec import ModelSpec
 from .preprocess import Preprocessor
 from .ring import SlotRing
-from .supervisor import WorkerHandle
-from .worker import WorkerSpec
+from .supervisor import BatchObserver, WorkerHandle
+from .worker import LoggingSpec, WorkerSpec
 
-log = logging.getLogger("cronnx.pool")
+log = _logging.getLogger("cronnx.pool")
 
 
 def resolve_providers(requested: list[str] | str) -> list[str]:
@@ -43,7 +43,8 @@ def load_labels(path: str | None, num_classes: int, default_prefix: str) -> list
 
 
 class ModelPool:
-    def __init__(self, config: ModelConfig, spec: ModelSpec, providers: list[str], labels: list[str], log_level: str):
+    def __init__(self, config: ModelConfig, spec: ModelSpec, providers: list[str], labels: list[str],
+                 logging: LoggingSpec, on_batch: BatchObserver):
         self.config = config
         self.spec = spec
         self.name = config.name
@@ -57,12 +58,12 @@ class ModelPool:
             for index in range(config.worker_count):
                 ring = SlotRing(f"{config.name}_v{config.version}_w{index}", config.ring_slots,
                                 spec.input_chw, spec.output_item_shape)
-                self.workers.append(WorkerHandle(self._worker_spec(index, ring, providers, log_level), ring))
+                self.workers.append(WorkerHandle(self._worker_spec(index, ring, providers, logging), ring, on_batch))
         except BaseException:
             self.close()
             raise
 
-    def _worker_spec(self, index: int, ring: SlotRing, providers: list[str], log_level: str) -> WorkerSpec:
+    def _worker_spec(self, index: int, ring: SlotRing, providers: list[str], logging: LoggingSpec) -> WorkerSpec:
         c = self.config
         return WorkerSpec(
             model=c.name, version=c.version, index=index, model_path=str(Path(c.path).resolve()),
@@ -70,7 +71,7 @@ class ModelPool:
             batch_timeout_s=c.batch_timeout_ms / 1000.0, providers=providers,
             device_id=c.devices[index] if c.devices else None,
             intra_op_threads=c.intra_op_threads, inter_op_threads=c.inter_op_threads,
-            solo_intra_op_threads=c.solo_intra_op_threads, allow_spinning=c.allow_spinning, log_level=log_level)
+            solo_intra_op_threads=c.solo_intra_op_threads, allow_spinning=c.allow_spinning, logging=logging)
 
     def start(self) -> None:
         for worker in self.workers:
@@ -79,6 +80,10 @@ class ModelPool:
     @property
     def live_workers(self) -> int:
         return sum(w.live for w in self.workers)
+
+    @property
+    def state(self) -> str:
+        return "ready" if self.live_workers else "loading"
 
     def acquire(self) -> tuple[WorkerHandle, int]:
         """A slot in the live worker with the most free slots; 503 at once when none is free."""
@@ -90,13 +95,13 @@ class ModelPool:
             raise Unavailable(f"model {self.name!r} has no live worker (starting or restarting)")
         slot = best.ring.acquire()
         if slot is None:
-            raise Unavailable(f"model {self.name!r} is at capacity ({self.config.ring_slots} queued per worker)")
+            raise RingFull(f"model {self.name!r} is at capacity ({self.config.ring_slots} queued per worker)")
         return best, slot
 
-    def submit(self, worker: WorkerHandle, slot: int) -> asyncio.Future:
+    def submit(self, worker: WorkerHandle, slot: int, request_id: str) -> asyncio.Future:
         """Hand the filled slot to its worker, saying whether it is the model's only request."""
         in_use = sum(w.ring.slots - w.ring.free_count for w in self.workers)
-        return worker.submit(slot, alone=in_use == 1)
+        return worker.submit(slot, in_use == 1, request_id)
 
     async def stop(self) -> None:
         for worker in self.workers:

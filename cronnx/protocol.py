@@ -19,6 +19,7 @@ class Submit(msgspec.Struct, tag="submit", array_like=True):
     enqueued: float
     filling: int
     alone: bool
+    request_id: str
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):

@@ -13,10 +13,13 @@ from aiohttp import web
 from .config import Config, ConfigError, ModelConfig
 from .demo_model import DEMO_DESCRIPTION, write_demo_model
 from .front import ServerState, make_app
+from .metrics import Metrics
 from .model_spec import ModelSpec, ModelSpecError, inspect_model
 from .pool import ModelPool, load_labels, resolve_providers
 from .preprocess import pil_build, set_max_image_pixels
+from .protocol import Done
 from .ring import remove_stale_segments
+from .worker import LoggingSpec
 
 log = logging.getLogger("cronnx.server")
 
@@ -54,6 +57,12 @@ def prepare_models(config: Config, config_path: str) -> list[PreparedModel]:
     return prepared
 
 
+def _batch_recorder(metrics: Metrics, model: str, version: str):
+    def record(done: Done) -> None:
+        metrics.observe_batch(model, version, done.batch_size, max(done.queue_s))
+    return record
+
+
 def run_server(config: Config, config_path: str) -> int:
     set_max_image_pixels(config.server.max_image_pixels)
     removed = remove_stale_segments()
@@ -78,15 +87,19 @@ async def _serve(config: Config, prepared: list[PreparedModel]) -> None:
     pools: dict[str, ModelPool] = {}
     state = None
     try:
+        metrics = Metrics(tuple(config.server.latency_buckets_s), max(m.config.batch_size for m in prepared))
+        logging_spec = LoggingSpec(config.server.log_level, config.server.log_format)
         for model in prepared:
             c = model.config
-            pools[c.name] = ModelPool(c, model.spec, model.providers, model.labels, config.server.log_level)
+            pools[c.name] = ModelPool(c, model.spec, model.providers, model.labels, logging_spec,
+                                      _batch_recorder(metrics, c.name, str(c.version)))
             log.info("model %s v%d: %s, input %s %s, batch %d / %.1f ms, %d worker(s), providers %s",
                      c.name, c.version, c.path, model.spec.input_name, list(model.spec.input_chw),
                      c.batch_size, c.batch_timeout_ms, c.worker_count, ",".join(model.providers))
+        metrics.pools = list(pools.values())
         for pool in pools.values():
             pool.start()
-        state = ServerState(config.server, pools)
+        state = ServerState(config.server, pools, metrics)
         runner = web.AppRunner(make_app(state), handler_cancellation=True, access_log=None,
                                shutdown_timeout=config.server.request_timeout_s + 1.0)
         await runner.setup()

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import multiprocessing
 import time
+from collections.abc import Callable
 
 import msgspec
 import numpy as np
@@ -35,10 +36,18 @@ class Completion(msgspec.Struct):
     batch_size: int
 
 
+# Called with each Done message: the front records batch metrics from it.
+BatchObserver = Callable[[protocol.Done], None]
+
+
 class WorkerHandle:
-    def __init__(self, spec: WorkerSpec, ring: SlotRing):
+    def __init__(self, spec: WorkerSpec, ring: SlotRing, on_batch: BatchObserver):
         self.spec = spec
         self.ring = ring
+        self._on_batch = on_batch
+        # Seconds the last start took until the worker was ready (session created, warmed up).
+        self.load_seconds = 0.0
+        self._started_at = 0.0
         self.live = False
         self.restarts = 0
         # Items the worker ran and items it dropped on request, since the front started.
@@ -71,6 +80,7 @@ class WorkerHandle:
             name=f"cronnx-worker-{self.name}",
             daemon=True,
         )
+        self._started_at = time.monotonic()
         process.start()
         # The child has its own copies; closing ours lets EOF reach each side when the other dies.
         inbox_read.close()
@@ -81,7 +91,7 @@ class WorkerHandle:
         self._loop.add_reader(process.sentinel, self._on_exit)
         log.info("worker %s starting (pid %d)", self.name, process.pid)
 
-    def submit(self, slot: int, alone: bool) -> asyncio.Future:
+    def submit(self, slot: int, alone: bool, request_id: str) -> asyncio.Future:
         """Hand a filled slot to the worker; the future resolves with its Completion."""
         if not self.live:
             self.ring.release(slot)
@@ -89,7 +99,7 @@ class WorkerHandle:
         future = self._loop.create_future()
         self._in_flight[slot] = future
         self.ring.mark_sent(slot)
-        submit = protocol.Submit(slot, time.monotonic(), self.ring.filling_count, alone)
+        submit = protocol.Submit(slot, time.monotonic(), self.ring.filling_count, alone, request_id)
         self._inbox.send_bytes(protocol.encode(submit))
         return future
 
@@ -110,6 +120,7 @@ class WorkerHandle:
     def _handle(self, msg) -> None:
         if type(msg) is protocol.Done:
             self.items_run += msg.batch_size
+            self._on_batch(msg)
             outputs = self.ring.outputs
             for slot, queue_s in zip(msg.slots, msg.queue_s):
                 future = self._in_flight.pop(slot, None)
@@ -123,6 +134,7 @@ class WorkerHandle:
         elif type(msg) is protocol.Ready:
             self.live = True
             self._failed_starts = 0
+            self.load_seconds = time.monotonic() - self._started_at
             self.providers = msg.providers
             self.ready_event.set()
             log.info("worker %s ready (pid %d, providers %s)", self.name, msg.pid, ",".join(msg.providers))

@@ -17,10 +17,16 @@ import numpy as np
 
 from . import protocol
 from .batcher import Batcher
+from .logs import setup_logging
 from .model_spec import ModelSpec
 from .ring import AttachedRing, RingLayout
 
 log = logging.getLogger("cronnx.worker")
+
+
+class LoggingSpec(msgspec.Struct, frozen=True):
+    level: str = "info"
+    format: str = "json"
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -38,7 +44,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     inter_op_threads: int
     solo_intra_op_threads: int | None
     allow_spinning: bool
-    log_level: str = "info"
+    logging: LoggingSpec = LoggingSpec()
 
 
 def create_session(spec: WorkerSpec, intra_op_threads: int):
@@ -117,11 +123,14 @@ def _is_run(slots: list[int]) -> bool:
     return max(slots) - min(slots) == len(slots) - 1
 
 
-def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runner: BatchRunner) -> None:
+def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runner: BatchRunner,
+                  spec: WorkerSpec) -> None:
     """Collect submits into batches and run them until told to stop or the front goes away."""
     send = outbox.send_bytes
     decode = protocol.decode_to_worker
     encode = protocol.encode
+    request_ids: dict[int, str] = {}
+    log_batches = log.isEnabledFor(logging.INFO)
 
     def read_available() -> bool:
         """Apply every message already in the pipe; False when told to stop."""
@@ -129,8 +138,10 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
             msg = decode(inbox.recv_bytes())
             if type(msg) is protocol.Submit:
                 batcher.add(msg.slot, msg.enqueued, msg.filling, msg.alone)
+                request_ids[msg.slot] = msg.request_id
             elif type(msg) is protocol.Cancel:
                 if batcher.cancel(msg.slot):
+                    request_ids.pop(msg.slot, None)
                     send(encode(protocol.Dropped(msg.slot)))
             else:
                 return False
@@ -157,6 +168,12 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
         infer_s = time.monotonic() - started
         queue_s = [started - t for t in enqueued]
         send(encode(protocol.Done(slots, queue_s, infer_s, len(slots))))
+        ids = [request_ids.pop(slot, "") for slot in slots]
+        if log_batches:
+            log.info("batch", extra={"fields": {
+                "model": spec.model, "version": spec.version, "worker": spec.index, "batch_size": len(slots),
+                "solo": solo, "infer_ms": infer_s * 1000.0, "oldest_wait_ms": max(queue_s) * 1000.0,
+                "request_ids": ids}})
 
 
 def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection) -> None:
@@ -165,7 +182,7 @@ def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection) -> Non
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
-    logging.basicConfig(level=spec.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(spec.logging.level, spec.logging.format)
     session = create_session(spec, spec.intra_op_threads)
     solo = create_session(spec, spec.solo_intra_op_threads) if spec.solo_intra_op_threads else None
     ring = AttachedRing(spec.ring)
@@ -173,7 +190,7 @@ def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection) -> Non
         runner = BatchRunner(session, solo, ring, spec)
         runner.warm_up()
         outbox.send_bytes(protocol.encode(protocol.Ready(os.getpid(), session.get_providers())))
-        serve_batches(inbox, outbox, Batcher(spec.batch_size, spec.batch_timeout_s), runner)
+        serve_batches(inbox, outbox, Batcher(spec.batch_size, spec.batch_timeout_s), runner, spec)
     except (EOFError, BrokenPipeError):
         pass  # the front is gone: nobody is waiting for answers
     finally:

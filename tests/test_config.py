@@ -38,6 +38,7 @@ CASES = {
     "duplicate names": ({"models": [{"name": "m", "path": "TINY"}, {"name": "m", "path": "TINY"}]}, "unique"),
     "missing model file": ({"models": [{"name": "m", "path": "/nonexistent/model.onnx"}]}, "models[0] (m).path"),
     "ring smaller than batch": ({"models": [{"name": "m", "path": "TINY", "batch_size": 8, "ring_slots": 4}]}, "ring_slots"),
+    "buckets out of order": ({"server": {"latency_buckets_s": [0.1, 0.01]}, "models": [{"name": "m", "path": "TINY"}]}, "latency_buckets_s"),
     "unavailable provider": ({"models": [{"name": "m", "path": "TINY", "providers": ["TensorrtExecutionProvider"]}]}, "TensorrtExecutionProvider"),
 }
 

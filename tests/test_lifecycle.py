@@ -12,6 +12,7 @@ import pytest
 
 from support.client import TIMEOUT, post, predict_many
 from support.images import encode, photo_like
+from support.metrics import scrape, value
 from support.models import tiny_classifier
 from support.server import model_entry, pid_alive, server_config, shm_segments
 
@@ -77,6 +78,7 @@ def test_killed_worker_fails_its_requests_with_503_and_is_replaced(start_server,
     wait_until(lambda: server.models()["quick"]["workers"][0]["live"], what="replacement worker")
     worker = server.models()["quick"]["workers"][0]
     assert worker["pid"] != old_pid and worker["restarts"] == 1
+    assert value(scrape(server.url), "cronnx_worker_restarts_total", model="quick", version=1) == 1
 
     statuses = {status for status, _ in outcomes}
     assert statuses <= {200, 503}, outcomes

@@ -1,0 +1,99 @@
+"""Prometheus metrics, all recorded in the front process.
+
+Workers report each batch's timings through their pipe (the Done message), and the front
+records them here, so `/metrics` is one view in which every request is counted exactly once,
+and there are no multiprocess files that a previous run could leave behind. Values that
+describe the present (ring occupancy, live workers, state) are read from the pools when
+Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
+                               generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .config import DEFAULT_LATENCY_BUCKETS_S
+
+if TYPE_CHECKING:
+    from .pool import ModelPool
+
+# A `_created` series per counter and histogram doubles the output and no dashboard reads it.
+disable_created_metrics()
+# Requests for a model that does not exist share one label value: a client must not be able
+# to create a time series per name it makes up.
+UNKNOWN_MODEL = "_unknown"
+
+
+class Metrics:
+    def __init__(self, latency_buckets_s=DEFAULT_LATENCY_BUCKETS_S, max_batch_size: int = 64):
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        labels = ["model", "version"]
+        self.requests = Counter("cronnx_requests", "Requests by outcome: success, or the HTTP status of the error",
+                                [*labels, "outcome"], registry=registry)
+        self.duration = Histogram("cronnx_request_duration_seconds", "End-to-end time of a request in the server",
+                                  labels, buckets=latency_buckets_s, registry=registry)
+        self.phase = Histogram("cronnx_request_phase_seconds",
+                               "Time of each phase of a successful request: read (body read and decode), "
+                               "preprocess, queue (waiting in the ring), inference, respond (encoding)",
+                               [*labels, "phase"], buckets=latency_buckets_s, registry=registry)
+        self.batch_size = Histogram("cronnx_batch_size", "Images in each executed batch", labels,
+                                    buckets=_batch_buckets(max_batch_size), registry=registry)
+        self.batch_fill = Histogram("cronnx_batch_fill_seconds",
+                                    "How long a batch's oldest request waited for the batch to start",
+                                    labels, buckets=latency_buckets_s, registry=registry)
+        self.ring_full = Counter("cronnx_ring_full_rejections", "Requests refused with 503 because the ring was full",
+                                 labels, registry=registry)
+        self.in_flight = Gauge("cronnx_in_flight_requests", "Requests being handled by the front", registry=registry)
+        self.pools: list[ModelPool] = []
+        registry.register(_PoolCollector(self))
+
+    def observe_batch(self, model: str, version: str, batch_size: int, oldest_wait_s: float) -> None:
+        self.batch_size.labels(model, version).observe(batch_size)
+        self.batch_fill.labels(model, version).observe(oldest_wait_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _batch_buckets(max_batch_size: int) -> tuple[float, ...]:
+    buckets, size = [], 1
+    while size < max_batch_size:
+        buckets.append(float(size))
+        size *= 2
+    return (*buckets, float(max_batch_size))
+
+
+class _PoolCollector:
+    """Gauges and counters read from the live pools at scrape time."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        in_use = GaugeMetricFamily("cronnx_ring_slots_in_use", "Ring slots holding a request, per worker",
+                                   labels=["model", "version", "worker"])
+        capacity = GaugeMetricFamily("cronnx_ring_slots", "Ring slots per worker", labels=["model", "version", "worker"])
+        live = GaugeMetricFamily("cronnx_live_workers", "Workers that are up and serving", labels=["model", "version"])
+        restarts = CounterMetricFamily("cronnx_worker_restarts", "Workers restarted after they exited",
+                                       labels=["model", "version"])
+        load = GaugeMetricFamily("cronnx_model_load_seconds", "Time the last worker start took to load and warm up",
+                                 labels=["model", "version"])
+        state = GaugeMetricFamily("cronnx_model_state", "1 for the state each model is in", labels=["model", "version", "state"])
+        for pool in self.metrics.pools:
+            version = str(pool.version)
+            for worker in pool.workers:
+                index = str(worker.spec.index)
+                in_use.add_metric([pool.name, version, index], worker.ring.slots - worker.ring.free_count)
+                capacity.add_metric([pool.name, version, index], worker.ring.slots)
+            live.add_metric([pool.name, version], pool.live_workers)
+            restarts.add_metric([pool.name, version], sum(w.restarts for w in pool.workers))
+            load.add_metric([pool.name, version], max(w.load_seconds for w in pool.workers))
+            for name in ("loading", "ready"):
+                state.add_metric([pool.name, version, name], 1.0 if pool.state == name else 0.0)
+        yield from (in_use, capacity, live, restarts, load, state)
