@@ -37,6 +37,7 @@ REPO = BENCH.parent
 sys.path[:0] = [str(REPO), str(BENCH)]  # run from anywhere without installing cronnx
 
 from cronnx.config import PreprocessConfig  # noqa: E402
+from cronnx.model_spec import inspect_model  # noqa: E402
 from cronnx.preprocess import Preprocessor, pil_build  # noqa: E402
 
 from photos import DEFAULT_OUT, read_photos  # noqa: E402
@@ -83,7 +84,7 @@ class Bench:
         self.seconds = seconds
         self.spinning = spinning
         self.cores = os.cpu_count() or 1
-        self.preprocess = Preprocessor(PreprocessConfig(), SIZE, SIZE)
+        self.preprocess = Preprocessor(PreprocessConfig(), inspect_model(str(model)))
 
     def new_buffer(self, batch: int = 1) -> np.ndarray:
         return np.empty((batch, 3, SIZE, SIZE), np.float32)

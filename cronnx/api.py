@@ -59,7 +59,11 @@ class ModelStatus(msgspec.Struct):
     state: str
     input: str
     input_shape: list[int | str]
+    input_layout: str
+    input_dtype: str
     output: str
+    output_shape: list[int | str]
+    outputs_probabilities: bool
     num_classes: int
     batch_size: int
     description: str
@@ -72,6 +76,8 @@ def model_status(pool: ModelPool) -> ModelStatus:
                             w.items_run, w.items_dropped) for w in pool.workers]
     return ModelStatus(
         name=pool.name, version=pool.version, state=pool.state,
-        input=spec.input_name, input_shape=[spec.fixed_batch or "batch", *spec.input_chw],
-        output=spec.output_name, num_classes=spec.num_classes, batch_size=pool.config.batch_size,
+        input=spec.input_name, input_shape=[spec.fixed_batch or "batch", *spec.input_item_shape],
+        input_layout=spec.layout, input_dtype=spec.input_dtype, output=spec.output_name,
+        output_shape=[spec.fixed_batch or "batch", *spec.output_item_shape],
+        outputs_probabilities=pool.outputs_probabilities, num_classes=spec.num_classes, batch_size=pool.batch_size,
         description=spec.description, workers=workers)

@@ -84,3 +84,19 @@ def pull(name: str, dest_dir: str) -> None:
         _fail(f"pull failed: {exc}", 1)
     click.echo(f"wrote {path} (sha256 verified) and {labels}\n\nconfig entry:\n"
                f"  - name: {name.split('-')[0]}\n    path: {path}\n    labels: {labels}")
+
+
+@models.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+def inspect(path: str) -> None:
+    """Print a model's inputs and outputs and a config entry to serve it."""
+    from .model_inspect import describe
+    from .model_spec import ModelSpecError, inspect_model
+
+    try:
+        spec, dynamic_size = inspect_model(path), False
+    except ModelSpecError as exc:
+        if "dynamic" not in str(exc):
+            _fail(f"cannot serve {path}: {exc}", 2)
+        spec, dynamic_size = inspect_model(path, size_hint=224), True
+    click.echo(describe(path, spec, dynamic_size))

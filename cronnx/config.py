@@ -61,8 +61,11 @@ class PreprocessConfig(Strict):
     crop_ratio: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.875
     # None: read from the model's input shape.
     size: PositiveInt | None = None
+    # A float input gets (pixel * scale - mean) / std per channel; a uint8 input gets the pixels.
+    scale: PositiveFloat = 1.0 / 255.0
     mean: Triple = msgspec.field(default_factory=lambda: list(IMAGENET_MEAN))
     std: Triple = msgspec.field(default_factory=lambda: list(IMAGENET_STD))
+    channel_order: Literal["RGB", "BGR"] = "RGB"
 
     def __post_init__(self) -> None:
         if any(s <= 0 for s in self.std):
@@ -93,6 +96,9 @@ class ModelConfig(Strict):
     labels: str | None = None
     # Build the deterministic demo model at `path` when the file is missing.
     demo: bool = False
+    # logits get a softmax; probabilities are reported as they are. auto: probabilities when the
+    # model's output comes straight from a Softmax node.
+    outputs: Literal["auto", "logits", "probabilities"] = "auto"
     preprocess: PreprocessConfig = PreprocessConfig()
 
     def __post_init__(self) -> None:

@@ -159,7 +159,7 @@ async def _predict(request: web.Request, state: ServerState, pool: ModelPool | N
     except TimeoutError:
         raise GatewayTimeout(f"request did not complete within the timeout of {timeout_s}s") from None
     respond_started = time.perf_counter()
-    predictions = [Prediction(i, pool.labels[i], p) for i, p in top_k(done.output, k)]
+    predictions = [Prediction(i, pool.labels[i], p) for i, p in top_k(done.output, k, pool.outputs_probabilities)]
     timings = Timings(total=(respond_started - started) * 1000.0, read=read_s * 1000.0,
                       preprocess=preprocess_s * 1000.0, queue=done.queue_s * 1000.0, inference=done.infer_s * 1000.0)
     response = json_response(PredictResponse(model=pool.name, version=pool.version, predictions=predictions,

@@ -51,13 +51,16 @@ class ModelPool:
         self.version = config.version
         self.labels = labels
         self.top_k = config.top_k
-        _, height, width = spec.input_chw
-        self.preprocess = Preprocessor(config.preprocess, height, width)
+        # A fixed batch dimension is the batch size: that many rows run, however many are waiting.
+        self.batch_size = spec.fixed_batch or config.batch_size
+        self.outputs_probabilities = (spec.outputs_probabilities if config.outputs == "auto"
+                                      else config.outputs == "probabilities")
+        self.preprocess = Preprocessor(config.preprocess, spec)
         self.workers: list[WorkerHandle] = []
         try:
             for index in range(config.worker_count):
                 ring = SlotRing(f"{config.name}_v{config.version}_w{index}", config.ring_slots,
-                                spec.input_chw, spec.output_item_shape)
+                                spec.input_item_shape, spec.input_dtype, spec.output_item_shape, spec.output_dtype)
                 self.workers.append(WorkerHandle(self._worker_spec(index, ring, providers, logging), ring, on_batch))
         except BaseException:
             self.close()
@@ -67,7 +70,7 @@ class ModelPool:
         c = self.config
         return WorkerSpec(
             model=c.name, version=c.version, index=index, model_path=str(Path(c.path).resolve()),
-            model_spec=self.spec, ring=ring.layout, batch_size=c.batch_size,
+            model_spec=self.spec, ring=ring.layout, batch_size=self.batch_size,
             batch_timeout_s=c.batch_timeout_ms / 1000.0, providers=providers,
             device_id=c.devices[index] if c.devices else None,
             intra_op_threads=c.intra_op_threads, inter_op_threads=c.inter_op_threads,

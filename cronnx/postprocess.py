@@ -5,13 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 
-def top_k(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
-    """Softmax probabilities of the k most likely classes, highest first."""
-    scores = logits.reshape(-1)
+def top_k(output: np.ndarray, k: int, probabilities: bool = False) -> list[tuple[int, float]]:
+    """The k most likely classes, highest first, with their probability: the softmax of
+    logits, or the output itself when the model already gives probabilities."""
+    scores = output.reshape(-1)
     k = min(k, scores.size)
     # Softmax keeps the order of the scores: pick the top k first, normalise only those.
     best = np.argpartition(scores, scores.size - k)[-k:]
     best = best[np.argsort(-scores[best], kind="stable")]
+    if probabilities:
+        return [(int(i), float(scores[i])) for i in best]
     peak = float(scores[best[0]])
     total = float(np.exp(scores.astype(np.float64) - peak).sum())
     return [(int(i), float(np.exp(float(scores[i]) - peak) / total)) for i in best]

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 import PIL
 
 from .config import PreprocessConfig
+from .model_spec import ModelSpec
 
 # Pillow warns between MAX_IMAGE_PIXELS and twice that; a server refuses instead.
 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -46,25 +47,38 @@ def set_max_image_pixels(pixels: int) -> None:
 
 
 class Preprocessor:
-    """Preprocessing for one model: fixed output size, resize mode and normalisation."""
+    """Preprocessing for one model: its input size, layout and dtype, resize mode and normalisation."""
 
-    def __init__(self, config: PreprocessConfig, height: int, width: int):
+    def __init__(self, config: PreprocessConfig, spec: ModelSpec):
         self.mode = config.resize
-        self.height, self.width = height, width
-        self.short_side = max(height, width) / config.crop_ratio
-        mean = np.asarray(config.mean, np.float32).reshape(3, 1, 1)
-        std = np.asarray(config.std, np.float32).reshape(3, 1, 1)
-        # (x / 255 - mean) / std == x * scale + offset: one multiply and one add in place.
-        self.scale = (1.0 / (255.0 * std)).astype(np.float32)
-        self.offset = (-mean / std).astype(np.float32)
+        self.height, self.width = spec.height, spec.width
+        self.short_side = max(self.height, self.width) / config.crop_ratio
+        self.channels_first = spec.layout == "NCHW"
+        self.bgr = config.channel_order == "BGR"
+        self.raw_pixels = spec.input_dtype == "uint8"
+        self.cast_from_float32 = spec.input_dtype == "float16"
+        shape = (3, 1, 1) if self.channels_first else (3,)
+        # mean and std are given in the model's channel order.
+        mean = np.asarray(config.mean, np.float32)
+        std = np.asarray(config.std, np.float32)
+        # (x * scale - mean) / std == x * a + b: one multiply and one add in place.
+        self.a = (config.scale / std).astype(np.float32).reshape(shape)
+        self.b = (-mean / std).astype(np.float32).reshape(shape)
 
     def __call__(self, data: bytes, out: np.ndarray) -> None:
-        """Decode `data` and write the model input into `out` (shape 3 x H x W, float32)."""
-        image = self.load_rgb(data)
-        resized = self.resize(image)
-        pixels = np.asarray(resized)  # H x W x 3, uint8
-        np.multiply(pixels.transpose(2, 0, 1), self.scale, out=out)
-        out += self.offset
+        """Decode `data` and write the model input for one item into `out` (its layout and dtype)."""
+        pixels = np.asarray(self.resize(self.load_rgb(data)))  # H x W x 3, uint8
+        if self.bgr:
+            pixels = pixels[..., ::-1]
+        if self.channels_first:
+            pixels = pixels.transpose(2, 0, 1)
+        if self.raw_pixels:
+            out[...] = pixels
+        elif self.cast_from_float32:
+            out[...] = pixels * self.a + self.b
+        else:
+            np.multiply(pixels, self.a, out=out)
+            out += self.b
 
     def load_rgb(self, data: bytes) -> Image.Image:
         try:

@@ -27,13 +27,15 @@ class RingLayout(msgspec.Struct, frozen=True):
     output_segment: str
     slots: int
     input_item_shape: tuple[int, ...]
+    input_dtype: str
     output_item_shape: tuple[int, ...]
+    output_dtype: str
 
     def input_bytes(self) -> int:
-        return self.slots * int(np.prod(self.input_item_shape)) * 4
+        return self.slots * int(np.prod(self.input_item_shape)) * np.dtype(self.input_dtype).itemsize
 
     def output_bytes(self) -> int:
-        return self.slots * int(np.prod(self.output_item_shape)) * 4
+        return self.slots * int(np.prod(self.output_item_shape)) * np.dtype(self.output_dtype).itemsize
 
 
 def segment_name(owner_pid: int, tag: str) -> str:
@@ -41,8 +43,8 @@ def segment_name(owner_pid: int, tag: str) -> str:
     return f"{SEGMENT_PREFIX}_{owner_pid}_{safe}"
 
 
-def _view(shm: shared_memory.SharedMemory, slots: int, item_shape: tuple[int, ...]) -> np.ndarray:
-    return np.ndarray((slots, *item_shape), dtype=np.float32, buffer=shm.buf)
+def _view(shm: shared_memory.SharedMemory, slots: int, item_shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    return np.ndarray((slots, *item_shape), dtype=dtype, buffer=shm.buf)
 
 
 FREE, FILLING, SENT = 0, 1, 2
@@ -51,14 +53,16 @@ FREE, FILLING, SENT = 0, 1, 2
 class SlotRing:
     """Owner side: creates the segments and hands out slots, adjacent ones first."""
 
-    def __init__(self, tag: str, slots: int, input_item_shape, output_item_shape):
+    def __init__(self, tag: str, slots: int, input_item_shape, input_dtype: str, output_item_shape, output_dtype: str):
         pid = os.getpid()
         self.layout = RingLayout(
             input_segment=segment_name(pid, f"{tag}_in"),
             output_segment=segment_name(pid, f"{tag}_out"),
             slots=slots,
             input_item_shape=tuple(input_item_shape),
+            input_dtype=input_dtype,
             output_item_shape=tuple(output_item_shape),
+            output_dtype=output_dtype,
         )
         self._segments: list[shared_memory.SharedMemory] = []
         try:
@@ -67,8 +71,8 @@ class SlotRing:
         except BaseException:
             self.close()
             raise
-        self.inputs = _view(self._segments[0], slots, self.layout.input_item_shape)
-        self.outputs = _view(self._segments[1], slots, self.layout.output_item_shape)
+        self.inputs = _view(self._segments[0], slots, self.layout.input_item_shape, input_dtype)
+        self.outputs = _view(self._segments[1], slots, self.layout.output_item_shape, output_dtype)
         self._state = bytearray(slots)
         self._cursor = 0
         self.free_count = slots
@@ -136,8 +140,8 @@ class AttachedRing:
 
     def __init__(self, layout: RingLayout):
         self._segments = [_attach(layout.input_segment), _attach(layout.output_segment)]
-        self.inputs = _view(self._segments[0], layout.slots, layout.input_item_shape)
-        self.outputs = _view(self._segments[1], layout.slots, layout.output_item_shape)
+        self.inputs = _view(self._segments[0], layout.slots, layout.input_item_shape, layout.input_dtype)
+        self.outputs = _view(self._segments[1], layout.slots, layout.output_item_shape, layout.output_dtype)
 
     def close(self) -> None:
         self.inputs = self.outputs = None

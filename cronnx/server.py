@@ -93,9 +93,11 @@ async def _serve(config: Config, prepared: list[PreparedModel]) -> None:
             c = model.config
             pools[c.name] = ModelPool(c, model.spec, model.providers, model.labels, logging_spec,
                                       _batch_recorder(metrics, c.name, str(c.version)))
-            log.info("model %s v%d: %s, input %s %s, batch %d / %.1f ms, %d worker(s), providers %s",
-                     c.name, c.version, c.path, model.spec.input_name, list(model.spec.input_chw),
-                     c.batch_size, c.batch_timeout_ms, c.worker_count, ",".join(model.providers))
+            log.info("model %s v%d: %s, input %s %s %s %s, batch %d / %.1f ms, %d worker(s), providers %s",
+                     c.name, c.version, c.path, model.spec.input_name, model.spec.layout, model.spec.input_dtype,
+                     list(model.spec.input_item_shape),
+                     model.spec.fixed_batch or c.batch_size, c.batch_timeout_ms, c.worker_count,
+                     ",".join(model.providers))
         metrics.pools = list(pools.values())
         for pool in pools.values():
             pool.start()

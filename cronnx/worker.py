@@ -71,7 +71,8 @@ class BatchRunner:
 
     Adjacent slots form one contiguous [n, C, H, W] block of ring memory, bound as is; a batch
     of scattered slots (or one that wraps around the ring end) is gathered once into a
-    staging buffer. A model with a fixed batch dimension runs in pieces of exactly that size.
+    staging buffer. A model with a fixed batch dimension gets batches of at most that size
+    (the front sets batch_size so), padded with zeros when fewer requests are waiting.
     A lone request runs on the solo session (more threads) when there is one.
     """
 
@@ -83,30 +84,27 @@ class BatchRunner:
         self.input_name = spec.model_spec.input_name
         self.output_name = spec.model_spec.output_name
         self.fixed_batch = spec.model_spec.fixed_batch
-        self.piece = self.fixed_batch or spec.batch_size
-        self.stage_in = np.zeros((self.piece, *ring.inputs.shape[1:]), np.float32)
-        self.stage_out = np.zeros((self.piece, *ring.outputs.shape[1:]), np.float32)
+        rows = self.fixed_batch or spec.batch_size
+        self.stage_in = np.zeros((rows, *ring.inputs.shape[1:]), ring.inputs.dtype)
+        self.stage_out = np.zeros((rows, *ring.outputs.shape[1:]), ring.outputs.dtype)
 
     def run(self, slots: list[int], solo: bool = False) -> None:
         session, binding = self.sessions[-1] if solo else self.sessions[0]
-        if self.fixed_batch is None and _is_run(slots):
+        n = len(slots)
+        rows = self.fixed_batch or n
+        if rows == n and _is_run(slots):
             first = min(slots)
-            n = len(slots)
             self._infer(session, binding, self.ring.inputs[first:first + n], self.ring.outputs[first:first + n])
             return
-        for start in range(0, len(slots), self.piece):
-            piece = slots[start:start + self.piece]
-            n = len(piece)
-            rows = n if self.fixed_batch is None else self.fixed_batch
-            np.take(self.ring.inputs, piece, axis=0, out=self.stage_in[:n])
-            if rows > n:
-                self.stage_in[n:rows] = 0.0
-            self._infer(session, binding, self.stage_in[:rows], self.stage_out[:rows])
-            self.ring.outputs[piece] = self.stage_out[:n]
+        np.take(self.ring.inputs, slots, axis=0, out=self.stage_in[:n])
+        if rows > n:
+            self.stage_in[n:rows] = 0
+        self._infer(session, binding, self.stage_in[:rows], self.stage_out[:rows])
+        self.ring.outputs[slots] = self.stage_out[:n]
 
     def _infer(self, session, binding, inputs: np.ndarray, outputs: np.ndarray) -> None:
-        binding.bind_input(self.input_name, "cpu", 0, np.float32, list(inputs.shape), inputs.ctypes.data)
-        binding.bind_output(self.output_name, "cpu", 0, np.float32, list(outputs.shape), outputs.ctypes.data)
+        binding.bind_input(self.input_name, "cpu", 0, inputs.dtype.type, list(inputs.shape), inputs.ctypes.data)
+        binding.bind_output(self.output_name, "cpu", 0, outputs.dtype.type, list(outputs.shape), outputs.ctypes.data)
         session.run_with_iobinding(binding)
 
     def warm_up(self) -> None:
@@ -115,8 +113,7 @@ class BatchRunner:
         for session, binding in self.sessions:
             for _ in range(2):
                 self._infer(session, binding, self.stage_in[:rows], self.stage_out[:rows])
-                if self.fixed_batch is None and self.piece > 1:
-                    self._infer(session, binding, self.stage_in, self.stage_out)
+                self._infer(session, binding, self.stage_in, self.stage_out)
 
 
 def _is_run(slots: list[int]) -> bool:

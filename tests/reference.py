@@ -6,24 +6,30 @@ import numpy as np
 import onnxruntime as ort
 
 from cronnx.config import PreprocessConfig
+from cronnx.model_spec import inspect_model
 from cronnx.preprocess import Preprocessor
 
 
 class DirectModel:
-    def __init__(self, path, size: int = 224, preprocess: PreprocessConfig = PreprocessConfig()):
+    """The model run by onnxruntime in this process on the tensor Cronnx's preprocessing makes."""
+
+    def __init__(self, path, preprocess: PreprocessConfig = PreprocessConfig(), probabilities: bool = False):
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-        self.preprocess = Preprocessor(preprocess, size, size)
-        self.size = size
+        self.spec = inspect_model(str(path), preprocess.size)
+        self.preprocess = Preprocessor(preprocess, self.spec)
+        self.probabilities_output = probabilities
 
     def tensor(self, image: bytes) -> np.ndarray:
-        out = np.empty((3, self.size, self.size), np.float32)
+        out = np.empty(self.spec.input_item_shape, self.spec.input_dtype)
         self.preprocess(image, out)
         return out
 
     def probabilities(self, image: bytes) -> np.ndarray:
-        logits = self.session.run(None, {self.input_name: self.tensor(image)[None]})[0][0].astype(np.float64)
-        exp = np.exp(logits - logits.max())
+        batch = np.repeat(self.tensor(image)[None], self.spec.fixed_batch or 1, axis=0)
+        scores = self.session.run(None, {self.spec.input_name: batch})[0][0].reshape(-1).astype(np.float64)
+        if self.probabilities_output:
+            return scores
+        exp = np.exp(scores - scores.max())
         return exp / exp.sum()
 
 

@@ -7,15 +7,22 @@ import pytest
 from PIL import Image
 
 from cronnx.config import PreprocessConfig
+from cronnx.model_spec import ModelSpec
 from cronnx.preprocess import ImageError, ImageTooLarge, Preprocessor, set_max_image_pixels
 from support.images import encode, jpeg_with_orientation, photo_like
 
 SIZE = 64
 
 
-def run(image_bytes: bytes, mode: str = "crop") -> np.ndarray:
-    out = np.empty((3, SIZE, SIZE), np.float32)
-    Preprocessor(PreprocessConfig(resize=mode), SIZE, SIZE)(image_bytes, out)
+def image_spec(layout: str = "NCHW", dtype: str = "float32", height: int = SIZE, width: int = SIZE) -> ModelSpec:
+    return ModelSpec(input_name="x", layout=layout, input_dtype=dtype, height=height, width=width, fixed_batch=None,
+                     output_name="y", output_dtype="float32", output_item_shape=(10,), num_classes=10)
+
+
+def run(image_bytes: bytes, mode: str = "crop", spec: ModelSpec | None = None, **options) -> np.ndarray:
+    spec = spec or image_spec()
+    out = np.empty(spec.input_item_shape, spec.input_dtype)
+    Preprocessor(PreprocessConfig(resize=mode, **options), spec)(image_bytes, out)
     return out
 
 
@@ -123,3 +130,25 @@ def test_formats_outside_the_accepted_list_are_refused():
     # PPM is a real image format Pillow reads, but not one a client of this server may send.
     with pytest.raises(ImageError, match="format"):
         run(encode(photo_like(40, 30, seed=1), "PPM"))
+
+
+def test_layouts_dtypes_and_channel_orders_hold_the_same_pixels():
+    data = encode(photo_like(200, 150, seed=12), "PNG")
+    nchw = run(data)
+    assert np.array_equal(run(data, spec=image_spec("NHWC")), nchw.transpose(1, 2, 0))
+    assert np.allclose(run(data, spec=image_spec(dtype="float16")).astype(np.float32), nchw, atol=2e-3)
+    pixels = run(data, spec=image_spec(dtype="uint8"))
+    assert pixels.dtype == np.uint8
+    # uint8 gets the raw pixels: normalising them gives the float32 input.
+    mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+    assert np.allclose((pixels / 255.0 - mean) / std, nchw, atol=1e-5)
+    bgr = run(data, channel_order="BGR", mean=[0.406, 0.456, 0.485], std=[0.225, 0.224, 0.229])
+    assert np.allclose(bgr, nchw[::-1], atol=1e-6)
+    unscaled = run(data, scale=1.0, mean=[0, 0, 0], std=[1, 1, 1])
+    assert np.array_equal(unscaled, pixels.astype(np.float32))
+
+
+def test_non_square_non_224_input_size():
+    out = run(encode(photo_like(400, 300, seed=13), "JPEG"), spec=image_spec(height=96, width=128))
+    assert out.shape == (3, 96, 128) and np.isfinite(out).all()

@@ -60,3 +60,50 @@ def vector_input_model(path: Path) -> Path:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], [w])
     return _save(graph, path)
+
+
+def image_classifier(path: Path, size: int = 32, layout: str = "NCHW", dtype: str = "float32", batch="batch",
+                     classes: int = 10, output: str = "flat", softmax: bool = False, seed: int = 11) -> Path:
+    """A small classifier with the given input layout and dtype, batch dimension and output form.
+
+    uint8 and float16 inputs are cast to float inside the graph; a float16 model also answers
+    in float16. `output="4d"` gives [N, C, 1, 1]; `softmax=True` ends with a Softmax node.
+    """
+    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "uint8": TensorProto.UINT8}[dtype]
+    rng = np.random.default_rng(seed)
+    shape = [batch, 3, size, size] if layout == "NCHW" else [batch, size, size, 3]
+    # Pixels of a uint8 input are 0..255: scale the weights so that logits stay moderate.
+    spread = 3 / np.sqrt(3 * size * size) / (255 if dtype == "uint8" else 1)
+    weight = rng.normal(0, spread, (3 * size * size, classes)).astype(np.float32)
+    nodes, current = [], "input"
+    if dtype != "float32":
+        nodes.append(helper.make_node("Cast", [current], ["as_float"], to=TensorProto.FLOAT))
+        current = "as_float"
+    if layout == "NHWC":
+        nodes.append(helper.make_node("Transpose", [current], ["nchw"], perm=[0, 3, 1, 2]))
+        current = "nchw"
+    nodes.append(helper.make_node("Flatten", [current], ["flat"], axis=1))
+    nodes.append(helper.make_node("MatMul", ["flat", "w"], ["logits"]))
+    current = "logits"
+    if softmax:
+        nodes.append(helper.make_node("Softmax", [current], ["probs"], axis=1))
+        current = "probs"
+    if output == "4d":
+        nodes.append(helper.make_node("Unsqueeze", [current, "axes"], ["scores4d"]))
+        current = "scores4d"
+    out_elem = TensorProto.FLOAT
+    if dtype == "float16":
+        nodes.append(helper.make_node("Cast", [current], ["scores16"], to=TensorProto.FLOAT16))
+        current, out_elem = "scores16", TensorProto.FLOAT16
+    if softmax and output == "flat" and dtype != "float16":
+        final = current  # the output comes straight from the Softmax node
+    else:
+        nodes.append(helper.make_node("Identity", [current], ["scores"]))
+        final = "scores"
+    out_shape = [batch, classes] + ([1, 1] if output == "4d" else [])
+    inits = [numpy_helper.from_array(weight, "w")]
+    if output == "4d":
+        inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), "axes"))
+    graph = helper.make_graph(nodes, "classifier", [helper.make_tensor_value_info("input", elem, shape)],
+                              [helper.make_tensor_value_info(final, out_elem, out_shape)], inits)
+    return _save(graph, path)
