@@ -53,29 +53,37 @@ class WorkerStatus(msgspec.Struct):
     items_dropped: int
 
 
-class ModelStatus(msgspec.Struct):
+class ModelStatus(msgspec.Struct, omit_defaults=True):
+    """One version of a model: loading, ready, draining, or failed with the reason."""
+
     name: str
     version: int
     state: str
-    input: str
-    input_shape: list[int | str]
-    input_layout: str
-    input_dtype: str
-    output: str
-    output_shape: list[int | str]
-    outputs_probabilities: bool
-    num_classes: int
-    batch_size: int
-    description: str
-    workers: list[WorkerStatus]
+    reason: str | None = None
+    traffic_weight: float | None = None
+    input: str | None = None
+    input_shape: list[int | str] | None = None
+    input_layout: str | None = None
+    input_dtype: str | None = None
+    output: str | None = None
+    output_shape: list[int | str] | None = None
+    outputs_probabilities: bool | None = None
+    num_classes: int | None = None
+    batch_size: int | None = None
+    description: str | None = None
+    workers: list[WorkerStatus] | None = None
 
 
-def model_status(pool: ModelPool) -> ModelStatus:
+def failed_status(name: str, version: int, reason: str) -> ModelStatus:
+    return ModelStatus(name=name, version=version, state="failed", reason=reason)
+
+
+def model_status(pool: ModelPool, traffic_weight: float | None) -> ModelStatus:
     spec = pool.spec
     workers = [WorkerStatus(w.pid, w.live, w.restarts, w.providers, w.ring.slots - w.ring.free_count,
                             w.items_run, w.items_dropped) for w in pool.workers]
     return ModelStatus(
-        name=pool.name, version=pool.version, state=pool.state,
+        name=pool.name, version=pool.version, state=pool.state, traffic_weight=traffic_weight,
         input=spec.input_name, input_shape=[spec.fixed_batch or "batch", *spec.input_item_shape],
         input_layout=spec.layout, input_dtype=spec.input_dtype, output=spec.output_name,
         output_shape=[spec.fixed_batch or "batch", *spec.output_item_shape],

@@ -32,12 +32,28 @@ class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     pass
 
 
+ADMIN_TOKEN_ENV = "CRONNX_ADMIN_TOKEN"
+
+
+class AdminConfig(Strict):
+    """The model-control API (load, unload, reload): off unless enabled, and then only with a token."""
+
+    enabled: bool = False
+    # Or the CRONNX_ADMIN_TOKEN environment variable, which keeps it out of the file.
+    token: str | None = None
+
+    def resolved_token(self) -> str | None:
+        return self.token or os.environ.get(ADMIN_TOKEN_ENV) or None
+
+
 class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: Port = 3000
     # aiohttp's default of 1 MiB is too small for a base64 phone photo.
     max_body_bytes: PositiveInt = 20 * 1024 * 1024
     request_timeout_s: PositiveFloat = 10.0
+    # A version whose workers are not all ready by then fails to load.
+    model_load_timeout_s: PositiveFloat = 120.0
     # Decode and resize release the GIL, so a pool this size keeps every core busy.
     preprocess_threads: PositiveInt = max(1, os.cpu_count() or 1)
     # Pillow refuses images above this many pixels (decompression bombs).
@@ -48,6 +64,11 @@ class ServerConfig(Strict):
     # Histogram buckets of every latency metric, in seconds.
     latency_buckets_s: Annotated[list[PositiveFloat], msgspec.Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: list(DEFAULT_LATENCY_BUCKETS_S))
+
+    # A Triton-style folder: <name>/<version>/model.onnx, with optional <name>/config.yaml
+    # holding that model's settings (the fields of a models[] entry).
+    model_repository: str | None = None
+    admin: AdminConfig = AdminConfig()
 
     def __post_init__(self) -> None:
         if sorted(set(self.latency_buckets_s)) != list(self.latency_buckets_s):
@@ -72,10 +93,27 @@ class PreprocessConfig(Strict):
             raise ValueError("std values must be > 0")
 
 
+class VersionPolicy(Strict):
+    """Which versions of a repository to serve: the `latest` N, the `specific` ones, or all."""
+
+    latest: PositiveInt | None = None
+    specific: list[PositiveInt] | None = None
+
+    def __post_init__(self) -> None:
+        if self.latest is not None and self.specific is not None:
+            raise ValueError("set either latest or specific, not both")
+
+
 class ModelConfig(Strict):
     name: ModelName
-    path: str
+    # One model file (served as `version`), or a folder of versions: <repository>/<version>/model.onnx.
+    path: str | None = None
+    repository: str | None = None
     version: PositiveInt = 1
+    version_policy: VersionPolicy = VersionPolicy(latest=1)
+    # Split POST /predict/{name} across versions by weight, e.g. {1: 90, 2: 10}. Without it the
+    # highest ready version takes all traffic.
+    traffic: dict[PositiveInt, Annotated[float, msgspec.Meta(ge=0)]] | None = None
     batch_size: PositiveInt = 8
     batch_timeout_ms: NonNegativeFloat = 2.0
     # CPU: how many worker processes. GPU: ignored when devices is set (one per device).
@@ -102,6 +140,10 @@ class ModelConfig(Strict):
     preprocess: PreprocessConfig = PreprocessConfig()
 
     def __post_init__(self) -> None:
+        if (self.path is None) == (self.repository is None):
+            raise ValueError("set exactly one of path (one model file) or repository (a folder of versions)")
+        if self.traffic is not None and not sum(self.traffic.values()) > 0:
+            raise ValueError("traffic weights must add up to more than 0")
         if self.ring_slots < self.batch_size:
             raise ValueError(f"ring_slots ({self.ring_slots}) must be >= batch_size ({self.batch_size})")
 
@@ -111,7 +153,7 @@ class ModelConfig(Strict):
 
 
 class Config(Strict):
-    models: Annotated[list[ModelConfig], msgspec.Meta(min_length=1)]
+    models: list[ModelConfig] = []
     server: ServerConfig = ServerConfig()
 
     def __post_init__(self) -> None:
@@ -119,6 +161,10 @@ class Config(Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"model names must be unique, repeated: {', '.join(duplicates)}")
+        if not self.models and self.server.model_repository is None:
+            raise ValueError("no models: list them under `models` or set server.model_repository")
+        if self.server.admin.enabled and not self.server.admin.resolved_token():
+            raise ValueError(f"server.admin.enabled needs a token: server.admin.token or {ADMIN_TOKEN_ENV}")
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

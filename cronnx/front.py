@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import hmac
 import logging
 import re
 import time
@@ -13,20 +14,24 @@ from concurrent.futures import ThreadPoolExecutor
 import msgspec
 from aiohttp import web
 
-from .api import (JSON_TYPE, Health, ImageRequest, Prediction, PredictResponse, Timings, model_status)
-from .config import ServerConfig
-from .errors import (ApiError, BadRequest, GatewayTimeout, NotFound, PayloadTooLarge, RingFull, Unavailable,
-                     UnsupportedMediaType)
+from .api import (JSON_TYPE, Health, ImageRequest, Prediction, PredictResponse, Timings, failed_status,
+                  model_status)
+from .config import ConfigError, ServerConfig
+from .errors import (ApiError, BadRequest, Forbidden, GatewayTimeout, PayloadTooLarge, RingFull, Unauthorized,
+                     Unavailable, UnsupportedMediaType)
 from .metrics import UNKNOWN_MODEL, Metrics
 from .pool import ModelPool
 from .postprocess import top_k
 from .preprocess import ImageError, ImageTooLarge
+from .registry import Registry
 
 log = logging.getLogger("cronnx.front")
 access_log = logging.getLogger("cronnx.access")
 
 RAW_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "application/octet-stream"})
 REQUEST_ID_HEADER = "X-Request-ID"
+# Requests with the same key get the same version of a model whose traffic is split.
+ROUTING_KEY_HEADER = "X-Cronnx-Key"
 # A client's request id is echoed into headers and logs: keep it short and printable.
 _VALID_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
@@ -41,15 +46,16 @@ def json_response(body: msgspec.Struct | dict, status: int = 200, headers: dict 
 class ServerState:
     """What the handlers share: the models, the preprocessing pool, metrics, and whether we are draining."""
 
-    def __init__(self, config: ServerConfig, pools: dict[str, ModelPool], metrics: Metrics):
+    def __init__(self, config: ServerConfig, registry: Registry, reloader, metrics: Metrics):
         self.config = config
-        self.pools = pools
+        self.registry = registry
+        self.reloader = reloader
         self.metrics = metrics
         self.draining = False
         self.executor = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="cronnx-preprocess")
 
     def ready(self) -> bool:
-        return not self.draining and all(p.live_workers > 0 for p in self.pools.values())
+        return not self.draining and self.registry.ready()
 
 
 STATE = web.AppKey("state", ServerState)
@@ -80,7 +86,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    live = {name: pool.live_workers for name, pool in state.pools.items()}
+    live = {name: sum(p.live_workers for p in route.versions.values()) for name, route in state.registry.routes.items()}
     if state.draining:
         return json_response(Health("draining", live), 503)
     if state.ready():
@@ -89,8 +95,18 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    return json_response({"models": [model_status(pool) for pool in state.pools.values()]})
+    return json_response({"models": models_status(request.app[STATE].registry)})
+
+
+def models_status(registry: Registry, only: str | None = None) -> list:
+    statuses = []
+    for pool in registry.pools():
+        route = registry.routes.get(pool.name)
+        weight = (route.traffic or {}).get(pool.version) if route and route.versions.get(pool.version) is pool else None
+        statuses.append(model_status(pool, weight))
+    statuses += [failed_status(name, version, reason) for (name, version), reason in registry.failed.items()]
+    statuses = [s for s in statuses if only is None or s.name == only]
+    return sorted(statuses, key=lambda s: (s.name, s.version, s.state))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -111,13 +127,26 @@ class RequestRecord:
         self.phases: dict[str, float] = {}
 
 
+def _choose(request: web.Request, registry: Registry) -> ModelPool:
+    name = request.match_info["model"]
+    version = request.match_info.get("version")
+    if version is not None:
+        return registry.version(name, int(version))
+    return registry.route(name).choose(request.headers.get(ROUTING_KEY_HEADER))
+
+
 async def predict(request: web.Request) -> web.Response:
     started = time.perf_counter()
     state = request.app[STATE]
-    pool = state.pools.get(request.match_info["model"])
-    record = RequestRecord(request["request_id"], pool.name if pool else UNKNOWN_MODEL, str(pool.version) if pool else "")
+    record = RequestRecord(request["request_id"], UNKNOWN_MODEL, "")
     state.metrics.in_flight.inc()
+    pool = None
     try:
+        # The version is chosen once, on arrival; it serves this request even if a reload
+        # replaces it meanwhile (it drains: finishes what chose it, then stops).
+        pool = _choose(request, state.registry)
+        record.model, record.version = pool.name, str(pool.version)
+        pool.enter()
         response = await _predict(request, state, pool, record, started)
         record.status = 200
         return response
@@ -129,14 +158,14 @@ async def predict(request: web.Request) -> web.Response:
         record.status, record.error = 499, "the client closed the connection"
         raise
     finally:
+        if pool is not None:
+            pool.leave()
         state.metrics.in_flight.dec()
         _record(state.metrics, record, time.perf_counter() - started)
 
 
-async def _predict(request: web.Request, state: ServerState, pool: ModelPool | None, record: RequestRecord,
+async def _predict(request: web.Request, state: ServerState, pool: ModelPool, record: RequestRecord,
                    started: float) -> web.Response:
-    if pool is None:
-        raise NotFound(f"unknown model {request.match_info['model']!r}; served models: {sorted(state.pools)}")
     if state.draining:
         raise Unavailable("server is shutting down")
     k = _top_k_param(request, pool.top_k)
@@ -262,4 +291,32 @@ def make_app(state: ServerState) -> web.Application:
     app.router.add_get("/models", list_models)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/predict/{model}", predict)
+    app.router.add_post(r"/predict/{model}/versions/{version:\d+}", predict)
+    if state.config.admin.enabled:
+        app.router.add_post("/admin/models/{model}/{action:load|unload|reload}", admin)
     return app
+
+
+async def admin(request: web.Request) -> web.Response:
+    """Model control: load (what the config says), unload, reload (load again even if unchanged)."""
+    state = request.app[STATE]
+    _check_token(request, state.config.admin.resolved_token())
+    name, action = request.match_info["model"], request.match_info["action"]
+    log.info("admin: %s model %s", action, name)
+    try:
+        if action == "unload":
+            await state.registry.unload(name)
+        else:
+            await state.reloader.reload(only=name, force=action == "reload")
+    except ConfigError as exc:
+        status = 404 if "is not in the config" in str(exc) else 500
+        return json_response({"error": str(exc)}, status)
+    return json_response({"model": name, "action": action, "versions": models_status(state.registry, name)})
+
+
+def _check_token(request: web.Request, token: str) -> None:
+    given = request.headers.get("Authorization", "")
+    if not given.startswith("Bearer "):
+        raise Unauthorized("admin API: send 'Authorization: Bearer <token>'")
+    if not hmac.compare_digest(given[len("Bearer "):].encode(), token.encode()):
+        raise Forbidden("admin API: wrong token")

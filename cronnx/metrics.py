@@ -9,6 +9,7 @@ Prometheus scrapes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
@@ -19,6 +20,7 @@ from .config import DEFAULT_LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
     from .pool import ModelPool
+    from .protocol import Done
 
 # A `_created` series per counter and histogram doubles the output and no dashboard reads it.
 disable_created_metrics()
@@ -28,7 +30,7 @@ UNKNOWN_MODEL = "_unknown"
 
 
 class Metrics:
-    def __init__(self, latency_buckets_s=DEFAULT_LATENCY_BUCKETS_S, max_batch_size: int = 64):
+    def __init__(self, latency_buckets_s=DEFAULT_LATENCY_BUCKETS_S):
         self.registry = registry = CollectorRegistry(auto_describe=True)
         labels = ["model", "version"]
         self.requests = Counter("cronnx_requests", "Requests by outcome: success, or the HTTP status of the error",
@@ -40,30 +42,29 @@ class Metrics:
                                "preprocess, queue (waiting in the ring), inference, respond (encoding)",
                                [*labels, "phase"], buckets=latency_buckets_s, registry=registry)
         self.batch_size = Histogram("cronnx_batch_size", "Images in each executed batch", labels,
-                                    buckets=_batch_buckets(max_batch_size), registry=registry)
+                                    buckets=[2.0 ** i for i in range(11)], registry=registry)
         self.batch_fill = Histogram("cronnx_batch_fill_seconds",
                                     "How long a batch's oldest request waited for the batch to start",
                                     labels, buckets=latency_buckets_s, registry=registry)
         self.ring_full = Counter("cronnx_ring_full_rejections", "Requests refused with 503 because the ring was full",
                                  labels, registry=registry)
         self.in_flight = Gauge("cronnx_in_flight_requests", "Requests being handled by the front", registry=registry)
-        self.pools: list[ModelPool] = []
+        # Every pool with workers, read at scrape time (the registry sets it).
+        self.pools: Callable[[], Iterable[ModelPool]] = lambda: ()
         registry.register(_PoolCollector(self))
 
-    def observe_batch(self, model: str, version: str, batch_size: int, oldest_wait_s: float) -> None:
-        self.batch_size.labels(model, version).observe(batch_size)
-        self.batch_fill.labels(model, version).observe(oldest_wait_s)
+    def batch_recorder(self, model: str, version: str) -> Callable[[Done], None]:
+        """What a worker handle calls with each batch it ran for this model version."""
+        size = self.batch_size.labels(model, version)
+        fill = self.batch_fill.labels(model, version)
+
+        def record(done: Done) -> None:
+            size.observe(done.batch_size)
+            fill.observe(max(done.queue_s))
+        return record
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def _batch_buckets(max_batch_size: int) -> tuple[float, ...]:
-    buckets, size = [], 1
-    while size < max_batch_size:
-        buckets.append(float(size))
-        size *= 2
-    return (*buckets, float(max_batch_size))
 
 
 class _PoolCollector:
@@ -85,7 +86,7 @@ class _PoolCollector:
         load = GaugeMetricFamily("cronnx_model_load_seconds", "Time the last worker start took to load and warm up",
                                  labels=["model", "version"])
         state = GaugeMetricFamily("cronnx_model_state", "1 for the state each model is in", labels=["model", "version", "state"])
-        for pool in self.metrics.pools:
+        for pool in self.metrics.pools():
             version = str(pool.version)
             for worker in pool.workers:
                 index = str(worker.spec.index)
@@ -94,6 +95,6 @@ class _PoolCollector:
             live.add_metric([pool.name, version], pool.live_workers)
             restarts.add_metric([pool.name, version], sum(w.restarts for w in pool.workers))
             load.add_metric([pool.name, version], max(w.load_seconds for w in pool.workers))
-            for name in ("loading", "ready"):
+            for name in ("loading", "ready", "draining"):
                 state.add_metric([pool.name, version, name], 1.0 if pool.state == name else 0.0)
         yield from (in_use, capacity, live, restarts, load, state)

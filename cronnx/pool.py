@@ -1,67 +1,58 @@
-"""One served model: its spec, preprocessing, labels, and the worker handles that run it."""
+"""One served model version: its spec, preprocessing, labels, and the worker handles that run it."""
 
 from __future__ import annotations
 
 import asyncio
-import logging as _logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import ConfigError, ModelConfig
 from .errors import RingFull, Unavailable
-from .model_spec import ModelSpec
 from .preprocess import Preprocessor
 from .ring import SlotRing
 from .supervisor import BatchObserver, WorkerHandle
 from .worker import LoggingSpec, WorkerSpec
 
-log = _logging.getLogger("cronnx.pool")
+if TYPE_CHECKING:
+    from .catalog import PreparedVersion
 
 
-def resolve_providers(requested: list[str] | str) -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if requested == "auto":
-        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    missing = [p for p in requested if p not in available]
-    if missing:
-        raise ConfigError(f"providers {missing} are not available in this onnxruntime build; available: {available}")
-    return list(requested)
-
-
-def load_labels(path: str | None, num_classes: int, default_prefix: str) -> list[str]:
-    if path is None:
-        return [f"{default_prefix}{i}" for i in range(num_classes)]
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ConfigError(f"labels file {path}: {exc.strerror}") from None
-    labels = [line.strip() for line in lines if line.strip()]
-    if len(labels) != num_classes:
-        raise ConfigError(f"labels file {path} has {len(labels)} labels; the model has {num_classes} classes")
-    return labels
+class LoadFailed(Exception):
+    """A version's workers could not start; the message says why."""
 
 
 class ModelPool:
-    def __init__(self, config: ModelConfig, spec: ModelSpec, providers: list[str], labels: list[str],
-                 logging: LoggingSpec, on_batch: BatchObserver):
+    """One version of one model: its rings and workers, and the requests it is serving."""
+
+    def __init__(self, prepared: PreparedVersion, generation: int, logging: LoggingSpec, on_batch: BatchObserver):
+        model = prepared.model
+        config = model.config
+        spec = prepared.spec
+        self.model = model
         self.config = config
         self.spec = spec
-        self.name = config.name
-        self.version = config.version
-        self.labels = labels
+        self.name = model.name
+        self.version = model.version
+        self.fingerprint = model.fingerprint()
+        self.labels = prepared.labels
         self.top_k = config.top_k
         # A fixed batch dimension is the batch size: that many rows run, however many are waiting.
         self.batch_size = spec.fixed_batch or config.batch_size
         self.outputs_probabilities = (spec.outputs_probabilities if config.outputs == "auto"
                                       else config.outputs == "probabilities")
         self.preprocess = Preprocessor(config.preprocess, spec)
+        # Requests that chose this version and have not answered yet; a draining pool stops
+        # once it reaches zero.
+        self.in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.workers: list[WorkerHandle] = []
         try:
             for index in range(config.worker_count):
-                ring = SlotRing(f"{config.name}_v{config.version}_w{index}", config.ring_slots,
+                ring = SlotRing(f"{model.name}_v{model.version}_g{generation}_w{index}", config.ring_slots,
                                 spec.input_item_shape, spec.input_dtype, spec.output_item_shape, spec.output_dtype)
-                self.workers.append(WorkerHandle(self._worker_spec(index, ring, providers, logging), ring, on_batch))
+                worker_spec = self._worker_spec(index, ring, prepared.providers, logging)
+                self.workers.append(WorkerHandle(worker_spec, ring, on_batch))
         except BaseException:
             self.close()
             raise
@@ -69,7 +60,7 @@ class ModelPool:
     def _worker_spec(self, index: int, ring: SlotRing, providers: list[str], logging: LoggingSpec) -> WorkerSpec:
         c = self.config
         return WorkerSpec(
-            model=c.name, version=c.version, index=index, model_path=str(Path(c.path).resolve()),
+            model=self.name, version=self.version, index=index, model_path=str(Path(self.model.path).resolve()),
             model_spec=self.spec, ring=ring.layout, batch_size=self.batch_size,
             batch_timeout_s=c.batch_timeout_ms / 1000.0, providers=providers,
             device_id=c.devices[index] if c.devices else None,
@@ -80,13 +71,43 @@ class ModelPool:
         for worker in self.workers:
             worker.start()
 
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Until every worker has loaded and warmed up; LoadFailed if one exits first or time runs out."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not all(w.live for w in self.workers):
+            failed = next((w for w in self.workers if w.failed_starts), None)
+            if failed is not None:
+                raise LoadFailed(f"worker {failed.name} exited with code {failed.last_exit_code} while loading")
+            if asyncio.get_running_loop().time() > deadline:
+                raise LoadFailed(f"workers not ready after {timeout_s:g}s")
+            await asyncio.sleep(0.02)
+
     @property
     def live_workers(self) -> int:
         return sum(w.live for w in self.workers)
 
     @property
     def state(self) -> str:
+        if self.draining:
+            return "draining"
         return "ready" if self.live_workers else "loading"
+
+    def enter(self) -> None:
+        """A request chose this version."""
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def drain(self) -> None:
+        """Stop being chosen (the registry already removed it), finish in-flight requests, stop."""
+        self.draining = True
+        await self._idle.wait()
+        await self.stop()
+        self.close()
 
     def acquire(self) -> tuple[WorkerHandle, int]:
         """A slot in the live worker with the most free slots; 503 at once when none is free."""
@@ -113,4 +134,3 @@ class ModelPool:
     def close(self) -> None:
         for worker in self.workers:
             worker.ring.close()
-

@@ -1,66 +1,25 @@
-"""`cronnx serve`: check every model, start the workers and the HTTP front, shut down cleanly."""
+"""`cronnx serve`: check every model, start the HTTP front and the workers, reload, shut down cleanly."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from pathlib import Path
 
-import msgspec
 from aiohttp import web
 
-from .config import Config, ConfigError, ModelConfig
-from .demo_model import DEMO_DESCRIPTION, write_demo_model
+from . import catalog
+from .catalog import PreparedVersion
+from .config import Config, ConfigError, load_config
 from .front import ServerState, make_app
 from .metrics import Metrics
-from .model_spec import ModelSpec, ModelSpecError, inspect_model
-from .pool import ModelPool, load_labels, resolve_providers
 from .preprocess import pil_build, set_max_image_pixels
 from .protocol import Done
+from .registry import Registry
 from .ring import remove_stale_segments
 from .worker import LoggingSpec
 
 log = logging.getLogger("cronnx.server")
-
-
-class PreparedModel(msgspec.Struct):
-    config: ModelConfig
-    spec: ModelSpec
-    providers: list[str]
-    labels: list[str]
-
-
-def prepare_models(config: Config, config_path: str) -> list[PreparedModel]:
-    """Everything that can be wrong with a model is found here, before any process starts."""
-    prepared = []
-    for index, model in enumerate(config.models):
-        where = f"{config_path}: models[{index}] ({model.name})"
-        path = Path(model.path)
-        if not path.is_file():
-            if not model.demo:
-                raise ConfigError(f"{where}.path: model file {str(path)!r} does not exist")
-            log.warning("building the demo model at %s (untrained, deterministic; takes a few seconds)", path)
-            write_demo_model(path)
-        try:
-            spec = inspect_model(str(path), model.preprocess.size)
-        except ModelSpecError as exc:
-            raise ConfigError(f"{where}.path: {exc}") from None
-        try:
-            providers = resolve_providers(model.providers)
-            labels = load_labels(model.labels, spec.num_classes, "demo_class_" if model.demo else "class_")
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        if spec.description == DEMO_DESCRIPTION:
-            log.warning("model %s is the UNTRAINED DEMO model: its predictions carry no meaning", model.name)
-        prepared.append(PreparedModel(model, spec, providers, labels))
-    return prepared
-
-
-def _batch_recorder(metrics: Metrics, model: str, version: str):
-    def record(done: Done) -> None:
-        metrics.observe_batch(model, version, done.batch_size, max(done.queue_s))
-    return record
 
 
 def run_server(config: Config, config_path: str) -> int:
@@ -68,40 +27,76 @@ def run_server(config: Config, config_path: str) -> int:
     removed = remove_stale_segments()
     if removed:
         log.warning("removed %d shared-memory segments left by a killed run: %s", len(removed), ", ".join(removed))
-    prepared = prepare_models(config, config_path)
+    # At start-up every model must be servable: any problem is a config error (exit 2).
+    prepared = [catalog.prepare(v) for v in catalog.all_versions(config, config_path)]
     log.info("config %s; %s", config_path, pil_build())
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_serve(config, prepared))
+        asyncio.run(_serve(config, config_path, prepared))
     else:
-        uvloop.run(_serve(config, prepared))
+        uvloop.run(_serve(config, config_path, prepared))
     return 0
 
 
-async def _serve(config: Config, prepared: list[PreparedModel]) -> None:
+class Reloader:
+    """Re-reads the config and applies it to the registry: on SIGHUP, and for the admin API."""
+
+    def __init__(self, registry: Registry, config_path: str):
+        self.registry = registry
+        self.config_path = config_path
+
+    async def reload(self, only: str | None = None, force: bool = False) -> None:
+        """Serve what the config file says now (for one model, or all). Raises ConfigError when the
+        file is unusable; a model that fails is recorded in the registry and changes nothing else."""
+        config = load_config(self.config_path)
+        models = catalog.model_configs(config, self.config_path)
+        if only is not None:
+            models = [(m, where) for m, where in models if m.name == only]
+            if not models:
+                raise ConfigError(f"{self.config_path}: model {only!r} is not in the config")
+        prepared: list[PreparedVersion] = []
+        failed: dict[tuple[str, int], str] = {}
+        for model, where in models:
+            try:
+                versions = catalog.versions_of(model, where)
+            except ConfigError as exc:
+                failed[(model.name, model.version)] = str(exc)
+                continue
+            for version in versions:
+                try:
+                    prepared.append(catalog.prepare(version))
+                except ConfigError as exc:
+                    failed[(version.name, version.version)] = str(exc)
+        await self.registry.apply(prepared, failed, {m.name for m, _ in models}, force=force)
+
+    async def on_sighup(self) -> None:
+        log.info("SIGHUP: reloading %s", self.config_path)
+        try:
+            await self.reload()
+        except ConfigError as exc:
+            log.error("reload failed, keeping the models served now: %s", exc)
+
+
+async def _serve(config: Config, config_path: str, prepared: list[PreparedVersion]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    pools: dict[str, ModelPool] = {}
-    state = None
+    metrics = Metrics(tuple(config.server.latency_buckets_s))
+    registry = Registry(LoggingSpec(config.server.log_level, config.server.log_format),
+                        metrics.batch_recorder, config.server.model_load_timeout_s)
+    metrics.pools = registry.pools
+    reloader = Reloader(registry, config_path)
+    state = ServerState(config.server, registry, reloader, metrics)
+    background: set[asyncio.Task] = set()
+
+    def in_background(coro) -> None:
+        task = loop.create_task(coro)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
     try:
-        metrics = Metrics(tuple(config.server.latency_buckets_s), max(m.config.batch_size for m in prepared))
-        logging_spec = LoggingSpec(config.server.log_level, config.server.log_format)
-        for model in prepared:
-            c = model.config
-            pools[c.name] = ModelPool(c, model.spec, model.providers, model.labels, logging_spec,
-                                      _batch_recorder(metrics, c.name, str(c.version)))
-            log.info("model %s v%d: %s, input %s %s %s %s, batch %d / %.1f ms, %d worker(s), providers %s",
-                     c.name, c.version, c.path, model.spec.input_name, model.spec.layout, model.spec.input_dtype,
-                     list(model.spec.input_item_shape),
-                     model.spec.fixed_batch or c.batch_size, c.batch_timeout_ms, c.worker_count,
-                     ",".join(model.providers))
-        metrics.pools = list(pools.values())
-        for pool in pools.values():
-            pool.start()
-        state = ServerState(config.server, pools, metrics)
         runner = web.AppRunner(make_app(state), handler_cancellation=True, access_log=None,
                                shutdown_timeout=config.server.request_timeout_s + 1.0)
         await runner.setup()
@@ -110,16 +105,25 @@ async def _serve(config: Config, prepared: list[PreparedModel]) -> None:
             await site.start()
             host, port = runner.addresses[0][:2]
             log.info("serving on http://%s:%d", host, port)
+            for p in prepared:
+                c = p.model.config
+                log.info("model %s v%d: %s, input %s %s %s %s, batch %d / %.1f ms, %d worker(s), providers %s",
+                         p.model.name, p.model.version, p.model.path, p.spec.input_name, p.spec.layout,
+                         p.spec.input_dtype, list(p.spec.input_item_shape), p.spec.fixed_batch or c.batch_size,
+                         c.batch_timeout_ms, c.worker_count, ",".join(p.providers))
+            # /ready answers 503 until this first load is done.
+            in_background(registry.apply(prepared, {}, {p.model.name for p in prepared}))
+            loop.add_signal_handler(signal.SIGHUP, lambda: in_background(reloader.on_sighup()))
             await stop.wait()
             # /ready answers 503 from here on; the listener closes and in-flight requests finish.
             state.draining = True
             log.info("shutting down: finishing in-flight requests")
         finally:
+            loop.remove_signal_handler(signal.SIGHUP)
             await runner.cleanup()
     finally:
-        for pool in pools.values():
-            await pool.stop()
-            pool.close()
-        if state is not None:
-            state.executor.shutdown(wait=True)
+        for task in list(background):
+            task.cancel()
+        await registry.close()
+        state.executor.shutdown(wait=True)
         log.info("stopped")

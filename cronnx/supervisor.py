@@ -59,7 +59,8 @@ class WorkerHandle:
         self._process = None
         self._inbox = self._outbox = None
         self._stopping = False
-        self._failed_starts = 0
+        self.failed_starts = 0
+        self.last_exit_code: int | None = None
         self._exited = asyncio.Event()
         self.ready_event = asyncio.Event()
 
@@ -133,7 +134,7 @@ class WorkerHandle:
             self.ring.release(slot)
         elif type(msg) is protocol.Ready:
             self.live = True
-            self._failed_starts = 0
+            self.failed_starts = 0
             self.load_seconds = time.monotonic() - self._started_at
             self.providers = msg.providers
             self.ready_event.set()
@@ -163,8 +164,9 @@ class WorkerHandle:
         if self._stopping:
             return
         self.restarts += 1
-        self._failed_starts = 0 if was_live else self._failed_starts + 1
-        delay = 0.0 if was_live else min(MAX_RESTART_DELAY_S, 0.5 * 2 ** (self._failed_starts - 1))
+        self.last_exit_code = process.exitcode
+        self.failed_starts = 0 if was_live else self.failed_starts + 1
+        delay = 0.0 if was_live else min(MAX_RESTART_DELAY_S, 0.5 * 2 ** (self.failed_starts - 1))
         log.error("worker %s (pid %d) exited with code %s; %d in-flight requests failed; restarting in %.1fs",
                   self.name, process.pid, process.exitcode, len(lost), delay)
         self._loop.call_later(delay, self._restart)

@@ -176,8 +176,9 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
 def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection) -> None:
     # Ctrl-C and SIGTERM reach the whole process group; the front decides when a worker
     # stops (after in-flight work is answered), by a Stop message or by closing the pipe.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # SIGHUP asks the front to reload; a terminal's hangup reaches the whole group too.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
     setup_logging(spec.logging.level, spec.logging.format)
     session = create_session(spec, spec.intra_op_threads)

@@ -33,7 +33,7 @@ CASES = {
     "wrong type": ({"models": [{"name": "m", "path": "TINY", "batch_size": "eight"}]}, "$.models[0].batch_size"),
     "out of range": ({"models": [{"name": "m", "path": "TINY", "batch_size": 0}]}, "$.models[0].batch_size"),
     "bad enum": ({"models": [{"name": "m", "path": "TINY", "preprocess": {"resize": "squash"}}]}, "resize"),
-    "no models": ({"models": []}, "$.models"),
+    "no models": ({"models": []}, "no models"),
     "unknown server field": ({"server": {"prot": 1}, "models": [{"name": "m", "path": "TINY"}]}, "prot"),
     "duplicate names": ({"models": [{"name": "m", "path": "TINY"}, {"name": "m", "path": "TINY"}]}, "unique"),
     "missing model file": ({"models": [{"name": "m", "path": "/nonexistent/model.onnx"}]}, "models[0] (m).path"),

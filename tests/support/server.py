@@ -93,8 +93,13 @@ class ServerProcess:
             return exc.code, json.loads(exc.read())
 
     def models(self) -> dict[str, dict]:
+        """Each model's highest version that has workers (loading, ready or draining)."""
         _, body = self.get("/models")
-        return {m["name"]: m for m in body["models"]}
+        return {m["name"]: m for m in sorted(body["models"], key=lambda m: m["version"]) if m["state"] != "failed"}
+
+    def versions(self) -> list[dict]:
+        _, body = self.get("/models")
+        return body["models"]
 
     def worker_pids(self, model: str) -> list[int]:
         return [w["pid"] for w in self.models()[model]["workers"]]

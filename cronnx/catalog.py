@@ -1,0 +1,155 @@
+"""From the config to the exact set of model versions to serve, each checked before it starts.
+
+A version is one model file under one name: a `models[]` entry with `path` is one version; an
+entry with `repository`, or a folder of `server.model_repository`, holds `<version>/model.onnx`
+folders, of which the version policy picks some.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import msgspec
+import msgspec.yaml
+
+from .config import Config, ConfigError, ModelConfig
+from .demo_model import DEMO_DESCRIPTION, write_demo_model
+from .model_spec import ModelSpec, ModelSpecError, inspect_model
+
+log = logging.getLogger("cronnx.catalog")
+
+MODEL_FILE = "model.onnx"
+MODEL_SETTINGS_FILE = "config.yaml"
+
+
+class ModelVersion(msgspec.Struct, frozen=True):
+    name: str
+    version: int
+    path: str
+    config: ModelConfig
+    # Where it came from, for error messages: "config.yaml: models[0] (resnet)".
+    where: str
+
+    def fingerprint(self) -> tuple:
+        """Changes when the file or its settings change: a reload then replaces the version."""
+        try:
+            stat = os.stat(self.path)
+            file_id = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            file_id = None
+        return (file_id, msgspec.msgpack.encode(self.config))
+
+
+class PreparedVersion(msgspec.Struct, frozen=True):
+    model: ModelVersion
+    spec: ModelSpec
+    providers: list[str]
+    labels: list[str]
+
+
+def model_configs(config: Config, config_path: str) -> list[tuple[ModelConfig, str]]:
+    """The configured models with where each came from: explicit entries, then repository folders."""
+    found = [(m, f"{config_path}: models[{i}] ({m.name})") for i, m in enumerate(config.models)]
+    root = config.server.model_repository
+    if root is None:
+        return found
+    explicit = {m.name for m in config.models}
+    try:
+        folders = sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name not in explicit)
+    except OSError as exc:
+        raise ConfigError(f"{config_path}: server.model_repository: cannot read {root!r}: {exc.strerror}") from None
+    for folder in folders:
+        where = f"{folder / MODEL_SETTINGS_FILE}"
+        settings_file = folder / MODEL_SETTINGS_FILE
+        try:
+            settings = msgspec.yaml.decode(settings_file.read_bytes()) if settings_file.exists() else {}
+            settings = {**(settings or {}), "name": folder.name, "repository": str(folder)}
+            found.append((msgspec.convert(settings, ModelConfig), f"{where} ({folder.name})"))
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return found
+
+
+def versions_of(model: ModelConfig, where: str) -> list[ModelVersion]:
+    if model.path is not None:
+        return [ModelVersion(model.name, model.version, model.path, model, where)]
+    root = Path(model.repository)
+    try:
+        available = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / MODEL_FILE).is_file())
+    except OSError as exc:
+        raise ConfigError(f"{where}.repository: cannot read {str(root)!r}: {exc.strerror}") from None
+    policy = model.version_policy
+    if policy.specific is not None:
+        missing = sorted(set(policy.specific) - set(available))
+        if missing:
+            raise ConfigError(f"{where}.version_policy: versions {missing} have no {root}/<version>/{MODEL_FILE}")
+        chosen = sorted(policy.specific)
+    elif policy.latest is not None:
+        chosen = available[-policy.latest:]
+    else:
+        chosen = available
+    if not chosen:
+        raise ConfigError(f"{where}.repository: no {root}/<version>/{MODEL_FILE} found")
+    if model.traffic:
+        unserved = sorted(set(model.traffic) - set(chosen))
+        if unserved:
+            raise ConfigError(f"{where}.traffic: versions {unserved} are not served (served: {chosen})")
+    return [ModelVersion(model.name, v, str(root / str(v) / MODEL_FILE), model, where) for v in chosen]
+
+
+def all_versions(config: Config, config_path: str) -> list[ModelVersion]:
+    versions = [v for model, where in model_configs(config, config_path) for v in versions_of(model, where)]
+    if not versions:
+        raise ConfigError(f"{config_path}: no models to serve")
+    return versions
+
+
+def resolve_providers(requested: list[str] | str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested == "auto":
+        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    missing = [p for p in requested if p not in available]
+    if missing:
+        raise ConfigError(f"providers {missing} are not available in this onnxruntime build; available: {available}")
+    return list(requested)
+
+
+def load_labels(path: str | None, num_classes: int, default_prefix: str) -> list[str]:
+    if path is None:
+        return [f"{default_prefix}{i}" for i in range(num_classes)]
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"labels file {path}: {exc.strerror}") from None
+    labels = [line.strip() for line in lines if line.strip()]
+    if len(labels) != num_classes:
+        raise ConfigError(f"labels file {path} has {len(labels)} labels; the model has {num_classes} classes")
+    return labels
+
+
+def prepare(version: ModelVersion) -> PreparedVersion:
+    """Open the model and check everything about it; ConfigError names what is wrong."""
+    model = version.config
+    where = version.where
+    path = Path(version.path)
+    if not path.is_file():
+        if not model.demo:
+            raise ConfigError(f"{where}.path: model file {str(path)!r} does not exist")
+        log.warning("building the demo model at %s (untrained, deterministic; takes a few seconds)", path)
+        write_demo_model(path)
+    try:
+        spec = inspect_model(str(path), model.preprocess.size)
+    except ModelSpecError as exc:
+        raise ConfigError(f"{where}.path: {exc}") from None
+    try:
+        providers = resolve_providers(model.providers)
+        labels = load_labels(model.labels, spec.num_classes, "demo_class_" if model.demo else "class_")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if spec.description == DEMO_DESCRIPTION:
+        log.warning("model %s is the UNTRAINED DEMO model: its predictions carry no meaning", model.name)
+    return PreparedVersion(version, spec, providers, labels)
