@@ -102,6 +102,9 @@ class Registry:
         async with self._lock:
             for name in names:
                 self.routes.setdefault(name, ModelRoute(name))
+            configured = {(p.model.name, p.model.version) for p in prepared} | set(failed)
+            for key in [k for k in self.failed if k[0] in names and k not in configured]:
+                del self.failed[key]  # no longer configured: its old failure is history
             for key, reason in failed.items():
                 self.failed[key] = reason
                 log.error("model %s version %d not loaded: %s", *key, reason)
@@ -122,10 +125,13 @@ class Registry:
                 if previous is not None:
                     self._drain(previous)
                 log.info("model %s version %d is serving", *key)
-            wanted = {(p.model.name, p.model.version) for p in prepared}
+            wanted = configured - set(failed)
             for name in names:
                 route = self.routes[name]
-                for version in [v for v in route.versions if (name, v) not in wanted and (name, v) not in failed]:
+                if any(key[0] == name for key in self.failed if key in wanted or key in failed):
+                    # A version meant to replace others did not load: the others keep serving.
+                    continue
+                for version in [v for v in route.versions if (name, v) not in wanted]:
                     log.info("model %s version %d is no longer configured: draining", name, version)
                     self._drain(route.versions.pop(version))
                 configs = [p.model.config for p in prepared if p.model.name == name]

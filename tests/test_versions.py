@@ -1,0 +1,191 @@
+"""Versions, A/B traffic, reloads and model control, under load, with nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from support.client import TIMEOUT, post
+from support.images import encode, photo_like
+from support.metrics import scrape, value
+from support.models import image_classifier
+from support.server import model_entry, server_config
+
+IMAGE = encode(photo_like(160, 120, seed=2), "JPEG")
+TOKEN = "s3cret-token"
+
+
+def repository(root: Path, name: str, versions: list[int]) -> Path:
+    """models/<name>/<version>/model.onnx, each version with different weights."""
+    for v in versions:
+        (root / name / str(v)).mkdir(parents=True, exist_ok=True)
+        image_classifier(root / name / str(v) / "model.onnx", seed=100 + v)
+    return root / name
+
+
+def wait_until(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def _many(url: str, count: int, headers_for=lambda i: {}, concurrency: int = 8) -> list:
+    limit = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        async def one(i):
+            async with limit:
+                async with session.post(url, data=IMAGE, headers={"Content-Type": "image/jpeg", **headers_for(i)}) as r:
+                    return r.status, await r.json()
+        return await asyncio.gather(*(one(i) for i in range(count)))
+
+
+def test_repository_versions_policy_and_version_routes(start_server, tmp_path):
+    root = tmp_path / "repo"
+    repository(root, "clf", [1, 2, 3])
+    config = server_config(model_repository=str(root))
+    (root / "clf" / "config.yaml").write_text(yaml.safe_dump({"version_policy": {"latest": 2}, "batch_size": 2,
+                                                               "intra_op_threads": 1}))
+    server = start_server(config)
+    served = sorted(m["version"] for m in server.versions() if m["state"] == "ready")
+    assert served == [2, 3]
+
+    default = asyncio.run(_many(f"{server.url}/predict/clf", 3))
+    assert {body["version"] for _, body in default} == {3}
+    pinned = asyncio.run(_many(f"{server.url}/predict/clf/versions/2", 3))
+    assert {body["version"] for _, body in pinned} == {2}
+    assert default[0][1]["predictions"] != pinned[0][1]["predictions"]  # different weights
+    (status, body), = asyncio.run(_many(f"{server.url}/predict/clf/versions/1", 1))
+    assert status == 404 and "not served" in body["error"]
+
+
+def test_traffic_split_matches_weights_and_keys_are_sticky(start_server, tmp_path):
+    repository(tmp_path / "repo", "ab", [1, 2])
+    entry = {"name": "ab", "repository": str(tmp_path / "repo" / "ab"), "version_policy": {"latest": 2},
+             "traffic": {1: 80, 2: 20}, "intra_op_threads": 1}
+    server = start_server(server_config(entry))
+    replies = asyncio.run(_many(f"{server.url}/predict/ab", 400, concurrency=16))
+    counts = Counter(body["version"] for _, body in replies)
+    assert counts[1] + counts[2] == 400
+    # Binomial(400, 0.2): mean 80, sd 8; 50..110 is beyond 3.7 sd either side.
+    assert 50 <= counts[2] <= 110, counts
+    m = scrape(server.url)
+    assert value(m, "cronnx_requests_total", model="ab", version=1, outcome="success") == counts[1]
+    assert value(m, "cronnx_requests_total", model="ab", version=2, outcome="success") == counts[2]
+
+    keyed = asyncio.run(_many(f"{server.url}/predict/ab", 60, lambda i: {"X-Cronnx-Key": f"user-{i % 6}"}))
+    per_key: dict[str, set] = {}
+    for i, (_, body) in enumerate(keyed):
+        per_key.setdefault(f"user-{i % 6}", set()).add(body["version"])
+    assert all(len(versions) == 1 for versions in per_key.values()), per_key
+
+
+async def _steady_load(url: str, stop: asyncio.Event, results: list, clients: int = 4, cap: int = 3000) -> None:
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        async def client():
+            while not stop.is_set() and len(results) < cap:
+                reply = await post(session, url, IMAGE)
+                results.append((time.monotonic(), reply.status, reply.body.get("version"), reply.body.get("error")))
+        await asyncio.gather(*(client() for _ in range(clients)))
+
+
+def test_sighup_reload_switches_versions_under_load_with_no_failed_request(start_server, tmp_path):
+    root = tmp_path / "repo"
+    repository(root, "live", [1])
+    entry = {"name": "live", "repository": str(root / "live"), "intra_op_threads": 1, "batch_size": 4}
+    server = start_server(server_config(entry))
+    old_pids = server.worker_pids("live")
+    results: list = []
+
+    async def main():
+        stop = asyncio.Event()
+        load = asyncio.create_task(_steady_load(f"{server.url}/predict/live", stop, results))
+        await asyncio.sleep(0.5)
+        repository(root, "live", [2])  # a new version appears; latest 1 means it replaces v1
+        switched_at = time.monotonic()
+        server.proc.send_signal(signal.SIGHUP)
+        while not any(r[2] == 2 for r in results) and time.monotonic() < switched_at + 30:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await load
+
+    asyncio.run(main())
+    assert results and all(status == 200 for _, status, _, _ in results), [r for r in results if r[1] != 200][:3]
+    versions = [version for _, _, version, _ in results]
+    first_v2 = versions.index(2)
+    # Once v2 answered, new requests went to v2 (a few v1 answers were already in flight).
+    assert versions[first_v2:].count(1) <= 4, versions[first_v2:first_v2 + 10]
+    wait_until(lambda: [m["version"] for m in server.versions()] == [2], what="v1 drained")
+    assert not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+                   for pid in old_pids)
+
+
+def test_reload_with_a_corrupt_new_version_keeps_the_old_one_serving(start_server, tmp_path):
+    root = tmp_path / "repo"
+    repository(root, "steady", [1])
+    tiny = image_classifier(tmp_path / "other.onnx")
+    config = server_config({"name": "steady", "repository": str(root / "steady"), "intra_op_threads": 1},
+                           model_entry("other", tiny))
+    server = start_server(config)
+    (root / "steady" / "2").mkdir()
+    (root / "steady" / "2" / "model.onnx").write_bytes(b"not an onnx file at all")
+    server.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: any(m["state"] == "failed" for m in server.versions()), what="failed version reported")
+    failed = [m for m in server.versions() if m["state"] == "failed"]
+    assert failed[0]["version"] == 2 and "cannot load" in failed[0]["reason"]
+    for path in ("/predict/steady", "/predict/other"):
+        replies = asyncio.run(_many(server.url + path, 5))
+        assert {status for status, _ in replies} == {200}
+    assert {body["version"] for _, body in asyncio.run(_many(f"{server.url}/predict/steady", 5))} == {1}
+    assert "model steady version 2 failed" in server.log() or "not loaded" in server.log()
+
+
+def test_admin_api_is_off_by_default(start_server, tmp_path):
+    server = start_server(server_config(model_entry("m", image_classifier(tmp_path / "m.onnx"))))
+    (status, _), = asyncio.run(_admin(server.url, "m", "unload", TOKEN))
+    assert status == 404
+    assert asyncio.run(_many(f"{server.url}/predict/m", 1))[0][0] == 200
+
+
+async def _admin(url: str, model: str, action: str, token: str | None):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        async with session.post(f"{url}/admin/models/{model}/{action}", headers=headers) as r:
+            return [(r.status, await r.json())]
+
+
+def test_admin_unload_load_and_reload_with_a_token(start_server, tmp_path):
+    model = image_classifier(tmp_path / "m.onnx")
+    config = server_config(model_entry("m", model), model_entry("keep", image_classifier(tmp_path / "k.onnx")))
+    config["server"]["admin"] = {"enabled": True, "token": TOKEN}
+    server = start_server(config)
+    url = server.url
+    assert asyncio.run(_admin(url, "m", "unload", None))[0][0] == 401
+    assert asyncio.run(_admin(url, "m", "unload", "wrong"))[0][0] == 403
+
+    (status, body), = asyncio.run(_admin(url, "m", "unload", TOKEN))
+    assert status == 200
+    wait_until(lambda: "m" not in server.models(), what="m unloaded")
+    assert asyncio.run(_many(f"{url}/predict/m", 1))[0][0] == 404
+    assert asyncio.run(_many(f"{url}/predict/keep", 1))[0][0] == 200
+
+    (status, body), = asyncio.run(_admin(url, "m", "load", TOKEN))
+    assert status == 200 and [v["state"] for v in body["versions"]] == ["ready"]
+    pids = server.worker_pids("m")
+    (status, body), = asyncio.run(_admin(url, "m", "reload", TOKEN))
+    assert status == 200
+    wait_until(lambda: server.worker_pids("m") != pids and len(server.versions()) == 2, what="reloaded workers")
+    assert asyncio.run(_many(f"{url}/predict/m", 1))[0][0] == 200
+    (status, body), = asyncio.run(_admin(url, "nosuch", "load", TOKEN))
+    assert status == 404 and "not in the config" in body["error"]
