@@ -100,3 +100,59 @@ def inspect(path: str) -> None:
             _fail(f"cannot serve {path}: {exc}", 2)
         spec, dynamic_size = inspect_model(path, size_hint=224), True
     click.echo(describe(path, spec, dynamic_size))
+
+
+@main.command()
+@click.argument("url", default="http://127.0.0.1:3000")
+@click.option("--model", default="mobilenetv2", show_default=True, help="Model name (POST URL/predict/MODEL).")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False), help="An image (repeatable).")
+@click.option("--images", "folder", type=click.Path(exists=True, file_okay=False), help="A folder of images, cycled.")
+@click.option("--mode", type=click.Choice(["raw", "json"]), default="raw", show_default=True,
+              help="Raw image bytes, or JSON with base64.")
+@click.option("--concurrency", type=int, default=8, show_default=True, help="Closed loop: clients sending back to back.")
+@click.option("--rate", type=float, default=None, help="Open loop: requests per second (instead of --concurrency).")
+@click.option("--arrivals", type=click.Choice(["constant", "poisson"]), default="constant", show_default=True)
+@click.option("--duration", type=float, default=10.0, show_default=True, help="Seconds measured.")
+@click.option("--requests", type=int, default=None, help="Measure exactly this many requests instead of --duration.")
+@click.option("--warmup", type=float, default=2.0, show_default=True, help="Seconds of load before measuring.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Per-request timeout in seconds.")
+@click.option("--procs", type=int, default=1, show_default=True, help="Client processes.")
+@click.option("--sweep", default=None, help="Comma-separated concurrencies (or rates with --rate) to run in turn.")
+@click.option("--plot", "plot_path", default=None, help="With --sweep: draw latency against throughput (PNG).")
+@click.option("--json", "json_path", default=None, help="Write the results as JSON here.")
+def bench(url, model, images, folder, mode, concurrency, rate, arrivals, duration, requests, warmup, timeout, procs,
+          sweep, plot_path, json_path) -> None:
+    """Load a Cronnx server (or any server with the same API) and report what it sustained."""
+    import msgspec
+
+    from .loadgen import bench as loadgen
+    from .loadgen import report
+    from .loadgen.runner import LoadSpec
+
+    if "/predict/" not in url:
+        url = f"{url.rstrip('/')}/predict/{model}"
+    try:
+        bodies, content_type = loadgen.request_bodies(loadgen.image_files(list(images), folder), mode)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    points = [float(p) for p in sweep.split(",")] if sweep else [rate if rate else concurrency]
+    results = []
+    for point in points:
+        spec = LoadSpec(url=url, bodies=bodies, content_type=content_type,
+                        concurrency=None if rate else int(point), rate=point if rate else None, arrivals=arrivals,
+                        duration_s=None if requests else duration, requests=requests, warmup_s=warmup,
+                        timeout_s=timeout, progress=sys.stderr.isatty())
+        result = loadgen.run(spec, procs, model)
+        click.echo(report.summary(result))
+        results.append(result)
+    if len(results) > 1:
+        click.echo("\n" + report.sweep_table(results))
+    if plot_path:
+        try:
+            report.plot(results, plot_path)
+        except ImportError:
+            _fail("--plot needs matplotlib: pip install 'cronnx[bench]'", 2)
+        click.echo(f"wrote {plot_path}")
+    if json_path:
+        Path(json_path).write_bytes(msgspec.json.format(msgspec.json.encode(results)) + b"\n")
+        click.echo(f"wrote {json_path}")

@@ -1,0 +1,1 @@
+"""`cronnx bench`: a load generator whose numbers can be trusted."""

@@ -1,0 +1,149 @@
+"""`cronnx bench` reports what a server with known latency and failures really did."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from support.images import encode, photo_like
+from support.models import tiny_classifier
+from support.server import REPO, model_entry, server_config
+
+FAKE_SERVER = Path(__file__).parent / "support" / "fake_server.py"
+
+
+@pytest.fixture
+def fake_server():
+    """fake_server(*args) -> base URL of a fake server started with those options; stopped after the test."""
+    procs = []
+
+    def start(*args: str) -> str:
+        proc = subprocess.Popen([sys.executable, str(FAKE_SERVER), *args], stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        line = proc.stdout.readline()
+        port = re.search(r"listening on (\d+)", line).group(1)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "photo.jpg"
+    path.write_bytes(encode(photo_like(320, 240, seed=3), "JPEG"))
+    return path
+
+
+def bench(url: str, image: Path, *args: str, timeout: float = 120) -> tuple[dict, str]:
+    out = Path(f"/tmp/cronnx-bench-{time.monotonic_ns()}.json")
+    try:
+        result = subprocess.run([sys.executable, "-m", "cronnx", "bench", url, "--model", "m", "--image", str(image),
+                                 "--json", str(out), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, result.stderr
+        return json.loads(out.read_text())[-1], result.stdout
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def test_closed_loop_throughput_and_latency_match_a_fixed_delay(fake_server, image):
+    url = fake_server("--delay-ms", "20")
+    r, text = bench(url, image, "--concurrency", "4", "--duration", "3", "--warmup", "0.5")
+    # Four clients, 20 ms each: at most 200 req/s; the client and HTTP add a little.
+    assert 160 <= r["requests_per_s"] <= 201, r
+    assert 20.0 <= r["latency_ms"]["p50"] <= 26.0, r["latency_ms"]
+    assert r["latency_ms"]["p99"] < 60.0
+    assert r["errors_by_status"] == {} and r["errors_by_exception"] == {}
+    assert "throughput" in text and "p99.9" in text
+
+
+def test_error_counts_are_exact(fake_server, image):
+    url = fake_server("--delay-ms", "2", "--error-every", "5")
+    r, text = bench(url, image, "--concurrency", "2", "--requests", "200", "--warmup", "0")
+    assert r["ok"] == 160
+    assert r["errors_by_status"] == {"500": 40}
+    assert "500: 40" in text
+
+
+def test_open_loop_shows_a_server_stall_in_the_tail(fake_server, image):
+    # 100 req/s for 3 s; the server answers nothing for 0.5 s from 1.5 s on. Measured from the
+    # intended send times, ~50 requests wait up to 0.5 s: the tail must show it.
+    url = fake_server("--delay-ms", "5", "--stall-at", "1.5", "--stall-for", "0.5")
+    r, _ = bench(url, image, "--rate", "100", "--duration", "3", "--warmup", "0")
+    assert r["loop"] == "open" and 280 <= r["sent"] <= 301
+    assert r["latency_ms"]["p99"] >= 400.0, r["latency_ms"]
+    assert r["latency_ms"]["p90"] >= 100.0, r["latency_ms"]
+    assert r["latency_ms"]["p50"] < 50.0
+    # The schedule held: the stall delayed answers, not sends.
+    assert r["late_sends"] <= 0.05 * r["sent"]
+
+
+def test_server_that_dies_mid_run_is_reported_with_the_numbers_so_far(fake_server, image):
+    url = fake_server("--delay-ms", "5")
+
+    def kill_soon():
+        time.sleep(1.5)
+        subprocess.run(["pkill", "-f", f"{FAKE_SERVER}"], check=False)
+
+    threading.Thread(target=kill_soon, daemon=True).start()
+    r, text = bench(url, image, "--concurrency", "2", "--duration", "6", "--warmup", "0")
+    assert r["ok"] > 50
+    assert sum(r["errors_by_exception"].values()) > 0
+    assert any("no answer" in w for w in r["warnings"]), r["warnings"]
+
+
+def test_refused_connection_is_an_error_not_a_crash(image):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r, _ = bench(f"http://127.0.0.1:{port}", image, "--concurrency", "1", "--duration", "5", "--warmup", "0")
+    assert r["ok"] == 0 and "ClientConnectorError" in r["errors_by_exception"]
+
+
+def test_several_client_processes_add_up(fake_server, image):
+    url = fake_server("--delay-ms", "10")
+    r, _ = bench(url, image, "--concurrency", "4", "--procs", "2", "--requests", "120", "--warmup", "0.5")
+    assert r["procs"] == 2 and r["ok"] == 120 and len(r["client_cpu_per_process"]) == 2
+
+
+def test_against_cronnx_it_reads_batches_and_phases_from_the_server(start_server, tmp_path, image):
+    model = tiny_classifier(tmp_path / "m.onnx", slow_layers=20)
+    server = start_server(server_config(model_entry("m", model, batch_size=4, workers=1)))
+    # No warm-up: the server's counts before and after then cover exactly the measured requests.
+    r, text = bench(server.url, image, "--concurrency", "8", "--requests", "80", "--warmup", "0")
+    assert r["ok"] == 80
+    stats = r["server"]
+    assert stats["batches"] >= 20 and abs(stats["mean_batch_size"] * stats["batches"] - 80) < 1e-6
+    assert set(stats["phase_means_s"]) == {"read", "preprocess", "queue", "inference", "respond"}
+    assert "batches, mean size" in text
+
+
+def test_histogram_keeps_relative_precision_at_the_tail():
+    import numpy as np
+
+    from cronnx.loadgen.histogram import LatencyHistogram
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.uniform(0.001, 0.010, 99_000), rng.uniform(1.0, 2.0, 1_000)])
+    h = LatencyHistogram()
+    for v in values:
+        h.record(float(v))
+    for q in (50, 90, 99, 99.9, 99.99):
+        exact = float(np.percentile(values, q, method="inverted_cdf"))
+        assert abs(h.percentile(q) - exact) <= 0.001 * exact, q
+    assert h.percentile(100) == values.max() == h.max_s
+    half = LatencyHistogram.from_sparse(h.to_sparse(), h.max_s)
+    half.merge(h)
+    assert half.total == 2 * len(values) and half.percentile(99.9) == h.percentile(99.9)
