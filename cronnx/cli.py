@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 
@@ -103,7 +104,7 @@ def inspect(path: str) -> None:
 
 
 @main.command()
-@click.argument("url", default="http://127.0.0.1:3000")
+@click.argument("url", default="http://127.0.0.1:3000")  # or a full predict URL
 @click.option("--model", default="mobilenetv2", show_default=True, help="Model name (POST URL/predict/MODEL).")
 @click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False), help="An image (repeatable).")
 @click.option("--images", "folder", type=click.Path(exists=True, file_okay=False), help="A folder of images, cycled.")
@@ -129,7 +130,7 @@ def bench(url, model, images, folder, mode, concurrency, rate, arrivals, duratio
     from .loadgen import report
     from .loadgen.runner import LoadSpec
 
-    if "/predict/" not in url:
+    if urlsplit(url).path in ("", "/"):  # a server's base URL: Cronnx's predict route
         url = f"{url.rstrip('/')}/predict/{model}"
     try:
         bodies, content_type = loadgen.request_bodies(loadgen.image_files(list(images), folder), mode)

@@ -147,3 +147,20 @@ def test_histogram_keeps_relative_precision_at_the_tail():
     half = LatencyHistogram.from_sparse(h.to_sparse(), h.max_s)
     half.merge(h)
     assert half.total == 2 * len(values) and half.percentile(99.9) == h.percentile(99.9)
+
+
+def test_sweep_runs_each_load_and_prints_a_table(fake_server, image):
+    url = fake_server("--delay-ms", "10")
+    out = Path(f"/tmp/cronnx-sweep-{time.monotonic_ns()}.json")
+    try:
+        result = subprocess.run([sys.executable, "-m", "cronnx", "bench", url, "--model", "m", "--image", str(image),
+                                 "--sweep", "1,4", "--duration", "1.5", "--warmup", "0.2", "--json", str(out)],
+                                cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        runs = json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
+    assert [r["concurrency"] for r in runs] == [1, 4]
+    # Four clients of a 10 ms server do about four times the work of one.
+    assert 3.0 <= runs[1]["requests_per_s"] / runs[0]["requests_per_s"] <= 4.2
+    assert "| closed loop, 1 clients |" in result.stdout and "| closed loop, 4 clients |" in result.stdout

@@ -1,0 +1,69 @@
+"""The peer to beat on two cores: one aiohttp process, onnxruntime in run_in_executor, no batching.
+
+Same model and the same preprocessing as Cronnx (cronnx.preprocess), one onnxruntime session
+with one intra-op thread shared by a thread pool of one thread per core: each request is
+decoded, preprocessed and run in a pool thread, the shape that measured best in-process.
+
+    python bench/peers/plain_aiohttp.py --port 3100 [--model models/mobilenetv2-demo.onnx] [--threads 2]
+
+POST /predict/{model} with raw image bytes or JSON {"image": base64}; answers top-5 like Cronnx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from cronnx.config import PreprocessConfig  # noqa: E402
+from cronnx.model_spec import inspect_model  # noqa: E402
+from cronnx.postprocess import top_k  # noqa: E402
+from cronnx.preprocess import Preprocessor  # noqa: E402
+
+
+def make_app(model: str, threads: int) -> web.Application:
+    spec = inspect_model(model)
+    preprocess = Preprocessor(PreprocessConfig(), spec)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    executor = ThreadPoolExecutor(threads)
+
+    def infer(image: bytes) -> list[dict]:
+        batch = np.empty((1, *spec.input_item_shape), np.float32)
+        preprocess(image, batch[0])
+        scores = session.run(None, {spec.input_name: batch})[0][0]
+        return [{"class_id": i, "confidence": p} for i, p in top_k(scores, 5)]
+
+    async def predict(request: web.Request) -> web.Response:
+        body = await request.read()
+        if request.content_type == "application/json":
+            body = base64.b64decode(json.loads(body)["image"])
+        predictions = await asyncio.get_running_loop().run_in_executor(executor, infer, body)
+        return web.json_response({"predictions": predictions, "batch_size": 1})
+
+    app = web.Application(client_max_size=32 * 1024 * 1024)
+    app.router.add_post("/predict/{model}", predict)
+    app.router.add_get("/health", lambda request: web.json_response({"status": "alive"}))
+    return app
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=3100)
+    parser.add_argument("--model", default="models/mobilenetv2-demo.onnx")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    web.run_app(make_app(args.model, args.threads), host="127.0.0.1", port=args.port, access_log=None,
+                print=lambda *a: print(f"plain aiohttp peer on http://127.0.0.1:{args.port}", flush=True))

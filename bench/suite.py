@@ -1,0 +1,164 @@
+"""The benchmark suite: the limit, Cronnx and its peers, side by side in one run, one table.
+
+1. the in-process limit (bench/limit.py): decode + preprocess + onnxruntime, best layout;
+2. `cronnx serve` (default config) driven by `cronnx bench`: closed loop at 1, 8, 32 and 64
+   clients, then open loop at 50%, 80% and 95% of the closed-loop peak;
+3. the peers, same model, same preprocessing code, same photos, same client: a plain aiohttp
+   server with onnxruntime in run_in_executor (bench/peers/plain_aiohttp.py) and LitServe with
+   its batching (bench/peers/litserve_server.py, needs `pip install '.[bench]'`), each at 32
+   clients; LitServe takes JSON, so Cronnx is measured with JSON bodies at 32 clients as well.
+
+    python bench/suite.py [--seconds 10] [--warmup 2] [--json bench/results/suite.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path[:0] = [str(REPO), str(BENCH)]
+
+import limit  # noqa: E402
+import msgspec  # noqa: E402
+from photos import DEFAULT_OUT, write_photos  # noqa: E402
+
+from cronnx.loadgen import bench as loadgen  # noqa: E402
+from cronnx.loadgen.runner import LoadSpec  # noqa: E402
+
+PHOTOS = "*-1600.jpg"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """A server process for the length of a `with` block; ready when `ready_path` answers 200."""
+
+    def __init__(self, name: str, command: list[str], base_url: str, ready_path: str):
+        self.name, self.command, self.base_url, self.ready_path = name, command, base_url, ready_path
+
+    def __enter__(self) -> "Served":
+        self.process = subprocess.Popen(self.command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"{self.name} exited with {self.process.returncode}: {' '.join(self.command)}")
+            try:
+                with urllib.request.urlopen(self.base_url + self.ready_path, timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        self.__exit__()
+        raise SystemExit(f"{self.name} did not become ready")
+
+    def __exit__(self, *exc) -> None:
+        # The whole process group: LitServe's workers included.
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def measure(url: str, model: str, mode: str, seconds: float, warmup: float, concurrency: int | None = None,
+            rate: float | None = None) -> dict:
+    photos = sorted(DEFAULT_OUT.glob(PHOTOS))
+    bodies, content_type = loadgen.request_bodies(photos, mode)
+    spec = LoadSpec(url=url, bodies=bodies, content_type=content_type, concurrency=concurrency,
+                    rate=rate, duration_s=seconds, warmup_s=warmup)
+    result = msgspec.to_builtins(loadgen.run(spec, 1, model))
+    load = f"{concurrency} clients" if concurrency else f"{rate:.1f} req/s"
+    print(f"  {url} {mode} {load}: {result['requests_per_s']:.1f} req/s, p50 {result['latency_ms']['p50']:.2f} ms, "
+          f"p99 {result['latency_ms']['p99']:.2f} ms, errors {result['errors_by_status']} {result['errors_by_exception']}",
+          flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    write_photos(DEFAULT_OUT)
+    py = sys.executable
+    rows: list[tuple[str, dict]] = []  # label, `cronnx bench` result
+
+    lim = limit.measure(DEFAULT_OUT, PHOTOS, args.seconds)
+    best = lim["full_path_images_per_s"]
+    run = lambda url, model, mode, **load: measure(url, model, mode, args.seconds, args.warmup, **load)  # noqa: E731
+
+    port = free_port()
+    with Served("cronnx", [py, "-m", "cronnx", "serve", "--port", str(port)], f"http://127.0.0.1:{port}", "/ready"):
+        url = f"http://127.0.0.1:{port}/predict/mobilenetv2"
+        closed = {c: run(url, "mobilenetv2", "raw", concurrency=c) for c in (1, 8, 32, 64)}
+        peak = max(r["requests_per_s"] for r in closed.values())
+        rows += [(f"Cronnx, closed loop, {c} clients (raw)", r) for c, r in closed.items()]
+        for share in (0.5, 0.8, 0.95):
+            rows.append((f"Cronnx, open loop, {share:.0%} of peak (raw)",
+                         run(url, "mobilenetv2", "raw", rate=share * peak)))
+        rows.append(("Cronnx, closed loop, 32 clients (JSON)", run(url, "mobilenetv2", "json", concurrency=32)))
+
+    port = free_port()
+    with Served("plain aiohttp", [py, "bench/peers/plain_aiohttp.py", "--port", str(port)],
+                f"http://127.0.0.1:{port}", "/health"):
+        rows.append(("plain aiohttp + onnxruntime, 32 clients (raw)",
+                     run(f"http://127.0.0.1:{port}/predict/mobilenetv2", "mobilenetv2", "raw", concurrency=32)))
+
+    port = free_port()
+    litserve = BENCH / "peers" / "litserve_server.py"
+    try:
+        with Served("LitServe", [py, str(litserve), "--port", str(port)], f"http://127.0.0.1:{port}", "/health"):
+            rows.append(("LitServe (batch 4, 2 workers), 32 clients (JSON)",
+                         run(f"http://127.0.0.1:{port}/predict", "mobilenetv2", "json", concurrency=32)))
+    except SystemExit as exc:
+        print(f"  LitServe skipped: {exc}")
+
+    print()
+    print(table(lim, rows, best))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"limit": lim, "rows": rows}, indent=2) + "\n")
+
+
+def table(lim: dict, rows, best: float) -> str:
+    lines = ["| run | img/s | p50 ms | p99 ms | vs limit |", "| --- | ---: | ---: | ---: | ---: |",
+             f"| in-process limit (best full path) | {best:.1f} | | | 1.00 |",
+             f"| in-process, one image at a time | {1000 / lim['latency']['p50_ms']:.1f} | "
+             f"{lim['latency']['p50_ms']:.2f} | {lim['latency']['p99_ms']:.2f} | |"]
+    for label, r in rows:
+        lines.append(f"| {label} | {r['requests_per_s']:.1f} | {r['latency_ms']['p50']:.2f} | "
+                     f"{r['latency_ms']['p99']:.2f} | {r['requests_per_s'] / best:.2f} |")
+    by_label = dict(rows)
+    raw32 = by_label["Cronnx, closed loop, 32 clients (raw)"]["requests_per_s"]
+    json32 = by_label["Cronnx, closed loop, 32 clients (JSON)"]["requests_per_s"]
+    lines.append("")
+    for label, r in rows:
+        if not label.startswith("Cronnx"):
+            own = json32 if "(JSON)" in label else raw32
+            lines.append(f"Cronnx / {label.split(',')[0]}: {own / r['requests_per_s']:.2f}x at 32 clients")
+    open80 = by_label["Cronnx, open loop, 80% of peak (raw)"]["latency_ms"]
+    lines.append(f"Open loop at 80% of peak: p99 / p50 = {open80['p99'] / open80['p50']:.2f} (target <= 3)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
