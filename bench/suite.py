@@ -127,7 +127,7 @@ def main() -> None:
     litserve = BENCH / "peers" / "litserve_server.py"
     try:
         with Served("LitServe", [py, str(litserve), "--port", str(port)], f"http://127.0.0.1:{port}", "/health"):
-            rows.append(("LitServe (batch 4, 2 workers), 32 clients (JSON)",
+            rows.append(("LitServe batch 4 x 2 workers, 32 clients (JSON)",
                          run(f"http://127.0.0.1:{port}/predict", "mobilenetv2", "json", concurrency=32)))
     except SystemExit as exc:
         print(f"  LitServe skipped: {exc}")

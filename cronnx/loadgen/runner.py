@@ -21,7 +21,7 @@ from .histogram import LatencyHistogram
 LATE_S = 0.002
 # A closed-loop client whose connection failed waits this long, so a dead server is not a busy loop.
 ERROR_PAUSE_S = 0.01
-# No answer at all for this long while every attempt fails: the server is gone, stop the run.
+# Every attempt has failed, with no answer in between, for this long: the server is gone.
 GIVE_UP_S = 3.0
 
 
@@ -71,7 +71,8 @@ class _Run:
         self.statuses: Counter[str] = Counter()
         self.exceptions: Counter[str] = Counter()
         self.ok = self.sent = self.late = 0
-        self.last_answer = now
+        # When the current run of failed attempts began (None while the server answers).
+        self.failing_since: float | None = None
         self.stopped_early: str | None = None
         self.done = asyncio.Event()
 
@@ -90,7 +91,7 @@ class _Run:
             return True
         if now >= self.window_end or (self.spec.requests is not None and self.sent >= self.spec.requests):
             return True
-        if now - self.last_answer > GIVE_UP_S:
+        if self.failing_since is not None and now - self.failing_since > GIVE_UP_S:
             self.stopped_early = f"no answer for {GIVE_UP_S:g}s (server gone?); numbers are up to that point"
             self.done.set()
             return True
@@ -104,9 +105,11 @@ class _Run:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             if measured:
                 self.exceptions[type(exc).__name__] += 1
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
             raise _Failed from None
         now = time.monotonic()
-        self.last_answer = now
+        self.failing_since = None
         if measured:
             self.statuses[str(status)] += 1
             if status == 200:
