@@ -2,8 +2,8 @@
 
 1. make sure the photos exist (bench/photos.py)
 2. measure the in-process limit (bench/limit.py) while nothing else runs
-3. start `python -m cronnx serve --port 0`, wait for "serving on ..." and GET /ready == 200
-4. load it (bench/load.py) at each concurrency, then stop it with SIGTERM, whatever happened
+3. start `python -m cronnx serve` on a free port and wait for GET /ready == 200
+4. load it with `cronnx bench` at each concurrency, then stop it, whatever happened
 5. print a markdown table: served throughput against the in-process full-path limit, and the
    concurrency-1 p50 minus the in-process single-image latency (what serving adds per request)
 
@@ -15,16 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import statistics
-import subprocess
 import sys
-import threading
-import time
-import urllib.error
-import urllib.request
-from collections import deque
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -32,71 +25,8 @@ REPO = BENCH.parent
 sys.path[:0] = [str(REPO), str(BENCH)]
 
 import limit  # noqa: E402
-import load  # noqa: E402
 from photos import DEFAULT_OUT, write_photos  # noqa: E402
-
-SERVING = re.compile(r"serving on http://(\S+):(\d+)")
-START_TIMEOUT_S = 180.0  # the first start may build the demo model
-STOP_TIMEOUT_S = 30.0
-
-
-class Server:
-    """`python -m cronnx serve` as a child process; its output is drained by a thread so it never blocks."""
-
-    def __init__(self, config: Path):
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "cronnx", "serve", "--config", str(config), "--port", "0"],
-            cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.log: deque[str] = deque(maxlen=200)
-        self.address: tuple[str, int] | None = None
-        self.announced = threading.Event()
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        for line in self.process.stdout:
-            self.log.append(line.rstrip())
-            if self.address is None and (match := SERVING.search(line)):
-                self.address = match.group(1), int(match.group(2))
-                self.announced.set()
-        self.announced.set()  # the process ended: wake the waiter
-
-    def base_url(self) -> str:
-        host, port = self.address
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-    def wait_ready(self) -> str:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        self.announced.wait(START_TIMEOUT_S)
-        if self.address is None:
-            self.fail("did not log 'serving on http://HOST:PORT'")
-        url = self.base_url()
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.fail(f"exited with code {self.process.returncode}")
-            try:
-                with urllib.request.urlopen(f"{url}/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return url
-            except (urllib.error.URLError, OSError):
-                pass  # 503 while workers load, or not listening yet
-            time.sleep(0.1)
-        self.fail("/ready did not answer 200 in time")
-
-    def fail(self, why: str):
-        tail = "\n".join(list(self.log)[-30:])
-        raise SystemExit(f"server {why}; its last output:\n{tail}")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                print(f"server did not stop {STOP_TIMEOUT_S:g} s after SIGTERM: killing it", file=sys.stderr)
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
+from serving import Served, free_port, measure  # noqa: E402
 
 def model_name(config: Path) -> str:
     from cronnx.config import ConfigError, load_config
@@ -115,7 +45,7 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def table(rounds: list[tuple[dict, list[dict]]]) -> str:
+def table(rounds: list[tuple[dict, list[dict]]], mode: str) -> str:
     """Medians over the rounds; each ratio is taken inside its round, then the median ratio."""
     limits = [lim for lim, _ in rounds]
     best = [lim["full_path_images_per_s"] for lim in limits]
@@ -135,15 +65,17 @@ def table(rounds: list[tuple[dict, list[dict]]]) -> str:
                  _fmt(single_p50, 2), _fmt(_median([lim["latency"]["p99_ms"] for lim in limits]), 2), ""))
     for i, first_run in enumerate(rounds[0][1]):
         runs = [served[i] for _, served in rounds]
-        errors = sum(sum(r["errors"].values()) for r in runs)
-        label = f"served, concurrency {first_run['concurrency']} ({first_run['mode']})"
+        errors = sum(sum(r["errors_by_status"].values()) + sum(r["errors_by_exception"].values()) for r in runs)
+        label = f"served, concurrency {first_run['concurrency']} ({mode})"
         rows.append((label + (f", {errors} errors" if errors else ""),
-                     _fmt(_median([r["throughput"] for r in runs])), _fmt(_median([r["p50_ms"] for r in runs]), 2),
-                     _fmt(_median([r["p99_ms"] for r in runs]), 2),
-                     _fmt(_median([r["throughput"] / b for r, b in zip(runs, best)]), 2)))
+                     _fmt(_median([r["requests_per_s"] for r in runs])),
+                     _fmt(_median([r["latency_ms"]["p50"] for r in runs]), 2),
+                     _fmt(_median([r["latency_ms"]["p99"] for r in runs]), 2),
+                     _fmt(_median([r["requests_per_s"] / b for r, b in zip(runs, best)]), 2)))
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     ones = [(served, lim) for lim, s in rounds for served in s if served["concurrency"] == 1]
-    overheads = [served["p50_ms"] - lim["latency"]["p50_ms"] for served, lim in ones if served["p50_ms"] is not None]
+    overheads = [served["latency_ms"]["p50"] - lim["latency"]["p50_ms"] for served, lim in ones
+                 if served["latency_ms"]["p50"] is not None]
     lines.append("")
     if overheads:
         lines.append(f"Serving overhead at concurrency 1 (served p50 - in-process single-image p50, median of "
@@ -175,26 +107,22 @@ def main() -> None:
     # SIGTERM would end us without running `finally`, leaving the server running: make it an exit.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     rounds = []
-    server = Server(config)
-    try:
-        url = f"{server.wait_ready()}/predict/{model}"
-        print(f"server ready at {url} (pid {server.process.pid}); its idle worker does not spin")
+    port = free_port()
+    photos = sorted(args.photos.glob(args.glob))
+    command = [sys.executable, "-m", "cronnx", "serve", "--config", str(config), "--port", str(port)]
+    with Served("cronnx", command, f"http://127.0.0.1:{port}", "/ready"):
+        url = f"http://127.0.0.1:{port}/predict/{model}"
+        print(f"server ready at {url}; its idle workers do not spin")
         # The machine is shared and noisy: alternate limit and served runs, compare within a round.
         for round_no in range(1, args.rounds + 1):
             print(f"round {round_no} of {args.rounds}")
             lim = limit.measure(args.photos, args.glob, args.limit_seconds or args.seconds)
-            served = []
-            for concurrency in concurrencies:
-                result = load.measure(url, args.photos, args.glob, concurrency, args.seconds, args.warmup, args.mode)
-                print("  " + load.format_summary(result))
-                served.append(result)
+            served = [measure(url, model, args.mode, args.seconds, args.warmup, photos, concurrency=c)
+                      for c in concurrencies]
             rounds.append((lim, served))
-    finally:
-        code = server.stop()
-        print(f"server stopped (exit code {code})")
 
     print()
-    print(table(rounds))
+    print(table(rounds, args.mode))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rounds": [{"limit": lim, "served": served} for lim, served in rounds],

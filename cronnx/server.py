@@ -14,7 +14,6 @@ from .config import Config, ConfigError, load_config
 from .front import ServerState, make_app
 from .metrics import Metrics
 from .preprocess import pil_build, set_max_image_pixels
-from .protocol import Done
 from .registry import Registry
 from .ring import remove_stale_segments
 from .worker import LoggingSpec

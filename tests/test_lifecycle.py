@@ -14,7 +14,7 @@ from support.client import TIMEOUT, post, predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape, value
 from support.models import tiny_classifier
-from support.server import model_entry, pid_alive, server_config, shm_segments
+from support.server import model_entry, pid_alive, server_config, shm_segments, wait_until
 
 IMAGE = encode(photo_like(320, 240, seed=1), "JPEG")
 
@@ -34,15 +34,6 @@ def quick_model(models_dir):
 def slow_model(models_dir):
     """About 60 ms per image: requests queue up behind each other."""
     return tiny_classifier(models_dir / "slow.onnx", slow_layers=200, hidden=2048)
-
-
-def wait_until(predicate, timeout_s: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def _load(url: str, clients: int, duration_s: float, outcomes: list) -> None:

@@ -10,14 +10,13 @@ from collections import Counter
 from pathlib import Path
 
 import aiohttp
-import pytest
 import yaml
 
 from support.client import TIMEOUT, post
 from support.images import encode, photo_like
 from support.metrics import scrape, value
 from support.models import image_classifier
-from support.server import model_entry, server_config
+from support.server import model_entry, server_config, wait_until
 
 IMAGE = encode(photo_like(160, 120, seed=2), "JPEG")
 TOKEN = "s3cret-token"
@@ -29,15 +28,6 @@ def repository(root: Path, name: str, versions: list[int]) -> Path:
         (root / name / str(v)).mkdir(parents=True, exist_ok=True)
         image_classifier(root / name / str(v) / "model.onnx", seed=100 + v)
     return root / name
-
-
-def wait_until(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def _many(url: str, count: int, headers_for=lambda i: {}, concurrency: int = 8) -> list:

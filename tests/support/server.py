@@ -19,6 +19,15 @@ REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 90.0
 
 
+def wait_until(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def shm_segments(pid: int) -> list[str]:
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"cronnx_{pid}_"))
 
