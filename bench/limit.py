@@ -43,6 +43,7 @@ from cronnx.preprocess import Preprocessor, pil_build  # noqa: E402
 from photos import DEFAULT_OUT, read_photos  # noqa: E402
 
 MODEL = REPO / "models" / "mobilenetv2-demo.onnx"
+RESNET50 = REPO / "models" / "resnet50-demo.onnx"
 SIZE = 224
 BATCH_SIZES = (1, 2, 4, 8)
 INTERVALS = 5  # the window is cut into this many pieces; the median piece is reported
@@ -50,10 +51,11 @@ WARMUP_RUNS = 3
 
 
 def ensure_model(path: Path = MODEL) -> Path:
+    """The demo model at `path` (models/<arch>-demo.onnx), built when missing."""
     if not path.exists():
         from cronnx.demo_model import write_demo_model
         print(f"building the demo model at {path}", file=sys.stderr)
-        write_demo_model(path)
+        write_demo_model(path, path.name.split("-")[0])
     return path
 
 
@@ -200,9 +202,9 @@ class Bench:
 
 
 def measure(photos_dir: Path, pattern: str, seconds: float, threads: int | None = None,
-            spinning: bool = True, log=print) -> dict:
+            spinning: bool = True, log=print, model: Path = MODEL) -> dict:
     photos = read_photos(photos_dir, pattern)
-    bench = Bench(photos, ensure_model(), seconds, spinning)
+    bench = Bench(photos, ensure_model(model), seconds, spinning)
     threads = threads or bench.cores
     log(f"in-process limit: {len(photos)} photos ({pattern}), {bench.cores} cores, onnxruntime {ort.__version__}, "
         f"{pil_build()}, {seconds:g} s per measurement, spinning {'on' if spinning else 'off'}")

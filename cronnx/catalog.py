@@ -15,7 +15,7 @@ import msgspec
 import msgspec.yaml
 
 from .config import Config, ConfigError, ModelConfig
-from .demo_model import DEMO_DESCRIPTION, write_demo_model
+from .demo_model import DEMO_DESCRIPTIONS, write_demo_model
 from .model_spec import ModelSpec, ModelSpecError, inspect_model
 
 log = logging.getLogger("cronnx.catalog")
@@ -150,6 +150,6 @@ def prepare(version: ModelVersion) -> PreparedVersion:
         labels = load_labels(model.labels, spec.num_classes, "demo_class_" if model.demo else "class_")
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    if spec.description == DEMO_DESCRIPTION:
+    if spec.description in DEMO_DESCRIPTIONS.values():
         log.warning("model %s is the UNTRAINED DEMO model: its predictions carry no meaning", model.name)
     return PreparedVersion(version, spec, providers, labels)

@@ -58,13 +58,15 @@ def models() -> None:
 
 
 @models.command()
-@click.option("--output", default=DEFAULT_DEMO_PATH, show_default=True, help="Where to write the model.")
-def demo(output: str) -> None:
-    """Build the deterministic, untrained demo MobileNetV2 (no download)."""
+@click.option("--arch", type=click.Choice(["mobilenetv2", "resnet50"]), default="mobilenetv2", show_default=True)
+@click.option("--output", default=None, help=f"Where to write the model [default: {DEFAULT_DEMO_PATH}, "
+                                             "or models/resnet50-demo.onnx].")
+def demo(arch: str, output: str | None) -> None:
+    """Build a deterministic, untrained demo model (no download)."""
     from .demo_model import write_demo_model
 
     setup_logging("info", "text")
-    path = write_demo_model(output)
+    path = write_demo_model(output or (DEFAULT_DEMO_PATH if arch == "mobilenetv2" else f"models/{arch}-demo.onnx"), arch)
     click.echo(f"wrote {path} (untrained demo: its predictions carry no meaning)")
 
 
