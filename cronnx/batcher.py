@@ -19,9 +19,6 @@ class Batcher:
         self._waiting: OrderedDict[int, tuple[float, bool]] = OrderedDict()
         self._more_coming = False
 
-    def __len__(self) -> int:
-        return len(self._waiting)
-
     def add(self, slot: int, enqueued: float, filling: int, alone: bool = False) -> None:
         self._waiting[slot] = (enqueued, alone)
         self._more_coming = filling > 0

@@ -67,7 +67,7 @@ def model_configs(config: Config, config_path: str) -> list[tuple[ModelConfig, s
             settings = msgspec.yaml.decode(settings_file.read_bytes()) if settings_file.exists() else {}
             settings = {**(settings or {}), "name": folder.name, "repository": str(folder)}
             found.append((msgspec.convert(settings, ModelConfig), f"{where} ({folder.name})"))
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        except (msgspec.ValidationError, msgspec.DecodeError, OSError, TypeError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
     return found
 
@@ -77,7 +77,8 @@ def versions_of(model: ModelConfig, where: str) -> list[ModelVersion]:
         return [ModelVersion(model.name, model.version, model.path, model, where)]
     root = Path(model.repository)
     try:
-        available = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / MODEL_FILE).is_file())
+        available = sorted(int(p.name) for p in root.iterdir()
+                           if p.name.isascii() and p.name.isdigit() and (p / MODEL_FILE).is_file())
     except OSError as exc:
         raise ConfigError(f"{where}.repository: cannot read {str(root)!r}: {exc.strerror}") from None
     policy = model.version_policy
@@ -125,6 +126,8 @@ def load_labels(path: str | None, num_classes: int, default_prefix: str) -> list
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise ConfigError(f"labels file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"labels file {path} is not UTF-8 text") from None
     labels = [line.strip() for line in lines if line.strip()]
     if len(labels) != num_classes:
         raise ConfigError(f"labels file {path} has {len(labels)} labels; the model has {num_classes} classes")

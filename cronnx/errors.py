@@ -41,8 +41,8 @@ class Unavailable(ApiError):
 
     status = 503
 
-    def __init__(self, message: str, retry_after_s: int = 1):
-        super().__init__(message, {"Retry-After": str(retry_after_s)})
+    def __init__(self, message: str):
+        super().__init__(message, {"Retry-After": "1"})
 
 
 class RingFull(Unavailable):

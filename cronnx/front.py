@@ -75,7 +75,11 @@ async def request_ids_and_json_errors(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = json_response({"error": exc.reason}, exc.status)
+        response = json_response({"error": exc.reason}, exc.status, {k: v for k, v in exc.headers.items()
+                                                                      if k != "Content-Type"})
+    except Exception:
+        log.exception("unexpected error on %s %s (request %s)", request.method, request.path, request_id)
+        response = json_response({"error": "internal error; see the server log"}, 500)
     response.headers[REQUEST_ID_HEADER] = request_id
     return response
 
@@ -304,10 +308,11 @@ async def admin(request: web.Request) -> web.Response:
     name, action = request.match_info["model"], request.match_info["action"]
     log.info("admin: %s model %s", action, name)
     try:
+        # Shielded: a client that hangs up must not cancel a load half-way.
         if action == "unload":
-            await state.registry.unload(name)
+            await asyncio.shield(state.registry.unload(name))
         else:
-            await state.reloader.reload(only=name, force=action == "reload")
+            await asyncio.shield(state.reloader.reload(only=name, force=action == "reload"))
     except ConfigError as exc:
         status = 404 if "is not in the config" in str(exc) else 500
         return json_response({"error": str(exc)}, status)
@@ -318,5 +323,5 @@ def _check_token(request: web.Request, token: str) -> None:
     given = request.headers.get("Authorization", "")
     if not given.startswith("Bearer "):
         raise Unauthorized("admin API: send 'Authorization: Bearer <token>'")
-    if not hmac.compare_digest(given[len("Bearer "):].encode(), token.encode()):
+    if not hmac.compare_digest(given[len("Bearer "):].encode("utf-8", "surrogateescape"), token.encode()):
         raise Forbidden("admin API: wrong token")

@@ -106,6 +106,9 @@ class ModelPool:
         """Stop being chosen (the registry already removed it), finish in-flight requests, stop."""
         self.draining = True
         await self._idle.wait()
+        # A cancelled request's preprocessing thread may still be writing into its slot.
+        while any(w.ring.filling_count for w in self.workers):
+            await asyncio.sleep(0.01)
         await self.stop()
         self.close()
 

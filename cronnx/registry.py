@@ -70,6 +70,7 @@ class Registry:
         self._load_timeout_s = load_timeout_s
         self._lock = asyncio.Lock()
         self._generation = 0
+        self._loaded_once = False
 
     def pools(self) -> Iterator[ModelPool]:
         """Every pool with workers: serving, loading or draining."""
@@ -94,7 +95,10 @@ class Registry:
         raise NotFound(f"version {version} of model {name!r} is not served; served: {sorted(route.versions)}")
 
     def ready(self) -> bool:
-        return bool(self.routes) and all(route.versions for route in self.routes.values())
+        """Loaded once, and every model that serves has a live worker."""
+        serving = [route for route in self.routes.values() if route.versions]
+        return self._loaded_once and bool(serving) and all(
+            any(pool.live_workers for pool in route.versions.values()) for route in serving)
 
     async def apply(self, prepared: list[PreparedVersion], failed: dict[Key, str], names: set[str],
                     force: bool = False) -> None:
@@ -108,36 +112,59 @@ class Registry:
             for key, reason in failed.items():
                 self.failed[key] = reason
                 log.error("model %s version %d not loaded: %s", *key, reason)
-            started = [self._start(p) for p in prepared if force or self._changed(p.model)]
-            results = await asyncio.gather(*(self._wait_ready(pool) for pool in started))
-            for pool, error in zip(started, results):
-                key = (pool.name, pool.version)
-                del self.loading[key]
-                if error is not None:
-                    self.failed[key] = error
-                    log.error("model %s version %d failed to load: %s; versions serving keep serving", *key, error)
+            started: list[ModelPool] = []
+            try:
+                for p in prepared:
+                    if force or self._changed(p.model):
+                        started.append(self._start(p))
+                results = await asyncio.gather(*(self._wait_ready(pool) for pool in started))
+            except BaseException:
+                # Cancelled (the server stops) or a start failed: stop what this call started.
+                for pool in started:
+                    self.loading.pop((pool.name, pool.version), None)
                     self._drain(pool)
-                    continue
-                self.failed.pop(key, None)
-                route = self.routes[pool.name]
-                previous = route.versions.get(pool.version)
-                route.versions[pool.version] = pool
-                if previous is not None:
-                    self._drain(previous)
-                log.info("model %s version %d is serving", *key)
-            wanted = configured - set(failed)
+                self._drop_empty_routes(names)
+                raise
+            for pool, error in zip(started, results):
+                self._promote(pool, error)
             for name in names:
-                route = self.routes[name]
-                if any(key[0] == name for key in self.failed if key in wanted or key in failed):
-                    # A version meant to replace others did not load: the others keep serving.
-                    continue
-                for version in [v for v in route.versions if (name, v) not in wanted]:
-                    log.info("model %s version %d is no longer configured: draining", name, version)
-                    self._drain(route.versions.pop(version))
-                configs = [p.model.config for p in prepared if p.model.name == name]
-                route.traffic = configs[0].traffic if configs else None
-                if not route.versions:  # nothing of it loaded: unknown, with the reasons in /models
-                    del self.routes[name]
+                self._retire(name, prepared, configured - set(failed))
+            self._drop_empty_routes(names)
+            self._loaded_once = True
+
+    def _promote(self, pool: ModelPool, error: str | None) -> None:
+        key = (pool.name, pool.version)
+        del self.loading[key]
+        if error is not None:
+            self.failed[key] = error
+            log.error("model %s version %d failed to load: %s; versions serving keep serving", *key, error)
+            self._drain(pool)
+            return
+        self.failed.pop(key, None)
+        route = self.routes[pool.name]
+        previous = route.versions.get(pool.version)
+        route.versions[pool.version] = pool
+        if previous is not None:
+            self._drain(previous)
+        log.info("model %s version %d is serving", *key)
+
+    def _retire(self, name: str, prepared: list[PreparedVersion], wanted: set[Key]) -> None:
+        """Drain the versions of `name` no longer configured, and set its traffic split."""
+        route = self.routes[name]
+        configs = [p.model.config for p in prepared if p.model.name == name]
+        route.traffic = configs[0].traffic if configs else None
+        if any(key[0] == name for key in self.failed):
+            return  # a version meant to replace others did not load: the others keep serving
+        for version in [v for v in route.versions if (name, v) not in wanted]:
+            log.info("model %s version %d is no longer configured: draining", name, version)
+            self._drain(route.versions.pop(version))
+
+    def _drop_empty_routes(self, names: set[str]) -> None:
+        """A model with no version serving is unknown (its failures stay visible in /models)."""
+        for name in names:
+            route = self.routes.get(name)
+            if route is not None and not route.versions:
+                del self.routes[name]
 
     async def unload(self, name: str) -> None:
         async with self._lock:

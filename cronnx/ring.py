@@ -44,7 +44,10 @@ def segment_name(owner_pid: int, tag: str) -> str:
 
 
 def _view(shm: shared_memory.SharedMemory, slots: int, item_shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    return np.ndarray((slots, *item_shape), dtype=dtype, buffer=shm.buf)
+    # frombuffer holds an export of the mapping: while any view lives, close() cannot unmap it
+    # under a thread that still writes (it raises BufferError instead, and the mapping stays).
+    count = slots * int(np.prod(item_shape))
+    return np.frombuffer(shm.buf, dtype=dtype, count=count).reshape((slots, *item_shape))
 
 
 FREE, FILLING, SENT = 0, 1, 2

@@ -22,6 +22,8 @@ log = logging.getLogger("cronnx.server")
 
 
 def run_server(config: Config, config_path: str) -> int:
+    # A SIGHUP before the server can reload would end the process: ignore it until then.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     set_max_image_pixels(config.server.max_image_pixels)
     removed = remove_stale_segments()
     if removed:
@@ -48,8 +50,8 @@ class Reloader:
     async def reload(self, only: str | None = None, force: bool = False) -> None:
         """Serve what the config file says now (for one model, or all). Raises ConfigError when the
         file is unusable; a model that fails is recorded in the registry and changes nothing else."""
-        config = load_config(self.config_path)
-        models = catalog.model_configs(config, self.config_path)
+        config = await asyncio.to_thread(load_config, self.config_path)
+        models = await asyncio.to_thread(catalog.model_configs, config, self.config_path)
         if only is not None:
             models = [(m, where) for m, where in models if m.name == only]
             if not models:
@@ -64,10 +66,14 @@ class Reloader:
                 continue
             for version in versions:
                 try:
-                    prepared.append(catalog.prepare(version))
+                    # Opening a model (or building the demo) takes a while: not on the event loop.
+                    prepared.append(await asyncio.to_thread(catalog.prepare, version))
                 except ConfigError as exc:
                     failed[(version.name, version.version)] = str(exc)
-        await self.registry.apply(prepared, failed, {m.name for m, _ in models}, force=force)
+        names = {m.name for m, _ in models}
+        if only is None:
+            names |= set(self.registry.routes)  # models gone from the file are unloaded too
+        await self.registry.apply(prepared, failed, names, force=force)
 
     async def on_sighup(self) -> None:
         log.info("SIGHUP: reloading %s", self.config_path)
@@ -75,6 +81,8 @@ class Reloader:
             await self.reload()
         except ConfigError as exc:
             log.error("reload failed, keeping the models served now: %s", exc)
+        except Exception:
+            log.exception("reload failed, keeping the models served now")
 
 
 async def _serve(config: Config, config_path: str, prepared: list[PreparedVersion]) -> None:
@@ -123,6 +131,7 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
     finally:
         for task in list(background):
             task.cancel()
-        await registry.close()
+        # Preprocessing threads write into ring memory: let them finish before the rings go.
         state.executor.shutdown(wait=True)
+        await registry.close()
         log.info("stopped")

@@ -62,7 +62,6 @@ class WorkerHandle:
         self.failed_starts = 0
         self.last_exit_code: int | None = None
         self._exited = asyncio.Event()
-        self.ready_event = asyncio.Event()
 
     @property
     def name(self) -> str:
@@ -97,18 +96,25 @@ class WorkerHandle:
         if not self.live:
             self.ring.release(slot)
             raise Unavailable(f"worker {self.name} is restarting")
+        submit = protocol.Submit(slot, time.monotonic(), self.ring.filling_count - 1, alone, request_id)
+        try:
+            self._inbox.send_bytes(protocol.encode(submit))
+        except OSError:  # the worker died and its exit is not handled yet
+            self.ring.release(slot)
+            raise Unavailable(f"worker {self.name} is restarting") from None
         future = self._loop.create_future()
         self._in_flight[slot] = future
         self.ring.mark_sent(slot)
-        submit = protocol.Submit(slot, time.monotonic(), self.ring.filling_count, alone, request_id)
-        self._inbox.send_bytes(protocol.encode(submit))
         return future
 
     def cancel(self, slot: int) -> None:
         """The request gave up: ask the worker to drop the slot. The slot is freed when the
         worker answers (Dropped, or Done if it had already run), never before."""
         if slot in self._in_flight and self.live:
-            self._inbox.send_bytes(protocol.encode(protocol.Cancel(slot)))
+            try:
+                self._inbox.send_bytes(protocol.encode(protocol.Cancel(slot)))
+            except OSError:
+                pass  # the worker died: its exit handling frees the slot
 
     def _on_readable(self) -> None:
         outbox = self._outbox
@@ -137,7 +143,6 @@ class WorkerHandle:
             self.failed_starts = 0
             self.load_seconds = time.monotonic() - self._started_at
             self.providers = msg.providers
-            self.ready_event.set()
             log.info("worker %s ready (pid %d, providers %s)", self.name, msg.pid, ",".join(msg.providers))
 
     def _on_exit(self) -> None:
@@ -151,7 +156,6 @@ class WorkerHandle:
         process.join()
         was_live = self.live
         self.live = False
-        self.ready_event.clear()
         lost = list(self._in_flight.items())
         self._in_flight.clear()
         for slot, future in lost:

@@ -179,3 +179,21 @@ def test_admin_unload_load_and_reload_with_a_token(start_server, tmp_path):
     assert asyncio.run(_many(f"{url}/predict/m", 1))[0][0] == 200
     (status, body), = asyncio.run(_admin(url, "nosuch", "load", TOKEN))
     assert status == 404 and "not in the config" in body["error"]
+
+
+def test_reload_serves_what_the_file_says_now_and_a_bad_new_model_changes_nothing_else(start_server, tmp_path):
+    a, b = image_classifier(tmp_path / "a.onnx"), image_classifier(tmp_path / "b.onnx")
+    server = start_server(server_config(model_entry("a", a), model_entry("b", b)))
+    corrupt = tmp_path / "c.onnx"
+    corrupt.write_bytes(b"garbage")
+    # b is gone from the file, c is new and broken, a is unchanged.
+    server.config_path.write_text(yaml.safe_dump(server_config(model_entry("a", a), model_entry("c", corrupt))))
+    a_pids = server.worker_pids("a")
+    server.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "b" not in server.models(), what="b unloaded")
+    wait_until(lambda: any(m["name"] == "c" and m["state"] == "failed" for m in server.versions()), what="c failed")
+    assert server.get("/ready")[0] == 200
+    assert asyncio.run(_many(f"{server.url}/predict/a", 3))[0][0] == 200
+    assert asyncio.run(_many(f"{server.url}/predict/b", 1))[0][0] == 404
+    assert asyncio.run(_many(f"{server.url}/predict/c", 1))[0][0] == 404
+    assert server.worker_pids("a") == a_pids  # unchanged: not reloaded
