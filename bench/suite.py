@@ -10,13 +10,14 @@ For the demo MobileNetV2 and the demo ResNet-50 (built the same way) in turn:
    its batching (bench/peers/litserve_server.py, needs `pip install '.[bench]'`), each at 32
    clients; LitServe takes JSON, so Cronnx is measured with JSON bodies at 32 clients as well.
 
-    python bench/suite.py [--seconds 10] [--warmup 2] [--json bench/results/suite.json]
+    python bench/suite.py [--seconds 10] [--warmup 2] [--rounds 3] [--models mobilenetv2,resnet50] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -39,18 +40,23 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--models", default="mobilenetv2,resnet50", help="demo models to run, in turn")
+    parser.add_argument("--rounds", type=int, default=3, help="the whole comparison, repeated")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     write_photos(DEFAULT_OUT)
-    results = {}
-    for name in args.models.split(","):
-        lim, rows = run_model(name, args)
-        results[name] = {"limit": lim, "rows": rows}
+    results: dict[str, list] = {}
+    # The machine's speed drifts: the whole comparison is repeated, and compared within each round.
+    for round_no in range(1, args.rounds + 1):
+        for name in args.models.split(","):
+            print(f"round {round_no} of {args.rounds}: {name}", flush=True)
+            results.setdefault(name, []).append(run_model(name, args))
+    for name, rounds in results.items():
         print(f"\n{name}\n")
-        print(table(lim, rows, lim["full_path_images_per_s"]))
+        print(table(rounds))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        args.json.write_text(json.dumps({name: [{"limit": lim, "rows": rows} for lim, rows in rounds]
+                                         for name, rounds in results.items()}, indent=2) + "\n")
 
 
 def demo_config(name: str, model: Path, folder: Path) -> Path:
@@ -101,24 +107,40 @@ def run_model(name: str, args) -> tuple[dict, list[tuple[str, dict]]]:
     return lim, rows
 
 
-def table(lim: dict, rows, best: float) -> str:
+def table(rounds: list[tuple[dict, list[tuple[str, dict]]]]) -> str:
+    """Medians over the rounds; every ratio is taken inside its round, then the median ratio."""
+    med = statistics.median
+    limits = [lim for lim, _ in rounds]
+    best = [lim["full_path_images_per_s"] for lim in limits]
+    p50s = [lim["latency"]["p50_ms"] for lim in limits]
     lines = ["| run | img/s | p50 ms | p99 ms | vs limit |", "| --- | ---: | ---: | ---: | ---: |",
-             f"| in-process limit (best full path) | {best:.1f} | | | 1.00 |",
-             f"| in-process, one image at a time | {1000 / lim['latency']['p50_ms']:.1f} | "
-             f"{lim['latency']['p50_ms']:.2f} | {lim['latency']['p99_ms']:.2f} | |"]
-    for label, r in rows:
-        lines.append(f"| {label} | {r['requests_per_s']:.1f} | {r['latency_ms']['p50']:.2f} | "
-                     f"{r['latency_ms']['p99']:.2f} | {r['requests_per_s'] / best:.2f} |")
-    by_label = dict(rows)
-    raw32 = by_label["Cronnx, closed loop, 32 clients (raw)"]["requests_per_s"]
-    json32 = by_label["Cronnx, closed loop, 32 clients (JSON)"]["requests_per_s"]
+             f"| in-process limit (best full path) | {med(best):.1f} | | | 1.00 |",
+             f"| in-process, one image at a time | {1000 / med(p50s):.1f} | {med(p50s):.2f} | "
+             f"{med([lim['latency']['p99_ms'] for lim in limits]):.2f} | |"]
+    per_label: dict[str, list[tuple[dict, float]]] = {}
+    for (_, rows), limit_rate in zip(rounds, best):
+        for label, r in rows:
+            per_label.setdefault(label, []).append((r, limit_rate))
+
+    def rate(label: str) -> list[float]:
+        return [r["requests_per_s"] for r, _ in per_label[label]]
+
+    for label, runs in per_label.items():
+        lines.append(f"| {label} | {med(rate(label)):.1f} | {med([r['latency_ms']['p50'] for r, _ in runs]):.2f} | "
+                     f"{med([r['latency_ms']['p99'] for r, _ in runs]):.2f} | "
+                     f"{med([r['requests_per_s'] / b for r, b in runs]):.2f} |")
     lines.append("")
-    for label, r in rows:
+    for label in per_label:
         if not label.startswith("Cronnx"):
-            own = json32 if "(JSON)" in label else raw32
-            lines.append(f"Cronnx / {label.split(',')[0]}: {own / r['requests_per_s']:.2f}x at 32 clients")
-    open80 = by_label["Cronnx, open loop, 80% of peak (raw)"]["latency_ms"]
-    lines.append(f"Open loop at 80% of peak: p99 / p50 = {open80['p99'] / open80['p50']:.2f} (target <= 3)")
+            own = rate("Cronnx, closed loop, 32 clients (JSON)" if "(JSON)" in label
+                       else "Cronnx, closed loop, 32 clients (raw)")
+            ratios = [a / b for a, b in zip(own, rate(label))]
+            lines.append(f"Cronnx / {label.split(',')[0]}: {med(ratios):.2f}x at 32 clients "
+                         f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+    tails = [r["latency_ms"]["p99"] / r["latency_ms"]["p50"] for r, _ in per_label["Cronnx, open loop, 80% of peak (raw)"]]
+    lines.append(f"Open loop at 80% of peak: p99 / p50 = {med(tails):.2f} (rounds: "
+                 f"{', '.join(f'{x:.2f}' for x in tails)}; target <= 3)")
+    lines.append(f"Medians of {len(rounds)} round(s).")
     return "\n".join(lines)
 
 
