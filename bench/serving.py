@@ -31,12 +31,13 @@ def free_port() -> int:
 class Served:
     """A server process for the length of a `with` block; ready when `ready_path` answers 200."""
 
-    def __init__(self, name: str, command: list[str], base_url: str, ready_path: str):
+    def __init__(self, name: str, command: list[str], base_url: str, ready_path: str, env: dict | None = None):
         self.name, self.command, self.base_url, self.ready_path = name, command, base_url, ready_path
+        self.env = {**os.environ, **(env or {})}
 
     def __enter__(self) -> "Served":
         self.process = subprocess.Popen(self.command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True)
+                                        start_new_session=True, env=self.env)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -33,6 +33,7 @@ from serving import BENCH, REPO, Served, free_port, measure  # noqa: E402
 from cronnx.config import load_config  # noqa: E402
 
 PHOTOS = "*-1600.jpg"
+BENTOML_VENV = "/tmp/bentovenv"
 
 
 def main() -> None:
@@ -104,6 +105,16 @@ def run_model(name: str, args) -> tuple[dict, list[tuple[str, dict]]]:
                          run(f"http://127.0.0.1:{port}/predict", "json", concurrency=32)))
     except SystemExit as exc:
         print(f"  LitServe skipped: {exc}")
+
+    # BentoML pulls in its own dependency set, so it lives in its own environment (bench/README.md).
+    if Path(BENTOML_VENV).exists():
+        port = free_port()
+        with Served("BentoML", ["bash", str(BENCH / "peers" / "bentoml_server.sh"), str(port)],
+                    f"http://127.0.0.1:{port}", "/readyz", env={"CRONNX_PEER_MODEL": str(model)}):
+            rows.append(("BentoML batch 4 x 2 workers, 32 clients (JSON)",
+                         run(f"http://127.0.0.1:{port}/predict", "json", concurrency=32)))
+    else:
+        print(f"  BentoML skipped: no {BENTOML_VENV}")
     return lim, rows
 
 
