@@ -129,7 +129,7 @@ class ModelConfig(Strict):
     # onnxruntime's idle threads spin by default and steal CPU from the front.
     allow_spinning: bool = False
     # Slots per worker ring: requests beyond this are answered 503 at once.
-    ring_slots: PositiveInt = 64
+    ring_slots: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
     top_k: PositiveInt = 5
     labels: str | None = None
     # Build the deterministic demo model at `path` when the file is missing.

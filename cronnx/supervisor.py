@@ -40,6 +40,20 @@ class Completion(msgspec.Struct):
 BatchObserver = Callable[[protocol.Done], None]
 
 
+PIPE_BYTES = 1 << 20
+
+
+def _enlarge_pipe(fd: int) -> None:
+    """The front writes submits on its event loop: a full pipe would block it. 64 KiB holds a few
+    hundred submits; 1 MiB holds far more than a ring can have slots."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except (ImportError, AttributeError, OSError):
+        pass  # not Linux, or above /proc/sys/fs/pipe-max-size: the default size stays
+
+
 class WorkerHandle:
     def __init__(self, spec: WorkerSpec, ring: SlotRing, on_batch: BatchObserver):
         self.spec = spec
@@ -74,6 +88,7 @@ class WorkerHandle:
     def start(self) -> None:
         inbox_read, inbox_write = _spawn.Pipe(duplex=False)
         outbox_read, outbox_write = _spawn.Pipe(duplex=False)
+        _enlarge_pipe(inbox_write.fileno())
         process = _spawn.Process(
             target=worker_main,
             args=(msgspec.msgpack.encode(self.spec), inbox_read, outbox_write),
