@@ -84,6 +84,8 @@ def run(spec: LoadSpec, procs: int, model: str) -> BenchResult:
 
 
 def _run_clients(spec: LoadSpec, procs: int) -> list[LoadResult]:
+    if spec.concurrency is not None:
+        procs = min(procs, spec.concurrency)  # every process needs at least one client
     if procs == 1:
         return [asyncio.run(run_load(spec))]
     concurrencies = _split(spec.concurrency, procs)
@@ -91,7 +93,6 @@ def _run_clients(spec: LoadSpec, procs: int) -> list[LoadResult]:
     specs = [msgspec.structs.replace(
         spec, concurrency=concurrencies[i], requests=requests[i], rate=spec.rate / procs if spec.rate else None,
         seed=spec.seed + i, progress=spec.progress and i == 0) for i in range(procs)]
-    specs = [s for s in specs if s.rate or s.concurrency]
     with multiprocessing.get_context("spawn").Pool(len(specs)) as pool:
         encoded = pool.map(run_in_process, [msgspec.msgpack.encode(s) for s in specs])
     return [msgspec.msgpack.decode(e, type=LoadResult) for e in encoded]
