@@ -54,10 +54,9 @@ from _bentoml_sdk.io_models import IORootModel  # noqa: E402
 from pydantic import BeforeValidator  # noqa: E402
 from starlette.responses import Response  # noqa: E402
 
-from cronnx.config import PreprocessConfig  # noqa: E402
-from cronnx.model_spec import inspect_model  # noqa: E402
 from cronnx.postprocess import top_k  # noqa: E402
-from cronnx.preprocess import ImageError, ImageTooLarge, Preprocessor  # noqa: E402
+from cronnx.preprocess import ImageError, ImageTooLarge  # noqa: E402
+from peer_model import open_model  # noqa: E402
 
 MODEL = Path(os.environ.get("CRONNX_PEER_MODEL", "models/mobilenetv2-demo.onnx"))
 if not MODEL.is_absolute():
@@ -99,24 +98,12 @@ class _OneOrMany(IORootModel[list[dict[str, Any]]]):
 )
 class Classifier:
     def __init__(self) -> None:
-        import onnxruntime as ort
-
-        spec = inspect_model(str(MODEL))
+        self.session, spec, self.pre = open_model(str(MODEL))
         if spec.fixed_batch is not None and MAX_BATCH > spec.fixed_batch:
             raise RuntimeError(f"the model takes batches of exactly {spec.fixed_batch}; max batch must be <= that")
         self.spec = spec
-        self.pre = Preprocessor(PreprocessConfig(), spec)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(MODEL), options, providers=["CPUExecutionProvider"])
         self.item_shape = spec.input_item_shape
         self.dtype = np.dtype(spec.input_dtype)
-        warm = np.zeros((spec.fixed_batch or 1, *self.item_shape), self.dtype)
-        self.session.run([spec.output_name], {spec.input_name: warm})
 
     def _decode(self, b64: Any, out: np.ndarray) -> dict[str, Any] | None:
         """Preprocess one image into `out`; an error object if it cannot."""

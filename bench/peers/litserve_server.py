@@ -48,10 +48,10 @@ from fastapi import HTTPException  # noqa: E402
 
 import litserve as ls  # noqa: E402
 from cronnx.catalog import load_labels  # noqa: E402
-from cronnx.config import PreprocessConfig  # noqa: E402
 from cronnx.model_spec import inspect_model  # noqa: E402
 from cronnx.postprocess import top_k  # noqa: E402
-from cronnx.preprocess import ImageError, ImageTooLarge, Preprocessor  # noqa: E402
+from cronnx.preprocess import ImageError, ImageTooLarge  # noqa: E402
+from peer_model import open_model  # noqa: E402
 
 
 class CronnxPeerAPI(ls.LitAPI):
@@ -65,24 +65,11 @@ class CronnxPeerAPI(ls.LitAPI):
         self.k = top_k
 
     def setup(self, device):
-        import onnxruntime as ort
-
-        spec = inspect_model(self.model_path)
+        self.session, spec, self.pre = open_model(self.model_path)
         self.spec = spec
-        self.pre = Preprocessor(PreprocessConfig(), spec)
         self.labels = load_labels(self.labels_path, spec.num_classes, "class_")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(self.model_path, options, providers=["CPUExecutionProvider"])
         self.item_shape = spec.input_item_shape
         self.dtype = np.dtype(spec.input_dtype)
-        # Run once so the first request does not pay for onnxruntime's lazy initialisation.
-        warm = np.zeros((spec.fixed_batch or 1, *self.item_shape), self.dtype)
-        self.session.run([spec.output_name], {spec.input_name: warm})
 
     def decode_request(self, request):
         try:

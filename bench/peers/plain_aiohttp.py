@@ -21,23 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from cronnx.config import PreprocessConfig  # noqa: E402
-from cronnx.model_spec import inspect_model  # noqa: E402
 from cronnx.postprocess import top_k  # noqa: E402
-from cronnx.preprocess import Preprocessor  # noqa: E402
+from peer_model import open_model  # noqa: E402
 
 
 def make_app(model: str, threads: int) -> web.Application:
-    spec = inspect_model(model)
-    preprocess = Preprocessor(PreprocessConfig(), spec)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    session, spec, preprocess = open_model(model)
     executor = ThreadPoolExecutor(threads)
 
     def infer(image: bytes) -> list[dict]:
