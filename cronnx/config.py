@@ -28,6 +28,10 @@ class ConfigError(Exception):
     """An invalid configuration; the message names the file and the field."""
 
 
+class NotInConfig(ConfigError):
+    """A model asked for by name (admin API) that the config file does not have."""
+
+
 class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     pass
 

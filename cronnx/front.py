@@ -16,7 +16,7 @@ from aiohttp import web
 
 from .api import (JSON_TYPE, Health, ImageRequest, Prediction, PredictResponse, Timings, failed_status,
                   model_status)
-from .config import ConfigError, ServerConfig
+from .config import ConfigError, NotInConfig, ServerConfig
 from .errors import (ApiError, BadRequest, Forbidden, GatewayTimeout, PayloadTooLarge, RingFull, Unauthorized,
                      Unavailable, UnsupportedMediaType)
 from .metrics import UNKNOWN_MODEL, Metrics
@@ -314,7 +314,7 @@ async def admin(request: web.Request) -> web.Response:
         else:
             await asyncio.shield(state.reloader.reload(only=name, force=action == "reload"))
     except ConfigError as exc:
-        status = 404 if "is not in the config" in str(exc) else 500
+        status = 404 if isinstance(exc, NotInConfig) else 500
         return json_response({"error": str(exc)}, status)
     return json_response({"model": name, "action": action, "versions": models_status(state.registry, name)})
 

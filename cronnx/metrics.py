@@ -59,7 +59,7 @@ class Metrics:
         fill = self.batch_fill.labels(model, version)
 
         def record(done: Done) -> None:
-            size.observe(done.batch_size)
+            size.observe(len(done.slots))
             fill.observe(max(done.queue_s))
         return record
 

@@ -43,7 +43,6 @@ class Done(msgspec.Struct, tag="done", array_like=True):
     slots: list[int]
     queue_s: list[float]
     infer_s: float
-    batch_size: int
 
 
 class Dropped(msgspec.Struct, tag="dropped", array_like=True):

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from . import catalog
 from .catalog import PreparedVersion
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, NotInConfig, load_config
 from .front import ServerState, make_app
 from .metrics import Metrics
 from .preprocess import pil_build, set_max_image_pixels
@@ -55,7 +55,7 @@ class Reloader:
         if only is not None:
             models = [(m, where) for m, where in models if m.name == only]
             if not models:
-                raise ConfigError(f"{self.config_path}: model {only!r} is not in the config")
+                raise NotInConfig(f"{self.config_path}: model {only!r} is not in the config")
         prepared: list[PreparedVersion] = []
         failed: dict[tuple[str, int], str] = {}
         for model, where in models:

@@ -141,13 +141,14 @@ class WorkerHandle:
 
     def _handle(self, msg) -> None:
         if type(msg) is protocol.Done:
-            self.items_run += msg.batch_size
+            batch_size = len(msg.slots)
+            self.items_run += batch_size
             self._on_batch(msg)
             outputs = self.ring.outputs
             for slot, queue_s in zip(msg.slots, msg.queue_s):
                 future = self._in_flight.pop(slot, None)
                 if future is not None and not future.done():
-                    future.set_result(Completion(outputs[slot].copy(), queue_s, msg.infer_s, msg.batch_size))
+                    future.set_result(Completion(outputs[slot].copy(), queue_s, msg.infer_s, batch_size))
                 self.ring.release(slot)
         elif type(msg) is protocol.Dropped:
             self.items_dropped += 1

@@ -164,7 +164,7 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
         runner.run(slots, solo)
         infer_s = time.monotonic() - started
         queue_s = [started - t for t in enqueued]
-        send(encode(protocol.Done(slots, queue_s, infer_s, len(slots))))
+        send(encode(protocol.Done(slots, queue_s, infer_s)))
         ids = [request_ids.pop(slot, "") for slot in slots]
         if log_batches:
             log.info("batch", extra={"fields": {
