@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -63,9 +64,14 @@ class Served:
 
 
 def measure(url: str, model: str, mode: str, seconds: float, warmup: float, photos: list[Path],
-            concurrency: int | None = None, rate: float | None = None) -> dict:
-    """One `cronnx bench` run in this process; the BenchResult as plain data."""
-    bodies, content_type = loadgen.request_bodies(photos, mode)
+            concurrency: int | None = None, rate: float | None = None,
+            encode: Callable[[bytes], bytes] | None = None) -> dict:
+    """One `cronnx bench` run in this process; the BenchResult as plain data. `encode` makes a
+    JSON body of another shape than Cronnx's {"image": base64} from each photo's bytes."""
+    if encode is None:
+        bodies, content_type = loadgen.request_bodies(photos, mode)
+    else:
+        bodies, content_type = [encode(p.read_bytes()) for p in photos], "application/json"
     spec = LoadSpec(url=url, bodies=bodies, content_type=content_type, concurrency=concurrency,
                     rate=rate, duration_s=seconds, warmup_s=warmup)
     result = msgspec.to_builtins(loadgen.run(spec, 1, model))

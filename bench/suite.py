@@ -9,6 +9,8 @@ For the demo MobileNetV2 and the demo ResNet-50 (built the same way) in turn:
    server with onnxruntime in run_in_executor (bench/peers/plain_aiohttp.py) and LitServe with
    its batching (bench/peers/litserve_server.py, needs `pip install '.[bench]'`), each at 32
    clients; LitServe takes JSON, so Cronnx is measured with JSON bodies at 32 clients as well.
+   BentoML, Ray Serve and MLServer run from environments of their own when those exist
+   (bench/README.md says how to make them), and are skipped otherwise.
 
     python bench/suite.py [--seconds 10] [--warmup 2] [--rounds 3] [--models mobilenetv2,resnet50] [--json FILE]
 """
@@ -25,8 +27,9 @@ from pathlib import Path
 import msgspec
 import msgspec.yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent / "peers")]
 import limit  # noqa: E402
+from mlserver_peer import request_body  # noqa: E402
 from photos import DEFAULT_OUT, write_photos  # noqa: E402
 from serving import BENCH, REPO, Served, free_port, measure  # noqa: E402
 
@@ -34,6 +37,8 @@ from cronnx.config import load_config  # noqa: E402
 
 PHOTOS = "*-1600.jpg"
 BENTOML_VENV = "/tmp/bentovenv"
+RAY_VENV = "/tmp/rayvenv"
+MLSERVER_VENV = "/tmp/mlsvenv"
 
 
 def main() -> None:
@@ -115,6 +120,27 @@ def run_model(name: str, args) -> tuple[dict, list[tuple[str, dict]]]:
                          run(f"http://127.0.0.1:{port}/predict", "json", concurrency=32)))
     else:
         print(f"  BentoML skipped: no {BENTOML_VENV}")
+
+    if Path(RAY_VENV).exists():
+        port = free_port()
+        with Served("Ray Serve", [f"{RAY_VENV}/bin/python", str(BENCH / "peers" / "rayserve_app.py"), "--port",
+                                  str(port), "--model", str(model), "--name", name],
+                    f"http://127.0.0.1:{port}", "/predict"):
+            rows.append(("Ray Serve batch 4 x 2 replicas, 32 clients (raw)",
+                         run(f"http://127.0.0.1:{port}/predict", "raw", concurrency=32)))
+    else:
+        print(f"  Ray Serve skipped: no {RAY_VENV}")
+
+    if Path(MLSERVER_VENV).exists():
+        port = free_port()
+        with Served("MLServer", [f"{MLSERVER_VENV}/bin/python", str(BENCH / "peers" / "mlserver_peer.py"), "--port",
+                                 str(port), "--model", str(model), "--name", name],
+                    f"http://127.0.0.1:{port}", f"/v2/models/{name}/ready"):
+            rows.append(("MLServer batch 4 x 2 workers, 32 clients (JSON)",
+                         run(f"http://127.0.0.1:{port}/v2/models/{name}/infer", "json", concurrency=32,
+                             encode=request_body)))
+    else:
+        print(f"  MLServer skipped: no {MLSERVER_VENV}")
     return lim, rows
 
 
