@@ -32,12 +32,13 @@ def free_port() -> int:
 class Served:
     """A server process for the length of a `with` block; ready when `ready_path` answers 200."""
 
-    def __init__(self, name: str, command: list[str], base_url: str, ready_path: str, env: dict | None = None):
-        self.name, self.command, self.base_url, self.ready_path = name, command, base_url, ready_path
+    def __init__(self, name: str, command: list[str], base_url: str, ready_path: str, env: dict | None = None,
+                 cwd: Path = REPO):
+        self.name, self.command, self.base_url, self.ready_path, self.cwd = name, command, base_url, ready_path, cwd
         self.env = {**os.environ, **(env or {})}
 
     def __enter__(self) -> "Served":
-        self.process = subprocess.Popen(self.command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        self.process = subprocess.Popen(self.command, cwd=self.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         start_new_session=True, env=self.env)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -65,7 +66,7 @@ class Served:
 
 def measure(url: str, model: str, mode: str, seconds: float, warmup: float, photos: list[Path],
             concurrency: int | None = None, rate: float | None = None,
-            encode: Callable[[bytes], bytes] | None = None) -> dict:
+            encode: Callable[[bytes], bytes] | None = None, quiet: bool = False) -> dict:
     """One `cronnx bench` run in this process; the BenchResult as plain data. `encode` makes a
     JSON body of another shape than Cronnx's {"image": base64} from each photo's bytes."""
     if encode is None:
@@ -75,6 +76,8 @@ def measure(url: str, model: str, mode: str, seconds: float, warmup: float, phot
     spec = LoadSpec(url=url, bodies=bodies, content_type=content_type, concurrency=concurrency,
                     rate=rate, duration_s=seconds, warmup_s=warmup)
     result = msgspec.to_builtins(loadgen.run(spec, 1, model))
+    if quiet:
+        return result
     load = f"{concurrency} clients" if concurrency else f"{rate:.1f} req/s"
     print(f"  {url} {mode} {load}: {result['requests_per_s']:.1f} req/s, p50 {result['latency_ms']['p50']:.2f} ms, "
           f"p99 {result['latency_ms']['p99']:.2f} ms, errors {result['errors_by_status']} {result['errors_by_exception']}",

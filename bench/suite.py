@@ -10,7 +10,9 @@ For the demo MobileNetV2 and the demo ResNet-50 (built the same way) in turn:
    its batching (bench/peers/litserve_server.py, needs `pip install '.[bench]'`), each at 32
    clients; LitServe takes JSON, so Cronnx is measured with JSON bodies at 32 clients as well.
    BentoML, Ray Serve and MLServer run from environments of their own when those exist
-   (bench/README.md says how to make them), and are skipped otherwise.
+   (bench/README.md says how to make them), and are skipped otherwise. One more row, not a
+   peer configured like Cronnx: the plain aiohttp server with a tutorial's preprocessing
+   (full-size decode), what a user's own server would most likely do.
 
     python bench/suite.py [--seconds 10] [--warmup 2] [--rounds 3] [--models mobilenetv2,resnet50] [--json FILE]
 """
@@ -99,6 +101,14 @@ def run_model(name: str, args) -> tuple[dict, list[tuple[str, dict]]]:
     with Served("plain aiohttp", [py, "bench/peers/plain_aiohttp.py", "--port", str(port), "--model", str(model)],
                 f"http://127.0.0.1:{port}", "/health"):
         rows.append(("plain aiohttp + onnxruntime, 32 clients (raw)",
+                     run(f"http://127.0.0.1:{port}/predict/{name}", "raw", concurrency=32)))
+
+    # What a user's own server would most likely do: a tutorial's preprocessing (full-size decode).
+    port = free_port()
+    with Served("plain aiohttp, tutorial preprocessing", [py, "bench/peers/plain_aiohttp.py", "--port", str(port),
+                                                          "--model", str(model), "--textbook"],
+                f"http://127.0.0.1:{port}", "/health"):
+        rows.append(("plain aiohttp, tutorial preprocessing, 32 clients (raw)",
                      run(f"http://127.0.0.1:{port}/predict/{name}", "raw", concurrency=32)))
 
     port = free_port()

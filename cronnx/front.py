@@ -204,13 +204,8 @@ async def _predict(request: web.Request, state: ServerState, pool: ModelPool, re
 
 
 def _record(metrics: Metrics, record: RequestRecord, total_s: float) -> None:
-    labels = (record.model, record.version)
-    metrics.requests.labels(*labels, "success" if record.status == 200 else str(record.status)).inc()
-    metrics.duration.labels(*labels).observe(total_s)
-    for phase, seconds in record.phases.items():
-        metrics.phase.labels(*labels, phase).observe(seconds)
-    if record.ring_full:
-        metrics.ring_full.labels(*labels).inc()
+    metrics.record_request(record.model, record.version, "success" if record.status == 200 else str(record.status),
+                           total_s, record.phases, record.ring_full)
     fields = {"request_id": record.request_id, "model": record.model, "version": record.version,
               "status": record.status, "total_ms": total_s * 1000.0}
     if record.batch_size:
@@ -265,10 +260,7 @@ async def _read_image(request: web.Request, limit: int) -> bytes:
     too_large = f"request body is larger than the limit of {limit} bytes"
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(too_large)
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:  # a chunked body without a length, over the limit
-        raise PayloadTooLarge(too_large) from None
+    body = await _read_body(request.content, limit, too_large)
     if not body:
         raise BadRequest("request body is empty")
     if content_type != JSON_TYPE:
@@ -285,6 +277,18 @@ async def _read_image(request: web.Request, limit: int) -> bytes:
         return binascii.a2b_base64(encoded, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise BadRequest(f"field 'image' is not valid base64: {exc}") from None
+
+
+async def _read_body(stream, limit: int, too_large: str) -> bytes:
+    """The whole body, copied once (`request.read()` copies a photo-sized body three times); a
+    chunked body without a length is cut off as soon as it passes the limit."""
+    chunks, size = [], 0
+    while chunk := await stream.readany():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(too_large)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def make_app(state: ServerState) -> web.Application:

@@ -52,6 +52,21 @@ class Metrics:
         # Every pool with workers, read at scrape time (the registry sets it).
         self.pools: Callable[[], Iterable[ModelPool]] = lambda: ()
         registry.register(_PoolCollector(self))
+        self._versions: dict[tuple[str, str], _VersionSeries] = {}
+
+    def record_request(self, model: str, version: str, outcome: str, total_s: float, phases: dict[str, float],
+                       ring_full: bool) -> None:
+        """One answered prediction request: its outcome ("success" or the error's status), its time
+        and, when it succeeded, the time of each phase."""
+        series = self._versions.get((model, version))
+        if series is None:
+            series = self._versions[(model, version)] = _VersionSeries(self, model, version)
+        series.outcome(outcome).inc()
+        series.duration.observe(total_s)
+        for phase, seconds in phases.items():
+            series.phase(phase).observe(seconds)
+        if ring_full:
+            series.ring_full.inc()
 
     def batch_recorder(self, model: str, version: str) -> Callable[[Done], None]:
         """What a worker handle calls with each batch it ran for this model version."""
@@ -65,6 +80,30 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _VersionSeries:
+    """One model version's request series, labelled once: `labels()` per request would cost more
+    than the observation itself."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str):
+        self._metrics, self._labels = metrics, (model, version)
+        self.duration = metrics.duration.labels(model, version)
+        self.ring_full = metrics.ring_full.labels(model, version)
+        self._outcomes: dict[str, Counter] = {}
+        self._phases: dict[str, Histogram] = {}
+
+    def outcome(self, outcome: str) -> Counter:
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = self._metrics.requests.labels(*self._labels, outcome)
+        return child
+
+    def phase(self, phase: str) -> Histogram:
+        child = self._phases.get(phase)
+        if child is None:
+            child = self._phases[phase] = self._metrics.phase.labels(*self._labels, phase)
+        return child
 
 
 class _PoolCollector:

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from support.client import TIMEOUT, GoodStream, post
+from support.client import TIMEOUT, GoodStream, Reply, post
 from support.images import encode, photo_like
 from support.models import tiny_classifier
 from support.server import model_entry, server_config
@@ -94,3 +94,30 @@ def test_unknown_route_answers_json(server):
 
     status, body = asyncio.run(main())
     assert status == 404 and "error" in body
+
+
+def test_chunked_body_is_read_whole_and_cut_off_past_the_limit(server):
+    """A body without Content-Length (chunked transfer) is served like any other below the limit,
+    and refused with 413 once it passes the limit, without reading the rest."""
+    photo = encode(photo_like(320, 240, seed=5), "JPEG")
+
+    async def chunked(data: bytes, piece: int = 7000):
+        for start in range(0, len(data), piece):
+            yield data[start:start + piece]
+
+    async def main():
+        url = f"{server.url}/predict/tiny"
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            whole = await post(session, url, photo)
+            async with session.post(url, data=chunked(photo), headers={"Content-Type": "image/jpeg"}) as r:
+                assert "Content-Length" not in r.request_info.headers
+                streamed = Reply(r.status, await r.json(), r.headers)
+            async with session.post(url, data=chunked(b"\xff" * (BODY_LIMIT * 2), 64 * 1024),
+                                    headers={"Content-Type": "image/jpeg"}) as r:
+                too_large = Reply(r.status, await r.json(), r.headers)
+        return whole, streamed, too_large
+
+    whole, streamed, too_large = asyncio.run(main())
+    assert whole.status == streamed.status == 200, (whole, streamed)
+    assert streamed.body["predictions"] == whole.body["predictions"]
+    assert too_large.status == 413 and "limit" in too_large.body["error"], too_large

@@ -4,7 +4,11 @@ Same model and the same preprocessing as Cronnx (cronnx.preprocess), one onnxrun
 with one intra-op thread shared by a thread pool of one thread per core: each request is
 decoded, preprocessed and run in a pool thread, the shape that measured best in-process.
 
-    python bench/peers/plain_aiohttp.py --port 3100 [--model models/mobilenetv2-demo.onnx] [--threads 2]
+    python bench/peers/plain_aiohttp.py --port 3100 [--model models/mobilenetv2-demo.onnx] [--threads 2] [--textbook]
+
+--textbook swaps Cronnx's preprocessing for the one a tutorial would write (full-size decode,
+resize the short side to 256, centre-crop 224, normalise in float32): what a user's own server
+would most likely do, as opposed to the fair comparison of serving machinery without it.
 
 POST /predict/{model} with raw image bytes or JSON {"image": base64}; answers top-5 like Cronnx.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import io
 import json
 import os
 import sys
@@ -22,14 +27,33 @@ from pathlib import Path
 
 import numpy as np
 from aiohttp import web
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from cronnx.postprocess import top_k  # noqa: E402
 from peer_model import open_model  # noqa: E402
 
 
-def make_app(model: str, threads: int) -> web.Application:
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def textbook_preprocess(data: bytes, out: np.ndarray) -> None:
+    """torchvision's Resize(256) + CenterCrop(224) + ToTensor + Normalize, in Pillow and numpy."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = image.size
+    scale = 256 / min(w, h)
+    image = image.resize((round(w * scale), round(h * scale)), Image.BILINEAR)
+    left, top = (image.width - 224) // 2, (image.height - 224) // 2
+    image = image.crop((left, top, left + 224, top + 224))
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    out[...] = ((pixels - MEAN) / STD).transpose(2, 0, 1)
+
+
+def make_app(model: str, threads: int, textbook: bool = False) -> web.Application:
     session, spec, preprocess = open_model(model)
+    if textbook:
+        preprocess = textbook_preprocess
     executor = ThreadPoolExecutor(threads)
 
     def infer(image: bytes) -> list[dict]:
@@ -56,6 +80,7 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=3100)
     parser.add_argument("--model", default="models/mobilenetv2-demo.onnx")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--textbook", action="store_true", help="a tutorial's preprocessing instead of Cronnx's")
     args = parser.parse_args()
-    web.run_app(make_app(args.model, args.threads), host="127.0.0.1", port=args.port, access_log=None,
+    web.run_app(make_app(args.model, args.threads, args.textbook), host="127.0.0.1", port=args.port, access_log=None,
                 print=lambda *a: print(f"plain aiohttp peer on http://127.0.0.1:{args.port}", flush=True))

@@ -1,0 +1,137 @@
+"""Cronnx against the plain aiohttp peer (or against itself), head to head: throughput and CPU per request.
+
+The machine's speed drifts by 10% and more within minutes, more than the differences worth
+measuring here. So every server is started once and stays up (an idle server costs nothing), and
+the load alternates between them in short windows, round after round; each round's ratio is
+taken between windows seconds apart, and the median of the ratios is reported.
+
+CPU per request says where a server spends what it spends: the user + system time of each of its
+processes and threads (its event loop thread, its other threads, its child processes) is read from
+/proc around every window and divided by the requests answered in it.
+
+    python bench/head_to_head.py [--seconds 4] [--rounds 10] [--concurrency 32]
+        [--config FILE ...] [--tree DIR ...] [--no-peer]
+
+--config adds a Cronnx server per config (default config/cronnx.yaml); --tree adds one that runs
+the code of another checkout (a git worktree of an earlier commit, say) with the first config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from photos import DEFAULT_OUT, write_photos  # noqa: E402
+from serving import REPO, Served, free_port, measure  # noqa: E402
+
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+MODEL = "mobilenetv2"
+
+
+def _stat_fields(path: Path) -> list[str] | None:
+    try:
+        text = path.read_text()
+    except OSError:  # gone between listing and reading
+        return None
+    # The thread name may hold spaces and parentheses: the fields start after the last ')'.
+    return text[text.rindex(")") + 2:].split()
+
+
+def cpu_by_part(group: int) -> dict[str, float]:
+    """CPU seconds so far of a server's process group: its event loop (main) thread, its other
+    threads, and its child processes."""
+    out = {"event loop thread": 0.0, "other threads": 0.0, "child processes": 0.0}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        fields = _stat_fields(proc / "stat")
+        if fields is None or int(fields[2]) != group:  # fields[2]: the process group
+            continue
+        for task in (proc / "task").iterdir():
+            t = _stat_fields(task / "stat")
+            if t is None:
+                continue
+            if int(proc.name) != group:
+                part = "child processes"
+            else:
+                part = "event loop thread" if task.name == proc.name else "other threads"
+            out[part] += (int(t[11]) + int(t[12])) * TICK_S  # utime, stime
+    return out
+
+
+def servers(py: str, configs: list[Path], trees: list[Path], peer: bool) -> list[tuple[str, list[str], str, Path]]:
+    """(label, command with {port}, readiness path, working folder) for each server to compare."""
+    out = [(f"cronnx {c}", [py, "-m", "cronnx", "serve", "--config", str(c.resolve()), "--port", "{port}"],
+            "/ready", REPO) for c in configs]
+    out += [(f"cronnx from {t}", [py, "-m", "cronnx", "serve", "--config", str(configs[0].resolve()),
+                                  "--port", "{port}"], "/ready", t) for t in trees]
+    if peer:
+        out.append(("plain aiohttp", [py, str(REPO / "bench" / "peers" / "plain_aiohttp.py"), "--port", "{port}",
+                                      "--model", str(REPO / "models" / f"{MODEL}-demo.onnx")], "/health", REPO))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="each window")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--config", type=Path, action="append", help="a Cronnx config (repeatable)")
+    parser.add_argument("--tree", type=Path, action="append", default=[], help="another checkout to run (repeatable)")
+    parser.add_argument("--no-peer", action="store_true", help="leave out the plain aiohttp peer")
+    args = parser.parse_args()
+    write_photos(DEFAULT_OUT)
+    photos = sorted(DEFAULT_OUT.glob("*-1600.jpg"))
+    chosen = servers(sys.executable, args.config or [REPO / "config" / "cronnx.yaml"], args.tree, not args.no_peer)
+    rates: dict[str, list[float]] = {label: [] for label, *_ in chosen}
+    cpu: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in chosen}
+    with contextlib.ExitStack() as stack:
+        running = []
+        for label, command, ready, folder in chosen:
+            port = free_port()
+            served = Served(label, [part.replace("{port}", str(port)) for part in command],
+                            f"http://127.0.0.1:{port}", ready, cwd=folder)
+            running.append((label, stack.enter_context(served), f"http://127.0.0.1:{port}/predict/{MODEL}"))
+        for label, _, url in running:  # warm each one up once
+            measure(url, MODEL, "raw", 2.0, 0.0, photos, concurrency=args.concurrency, quiet=True)
+        for round_no in range(1, args.rounds + 1):
+            for label, served, url in running:
+                before = cpu_by_part(served.process.pid)
+                r = measure(url, MODEL, "raw", args.seconds, 0.5, photos, concurrency=args.concurrency, quiet=True)
+                after = cpu_by_part(served.process.pid)
+                # The CPU readings span the warm-up too: count its requests at the window's rate.
+                answered = r["requests_per_s"] * (args.seconds + 0.5)
+                rates[label].append(r["requests_per_s"])
+                cpu[label].append({part: (after[part] - before[part]) * 1000 / answered for part in after})
+            print(f"round {round_no}: " + ", ".join(f"{label} {rates[label][-1]:.1f}" for label in rates) + " req/s",
+                  flush=True)
+    print(report(rates, cpu))
+
+
+def report(rates: dict[str, list[float]], cpu: dict[str, list[dict[str, float]]]) -> str:
+    med = statistics.median
+    labels = list(rates)
+    lines = [f"| server | req/s (median of {len(rates[labels[0]])}) | event loop | other threads | "
+             "child processes | total CPU per request |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for label in labels:
+        parts = {part: med(c[part] for c in cpu[label]) for part in cpu[label][0]}
+        total = med(sum(c.values()) for c in cpu[label])
+        lines.append(f"| {label} | {med(rates[label]):.1f} | {parts['event loop thread']:.2f} ms | "
+                     f"{parts['other threads']:.2f} ms | {parts['child processes']:.2f} ms | {total:.2f} ms |")
+    lines.append("")
+    first = labels[0]
+    for label in labels[1:]:
+        ratios = sorted(a / b for a, b in zip(rates[first], rates[label]))
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        lines.append(f"{first} / {label}: median {med(ratios):.3f}x, quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, "
+                     f"ahead in {sum(r > 1 for r in ratios)} of {len(ratios)} rounds")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
