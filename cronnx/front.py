@@ -24,6 +24,7 @@ from .pool import ModelPool
 from .postprocess import top_k
 from .preprocess import ImageError, ImageTooLarge
 from .registry import Registry
+from .scheduling import mark_cpu_bound
 
 log = logging.getLogger("cronnx.front")
 access_log = logging.getLogger("cronnx.access")
@@ -52,7 +53,8 @@ class ServerState:
         self.reloader = reloader
         self.metrics = metrics
         self.draining = False
-        self.executor = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="cronnx-preprocess")
+        self.executor = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="cronnx-preprocess",
+                                           initializer=mark_cpu_bound)
 
     def ready(self) -> bool:
         return not self.draining and self.registry.ready()

@@ -20,6 +20,7 @@ from .batcher import Batcher
 from .logs import setup_logging
 from .model_spec import ModelSpec
 from .ring import AttachedRing, RingLayout
+from .scheduling import mark_cpu_bound
 
 log = logging.getLogger("cronnx.worker")
 
@@ -180,6 +181,7 @@ def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection) -> Non
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
+    mark_cpu_bound()
     setup_logging(spec.logging.level, spec.logging.format)
     session = create_session(spec, spec.intra_op_threads)
     solo = create_session(spec, spec.solo_intra_op_threads) if spec.solo_intra_op_threads else None

@@ -161,3 +161,19 @@ def test_full_ring_answers_503_with_retry_after_at_once(start_server, slow_model
     assert full and len(full) <= 8
     assert all(r.headers.get("Retry-After") == "1" and "capacity" in r.body["error"] for r in full)
     assert {r.status for r in replies} == {200, 503}
+
+
+def test_computing_threads_are_marked_cpu_bound_and_the_event_loop_is_not(start_server, quick_model):
+    """Workers (whose onnxruntime threads inherit it) and preprocessing threads run as SCHED_BATCH,
+    so their wake-ups do not preempt each other mid-inference; the event loop keeps the default."""
+    server = start_server(server_config(model_entry("quick", quick_model, workers=2)))
+    asyncio.run(predict_many(f"{server.url}/predict/quick", [IMAGE] * 4))  # starts the preprocessing threads
+
+    def policies(pid: int) -> dict[int, int]:
+        return {int(tid): os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+    for worker in server.worker_pids("quick"):
+        assert policies(worker)[worker] == os.SCHED_BATCH, policies(worker)
+    front = policies(server.proc.pid)
+    assert front.pop(server.proc.pid) == os.SCHED_OTHER
+    assert list(front.values()).count(os.SCHED_BATCH) == 2, front  # the 2 preprocessing threads
