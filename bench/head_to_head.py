@@ -9,11 +9,12 @@ CPU per request says where a server spends what it spends: the user + system tim
 processes and threads (its event loop thread, its other threads, its child processes) is read from
 /proc around every window and divided by the requests answered in it.
 
-    python bench/head_to_head.py [--seconds 4] [--rounds 10] [--concurrency 32]
-        [--config FILE ...] [--tree DIR ...] [--no-peer]
+    python bench/head_to_head.py [--seconds 4] [--rounds 10] [--concurrency 32 | --rate R]
+        [--config FILE ...] [--tree DIR ...] [--no-peer] [--model mobilenetv2]
 
 --config adds a Cronnx server per config (default config/cronnx.yaml); --tree adds one that runs
 the code of another checkout (a git worktree of an earlier commit, say) with the first config.
+--rate compares latency at a fixed open-loop rate instead of throughput at a fixed concurrency.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from photos import DEFAULT_OUT, write_photos  # noqa: E402
 from serving import REPO, Served, free_port, measure  # noqa: E402
 
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
-MODEL = "mobilenetv2"
 
 
 def _stat_fields(path: Path) -> list[str] | None:
@@ -64,7 +64,8 @@ def cpu_by_part(group: int) -> dict[str, float]:
     return out
 
 
-def servers(py: str, configs: list[Path], trees: list[Path], peer: bool) -> list[tuple[str, list[str], str, Path]]:
+def servers(py: str, configs: list[Path], trees: list[Path], peer: bool,
+            model: str) -> list[tuple[str, list[str], str, Path]]:
     """(label, command with {port}, readiness path, working folder) for each server to compare."""
     out = [(f"cronnx {c}", [py, "-m", "cronnx", "serve", "--config", str(c.resolve()), "--port", "{port}"],
             "/ready", REPO) for c in configs]
@@ -72,7 +73,7 @@ def servers(py: str, configs: list[Path], trees: list[Path], peer: bool) -> list
                                   "--port", "{port}"], "/ready", t) for t in trees]
     if peer:
         out.append(("plain aiohttp", [py, str(REPO / "bench" / "peers" / "plain_aiohttp.py"), "--port", "{port}",
-                                      "--model", str(REPO / "models" / f"{MODEL}-demo.onnx")], "/health", REPO))
+                                      "--model", str(REPO / "models" / f"{model}-demo.onnx")], "/health", REPO))
     return out
 
 
@@ -80,49 +81,59 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="each window")
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=32, help="closed loop: clients")
+    parser.add_argument("--rate", type=float, default=None, help="open loop instead: requests per second")
     parser.add_argument("--config", type=Path, action="append", help="a Cronnx config (repeatable)")
     parser.add_argument("--tree", type=Path, action="append", default=[], help="another checkout to run (repeatable)")
     parser.add_argument("--no-peer", action="store_true", help="leave out the plain aiohttp peer")
+    parser.add_argument("--model", default="mobilenetv2",
+                        help="the model the configs serve; the peer serves models/MODEL-demo.onnx")
     args = parser.parse_args()
     write_photos(DEFAULT_OUT)
     photos = sorted(DEFAULT_OUT.glob("*-1600.jpg"))
-    chosen = servers(sys.executable, args.config or [REPO / "config" / "cronnx.yaml"], args.tree, not args.no_peer)
+    chosen = servers(sys.executable, args.config or [REPO / "config" / "cronnx.yaml"], args.tree, not args.no_peer,
+                     args.model)
     rates: dict[str, list[float]] = {label: [] for label, *_ in chosen}
     cpu: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in chosen}
+    latency: dict[str, list[tuple[float, float]]] = {label: [] for label, *_ in chosen}  # (p50, p99) ms
+    load = {"rate": args.rate} if args.rate else {"concurrency": args.concurrency}
     with contextlib.ExitStack() as stack:
         running = []
         for label, command, ready, folder in chosen:
             port = free_port()
             served = Served(label, [part.replace("{port}", str(port)) for part in command],
                             f"http://127.0.0.1:{port}", ready, cwd=folder)
-            running.append((label, stack.enter_context(served), f"http://127.0.0.1:{port}/predict/{MODEL}"))
+            running.append((label, stack.enter_context(served), f"http://127.0.0.1:{port}/predict/{args.model}"))
         for label, _, url in running:  # warm each one up once
-            measure(url, MODEL, "raw", 2.0, 0.0, photos, concurrency=args.concurrency, quiet=True)
+            measure(url, args.model, "raw", 2.0, 0.0, photos, quiet=True, **load)
         for round_no in range(1, args.rounds + 1):
             for label, served, url in running:
                 before = cpu_by_part(served.process.pid)
-                r = measure(url, MODEL, "raw", args.seconds, 0.5, photos, concurrency=args.concurrency, quiet=True)
+                r = measure(url, args.model, "raw", args.seconds, 0.5, photos, quiet=True, **load)
                 after = cpu_by_part(served.process.pid)
                 # The CPU readings span the warm-up too: count its requests at the window's rate.
                 answered = r["requests_per_s"] * (args.seconds + 0.5)
                 rates[label].append(r["requests_per_s"])
+                latency[label].append((r["latency_ms"]["p50"], r["latency_ms"]["p99"]))
                 cpu[label].append({part: (after[part] - before[part]) * 1000 / answered for part in after})
             print(f"round {round_no}: " + ", ".join(f"{label} {rates[label][-1]:.1f}" for label in rates) + " req/s",
                   flush=True)
-    print(report(rates, cpu))
+    print(report(rates, latency, cpu))
 
 
-def report(rates: dict[str, list[float]], cpu: dict[str, list[dict[str, float]]]) -> str:
+def report(rates: dict[str, list[float]], latency: dict[str, list[tuple[float, float]]],
+           cpu: dict[str, list[dict[str, float]]]) -> str:
     med = statistics.median
     labels = list(rates)
-    lines = [f"| server | req/s (median of {len(rates[labels[0]])}) | event loop | other threads | "
-             "child processes | total CPU per request |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| server | req/s | p50 ms | p99 ms | event loop | other threads | child processes | "
+             "total CPU per request |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label in labels:
         parts = {part: med(c[part] for c in cpu[label]) for part in cpu[label][0]}
         total = med(sum(c.values()) for c in cpu[label])
-        lines.append(f"| {label} | {med(rates[label]):.1f} | {parts['event loop thread']:.2f} ms | "
+        lines.append(f"| {label} | {med(rates[label]):.1f} | {med(p50 for p50, _ in latency[label]):.1f} | "
+                     f"{med(p99 for _, p99 in latency[label]):.1f} | {parts['event loop thread']:.2f} ms | "
                      f"{parts['other threads']:.2f} ms | {parts['child processes']:.2f} ms | {total:.2f} ms |")
+    lines.append(f"(medians of {len(rates[labels[0]])} rounds)")
     lines.append("")
     first = labels[0]
     for label in labels[1:]:

@@ -182,7 +182,7 @@ def table(rounds: list[tuple[dict, list[tuple[str, dict]]]]) -> str:
             own = rate("Cronnx, closed loop, 32 clients (JSON)" if "(JSON)" in label
                        else "Cronnx, closed loop, 32 clients (raw)")
             ratios = [a / b for a, b in zip(own, rate(label))]
-            lines.append(f"Cronnx / {label.split(',')[0]}: {med(ratios):.2f}x at 32 clients "
+            lines.append(f"Cronnx / {label.split(', 32 clients')[0]}: {med(ratios):.2f}x at 32 clients "
                          f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
     tails = [r["latency_ms"]["p99"] / r["latency_ms"]["p50"] for r, _ in per_label["Cronnx, open loop, 80% of peak (raw)"]]
     lines.append(f"Open loop at 80% of peak: p99 / p50 = {med(tails):.2f} (rounds: "
