@@ -51,6 +51,7 @@ class WorkerStatus(msgspec.Struct):
     slots_in_use: int
     items_run: int
     items_dropped: int
+    items_failed: int
 
 
 class ModelStatus(msgspec.Struct, omit_defaults=True):
@@ -81,7 +82,7 @@ def failed_status(name: str, version: int, reason: str) -> ModelStatus:
 def model_status(pool: ModelPool, traffic_weight: float | None) -> ModelStatus:
     spec = pool.spec
     workers = [WorkerStatus(w.pid, w.live, w.restarts, w.providers, w.ring.slots - w.ring.free_count,
-                            w.items_run, w.items_dropped) for w in pool.workers]
+                            w.items_run, w.items_dropped, w.items_failed) for w in pool.workers]
     return ModelStatus(
         name=pool.name, version=pool.version, state=pool.state, traffic_weight=traffic_weight,
         input=spec.input_name, input_shape=[spec.fixed_batch or "batch", *spec.input_item_shape],

@@ -49,5 +49,11 @@ class RingFull(Unavailable):
     """The model's queue (its workers' rings) is full."""
 
 
+class InferenceFailed(ApiError):
+    """onnxruntime raised while running this request's input; the message says what it said."""
+
+    status = 500
+
+
 class GatewayTimeout(ApiError):
     status = 504

@@ -49,8 +49,16 @@ class Dropped(msgspec.Struct, tag="dropped", array_like=True):
     slot: int
 
 
+class Failed(msgspec.Struct, tag="failed", array_like=True):
+    """onnxruntime raised while running these slots (each alone, after their batch failed):
+    their requests fail with `errors` (one message per slot); the worker goes on."""
+
+    slots: list[int]
+    errors: list[str]
+
+
 ToWorker = Submit | Cancel | Stop
-FromWorker = Ready | Done | Dropped
+FromWorker = Ready | Done | Dropped | Failed
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)

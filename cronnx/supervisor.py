@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 
 from . import protocol
-from .errors import Unavailable
+from .errors import InferenceFailed, Unavailable
 from .ring import SlotRing
 from .worker import WorkerSpec, worker_main
 
@@ -64,9 +64,10 @@ class WorkerHandle:
         self._started_at = 0.0
         self.live = False
         self.restarts = 0
-        # Items the worker ran and items it dropped on request, since the front started.
+        # Items the worker ran, dropped on request, and failed to run, since the front started.
         self.items_run = 0
         self.items_dropped = 0
+        self.items_failed = 0
         self.providers: list[str] = []
         self._loop = asyncio.get_running_loop()
         self._in_flight: dict[int, asyncio.Future] = {}
@@ -149,6 +150,13 @@ class WorkerHandle:
                 future = self._in_flight.pop(slot, None)
                 if future is not None and not future.done():
                     future.set_result(Completion(outputs[slot].copy(), queue_s, msg.infer_s, batch_size))
+                self.ring.release(slot)
+        elif type(msg) is protocol.Failed:
+            self.items_failed += len(msg.slots)
+            for slot, error in zip(msg.slots, msg.errors):
+                future = self._in_flight.pop(slot, None)
+                if future is not None and not future.done():
+                    future.set_exception(InferenceFailed(f"inference failed: {error}"))
                 self.ring.release(slot)
         elif type(msg) is protocol.Dropped:
             self.items_dropped += 1

@@ -88,6 +88,12 @@ class BatchRunner:
         rows = self.fixed_batch or spec.batch_size
         self.stage_in = np.zeros((rows, *ring.inputs.shape[1:]), ring.inputs.dtype)
         self.stage_out = np.zeros((rows, *ring.outputs.shape[1:]), ring.outputs.dtype)
+        import onnxruntime as ort
+
+        # A failed run is reported by its exception, which the worker logs as JSON; onnxruntime's
+        # own copy of it would be a second, unstructured line on stderr.
+        self.run_options = ort.RunOptions()
+        self.run_options.log_severity_level = 4
 
     def run(self, slots: list[int], solo: bool = False) -> None:
         session, binding = self.sessions[-1] if solo else self.sessions[0]
@@ -103,10 +109,38 @@ class BatchRunner:
         self._infer(session, binding, self.stage_in[:rows], self.stage_out[:rows])
         self.ring.outputs[slots] = self.stage_out[:n]
 
+    def run_isolating_failures(self, slots: list[int], solo: bool = False) -> dict[int, str]:
+        """Run the batch; if onnxruntime fails, run its items one by one, so that only the items
+        that fail by themselves fail. Returns what onnxruntime said for each failed slot."""
+        try:
+            self.run(slots, solo)
+            return {}
+        except Exception as exc:  # onnxruntime's errors derive from Exception only
+            if len(slots) == 1:
+                return {slots[0]: _short(exc)}
+        failed = {}
+        for slot in slots:
+            try:
+                self.run([slot])
+            except Exception as exc:
+                failed[slot] = _short(exc)
+        return failed
+
+    def healthy(self) -> bool:
+        """Whether the session still runs the warm-up input: after a device error (a CUDA fault, say)
+        it may fail everything, and only a new process recovers."""
+        rows = self.fixed_batch or 1
+        session, binding = self.sessions[0]
+        try:
+            self._infer(session, binding, self.stage_in[:rows], self.stage_out[:rows])
+            return True
+        except Exception:
+            return False
+
     def _infer(self, session, binding, inputs: np.ndarray, outputs: np.ndarray) -> None:
         binding.bind_input(self.input_name, "cpu", 0, inputs.dtype.type, list(inputs.shape), inputs.ctypes.data)
         binding.bind_output(self.output_name, "cpu", 0, outputs.dtype.type, list(outputs.shape), outputs.ctypes.data)
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, self.run_options)
 
     def warm_up(self) -> None:
         """A few runs on zeros (staging memory, not the ring) so the first request pays no set-up."""
@@ -115,6 +149,17 @@ class BatchRunner:
             for _ in range(2):
                 self._infer(session, binding, self.stage_in[:rows], self.stage_out[:rows])
                 self._infer(session, binding, self.stage_in, self.stage_out)
+
+
+# A worker whose session fails even on the warm-up input exits with this; the front restarts it.
+EXIT_SESSION_BROKEN = 3
+# Enough of onnxruntime's message to say which node failed and why.
+MAX_ERROR_CHARS = 600
+
+
+def _short(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
 
 
 def _is_run(slots: list[int]) -> bool:
@@ -129,6 +174,13 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
     encode = protocol.encode
     request_ids: dict[int, str] = {}
     log_batches = log.isEnabledFor(logging.INFO)
+
+    def report_failures(failed: dict[int, str], batch_size: int) -> None:
+        send(encode(protocol.Failed(list(failed), list(failed.values()))))
+        for slot, error in failed.items():
+            log.error("inference failed", extra={"fields": {
+                "model": spec.model, "version": spec.version, "worker": spec.index, "batch_size": batch_size,
+                "request_id": request_ids.pop(slot, ""), "error": error}})
 
     def read_available() -> bool:
         """Apply every message already in the pipe; False when told to stop."""
@@ -162,16 +214,25 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
                 continue
         slots, enqueued, solo = batcher.take()
         started = time.monotonic()
-        runner.run(slots, solo)
+        failed = runner.run_isolating_failures(slots, solo)
         infer_s = time.monotonic() - started
         queue_s = [started - t for t in enqueued]
-        send(encode(protocol.Done(slots, queue_s, infer_s)))
-        ids = [request_ids.pop(slot, "") for slot in slots]
-        if log_batches:
-            log.info("batch", extra={"fields": {
-                "model": spec.model, "version": spec.version, "worker": spec.index, "batch_size": len(slots),
-                "solo": solo, "infer_ms": infer_s * 1000.0, "oldest_wait_ms": max(queue_s) * 1000.0,
-                "request_ids": ids}})
+        if failed:
+            report_failures(failed, len(slots))
+            kept = [i for i, slot in enumerate(slots) if slot not in failed]
+            slots, queue_s = [slots[i] for i in kept], [queue_s[i] for i in kept]
+        if slots:
+            send(encode(protocol.Done(slots, queue_s, infer_s)))
+            ids = [request_ids.pop(slot, "") for slot in slots]
+            if log_batches:
+                log.info("batch", extra={"fields": {
+                    "model": spec.model, "version": spec.version, "worker": spec.index, "batch_size": len(slots),
+                    "solo": solo, "infer_ms": infer_s * 1000.0, "oldest_wait_ms": max(queue_s) * 1000.0,
+                    "request_ids": ids}})
+        if failed and not runner.healthy():
+            log.error("the session fails on the warm-up input too; exiting so that a new worker replaces this one",
+                      extra={"fields": {"model": spec.model, "version": spec.version, "worker": spec.index}})
+            raise SystemExit(EXIT_SESSION_BROKEN)
 
 
 def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection) -> None:

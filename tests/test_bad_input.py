@@ -10,9 +10,11 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from support.client import TIMEOUT, GoodStream, Reply, post
+from reference import DirectModel, assert_matches
+from support.client import TIMEOUT, GoodStream, Reply, post, predict_many
 from support.images import encode, photo_like
-from support.models import tiny_classifier
+from support.metrics import scrape, value
+from support.models import failing_on_bright_images, tiny_classifier
 from support.server import model_entry, server_config
 
 BODY_LIMIT = 256 * 1024
@@ -121,3 +123,44 @@ def test_chunked_body_is_read_whole_and_cut_off_past_the_limit(server):
     assert whole.status == streamed.status == 200, (whole, streamed)
     assert streamed.body["predictions"] == whole.body["predictions"]
     assert too_large.status == 413 and "limit" in too_large.body["error"], too_large
+
+
+@pytest.fixture(scope="module")
+def fragile_model(tmp_path_factory):
+    return failing_on_bright_images(tmp_path_factory.mktemp("fragile") / "fragile.onnx")
+
+
+def test_input_that_onnxruntime_fails_on_gets_500_alone_and_the_worker_stays(start_server, fragile_model):
+    """A white picture makes the model's run fail. Its request gets 500 with onnxruntime's reason;
+    the photos batched with it are run again without it and answered correctly; the worker is
+    not restarted."""
+    config = server_config(model_entry("fragile", fragile_model, batch_size=4, batch_timeout_ms=300))
+    server = start_server(config)
+    (pid,) = server.worker_pids("fragile")
+    direct = DirectModel(fragile_model)
+    white = encode(Image.new("RGB", (64, 64), "white"), "PNG")
+    photos = [encode(photo_like(320, 240, seed=seed), "JPEG") for seed in range(3)]
+    url = f"{server.url}/predict/fragile"
+
+    def shared_batch_failures() -> int:
+        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+        return sum(1 for line in lines if line["message"] == "inference failed" and line["batch_size"] > 1)
+
+    rounds = 0
+    # The white request usually shares the batch with the photos; try a few times until it has.
+    while rounds < 4 and (rounds == 0 or shared_batch_failures() == 0):
+        rounds += 1
+        *good, bad = asyncio.run(predict_many(url, photos + [white]))
+        assert bad.status == 500, bad
+        assert bad.body["error"].startswith("inference failed:") and "Reshape" in bad.body["error"], bad.body
+        for photo, reply in zip(photos, good):
+            assert reply.status == 200, reply
+            assert_matches(reply.body, direct.probabilities(photo))
+    assert shared_batch_failures() >= 1, "the failing image never shared a batch: the test proved nothing"
+    assert server.worker_pids("fragile") == [pid]
+    worker = server.models()["fragile"]["workers"][0]
+    assert worker["restarts"] == 0
+    assert worker["items_failed"] == rounds and worker["items_run"] == 3 * rounds
+    samples = scrape(server.url)
+    assert value(samples, "cronnx_requests_total", model="fragile", version="1", outcome="500") == rounds
+    assert value(samples, "cronnx_requests_total", model="fragile", version="1", outcome="success") == 3 * rounds

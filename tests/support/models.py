@@ -107,3 +107,32 @@ def image_classifier(path: Path, size: int = 32, layout: str = "NCHW", dtype: st
     graph = helper.make_graph(nodes, "classifier", [helper.make_tensor_value_info("input", elem, shape)],
                               [helper.make_tensor_value_info(final, out_elem, out_shape)], inits)
     return _save(graph, path)
+
+
+def failing_on_bright_images(path: Path, size: int = 32, classes: int = 10, threshold: float = 1.5) -> Path:
+    """A classifier whose run fails (a Reshape to an impossible shape) when any image of the batch
+    has a mean input above `threshold` (a white picture: about 2.4 after ImageNet normalisation),
+    and that answers like an ordinary linear classifier otherwise. onnxruntime cannot see this
+    coming: the bad shape is computed from the input's values."""
+    rng = np.random.default_rng(5)
+    weight = rng.normal(0, 3 / np.sqrt(3 * size * size), (3 * size * size, classes)).astype(np.float32)
+    inits = [numpy_helper.from_array(weight, "weight"),
+             numpy_helper.from_array(np.array(threshold, np.float32), "threshold"),
+             numpy_helper.from_array(np.array([3], np.int64), "three"),
+             numpy_helper.from_array(np.zeros(3, np.float32), "zeros")]
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "weight"], ["scores"]),
+             # 3 zeros reshaped to [3] normally, to [4] (impossible) when an image is too bright.
+             helper.make_node("ReduceMean", ["input"], ["means"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("ReduceMax", ["means"], ["brightest"], keepdims=0),
+             helper.make_node("Greater", ["brightest", "threshold"], ["too_bright"]),
+             helper.make_node("Cast", ["too_bright"], ["extra"], to=TensorProto.INT64),
+             helper.make_node("Add", ["three", "extra"], ["shape"]),
+             helper.make_node("Reshape", ["zeros", "shape"], ["reshaped"]),
+             helper.make_node("ReduceSum", ["reshaped"], ["zero"], keepdims=0),
+             helper.make_node("Add", ["scores", "zero"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "failing_on_bright",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], inits)
+    return _save(graph, path)
