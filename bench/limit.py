@@ -14,7 +14,7 @@ Same preprocessing as the server (cronnx.preprocess.Preprocessor, default Prepro
 Throughputs: for threads, each thread's batch over its median step time, summed; for the pool,
 the median over equal intervals of the measuring window. Latencies are medians.
 
-    python bench/limit.py [--photos DIR] [--seconds S] [--json FILE]
+    python bench/limit.py [--photos DIR] [--seconds S] [--model FILE] [--json FILE]
 """
 
 from __future__ import annotations
@@ -238,9 +238,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement")
     parser.add_argument("--threads", type=int, default=None, help="threads for the 'threads' run (default: cores)")
     parser.add_argument("--no-spinning", action="store_true", help="turn off onnxruntime's spinning idle threads")
+    parser.add_argument("--model", type=Path, default=MODEL, help="an .onnx model (models/resnet50-demo.onnx ...)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
-    result = measure(args.photos, args.glob, args.seconds, args.threads, spinning=not args.no_spinning)
+    result = measure(args.photos, args.glob, args.seconds, args.threads, spinning=not args.no_spinning,
+                     model=args.model)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
