@@ -118,11 +118,13 @@ def main() -> None:
                 cpu[label].append({part: (after[part] - before[part]) * 1000 / answered for part in after})
             print(f"round {round_no}: " + ", ".join(f"{label} {rates[label][-1]:.1f}" for label in rates) + " req/s",
                   flush=True)
-    print(report(rates, latency, cpu))
+    print(report(rates, latency, cpu, open_loop=args.rate is not None))
 
 
 def report(rates: dict[str, list[float]], latency: dict[str, list[tuple[float, float]]],
-           cpu: dict[str, list[dict[str, float]]]) -> str:
+           cpu: dict[str, list[dict[str, float]]], open_loop: bool = False) -> str:
+    """The table of medians, then the first server against each other one, round by round: its
+    throughput ratio in closed loop, its p99 ratio at the open loop's fixed rate."""
     med = statistics.median
     labels = list(rates)
     lines = ["| server | req/s | p50 ms | p99 ms | event loop | other threads | child processes | "
@@ -137,10 +139,15 @@ def report(rates: dict[str, list[float]], latency: dict[str, list[tuple[float, f
     lines.append("")
     first = labels[0]
     for label in labels[1:]:
-        ratios = sorted(a / b for a, b in zip(rates[first], rates[label]))
+        if open_loop:
+            ratios = sorted(a[1] / b[1] for a, b in zip(latency[first], latency[label]))
+            what, better = "p99", sum(r < 1 for r in ratios)
+        else:
+            ratios = sorted(a / b for a, b in zip(rates[first], rates[label]))
+            what, better = "throughput", sum(r > 1 for r in ratios)
         quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        lines.append(f"{first} / {label}: median {med(ratios):.3f}x, quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}, "
-                     f"ahead in {sum(r > 1 for r in ratios)} of {len(ratios)} rounds")
+        lines.append(f"{what}, {first} / {label}: median {med(ratios):.3f}x, quartiles "
+                     f"{quartiles[0]:.3f}-{quartiles[2]:.3f}, better in {better} of {len(ratios)} rounds")
     return "\n".join(lines)
 
 
