@@ -9,6 +9,7 @@ Prometheus scrapes.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -107,7 +108,12 @@ class _VersionSeries:
 
 
 class _PoolCollector:
-    """Gauges and counters read from the live pools at scrape time."""
+    """Gauges and counters read from the live pools at scrape time.
+
+    During a forced reload two pools of the same version coexist (the new one serving, the old one
+    draining); their series are merged, so that a scrape never holds one label set twice."""
+
+    STATES = ("loading", "ready", "draining")
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
@@ -116,24 +122,40 @@ class _PoolCollector:
         return []
 
     def collect(self):
-        in_use = GaugeMetricFamily("cronnx_ring_slots_in_use", "Ring slots holding a request, per worker",
-                                   labels=["model", "version", "worker"])
-        capacity = GaugeMetricFamily("cronnx_ring_slots", "Ring slots per worker", labels=["model", "version", "worker"])
-        live = GaugeMetricFamily("cronnx_live_workers", "Workers that are up and serving", labels=["model", "version"])
-        restarts = CounterMetricFamily("cronnx_worker_restarts", "Workers restarted after they exited",
-                                       labels=["model", "version"])
-        load = GaugeMetricFamily("cronnx_model_load_seconds", "Time the last worker start took to load and warm up",
-                                 labels=["model", "version"])
-        state = GaugeMetricFamily("cronnx_model_state", "1 for the state each model is in", labels=["model", "version", "state"])
+        in_use: dict[tuple[str, str, str], float] = defaultdict(float)
+        capacity: dict[tuple[str, str, str], float] = defaultdict(float)
+        live: dict[tuple[str, str], float] = defaultdict(float)
+        restarts: dict[tuple[str, str], float] = defaultdict(float)
+        load: dict[tuple[str, str], float] = defaultdict(float)
+        states: dict[tuple[str, str], set[str]] = defaultdict(set)
         for pool in self.metrics.pools():
-            version = str(pool.version)
+            key = (pool.name, str(pool.version))
             for worker in pool.workers:
-                index = str(worker.spec.index)
-                in_use.add_metric([pool.name, version, index], worker.ring.slots - worker.ring.free_count)
-                capacity.add_metric([pool.name, version, index], worker.ring.slots)
-            live.add_metric([pool.name, version], pool.live_workers)
-            restarts.add_metric([pool.name, version], sum(w.restarts for w in pool.workers))
-            load.add_metric([pool.name, version], max(w.load_seconds for w in pool.workers))
-            for name in ("loading", "ready", "draining"):
-                state.add_metric([pool.name, version, name], 1.0 if pool.state == name else 0.0)
-        yield from (in_use, capacity, live, restarts, load, state)
+                slot_key = (*key, str(worker.spec.index))
+                in_use[slot_key] += worker.ring.slots - worker.ring.free_count
+                capacity[slot_key] += worker.ring.slots
+            live[key] += pool.live_workers
+            restarts[key] += sum(w.restarts for w in pool.workers)
+            load[key] = max([load[key], *(w.load_seconds for w in pool.workers)])
+            states[key].add(pool.state)
+        yield _family(GaugeMetricFamily, "cronnx_ring_slots_in_use", "Ring slots holding a request, per worker",
+                      ["model", "version", "worker"], in_use)
+        yield _family(GaugeMetricFamily, "cronnx_ring_slots", "Ring slots per worker", ["model", "version", "worker"],
+                      capacity)
+        labels = ["model", "version"]
+        yield _family(GaugeMetricFamily, "cronnx_live_workers", "Workers that are up and serving", labels, live)
+        yield _family(CounterMetricFamily, "cronnx_worker_restarts", "Workers restarted after they exited", labels,
+                      restarts)
+        yield _family(GaugeMetricFamily, "cronnx_model_load_seconds",
+                      "Time the last worker start took to load and warm up", labels, load)
+        state = {(*key, name): 1.0 if name in present else 0.0 for key, present in states.items()
+                 for name in self.STATES}
+        yield _family(GaugeMetricFamily, "cronnx_model_state", "1 for the states each model version is in",
+                      ["model", "version", "state"], state)
+
+
+def _family(kind, name: str, documentation: str, labels: list[str], values: dict[tuple[str, ...], float]):
+    family = kind(name, documentation, labels=labels)
+    for label_values, value in values.items():
+        family.add_metric(list(label_values), value)
+    return family

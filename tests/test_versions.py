@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import yaml
 from support.client import TIMEOUT, post
 from support.images import encode, photo_like
 from support.metrics import scrape, value
-from support.models import image_classifier
+from support.models import image_classifier, tiny_classifier
 from support.server import model_entry, server_config, wait_until
 
 IMAGE = encode(photo_like(160, 120, seed=2), "JPEG")
@@ -197,3 +198,49 @@ def test_reload_serves_what_the_file_says_now_and_a_bad_new_model_changes_nothin
     assert asyncio.run(_many(f"{server.url}/predict/b", 1))[0][0] == 404
     assert asyncio.run(_many(f"{server.url}/predict/c", 1))[0][0] == 404
     assert server.worker_pids("a") == a_pids  # unchanged: not reloaded
+
+
+def _sample_keys(base_url: str) -> list[str]:
+    """Every sample line of /metrics as 'name{labels}', repeats kept."""
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return [line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_forced_reload_under_load_never_repeats_a_series_in_a_scrape(start_server, tmp_path):
+    """While the reloaded version's old workers drain beside its new ones, /metrics merges the
+    two: one sample per label set, the version both ready and draining."""
+    model = tiny_classifier(tmp_path / "slow.onnx", slow_layers=200, hidden=2048)  # ~60 ms an image
+    config = server_config(model_entry("m", model, batch_size=2, ring_slots=64))
+    config["server"]["admin"] = {"enabled": True, "token": TOKEN}
+    server = start_server(config)
+
+    async def clients(stop: asyncio.Event, statuses: list) -> None:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            async def one():
+                while not stop.is_set() and len(statuses) < 2000:
+                    statuses.append((await post(session, f"{server.url}/predict/m", IMAGE)).status)
+            await asyncio.gather(*(one() for _ in range(16)))
+
+    async def main():
+        stop, statuses = asyncio.Event(), []
+        load = asyncio.create_task(clients(stop, statuses))
+        await asyncio.sleep(0.3)  # requests queued in the old workers' ring
+        (status, _), = await _admin(server.url, "m", "reload", TOKEN)
+        assert status == 200
+        scrapes, overlap = 0, False
+        deadline = time.monotonic() + 10
+        while not overlap and time.monotonic() < deadline:
+            keys = await asyncio.to_thread(_sample_keys, server.url)
+            scrapes += 1
+            assert not [k for k, n in Counter(keys).items() if n > 1], keys
+            samples = await asyncio.to_thread(scrape, server.url)
+            overlap = all(value(samples, "cronnx_model_state", model="m", version=1, state=state) == 1
+                          for state in ("ready", "draining"))
+        stop.set()
+        await load
+        return statuses, scrapes, overlap
+
+    statuses, scrapes, overlap = asyncio.run(main())
+    assert statuses and set(statuses) == {200}
+    assert overlap, f"no scrape saw the old and the new workers together ({scrapes} scrapes)"
