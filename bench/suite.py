@@ -24,7 +24,9 @@ import json
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 import msgspec.yaml
@@ -97,61 +99,53 @@ def run_model(name: str, args) -> tuple[dict, list[tuple[str, dict]]]:
                 rows.append((f"Cronnx, open loop, {share:.0%} of peak (raw)", run(url, "raw", rate=share * peak)))
             rows.append(("Cronnx, closed loop, 32 clients (JSON)", run(url, "json", concurrency=32)))
 
-    port = free_port()
-    with Served("plain aiohttp", [py, "bench/peers/plain_aiohttp.py", "--port", str(port), "--model", str(model)],
-                f"http://127.0.0.1:{port}", "/health"):
-        rows.append(("plain aiohttp + onnxruntime, 32 clients (raw)",
-                     run(f"http://127.0.0.1:{port}/predict/{name}", "raw", concurrency=32)))
-
-    # What a user's own server would most likely do: a tutorial's preprocessing (full-size decode).
-    port = free_port()
-    with Served("plain aiohttp, tutorial preprocessing", [py, "bench/peers/plain_aiohttp.py", "--port", str(port),
-                                                          "--model", str(model), "--textbook"],
-                f"http://127.0.0.1:{port}", "/health"):
-        rows.append(("plain aiohttp, tutorial preprocessing, 32 clients (raw)",
-                     run(f"http://127.0.0.1:{port}/predict/{name}", "raw", concurrency=32)))
-
-    port = free_port()
-    litserve = BENCH / "peers" / "litserve_server.py"
-    try:
-        with Served("LitServe", [py, str(litserve), "--port", str(port), "--model", str(model)],
-                    f"http://127.0.0.1:{port}", "/health"):
-            rows.append(("LitServe batch 4 x 2 workers, 32 clients (JSON)",
-                         run(f"http://127.0.0.1:{port}/predict", "json", concurrency=32)))
-    except SystemExit as exc:
-        print(f"  LitServe skipped: {exc}")
-
-    # BentoML pulls in its own dependency set, so it lives in its own environment (bench/README.md).
-    if Path(BENTOML_VENV).exists():
+    for peer in peers(py, model, name):
+        if peer.venv and not Path(peer.venv).exists():
+            print(f"  skipped: {peer.label} (no {peer.venv})")
+            continue
         port = free_port()
-        with Served("BentoML", ["bash", str(BENCH / "peers" / "bentoml_server.sh"), str(port)],
-                    f"http://127.0.0.1:{port}", "/readyz", env={"CRONNX_PEER_MODEL": str(model)}):
-            rows.append(("BentoML batch 4 x 2 workers, 32 clients (JSON)",
-                         run(f"http://127.0.0.1:{port}/predict", "json", concurrency=32)))
-    else:
-        print(f"  BentoML skipped: no {BENTOML_VENV}")
-
-    if Path(RAY_VENV).exists():
-        port = free_port()
-        with Served("Ray Serve", [f"{RAY_VENV}/bin/python", str(BENCH / "peers" / "rayserve_app.py"), "--port",
-                                  str(port), "--model", str(model), "--name", name],
-                    f"http://127.0.0.1:{port}", "/predict"):
-            rows.append(("Ray Serve batch 4 x 2 replicas, 32 clients (raw)",
-                         run(f"http://127.0.0.1:{port}/predict", "raw", concurrency=32)))
-    else:
-        print(f"  Ray Serve skipped: no {RAY_VENV}")
-
-    if Path(MLSERVER_VENV).exists():
-        port = free_port()
-        with Served("MLServer", [f"{MLSERVER_VENV}/bin/python", str(BENCH / "peers" / "mlserver_peer.py"), "--port",
-                                 str(port), "--model", str(model), "--name", name],
-                    f"http://127.0.0.1:{port}", f"/v2/models/{name}/ready"):
-            rows.append(("MLServer batch 4 x 2 workers, 32 clients (JSON)",
-                         run(f"http://127.0.0.1:{port}/v2/models/{name}/infer", "json", concurrency=32,
-                             encode=request_body)))
-    else:
-        print(f"  MLServer skipped: no {MLSERVER_VENV}")
+        base = f"http://127.0.0.1:{port}"
+        try:
+            with Served(peer.label, [part.replace("{port}", str(port)) for part in peer.command], base, peer.ready,
+                        env=peer.env):
+                rows.append((peer.label, run(base + peer.predict, peer.mode, concurrency=32, encode=peer.encode)))
+        except SystemExit as exc:  # one that does not start (LitServe not installed, say) is left out
+            print(f"  skipped: {exc}")
     return lim, rows
+
+
+class Peer(NamedTuple):
+    label: str  # its row in the table
+    command: list[str]  # "{port}" becomes the port
+    ready: str  # answers 200 once the model is loaded
+    predict: str
+    mode: str  # request bodies: "raw" or "json"
+    venv: str | None = None  # its own environment, when it brings its own dependency set (bench/README.md)
+    env: dict | None = None
+    encode: Callable[[bytes], bytes] | None = None  # a JSON body of its own shape
+
+
+def peers(py: str, model: Path, name: str) -> list[Peer]:
+    plain = [py, str(BENCH / "peers" / "plain_aiohttp.py"), "--port", "{port}", "--model", str(model)]
+    return [
+        Peer("plain aiohttp + onnxruntime, 32 clients (raw)", plain, "/health", f"/predict/{name}", "raw"),
+        # What a user's own server would most likely do: a tutorial's preprocessing (full-size decode).
+        Peer("plain aiohttp, tutorial preprocessing, 32 clients (raw)", [*plain, "--textbook"], "/health",
+             f"/predict/{name}", "raw"),
+        Peer("LitServe batch 4 x 2 workers, 32 clients (JSON)",
+             [py, str(BENCH / "peers" / "litserve_server.py"), "--port", "{port}", "--model", str(model)],
+             "/health", "/predict", "json"),
+        Peer("BentoML batch 4 x 2 workers, 32 clients (JSON)",
+             ["bash", str(BENCH / "peers" / "bentoml_server.sh"), "{port}"], "/readyz", "/predict", "json",
+             venv=BENTOML_VENV, env={"CRONNX_PEER_MODEL": str(model)}),
+        Peer("Ray Serve batch 4 x 2 replicas, 32 clients (raw)",
+             [f"{RAY_VENV}/bin/python", str(BENCH / "peers" / "rayserve_app.py"), "--port", "{port}",
+              "--model", str(model), "--name", name], "/predict", "/predict", "raw", venv=RAY_VENV),
+        Peer("MLServer batch 4 x 2 workers, 32 clients (JSON)",
+             [f"{MLSERVER_VENV}/bin/python", str(BENCH / "peers" / "mlserver_peer.py"), "--port", "{port}",
+              "--model", str(model), "--name", name], f"/v2/models/{name}/ready", f"/v2/models/{name}/infer",
+             "json", venv=MLSERVER_VENV, encode=request_body),
+    ]
 
 
 def table(rounds: list[tuple[dict, list[tuple[str, dict]]]]) -> str:
