@@ -47,6 +47,9 @@ class WorkerStatus(msgspec.Struct):
     pid: int | None
     live: bool
     restarts: int
+    # Restarts by reason (see cronnx_worker_restarts_total), and how the last process ended.
+    restart_reasons: dict[str, int]
+    last_exit: str | None
     providers: list[str]
     slots_in_use: int
     items_run: int
@@ -81,8 +84,8 @@ def failed_status(name: str, version: int, reason: str) -> ModelStatus:
 
 def model_status(pool: ModelPool, traffic_weight: float | None) -> ModelStatus:
     spec = pool.spec
-    workers = [WorkerStatus(w.pid, w.live, w.restarts, w.providers, w.ring.slots - w.ring.free_count,
-                            w.items_run, w.items_dropped, w.items_failed) for w in pool.workers]
+    workers = [WorkerStatus(w.pid, w.live, w.restarts.total(), dict(w.restarts), w.last_exit, w.providers,
+                            w.ring.in_use, *w.items) for w in pool.workers]
     return ModelStatus(
         name=pool.name, version=pool.version, state=pool.state, traffic_weight=traffic_weight,
         input=spec.input_name, input_shape=[spec.fixed_batch or "batch", *spec.input_item_shape],

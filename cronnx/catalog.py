@@ -48,6 +48,12 @@ class PreparedVersion(msgspec.Struct, frozen=True):
     providers: list[str]
     labels: list[str]
 
+    @property
+    def batch_size(self) -> int:
+        """The most requests one batch runs: a fixed batch dimension in the model wins over the
+        config (that many rows run, padded with zeros when fewer requests wait)."""
+        return self.spec.fixed_batch or self.model.config.batch_size
+
 
 def model_configs(config: Config, config_path: str) -> list[tuple[ModelConfig, str]]:
     """The configured models with where each came from: explicit entries, then repository folders."""

@@ -22,6 +22,8 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 DEFAULT_LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                              0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 IMAGENET_STD = [0.229, 0.224, 0.225]
+# A model entry's batch size when it sets none (also what `cronnx models inspect` suggests).
+DEFAULT_BATCH_SIZE = 8
 
 
 class ConfigError(Exception):
@@ -58,6 +60,12 @@ class ServerConfig(Strict):
     request_timeout_s: PositiveFloat = 10.0
     # A version whose workers are not all ready by then fails to load.
     model_load_timeout_s: PositiveFloat = 120.0
+    # Liveness: a live worker between batches is pinged every worker_ping_interval_s and killed
+    # (and replaced) when it has not answered for worker_ping_timeout_s; one whose batch runs
+    # longer than batch_run_timeout_s is killed too. Its requests get 503 with the reason.
+    worker_ping_interval_s: PositiveFloat = 1.0
+    worker_ping_timeout_s: PositiveFloat = 5.0
+    batch_run_timeout_s: PositiveFloat = 60.0
     # Decode and resize release the GIL, so a pool this size keeps every core busy.
     preprocess_threads: PositiveInt = max(1, os.cpu_count() or 1)
     # Pillow refuses images above this many pixels (decompression bombs).
@@ -118,7 +126,7 @@ class ModelConfig(Strict):
     # Split POST /predict/{name} across versions by weight, e.g. {1: 90, 2: 10}. Without it the
     # highest ready version takes all traffic.
     traffic: dict[PositiveInt, Annotated[float, msgspec.Meta(ge=0)]] | None = None
-    batch_size: PositiveInt = 8
+    batch_size: PositiveInt = DEFAULT_BATCH_SIZE
     batch_timeout_ms: NonNegativeFloat = 2.0
     # CPU: how many worker processes. GPU: ignored when devices is set (one per device).
     workers: PositiveInt = 1

@@ -1,59 +1,80 @@
-"""Errors that become HTTP answers: a status, a message for the JSON body, optional headers."""
+"""What can go wrong with a request, below any protocol: the engine, the registry and the
+preprocessing raise these; each HTTP API maps them to its status codes in one table
+(`front.ERROR_STATUS`). The message is what the client is told.
+"""
 
 from __future__ import annotations
 
 
-class ApiError(Exception):
-    status = 500
-
-    def __init__(self, message: str, headers: dict[str, str] | None = None):
+class CronnxError(Exception):
+    def __init__(self, message: str):
         super().__init__(message)
         self.message = message
-        self.headers = headers or {}
 
 
-class BadRequest(ApiError):
-    status = 400
+# The request itself is wrong: sending it again will not help.
+
+class InvalidRequest(CronnxError):
+    """A body or parameter that cannot be used (not JSON, not base64, a bad top_k, ...)."""
 
 
-class Unauthorized(ApiError):
-    status = 401
+class InvalidImage(InvalidRequest):
+    """The body is not an image we can read: unknown format, truncated, corrupt."""
 
 
-class Forbidden(ApiError):
-    status = 403
+class ImageTooLarge(CronnxError):
+    """The image has more pixels than allowed (a decompression bomb)."""
 
 
-class NotFound(ApiError):
-    status = 404
+class RequestTooLarge(CronnxError):
+    """The request body is larger than the configured limit."""
 
 
-class PayloadTooLarge(ApiError):
-    status = 413
+class UnsupportedMediaType(CronnxError):
+    """A body type the API does not read."""
 
 
-class UnsupportedMediaType(ApiError):
-    status = 415
+class NotAuthenticated(CronnxError):
+    """A protected API was called without credentials."""
 
 
-class Unavailable(ApiError):
-    """Retry later: ring full, no live worker, worker died, shutting down."""
-
-    status = 503
-
-    def __init__(self, message: str):
-        super().__init__(message, {"Retry-After": "1"})
+class PermissionDenied(CronnxError):
+    """Credentials were given but are wrong."""
 
 
-class RingFull(Unavailable):
-    """The model's queue (its workers' rings) is full."""
+class ModelNotFound(CronnxError):
+    """No such model, or no such version of it, is served."""
 
 
-class InferenceFailed(ApiError):
+# Retry later: the server or the model cannot take the request now.
+
+class Unavailable(CronnxError):
+    pass
+
+
+class ModelNotReady(Unavailable):
+    """The model (or the version asked for) is loading."""
+
+
+class NoLiveWorker(Unavailable):
+    """Every worker of the model is starting or restarting."""
+
+
+class QueueFull(Unavailable):
+    """Every slot of the model's rings holds a request: backpressure, answered at once."""
+
+
+class WorkerLost(Unavailable):
+    """The worker running the request died or was killed as unresponsive; the message says why."""
+
+
+class ShuttingDown(Unavailable):
+    """The server is draining: it finishes what it has and takes nothing new."""
+
+
+class DeadlineExceeded(CronnxError):
+    """The request did not complete before its deadline (`request_timeout_s`)."""
+
+
+class InferenceFailed(CronnxError):
     """onnxruntime raised while running this request's input; the message says what it said."""
-
-    status = 500
-
-
-class GatewayTimeout(ApiError):
-    status = 504

@@ -1,4 +1,5 @@
-"""The HTTP front: reads requests, preprocesses into ring slots, awaits workers, answers JSON."""
+"""The HTTP front: `/predict` and the operational API. Reads requests, runs them on the inference
+engine, answers JSON; maps the engine's errors to status codes in one table (`ERROR_STATUS`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import logging
 import re
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 from aiohttp import web
@@ -17,14 +17,13 @@ from aiohttp import web
 from .api import (JSON_TYPE, Health, ImageRequest, Prediction, PredictResponse, Timings, failed_status,
                   model_status)
 from .config import ConfigError, NotInConfig, ServerConfig
-from .errors import (ApiError, BadRequest, Forbidden, GatewayTimeout, PayloadTooLarge, RingFull, Unauthorized,
-                     Unavailable, UnsupportedMediaType)
+from .engine import InferenceEngine
+from .errors import (CronnxError, DeadlineExceeded, ImageTooLarge, InferenceFailed, InvalidRequest,
+                     ModelNotFound, NotAuthenticated, PermissionDenied, QueueFull, RequestTooLarge, Unavailable,
+                     UnsupportedMediaType)
 from .metrics import UNKNOWN_MODEL, Metrics
-from .pool import ModelPool
 from .postprocess import top_k
-from .preprocess import ImageError, ImageTooLarge
 from .registry import Registry
-from .scheduling import mark_cpu_bound
 
 log = logging.getLogger("cronnx.front")
 access_log = logging.getLogger("cronnx.access")
@@ -40,24 +39,45 @@ _json = msgspec.json.Encoder()
 _image_request = msgspec.json.Decoder(ImageRequest)
 
 
+# Every error below HTTP becomes one status here; the most specific class listed wins.
+ERROR_STATUS: dict[type[CronnxError], int] = {
+    InvalidRequest: 400,
+    NotAuthenticated: 401,
+    PermissionDenied: 403,
+    ModelNotFound: 404,
+    ImageTooLarge: 413,
+    RequestTooLarge: 413,
+    UnsupportedMediaType: 415,
+    InferenceFailed: 500,
+    Unavailable: 503,
+    DeadlineExceeded: 504,
+}
+
+
+def error_status(exc: CronnxError) -> int:
+    for cls in type(exc).__mro__:
+        status = ERROR_STATUS.get(cls)
+        if status is not None:
+            return status
+    return 500
+
+
 def json_response(body: msgspec.Struct | dict, status: int = 200, headers: dict | None = None) -> web.Response:
     return web.Response(body=_json.encode(body), status=status, headers=headers, content_type=JSON_TYPE)
 
 
 class ServerState:
-    """What the handlers share: the models, the preprocessing pool, metrics, and whether we are draining."""
+    """What the handlers share: the engine (and through it the models), config, metrics."""
 
-    def __init__(self, config: ServerConfig, registry: Registry, reloader, metrics: Metrics):
+    def __init__(self, config: ServerConfig, engine: InferenceEngine, reloader, metrics: Metrics):
         self.config = config
-        self.registry = registry
+        self.engine = engine
+        self.registry: Registry = engine.registry
         self.reloader = reloader
         self.metrics = metrics
-        self.draining = False
-        self.executor = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="cronnx-preprocess",
-                                           initializer=mark_cpu_bound)
 
     def ready(self) -> bool:
-        return not self.draining and self.registry.ready()
+        return not self.engine.draining and self.registry.ready()
 
 
 STATE = web.AppKey("state", ServerState)
@@ -72,8 +92,9 @@ async def request_ids_and_json_errors(request: web.Request, handler):
     request["request_id"] = request_id
     try:
         response = await handler(request)
-    except ApiError as exc:
-        response = json_response({"error": exc.message}, exc.status, exc.headers)
+    except CronnxError as exc:
+        status = error_status(exc)
+        response = json_response({"error": exc.message}, status, {"Retry-After": "1"} if status == 503 else None)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -93,7 +114,7 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     state = request.app[STATE]
     live = {name: sum(p.live_workers for p in route.versions.values()) for name, route in state.registry.routes.items()}
-    if state.draining:
+    if state.engine.draining:
         return json_response(Health("draining", live), 503)
     if state.ready():
         return json_response(Health("ready", live))
@@ -133,75 +154,48 @@ class RequestRecord:
         self.phases: dict[str, float] = {}
 
 
-def _choose(request: web.Request, registry: Registry) -> ModelPool:
-    name = request.match_info["model"]
-    version = request.match_info.get("version")
-    if version is not None:
-        return registry.version(name, int(version))
-    return registry.route(name).choose(request.headers.get(ROUTING_KEY_HEADER))
-
-
 async def predict(request: web.Request) -> web.Response:
     started = time.perf_counter()
     state = request.app[STATE]
     record = RequestRecord(request["request_id"], UNKNOWN_MODEL, "")
     state.metrics.in_flight.inc()
-    pool = None
     try:
-        # The version is chosen once, on arrival; it serves this request even if a reload
-        # replaces it meanwhile (it drains: finishes what chose it, then stops).
-        pool = _choose(request, state.registry)
-        record.model, record.version = pool.name, str(pool.version)
-        pool.enter()
-        response = await _predict(request, state, pool, record, started)
+        version = request.match_info.get("version")
+        with state.engine.select(request.match_info["model"], None if version is None else int(version),
+                                 request.headers.get(ROUTING_KEY_HEADER)) as pool:
+            record.model, record.version = pool.name, str(pool.version)
+            response = await _predict(request, state, pool, record, started)
         record.status = 200
         return response
-    except ApiError as exc:
-        record.status, record.error = exc.status, exc.message
-        record.ring_full = isinstance(exc, RingFull)
+    except CronnxError as exc:
+        record.status, record.error = error_status(exc), exc.message
+        record.ring_full = isinstance(exc, QueueFull)
         raise
     except asyncio.CancelledError:
         record.status, record.error = 499, "the client closed the connection"
         raise
     finally:
-        if pool is not None:
-            pool.leave()
         state.metrics.in_flight.dec()
         _record(state.metrics, record, time.perf_counter() - started)
 
 
-async def _predict(request: web.Request, state: ServerState, pool: ModelPool, record: RequestRecord,
+async def _predict(request: web.Request, state: ServerState, pool, record: RequestRecord,
                    started: float) -> web.Response:
-    if state.draining:
-        raise Unavailable("server is shutting down")
     k = _top_k_param(request, pool.top_k)
     image = await _read_image(request, state.config.max_body_bytes)
     read_s = time.perf_counter() - started
-
-    timeout_s = state.config.request_timeout_s
-    try:
-        async with asyncio.timeout(timeout_s):
-            worker, slot = pool.acquire()
-            preprocess_started = time.perf_counter()
-            await _preprocess_into_slot(state, pool, worker, slot, image)
-            preprocess_s = time.perf_counter() - preprocess_started
-            future = pool.submit(worker, slot, record.request_id)
-            try:
-                done = await future
-            except asyncio.CancelledError:  # timed out, or the client went away
-                worker.cancel(slot)
-                raise
-    except TimeoutError:
-        raise GatewayTimeout(f"request did not complete within the timeout of {timeout_s}s") from None
+    deadline = asyncio.get_running_loop().time() + state.config.request_timeout_s
+    result = await state.engine.infer(pool, image, record.request_id, deadline)
     respond_started = time.perf_counter()
-    predictions = [Prediction(i, pool.labels[i], p) for i, p in top_k(done.output, k, pool.outputs_probabilities)]
+    predictions = [Prediction(i, pool.labels[i], p) for i, p in top_k(result.output, k, pool.outputs_probabilities)]
     timings = Timings(total=(respond_started - started) * 1000.0, read=read_s * 1000.0,
-                      preprocess=preprocess_s * 1000.0, queue=done.queue_s * 1000.0, inference=done.infer_s * 1000.0)
+                      preprocess=result.preprocess_s * 1000.0, queue=result.queue_s * 1000.0,
+                      inference=result.infer_s * 1000.0)
     response = json_response(PredictResponse(model=pool.name, version=pool.version, predictions=predictions,
-                                             batch_size=done.batch_size, timings_ms=timings))
-    record.batch_size = done.batch_size
-    record.phases = {"read": read_s, "preprocess": preprocess_s, "queue": done.queue_s,
-                     "inference": done.infer_s, "respond": time.perf_counter() - respond_started}
+                                             batch_size=result.batch_size, timings_ms=timings))
+    record.batch_size = result.batch_size
+    record.phases = {"read": read_s, "preprocess": result.preprocess_s, "queue": result.queue_s,
+                     "inference": result.infer_s, "respond": time.perf_counter() - respond_started}
     return response
 
 
@@ -219,28 +213,6 @@ def _record(metrics: Metrics, record: RequestRecord, total_s: float) -> None:
     access_log.info("request", extra={"fields": fields})
 
 
-async def _preprocess_into_slot(state: ServerState, pool: ModelPool, worker, slot: int, image: bytes) -> None:
-    """Decode and normalise straight into the slot's input memory, in the thread pool."""
-    loop = asyncio.get_running_loop()
-    ring = worker.ring
-    job = state.executor.submit(pool.preprocess, image, ring.inputs[slot])
-    try:
-        await asyncio.wrap_future(job)
-    except asyncio.CancelledError:
-        # The thread may still be writing into the slot: free it only when the thread is done.
-        job.add_done_callback(lambda _: loop.call_soon_threadsafe(ring.release, slot))
-        raise
-    except ImageTooLarge as exc:
-        ring.release(slot)
-        raise PayloadTooLarge(f"image too large: {exc}") from None
-    except ImageError as exc:
-        ring.release(slot)
-        raise BadRequest(str(exc)) from None
-    except BaseException:
-        ring.release(slot)
-        raise
-
-
 def _top_k_param(request: web.Request, default: int) -> int:
     raw = request.query.get("top_k")
     if raw is None:
@@ -250,7 +222,7 @@ def _top_k_param(request: web.Request, default: int) -> int:
     except ValueError:
         k = 0
     if k < 1:
-        raise BadRequest(f"top_k must be a positive integer, got {raw!r}")
+        raise InvalidRequest(f"top_k must be a positive integer, got {raw!r}")
     return k
 
 
@@ -261,24 +233,24 @@ async def _read_image(request: web.Request, limit: int) -> bytes:
         raise UnsupportedMediaType(f"unsupported Content-Type {content_type!r}; use one of: {allowed}")
     too_large = f"request body is larger than the limit of {limit} bytes"
     if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(too_large)
+        raise RequestTooLarge(too_large)
     body = await _read_body(request.content, limit, too_large)
     if not body:
-        raise BadRequest("request body is empty")
+        raise InvalidRequest("request body is empty")
     if content_type != JSON_TYPE:
         return body
     try:
         encoded = _image_request.decode(body).image
     except msgspec.ValidationError as exc:
-        raise BadRequest(f"invalid JSON body: {exc}; expected {{\"image\": \"<base64>\"}}") from None
+        raise InvalidRequest(f"invalid JSON body: {exc}; expected {{\"image\": \"<base64>\"}}") from None
     except msgspec.DecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
+        raise InvalidRequest(f"body is not valid JSON: {exc}") from None
     if "\n" in encoded:  # `base64` without -w0 wraps lines; the newlines are not data
         encoded = encoded.replace("\r", "").replace("\n", "")
     try:
         return binascii.a2b_base64(encoded, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
-        raise BadRequest(f"field 'image' is not valid base64: {exc}") from None
+        raise InvalidRequest(f"field 'image' is not valid base64: {exc}") from None
 
 
 async def _read_body(stream, limit: int, too_large: str) -> bytes:
@@ -288,7 +260,7 @@ async def _read_body(stream, limit: int, too_large: str) -> bytes:
     while chunk := await stream.readany():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(too_large)
+            raise RequestTooLarge(too_large)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -328,6 +300,6 @@ async def admin(request: web.Request) -> web.Response:
 def _check_token(request: web.Request, token: str) -> None:
     given = request.headers.get("Authorization", "")
     if not given.startswith("Bearer "):
-        raise Unauthorized("admin API: send 'Authorization: Bearer <token>'")
+        raise NotAuthenticated("admin API: send 'Authorization: Bearer <token>'")
     if not hmac.compare_digest(given[len("Bearer "):].encode("utf-8", "surrogateescape"), token.encode()):
-        raise Forbidden("admin API: wrong token")
+        raise PermissionDenied("admin API: wrong token")

@@ -1,7 +1,7 @@
 """Prometheus metrics, all recorded in the front process.
 
-Workers report each batch's timings through their pipe (the Done message), and the front
-records them here, so `/metrics` is one view in which every request is counted exactly once,
+Workers report each batch through their pipe, and the front records it here (through the
+observer `batch_recorder` gives each model version), so `/metrics` is one view in which every request is counted exactly once,
 and there are no multiprocess files that a previous run could leave behind. Values that
 describe the present (ring occupancy, live workers, state) are read from the pools when
 Prometheus scrapes.
@@ -21,7 +21,7 @@ from .config import DEFAULT_LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
     from .pool import ModelPool
-    from .protocol import Done
+    from .supervisor import BatchObserver
 
 # A `_created` series per counter and histogram doubles the output and no dashboard reads it.
 disable_created_metrics()
@@ -31,7 +31,10 @@ UNKNOWN_MODEL = "_unknown"
 
 
 class Metrics:
-    def __init__(self, latency_buckets_s=DEFAULT_LATENCY_BUCKETS_S):
+    """The server's Prometheus registry. `pools()` yields every model version with workers
+    (serving, loading or draining), read at each scrape."""
+
+    def __init__(self, pools: Callable[[], Iterable[ModelPool]], latency_buckets_s=DEFAULT_LATENCY_BUCKETS_S):
         self.registry = registry = CollectorRegistry(auto_describe=True)
         labels = ["model", "version"]
         self.requests = Counter("cronnx_requests", "Requests by outcome: success, or the HTTP status of the error",
@@ -50,8 +53,7 @@ class Metrics:
         self.ring_full = Counter("cronnx_ring_full_rejections", "Requests refused with 503 because the ring was full",
                                  labels, registry=registry)
         self.in_flight = Gauge("cronnx_in_flight_requests", "Requests being handled by the front", registry=registry)
-        # Every pool with workers, read at scrape time (the registry sets it).
-        self.pools: Callable[[], Iterable[ModelPool]] = lambda: ()
+        self.pools = pools
         registry.register(_PoolCollector(self))
         self._versions: dict[tuple[str, str], _VersionSeries] = {}
 
@@ -69,14 +71,14 @@ class Metrics:
         if ring_full:
             series.ring_full.inc()
 
-    def batch_recorder(self, model: str, version: str) -> Callable[[Done], None]:
-        """What a worker handle calls with each batch it ran for this model version."""
+    def batch_recorder(self, model: str, version: str) -> BatchObserver:
+        """What the supervisor calls with each batch a worker ran for this model version."""
         size = self.batch_size.labels(model, version)
         fill = self.batch_fill.labels(model, version)
 
-        def record(done: Done) -> None:
-            size.observe(len(done.slots))
-            fill.observe(max(done.queue_s))
+        def record(batch_size: int, oldest_wait_s: float) -> None:
+            size.observe(batch_size)
+            fill.observe(oldest_wait_s)
         return record
 
     def render(self) -> bytes:
@@ -125,17 +127,18 @@ class _PoolCollector:
         in_use: dict[tuple[str, str, str], float] = defaultdict(float)
         capacity: dict[tuple[str, str, str], float] = defaultdict(float)
         live: dict[tuple[str, str], float] = defaultdict(float)
-        restarts: dict[tuple[str, str], float] = defaultdict(float)
+        restarts: dict[tuple[str, str, str], float] = defaultdict(float)
         load: dict[tuple[str, str], float] = defaultdict(float)
         states: dict[tuple[str, str], set[str]] = defaultdict(set)
         for pool in self.metrics.pools():
             key = (pool.name, str(pool.version))
             for worker in pool.workers:
                 slot_key = (*key, str(worker.spec.index))
-                in_use[slot_key] += worker.ring.slots - worker.ring.free_count
+                in_use[slot_key] += worker.ring.in_use
                 capacity[slot_key] += worker.ring.slots
+                for reason, count in worker.restarts.items():
+                    restarts[(*key, reason)] += count
             live[key] += pool.live_workers
-            restarts[key] += sum(w.restarts for w in pool.workers)
             load[key] = max([load[key], *(w.load_seconds for w in pool.workers)])
             states[key].add(pool.state)
         yield _family(GaugeMetricFamily, "cronnx_ring_slots_in_use", "Ring slots holding a request, per worker",
@@ -144,8 +147,9 @@ class _PoolCollector:
                       capacity)
         labels = ["model", "version"]
         yield _family(GaugeMetricFamily, "cronnx_live_workers", "Workers that are up and serving", labels, live)
-        yield _family(CounterMetricFamily, "cronnx_worker_restarts", "Workers restarted after they exited", labels,
-                      restarts)
+        yield _family(CounterMetricFamily, "cronnx_worker_restarts",
+                      "Workers replaced, by reason: exited, session_broken, load_failed (died while loading), "
+                      "ping_timeout or batch_timeout (killed as unresponsive)", [*labels, "reason"], restarts)
         yield _family(GaugeMetricFamily, "cronnx_model_load_seconds",
                       "Time the last worker start took to load and warm up", labels, load)
         state = {(*key, name): 1.0 if name in present else 0.0 for key, present in states.items()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .config import IMAGENET_MEAN, IMAGENET_STD
+from .config import DEFAULT_BATCH_SIZE, IMAGENET_MEAN, IMAGENET_STD
 from .model_spec import ModelSpec
 
 
@@ -28,7 +28,7 @@ def describe(path: str, spec: ModelSpec, dynamic_size: bool) -> str:
 
 def config_entry(path: str, spec: ModelSpec, dynamic_size: bool) -> list[str]:
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(path).stem)[:64] or "model"
-    entry = [f"  - name: {name}", f"    path: {path}", f"    batch_size: {spec.fixed_batch or 8}",
+    entry = [f"  - name: {name}", f"    path: {path}", f"    batch_size: {spec.fixed_batch or DEFAULT_BATCH_SIZE}",
              "    preprocess:", "      resize: crop"]
     if dynamic_size:
         entry.append(f"      size: {spec.height}  # the model's height and width are dynamic: pick the size")

@@ -1,4 +1,5 @@
-"""One served model version: its spec, preprocessing, labels, and the worker handles that run it."""
+"""One served model version: what it is (spec, labels, preprocessing), its workers and their rings
+(kept alive by its `Supervisor`), and the requests that chose it (so that it can drain)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import RingFull, Unavailable
+from .contract import LoggingSpec, WorkerSpec, run_worker
 from .preprocess import Preprocessor
+from .process import WorkerTarget
 from .ring import SlotRing
-from .supervisor import BatchObserver, WorkerHandle
-from .worker import LoggingSpec, WorkerSpec
+from .supervisor import BatchObserver, Liveness, Supervisor, Worker
 
 if TYPE_CHECKING:
     from .catalog import PreparedVersion
@@ -21,9 +22,14 @@ class LoadFailed(Exception):
 
 
 class ModelPool:
-    """One version of one model: its rings and workers, and the requests it is serving."""
+    """One version of one model: its rings and workers, and the requests it is serving.
 
-    def __init__(self, prepared: PreparedVersion, generation: int, logging: LoggingSpec, on_batch: BatchObserver):
+    `worker_target` is the function each worker process runs (`contract.run_worker`: the real
+    worker; tests start a worker with faults injected).
+    """
+
+    def __init__(self, prepared: PreparedVersion, generation: int, logging: LoggingSpec, on_batch: BatchObserver,
+                 liveness: Liveness = Liveness(), worker_target: WorkerTarget = run_worker):
         model = prepared.model
         config = model.config
         spec = prepared.spec
@@ -35,8 +41,7 @@ class ModelPool:
         self.fingerprint = model.fingerprint()
         self.labels = prepared.labels
         self.top_k = config.top_k
-        # A fixed batch dimension is the batch size: that many rows run, however many are waiting.
-        self.batch_size = spec.fixed_batch or config.batch_size
+        self.batch_size = prepared.batch_size
         self.outputs_probabilities = (spec.outputs_probabilities if config.outputs == "auto"
                                       else config.outputs == "probabilities")
         self.preprocess = Preprocessor(config.preprocess, spec)
@@ -46,16 +51,16 @@ class ModelPool:
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self.workers: list[WorkerHandle] = []
+        self.workers: list[Worker] = []
         try:
             for index in range(config.worker_count):
                 ring = SlotRing(f"{model.name}_v{model.version}_g{generation}_w{index}", config.ring_slots,
                                 spec.input_item_shape, spec.input_dtype, spec.output_item_shape, spec.output_dtype)
-                worker_spec = self._worker_spec(index, ring, prepared.providers, logging)
-                self.workers.append(WorkerHandle(worker_spec, ring, on_batch))
+                self.workers.append(Worker(self._worker_spec(index, ring, prepared.providers, logging), ring))
         except BaseException:
             self.close()
             raise
+        self.supervisor = Supervisor(self.workers, worker_target, liveness, on_batch)
 
     def _worker_spec(self, index: int, ring: SlotRing, providers: list[str], logging: LoggingSpec) -> WorkerSpec:
         c = self.config
@@ -68,8 +73,7 @@ class ModelPool:
             solo_intra_op_threads=c.solo_intra_op_threads, allow_spinning=c.allow_spinning, logging=logging)
 
     def start(self) -> None:
-        for worker in self.workers:
-            worker.start()
+        self.supervisor.start()
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Until every worker has loaded and warmed up; LoadFailed if one exits first or time runs out."""
@@ -77,7 +81,7 @@ class ModelPool:
         while not all(w.live for w in self.workers):
             failed = next((w for w in self.workers if w.failed_starts), None)
             if failed is not None:
-                raise LoadFailed(f"worker {failed.name} exited with code {failed.last_exit_code} while loading")
+                raise LoadFailed(f"worker {failed.name} {failed.last_exit} while loading")
             if asyncio.get_running_loop().time() > deadline:
                 raise LoadFailed(f"workers not ready after {timeout_s:g}s")
             await asyncio.sleep(0.02)
@@ -85,6 +89,11 @@ class ModelPool:
     @property
     def live_workers(self) -> int:
         return sum(w.live for w in self.workers)
+
+    @property
+    def slots_in_use(self) -> int:
+        """Slots of this version's rings holding a request (filling or sent)."""
+        return sum(w.ring.in_use for w in self.workers)
 
     @property
     def state(self) -> str:
@@ -106,33 +115,11 @@ class ModelPool:
         """Stop being chosen (the registry already removed it), finish in-flight requests, stop."""
         self.draining = True
         await self._idle.wait()
-        # A cancelled request's preprocessing thread may still be writing into its slot.
+        # An abandoned fill's preprocessing thread may still be writing into its slot (ring rule 4).
         while any(w.ring.filling_count for w in self.workers):
             await asyncio.sleep(0.01)
-        await self.stop()
+        await self.supervisor.stop()
         self.close()
-
-    def acquire(self) -> tuple[WorkerHandle, int]:
-        """A slot in the live worker with the most free slots; 503 at once when none is free."""
-        best = None
-        for worker in self.workers:
-            if worker.live and (best is None or worker.ring.free_count > best.ring.free_count):
-                best = worker
-        if best is None:
-            raise Unavailable(f"model {self.name!r} has no live worker (starting or restarting)")
-        slot = best.ring.acquire()
-        if slot is None:
-            raise RingFull(f"model {self.name!r} is at capacity ({self.config.ring_slots} queued per worker)")
-        return best, slot
-
-    def submit(self, worker: WorkerHandle, slot: int, request_id: str) -> asyncio.Future:
-        """Hand the filled slot to its worker, saying whether it is the model's only request."""
-        in_use = sum(w.ring.slots - w.ring.free_count for w in self.workers)
-        return worker.submit(slot, in_use == 1, request_id)
-
-    async def stop(self) -> None:
-        for worker in self.workers:
-            await worker.stop()
 
     def close(self) -> None:
         for worker in self.workers:

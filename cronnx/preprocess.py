@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 import PIL
 
 from .config import PreprocessConfig
+from .errors import ImageTooLarge, InvalidImage
 from .model_spec import ModelSpec
 
 # Pillow warns between MAX_IMAGE_PIXELS and twice that; a server refuses instead.
@@ -25,14 +26,6 @@ warnings.simplefilter("error", Image.DecompressionBombWarning)
 # Formats a client may send. Pillow can open more (EPS, for one, runs Ghostscript), which a
 # server that reads untrusted bodies should not offer. (JPEG covers multi-picture MPO files.)
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-
-
-class ImageError(Exception):
-    """The body is not an image we can read (400)."""
-
-
-class ImageTooLarge(Exception):
-    """The image has more pixels than allowed: a decompression bomb (413)."""
 
 
 def pil_build() -> str:
@@ -90,11 +83,11 @@ class Preprocessor:
             image = ImageOps.exif_transpose(image, in_place=False) if _has_rotation(image) else image
             return to_rgb(image)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageTooLarge(str(exc)) from None
+            raise ImageTooLarge(f"image too large: {exc}") from None
         except UnidentifiedImageError:
-            raise ImageError(f"body is not an image in a format the server reads ({', '.join(ACCEPTED_FORMATS)})") from None
+            raise InvalidImage(f"body is not an image in a format the server reads ({', '.join(ACCEPTED_FORMATS)})") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ImageError(f"cannot decode image: {exc}") from None
+            raise InvalidImage(f"cannot decode image: {exc}") from None
 
     def _draft_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """The smallest size draft may reduce to while the resize still has enough pixels."""

@@ -16,10 +16,10 @@ import random
 from collections.abc import Callable, Iterator
 
 from .catalog import ModelVersion, PreparedVersion
-from .errors import NotFound, Unavailable
+from .contract import LoggingSpec
+from .errors import ModelNotFound, ModelNotReady
 from .pool import LoadFailed, ModelPool
-from .protocol import Done
-from .worker import LoggingSpec
+from .supervisor import BatchObserver, Liveness
 
 log = logging.getLogger("cronnx.registry")
 
@@ -38,7 +38,7 @@ class ModelRoute:
     def choose(self, key: str | None) -> ModelPool:
         """The version for a request; the same `key` always gets the same version."""
         if not self.versions:
-            raise Unavailable(f"model {self.name!r} has no ready version (loading)")
+            raise ModelNotReady(f"model {self.name!r} has no ready version (loading)")
         weighted = [(v, w) for v, w in sorted((self.traffic or {}).items()) if w > 0 and v in self.versions]
         if not weighted:
             return self.versions[max(self.versions)]
@@ -58,8 +58,11 @@ def _unit_hash(key: str) -> float:
 
 
 class Registry:
-    def __init__(self, logging_spec: LoggingSpec, on_batch: Callable[[str, str], Callable[[Done], None]],
-                 load_timeout_s: float):
+    """Every model version the server runs, by name; `on_batch(name, version)` gives the observer
+    of that version's batches (metrics). `liveness` says when a worker counts as hung."""
+
+    def __init__(self, logging_spec: LoggingSpec, on_batch: Callable[[str, str], BatchObserver],
+                 load_timeout_s: float, liveness: Liveness = Liveness()):
         self.routes: dict[str, ModelRoute] = {}
         self.loading: dict[Key, ModelPool] = {}
         self.failed: dict[Key, str] = {}
@@ -68,6 +71,7 @@ class Registry:
         self._logging_spec = logging_spec
         self._on_batch = on_batch
         self._load_timeout_s = load_timeout_s
+        self._liveness = liveness
         self._lock = asyncio.Lock()
         self._generation = 0
         self._loaded_once = False
@@ -82,7 +86,7 @@ class Registry:
     def route(self, name: str) -> ModelRoute:
         route = self.routes.get(name)
         if route is None:
-            raise NotFound(f"unknown model {name!r}; served models: {sorted(self.routes)}")
+            raise ModelNotFound(f"unknown model {name!r}; served models: {sorted(self.routes)}")
         return route
 
     def version(self, name: str, version: int) -> ModelPool:
@@ -91,8 +95,8 @@ class Registry:
         if pool is not None:
             return pool
         if (name, version) in self.loading:
-            raise Unavailable(f"version {version} of model {name!r} is loading")
-        raise NotFound(f"version {version} of model {name!r} is not served; served: {sorted(route.versions)}")
+            raise ModelNotReady(f"version {version} of model {name!r} is loading")
+        raise ModelNotFound(f"version {version} of model {name!r} is not served; served: {sorted(route.versions)}")
 
     def ready(self) -> bool:
         """Loaded once, and every model that serves has a live worker."""
@@ -194,7 +198,7 @@ class Registry:
         self._generation += 1
         model = prepared.model
         pool = ModelPool(prepared, self._generation, self._logging_spec,
-                         self._on_batch(model.name, str(model.version)))
+                         self._on_batch(model.name, str(model.version)), self._liveness)
         self.loading[(model.name, model.version)] = pool
         pool.start()
         return pool

@@ -2,9 +2,25 @@
 
 The front process owns the segments (creates and unlinks them) and allocates slots; a worker
 attaches to them, reads the inputs of slots it is told about and writes their outputs.
-Slot lifecycle: free -> filling (front writes the input) -> sent (worker owns it until it
-answers done or dropped) -> free. Only the front changes a slot's state, so the states live
-in the front's memory; the pipes order every hand-over.
+Slot lifecycle: free -> filling (a preprocessing thread writes the input) -> sent (the worker
+owns it until it answers) -> free. Only the front changes a slot's state, so the states live
+in the front's memory; no flag lives in shared memory, and the pipes order every hand-over.
+
+The hand-over rules. A slot is never reused while a preprocessing thread or a worker may still
+touch it, or one request would get another's answer. Each place that depends on a rule cites it
+as "ring rule N".
+
+1. A slot's input is completely written before its Submit is sent: the engine sends Submit only
+   after the preprocessing job for the slot has returned.
+2. A worker writes a slot's output completely before it sends the Done naming the slot; it
+   touches only slots it was sent, and only until its answer for them (Done, Failed, Dropped).
+3. The front copies a slot's output before the slot is released.
+4. A fill that is abandoned (client gone, deadline) frees the slot only when its preprocessing
+   thread has finished: the thread may still be writing.
+5. A slot that was sent is freed only on the worker's answer for it (Done, Failed, Dropped) or
+   on the worker's death; never when a Cancel is sent, since the worker may be running it.
+6. One owner: the engine (`engine.py`) acquires and releases every slot; `release` of a slot
+   that is already free is a bug and raises.
 """
 
 from __future__ import annotations
@@ -14,28 +30,11 @@ import re
 import sys
 from multiprocessing import shared_memory
 
-import msgspec
 import numpy as np
 
+from .contract import RingLayout
+
 SEGMENT_PREFIX = "cronnx"
-
-
-class RingLayout(msgspec.Struct, frozen=True):
-    """Everything a worker needs to attach to a ring."""
-
-    input_segment: str
-    output_segment: str
-    slots: int
-    input_item_shape: tuple[int, ...]
-    input_dtype: str
-    output_item_shape: tuple[int, ...]
-    output_dtype: str
-
-    def input_bytes(self) -> int:
-        return self.slots * int(np.prod(self.input_item_shape)) * np.dtype(self.input_dtype).itemsize
-
-    def output_bytes(self) -> int:
-        return self.slots * int(np.prod(self.output_item_shape)) * np.dtype(self.output_dtype).itemsize
 
 
 def segment_name(owner_pid: int, tag: str) -> str:
@@ -102,16 +101,27 @@ class SlotRing:
                 return k
         raise AssertionError("free_count out of step with slot states")
 
+    @property
+    def in_use(self) -> int:
+        """Slots holding a request: filling or sent."""
+        return self.layout.slots - self.free_count
+
     def mark_sent(self, slot: int) -> None:
+        """The slot's Submit went to the worker (ring rule 1: its input is complete)."""
+        if self._state[slot] != FILLING:
+            raise RuntimeError(f"slot {slot} sent while not filling (state {self._state[slot]})")
         self._state[slot] = SENT
         self.filling_count -= 1
 
     def release(self, slot: int) -> None:
+        """Free a slot; RuntimeError if it is free already (ring rule 6: a second release could
+        free a slot that another request has taken since)."""
         state = self._state[slot]
-        if state != FREE:
-            self.filling_count -= state == FILLING
-            self._state[slot] = FREE
-            self.free_count += 1
+        if state == FREE:
+            raise RuntimeError(f"slot {slot} released twice")
+        self.filling_count -= state == FILLING
+        self._state[slot] = FREE
+        self.free_count += 1
 
     def close(self) -> None:
         """Unmap and unlink; safe to call more than once and from any exit path."""

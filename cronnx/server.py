@@ -5,18 +5,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
 from . import catalog
 from .catalog import PreparedVersion
 from .config import Config, ConfigError, NotInConfig, load_config
+from .contract import LoggingSpec
+from .engine import InferenceEngine
 from .front import ServerState, make_app
 from .metrics import Metrics
 from .preprocess import pil_build, set_max_image_pixels
 from .registry import Registry
 from .ring import remove_stale_segments
-from .worker import LoggingSpec
+from .scheduling import mark_cpu_bound
+from .supervisor import Liveness
 
 log = logging.getLogger("cronnx.server")
 
@@ -90,12 +94,18 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    metrics = Metrics(tuple(config.server.latency_buckets_s))
-    registry = Registry(LoggingSpec(config.server.log_level, config.server.log_format),
-                        metrics.batch_recorder, config.server.model_load_timeout_s)
-    metrics.pools = registry.pools
+    server = config.server
+    # Metrics read the registry's pools at each scrape; the registry reports batches to metrics.
+    metrics = Metrics(lambda: registry.pools(), tuple(server.latency_buckets_s))
+    registry = Registry(LoggingSpec(server.log_level, server.log_format), metrics.batch_recorder,
+                        server.model_load_timeout_s,
+                        Liveness(server.worker_ping_interval_s, server.worker_ping_timeout_s, server.batch_run_timeout_s))
     reloader = Reloader(registry, config_path)
-    state = ServerState(config.server, registry, reloader, metrics)
+    # Decode and resize release the GIL: these threads preprocess on every core.
+    executor = ThreadPoolExecutor(server.preprocess_threads, thread_name_prefix="cronnx-preprocess",
+                                  initializer=mark_cpu_bound)
+    engine = InferenceEngine(registry, executor)
+    state = ServerState(server, engine, reloader, metrics)
     background: set[asyncio.Task] = set()
 
     def in_background(coro) -> None:
@@ -116,14 +126,14 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
                 c = p.model.config
                 log.info("model %s v%d: %s, input %s %s %s %s, batch %d / %.1f ms, %d worker(s), providers %s",
                          p.model.name, p.model.version, p.model.path, p.spec.input_name, p.spec.layout,
-                         p.spec.input_dtype, list(p.spec.input_item_shape), p.spec.fixed_batch or c.batch_size,
+                         p.spec.input_dtype, list(p.spec.input_item_shape), p.batch_size,
                          c.batch_timeout_ms, c.worker_count, ",".join(p.providers))
             # /ready answers 503 until this first load is done.
             in_background(registry.apply(prepared, {}, {p.model.name for p in prepared}))
             loop.add_signal_handler(signal.SIGHUP, lambda: in_background(reloader.on_sighup()))
             await stop.wait()
             # /ready answers 503 from here on; the listener closes and in-flight requests finish.
-            state.draining = True
+            engine.draining = True
             log.info("shutting down: finishing in-flight requests")
         finally:
             loop.remove_signal_handler(signal.SIGHUP)
@@ -132,6 +142,6 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
         for task in list(background):
             task.cancel()
         # Preprocessing threads write into ring memory: let them finish before the rings go.
-        state.executor.shutdown(wait=True)
+        executor.shutdown(wait=True)
         await registry.close()
         log.info("stopped")

@@ -1,220 +1,219 @@
-"""The front's side of one worker: its process, its pipes, its ring and its in-flight slots.
+"""The workers of one model version, kept alive: started, watched, replaced.
 
-The handle notices a worker's death the moment its process sentinel becomes readable, fails
-that worker's in-flight requests with 503, takes their slots back and starts a replacement
-on the same ring (the ring's memory belongs to the front and outlives any worker).
+Each `Worker` is the front's record of one worker slot of the pool: its ring (front-owned memory
+that outlives any process), its current process, the request channel to it, and its health.
+The `Supervisor` starts them, restarts one that exits (at once if it had been serving, with
+exponential backoff if it died while loading), and watches the live ones (liveness):
+
+- every `ping_interval_s` a worker that is not running a batch is sent a Ping; one that has not
+  answered, nor sent anything else, for `ping_timeout_s` is killed ("ping_timeout");
+- a worker that says a batch is Running and has not answered it within `batch_run_timeout_s`
+  is killed ("batch_timeout"): stuck in onnxruntime, a driver call or a deadlock.
+
+Either way its requests get 503 with the reason (`WorkerLost`), and the restart is counted by
+reason: "exited", "session_broken", "load_failed", "ping_timeout", "batch_timeout".
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import msgspec
-import numpy as np
 
-from . import protocol
-from .errors import InferenceFailed, Unavailable
+from . import contract
+from .channel import RequestChannel
+from .process import WorkerProcess, WorkerTarget
 from .ring import SlotRing
-from .worker import WorkerSpec, worker_main
 
 log = logging.getLogger("cronnx.supervisor")
 
-_spawn = multiprocessing.get_context("spawn")
 MAX_RESTART_DELAY_S = 30.0
 
-
-class Completion(msgspec.Struct):
-    """One request's answer from the worker: its output row (a copy) and timings in seconds."""
-
-    output: np.ndarray
-    queue_s: float
-    infer_s: float
-    batch_size: int
+# Called with each batch a worker ran: (requests in it, seconds its oldest request waited).
+BatchObserver = Callable[[int, float], None]
 
 
-# Called with each Done message: the front records batch metrics from it.
-BatchObserver = Callable[[protocol.Done], None]
+class Liveness(msgspec.Struct, frozen=True):
+    """When a live worker counts as hung. Seconds."""
+
+    ping_interval_s: float = 1.0
+    ping_timeout_s: float = 5.0
+    batch_run_timeout_s: float = 60.0
 
 
-PIPE_BYTES = 1 << 20
+class Worker:
+    """One worker of a pool: ring, process, request channel, health and counts."""
 
-
-def _enlarge_pipe(fd: int) -> None:
-    """The front writes submits on its event loop: a full pipe would block it. 64 KiB holds a few
-    hundred submits; 1 MiB holds far more than a ring can have slots."""
-    try:
-        import fcntl
-
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-    except (ImportError, AttributeError, OSError):
-        pass  # not Linux, or above /proc/sys/fs/pipe-max-size: the default size stays
-
-
-class WorkerHandle:
-    def __init__(self, spec: WorkerSpec, ring: SlotRing, on_batch: BatchObserver):
+    def __init__(self, spec: contract.WorkerSpec, ring: SlotRing):
         self.spec = spec
         self.ring = ring
-        self._on_batch = on_batch
+        self.name = f"{spec.model}:v{spec.version}#{spec.index}"
+        self.process: WorkerProcess | None = None
+        self.channel: RequestChannel | None = None
+        # Takes submits: Ready came and it has not exited nor been killed since.
+        self.live = False
+        self.providers: list[str] = []
         # Seconds the last start took until the worker was ready (session created, warmed up).
         self.load_seconds = 0.0
-        self._started_at = 0.0
-        self.live = False
-        self.restarts = 0
-        # Items the worker ran, dropped on request, and failed to run, since the front started.
-        self.items_run = 0
-        self.items_dropped = 0
-        self.items_failed = 0
-        self.providers: list[str] = []
-        self._loop = asyncio.get_running_loop()
-        self._in_flight: dict[int, asyncio.Future] = {}
-        self._process = None
-        self._inbox = self._outbox = None
-        self._stopping = False
+        self.restarts: Counter[str] = Counter()
         self.failed_starts = 0
-        self.last_exit_code: int | None = None
-        self._exited = asyncio.Event()
-
-    @property
-    def name(self) -> str:
-        return f"{self.spec.model}:v{self.spec.version}#{self.spec.index}"
+        # How the last process ended ("died with exit code 1", "was killed: ...") and the restart's reason.
+        self.last_exit: str | None = None
+        self.last_restart_reason: str | None = None
+        # Liveness: the last time any message came, since when a batch is running, and the
+        # ping awaiting its pong (sequence number, time sent).
+        self.last_heard = 0.0
+        self.running_since: float | None = None
+        self.ping_seq = 0
+        self.ping_sent: float | None = None
+        # Counts of the processes before the current one (the channel counts the current one's).
+        self._past_items = (0, 0, 0)
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process else None
+        return self.process.pid if self.process else None
+
+    @property
+    def items(self) -> tuple[int, int, int]:
+        """Requests run, dropped on request, and failed, by every process of this worker."""
+        run, dropped, failed = self._past_items
+        c = self.channel
+        return (run + c.items_run, dropped + c.items_dropped, failed + c.items_failed) if c else self._past_items
+
+    def submit(self, slot: int, alone: bool, request_id: str, on_return) -> None:
+        """Hand a filled slot to the worker (see `RequestChannel.submit`); OSError if it is gone."""
+        self.channel.submit(slot, self.ring.filling_count - 1, alone, request_id, on_return)
+
+    def cancel(self, slot: int, on_return) -> None:
+        """Ask the worker to drop `slot` if it still holds it for `on_return` (see `RequestChannel.cancel`)."""
+        if self.channel is not None:
+            self.channel.cancel(slot, on_return)
+
+
+class Supervisor:
+    """Starts, watches and restarts the workers of one model version."""
+
+    def __init__(self, workers: list[Worker], target: WorkerTarget, liveness: Liveness, on_batch: BatchObserver):
+        self.workers = workers
+        self._target = target
+        self._liveness = liveness
+        self._on_batch = on_batch
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._watch: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        inbox_read, inbox_write = _spawn.Pipe(duplex=False)
-        outbox_read, outbox_write = _spawn.Pipe(duplex=False)
-        _enlarge_pipe(inbox_write.fileno())
-        process = _spawn.Process(
-            target=worker_main,
-            args=(msgspec.msgpack.encode(self.spec), inbox_read, outbox_write),
-            name=f"cronnx-worker-{self.name}",
-            daemon=True,
-        )
-        self._started_at = time.monotonic()
-        process.start()
-        # The child has its own copies; closing ours lets EOF reach each side when the other dies.
-        inbox_read.close()
-        outbox_write.close()
-        self._process, self._inbox, self._outbox = process, inbox_write, outbox_read
-        self._exited.clear()
-        self._loop.add_reader(outbox_read.fileno(), self._on_readable)
-        self._loop.add_reader(process.sentinel, self._on_exit)
-        log.info("worker %s starting (pid %d)", self.name, process.pid)
+        for worker in self.workers:
+            self._start(worker)
+        self._watch = self._loop.call_later(self._liveness.ping_interval_s, self._check_liveness)
 
-    def submit(self, slot: int, alone: bool, request_id: str) -> asyncio.Future:
-        """Hand a filled slot to the worker; the future resolves with its Completion."""
-        if not self.live:
-            self.ring.release(slot)
-            raise Unavailable(f"worker {self.name} is restarting")
-        submit = protocol.Submit(slot, time.monotonic(), self.ring.filling_count - 1, alone, request_id)
-        try:
-            self._inbox.send_bytes(protocol.encode(submit))
-        except OSError:  # the worker died and its exit is not handled yet
-            self.ring.release(slot)
-            raise Unavailable(f"worker {self.name} is restarting") from None
-        future = self._loop.create_future()
-        self._in_flight[slot] = future
-        self.ring.mark_sent(slot)
-        return future
+    def _start(self, worker: Worker) -> None:
+        process = WorkerProcess(worker.name, self._target, msgspec.msgpack.encode(worker.spec),
+                                lambda msg: self._on_message(worker, msg), lambda p: self._on_exit(worker, p))
+        worker.process = process
+        worker.channel = RequestChannel(process.send)
+        worker.running_since = worker.ping_sent = None
 
-    def cancel(self, slot: int) -> None:
-        """The request gave up: ask the worker to drop the slot. The slot is freed when the
-        worker answers (Dropped, or Done if it had already run), never before."""
-        if slot in self._in_flight and self.live:
-            try:
-                self._inbox.send_bytes(protocol.encode(protocol.Cancel(slot)))
-            except OSError:
-                pass  # the worker died: its exit handling frees the slot
+    def _on_message(self, worker: Worker, msg) -> None:
+        worker.last_heard = time.monotonic()
+        kind = type(msg)
+        if kind is contract.Done:
+            worker.running_since = None
+            self._on_batch(len(msg.slots), max(msg.queue_s))
+            worker.channel.deliver(msg)
+        elif kind is contract.Running:
+            worker.running_since = worker.last_heard
+        elif kind is contract.Failed:
+            worker.running_since = None
+            worker.channel.deliver(msg)
+        elif kind is contract.Dropped:
+            worker.channel.deliver(msg)
+        elif kind is contract.Pong:
+            if msg.seq == worker.ping_seq:
+                worker.ping_sent = None
+        elif kind is contract.Ready:
+            worker.live = True
+            worker.failed_starts = 0
+            worker.load_seconds = worker.last_heard - worker.process.started_at
+            worker.providers = msg.providers
+            log.info("worker %s ready (pid %d, providers %s)", worker.name, msg.pid, ",".join(msg.providers))
 
-    def _on_readable(self) -> None:
-        outbox = self._outbox
-        try:
-            while outbox.poll():
-                self._handle(protocol.decode_from_worker(outbox.recv_bytes()))
-        except (EOFError, OSError):
-            self._loop.remove_reader(outbox.fileno())
-
-    def _handle(self, msg) -> None:
-        if type(msg) is protocol.Done:
-            batch_size = len(msg.slots)
-            self.items_run += batch_size
-            self._on_batch(msg)
-            outputs = self.ring.outputs
-            for slot, queue_s in zip(msg.slots, msg.queue_s):
-                future = self._in_flight.pop(slot, None)
-                if future is not None and not future.done():
-                    future.set_result(Completion(outputs[slot].copy(), queue_s, msg.infer_s, batch_size))
-                self.ring.release(slot)
-        elif type(msg) is protocol.Failed:
-            self.items_failed += len(msg.slots)
-            for slot, error in zip(msg.slots, msg.errors):
-                future = self._in_flight.pop(slot, None)
-                if future is not None and not future.done():
-                    future.set_exception(InferenceFailed(f"inference failed: {error}"))
-                self.ring.release(slot)
-        elif type(msg) is protocol.Dropped:
-            self.items_dropped += 1
-            self._in_flight.pop(slot := msg.slot, None)
-            self.ring.release(slot)
-        elif type(msg) is protocol.Ready:
-            self.live = True
-            self.failed_starts = 0
-            self.load_seconds = time.monotonic() - self._started_at
-            self.providers = msg.providers
-            log.info("worker %s ready (pid %d, providers %s)", self.name, msg.pid, ",".join(msg.providers))
-
-    def _on_exit(self) -> None:
-        process = self._process
-        self._loop.remove_reader(process.sentinel)
-        # Answers the worker sent before it died are still valid: deliver them first.
-        self._on_readable()
-        self._loop.remove_reader(self._outbox.fileno())
-        self._outbox.close()
-        self._inbox.close()
-        process.join()
-        was_live = self.live
-        self.live = False
-        lost = list(self._in_flight.items())
-        self._in_flight.clear()
-        for slot, future in lost:
-            if not future.done():
-                future.set_exception(Unavailable(
-                    f"worker {self.name} (pid {process.pid}) died with exit code {process.exitcode} "
-                    "while running this request; retry"))
-            self.ring.release(slot)
-        self._exited.set()
+    def _on_exit(self, worker: Worker, process: WorkerProcess) -> None:
+        was_live = worker.live
+        worker.live = False
+        reason = process.kill_reason
+        if reason is not None:
+            how = f"was killed: {reason}"
+        else:
+            how = f"died with exit code {process.exitcode}"
+        channel = worker.channel
+        run, dropped, failed = worker.items
+        worker._past_items = (run, dropped, failed)
+        worker.channel = None
+        lost = channel.lose_all(f"worker {worker.name} (pid {process.pid}) {how} while running this request; retry")
         if self._stopping:
             return
-        self.restarts += 1
-        self.last_exit_code = process.exitcode
-        self.failed_starts = 0 if was_live else self.failed_starts + 1
-        delay = 0.0 if was_live else min(MAX_RESTART_DELAY_S, 0.5 * 2 ** (self.failed_starts - 1))
-        log.error("worker %s (pid %d) exited with code %s; %d in-flight requests failed; restarting in %.1fs",
-                  self.name, process.pid, process.exitcode, len(lost), delay)
-        self._loop.call_later(delay, self._restart)
+        if reason is not None:
+            cause = reason.split(":", 1)[0]
+        elif not was_live:
+            cause = "load_failed"
+        elif process.exitcode == contract.EXIT_SESSION_BROKEN:
+            cause = "session_broken"
+        else:
+            cause = "exited"
+        worker.restarts[cause] += 1
+        worker.last_exit = how
+        worker.last_restart_reason = cause
+        worker.failed_starts = 0 if was_live else worker.failed_starts + 1
+        delay = 0.0 if was_live else min(MAX_RESTART_DELAY_S, 0.5 * 2 ** (worker.failed_starts - 1))
+        log.error("worker %s (pid %d) %s; %d in-flight requests failed; restarting in %.1fs",
+                  worker.name, process.pid, how, lost, delay,
+                  extra={"fields": {"worker": worker.name, "pid": process.pid, "reason": cause,
+                                    "exit_code": process.exitcode, "lost_requests": lost}})
+        self._loop.call_later(delay, self._restart, worker)
 
-    def _restart(self) -> None:
+    def _restart(self, worker: Worker) -> None:
         if not self._stopping:
-            self.start()
+            self._start(worker)
+
+    def _check_liveness(self) -> None:
+        liveness = self._liveness
+        now = time.monotonic()
+        for worker in self.workers:
+            if not worker.live:
+                continue
+            if worker.running_since is not None:
+                if now - worker.running_since > liveness.batch_run_timeout_s:
+                    self._kill(worker, f"batch_timeout: a batch ran longer than {liveness.batch_run_timeout_s:g}s")
+                continue
+            if worker.ping_sent is not None:
+                if now - max(worker.ping_sent, worker.last_heard) > liveness.ping_timeout_s:
+                    self._kill(worker, f"ping_timeout: no answer to a ping for {liveness.ping_timeout_s:g}s")
+                continue
+            worker.ping_seq += 1
+            worker.ping_sent = now
+            try:
+                worker.process.send(contract.Ping(worker.ping_seq))
+            except OSError:
+                pass  # it died; its exit is being handled
+        self._watch = self._loop.call_later(liveness.ping_interval_s, self._check_liveness)
+
+    def _kill(self, worker: Worker, reason: str) -> None:
+        # No more submits from now on; the exit handler fails what it holds.
+        worker.live = False
+        log.error("worker %s (pid %d) is unresponsive (%s); killing it", worker.name, worker.pid, reason)
+        worker.process.kill(reason)
 
     async def stop(self, timeout_s: float = 5.0) -> None:
-        """Ask the worker to exit after the front has stopped sending; kill it if it will not."""
+        """Stop every worker (the front has stopped sending); kill any that will not stop."""
         self._stopping = True
-        if self._process is None or self._exited.is_set():
-            return
-        try:
-            self._inbox.send_bytes(protocol.encode(protocol.Stop()))
-        except OSError:
-            pass
-        try:
-            await asyncio.wait_for(self._exited.wait(), timeout_s)
-        except TimeoutError:
-            log.warning("worker %s did not stop in %.1fs; killing it", self.name, timeout_s)
-            self._process.kill()
-            await self._exited.wait()
+        if self._watch is not None:
+            self._watch.cancel()
+        for worker in self.workers:
+            worker.live = False
+            if worker.process is not None:
+                await worker.process.stop(timeout_s)

@@ -15,37 +15,14 @@ from multiprocessing.connection import Connection
 import msgspec
 import numpy as np
 
-from . import protocol
+from . import contract
 from .batcher import Batcher
+from .contract import WorkerSpec
 from .logs import setup_logging
-from .model_spec import ModelSpec
-from .ring import AttachedRing, RingLayout
+from .ring import AttachedRing
 from .scheduling import mark_cpu_bound
 
 log = logging.getLogger("cronnx.worker")
-
-
-class LoggingSpec(msgspec.Struct, frozen=True):
-    level: str = "info"
-    format: str = "json"
-
-
-class WorkerSpec(msgspec.Struct, frozen=True):
-    model: str
-    version: int
-    index: int
-    model_path: str
-    model_spec: ModelSpec
-    ring: RingLayout
-    batch_size: int
-    batch_timeout_s: float
-    providers: list[str]
-    device_id: int | None
-    intra_op_threads: int
-    inter_op_threads: int
-    solo_intra_op_threads: int | None
-    allow_spinning: bool
-    logging: LoggingSpec = LoggingSpec()
 
 
 def create_session(spec: WorkerSpec, intra_op_threads: int):
@@ -131,6 +108,8 @@ class BatchRunner:
         it may fail everything, and only a new process recovers."""
         rows = self.fixed_batch or 1
         session, binding = self.sessions[0]
+        # The staging rows may still hold the input that just failed: check on zeros.
+        self.stage_in[:rows] = 0
         try:
             self._infer(session, binding, self.stage_in[:rows], self.stage_out[:rows])
             return True
@@ -151,8 +130,6 @@ class BatchRunner:
                 self._infer(session, binding, self.stage_in, self.stage_out)
 
 
-# A worker whose session fails even on the warm-up input exits with this; the front restarts it.
-EXIT_SESSION_BROKEN = 3
 # Enough of onnxruntime's message to say which node failed and why.
 MAX_ERROR_CHARS = 600
 
@@ -170,13 +147,13 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
                   spec: WorkerSpec) -> None:
     """Collect submits into batches and run them until told to stop or the front goes away."""
     send = outbox.send_bytes
-    decode = protocol.decode_to_worker
-    encode = protocol.encode
+    decode = contract.decode_to_worker
+    encode = contract.encode
     request_ids: dict[int, str] = {}
     log_batches = log.isEnabledFor(logging.INFO)
 
     def report_failures(failed: dict[int, str], batch_size: int) -> None:
-        send(encode(protocol.Failed(list(failed), list(failed.values()))))
+        send(encode(contract.Failed(list(failed), list(failed.values()))))
         for slot, error in failed.items():
             log.error("inference failed", extra={"fields": {
                 "model": spec.model, "version": spec.version, "worker": spec.index, "batch_size": batch_size,
@@ -186,13 +163,15 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
         """Apply every message already in the pipe; False when told to stop."""
         while True:
             msg = decode(inbox.recv_bytes())
-            if type(msg) is protocol.Submit:
+            if type(msg) is contract.Submit:
                 batcher.add(msg.slot, msg.enqueued, msg.filling, msg.alone)
                 request_ids[msg.slot] = msg.request_id
-            elif type(msg) is protocol.Cancel:
+            elif type(msg) is contract.Cancel:
                 if batcher.cancel(msg.slot):
                     request_ids.pop(msg.slot, None)
-                    send(encode(protocol.Dropped(msg.slot)))
+                    send(encode(contract.Dropped(msg.slot)))
+            elif type(msg) is contract.Ping:
+                send(encode(contract.Pong(msg.seq)))
             else:
                 return False
             if not inbox.poll(0):
@@ -213,6 +192,9 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
             if batcher.wait_time(time.monotonic()) != 0.0:
                 continue
         slots, enqueued, solo = batcher.take()
+        # Told first, so that the front times the batch against its run limit (a pong cannot
+        # come while it runs).
+        send(encode(contract.Running(len(slots))))
         started = time.monotonic()
         failed = runner.run_isolating_failures(slots, solo)
         infer_s = time.monotonic() - started
@@ -222,7 +204,7 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
             kept = [i for i, slot in enumerate(slots) if slot not in failed]
             slots, queue_s = [slots[i] for i in kept], [queue_s[i] for i in kept]
         if slots:
-            send(encode(protocol.Done(slots, queue_s, infer_s)))
+            send(encode(contract.Done(slots, queue_s, infer_s)))
             ids = [request_ids.pop(slot, "") for slot in slots]
             if log_batches:
                 log.info("batch", extra={"fields": {
@@ -232,7 +214,7 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
         if failed and not runner.healthy():
             log.error("the session fails on the warm-up input too; exiting so that a new worker replaces this one",
                       extra={"fields": {"model": spec.model, "version": spec.version, "worker": spec.index}})
-            raise SystemExit(EXIT_SESSION_BROKEN)
+            raise SystemExit(contract.EXIT_SESSION_BROKEN)
 
 
 def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection) -> None:
@@ -250,7 +232,7 @@ def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection) -> Non
     try:
         runner = BatchRunner(session, solo, ring, spec)
         runner.warm_up()
-        outbox.send_bytes(protocol.encode(protocol.Ready(os.getpid(), session.get_providers())))
+        outbox.send_bytes(contract.encode(contract.Ready(os.getpid(), session.get_providers())))
         serve_batches(inbox, outbox, Batcher(spec.batch_size, spec.batch_timeout_s), runner, spec)
     except (EOFError, BrokenPipeError):
         pass  # the front is gone: nobody is waiting for answers

@@ -69,7 +69,8 @@ def test_killed_worker_fails_its_requests_with_503_and_is_replaced(start_server,
     wait_until(lambda: server.models()["quick"]["workers"][0]["live"], what="replacement worker")
     worker = server.models()["quick"]["workers"][0]
     assert worker["pid"] != old_pid and worker["restarts"] == 1
-    assert value(scrape(server.url), "cronnx_worker_restarts_total", model="quick", version=1) == 1
+    assert worker["restart_reasons"] == {"exited": 1} and worker["last_exit"] == "died with exit code -9"
+    assert value(scrape(server.url), "cronnx_worker_restarts_total", model="quick", version=1, reason="exited") == 1
 
     statuses = {status for status, _ in outcomes}
     assert statuses <= {200, 503}, outcomes

@@ -8,7 +8,8 @@ from PIL import Image
 
 from cronnx.config import PreprocessConfig
 from cronnx.model_spec import ModelSpec
-from cronnx.preprocess import ImageError, ImageTooLarge, Preprocessor, set_max_image_pixels
+from cronnx.errors import ImageTooLarge, InvalidImage
+from cronnx.preprocess import Preprocessor, set_max_image_pixels
 from support.images import encode, jpeg_with_orientation, photo_like
 
 SIZE = 64
@@ -113,7 +114,7 @@ def test_first_frame_of_an_animated_gif_is_used():
 
 @pytest.mark.parametrize("data", [b"", b"GIF89a garbage", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20])
 def test_unreadable_bytes_raise_image_error(data):
-    with pytest.raises(ImageError):
+    with pytest.raises(InvalidImage):
         run(data)
 
 
@@ -128,7 +129,7 @@ def test_decompression_bomb_is_refused():
 
 def test_formats_outside_the_accepted_list_are_refused():
     # PPM is a real image format Pillow reads, but not one a client of this server may send.
-    with pytest.raises(ImageError, match="format"):
+    with pytest.raises(InvalidImage, match="format"):
         run(encode(photo_like(40, 30, seed=1), "PPM"))
 
 

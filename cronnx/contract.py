@@ -1,0 +1,164 @@
+"""The contract between the front and a worker process: what a worker is started with, how it
+finds its ring, and the messages on its two pipes.
+
+Both sides import this module and nothing of each other: the front never imports `worker.py`
+(which pulls in onnxruntime) and the worker never imports the front's modules.
+
+Every message is far below PIPE_BUF (4096 bytes), and multiprocessing's Connection writes a
+message that small with a single write, so a message is never interleaved or split. The order
+of the messages on a pipe is what orders every hand-over of a ring slot (see `ring.py`).
+"""
+
+from __future__ import annotations
+
+from multiprocessing.connection import Connection
+
+import msgspec
+import numpy as np
+
+from .model_spec import ModelSpec
+
+
+class RingLayout(msgspec.Struct, frozen=True):
+    """Everything a worker needs to attach to a ring: two shared-memory segments of `slots` items,
+    one input tensor (`input_item_shape`, `input_dtype`) and one output tensor per slot."""
+
+    input_segment: str
+    output_segment: str
+    slots: int
+    input_item_shape: tuple[int, ...]
+    input_dtype: str
+    output_item_shape: tuple[int, ...]
+    output_dtype: str
+
+    def input_bytes(self) -> int:
+        return self.slots * int(np.prod(self.input_item_shape)) * np.dtype(self.input_dtype).itemsize
+
+    def output_bytes(self) -> int:
+        return self.slots * int(np.prod(self.output_item_shape)) * np.dtype(self.output_dtype).itemsize
+
+
+class LoggingSpec(msgspec.Struct, frozen=True):
+    level: str = "info"
+    format: str = "json"
+
+
+class WorkerSpec(msgspec.Struct, frozen=True):
+    """What one worker process runs: sent to it msgpack-encoded as its only start-up argument.
+
+    `batch_size` is the effective batch size (a model's fixed batch dimension wins over the
+    config); `batch_timeout_s` the batch window in seconds; `device_id` the CUDA device or None."""
+
+    model: str
+    version: int
+    index: int
+    model_path: str
+    model_spec: ModelSpec
+    ring: RingLayout
+    batch_size: int
+    batch_timeout_s: float
+    providers: list[str]
+    device_id: int | None
+    intra_op_threads: int
+    inter_op_threads: int
+    solo_intra_op_threads: int | None
+    allow_spinning: bool
+    logging: LoggingSpec = LoggingSpec()
+
+
+# A worker whose session fails even on the warm-up input exits with this; the front replaces it.
+EXIT_SESSION_BROKEN = 3
+
+
+def run_worker(spec_bytes: bytes, inbox: Connection, outbox: Connection) -> None:
+    """The worker process's entry point, named here so that the front can start a worker without
+    importing `worker.py` (and onnxruntime) itself: the import happens in the child."""
+    from .worker import worker_main
+
+    worker_main(spec_bytes, inbox, outbox)
+
+
+# Front -> worker.
+
+class Submit(msgspec.Struct, tag="submit", array_like=True):
+    """The input of `slot` is written; `enqueued` (time.monotonic, shared by all processes
+    on the machine) starts the batch window. `filling` counts the other slots of this ring
+    being preprocessed right now: when it is 0 no request is on its way, and waiting for one
+    would only add latency. `alone`: no other request of the model is in flight anywhere."""
+
+    slot: int
+    enqueued: float
+    filling: int
+    alone: bool
+    request_id: str
+
+
+class Cancel(msgspec.Struct, tag="cancel", array_like=True):
+    """The client gave up: drop `slot` if it has not run yet (answered by Dropped, or by the
+    Done or Failed of the batch it already ran in)."""
+
+    slot: int
+
+
+class Ping(msgspec.Struct, tag="ping", array_like=True):
+    """Liveness: answered with Pong(seq) between batches."""
+
+    seq: int
+
+
+class Stop(msgspec.Struct, tag="stop", array_like=True):
+    """Finish nothing more; exit."""
+
+
+# Worker -> front.
+
+class Ready(msgspec.Struct, tag="ready", array_like=True):
+    """The session is created and warmed up; the worker takes submits from now on."""
+
+    pid: int
+    providers: list[str]
+
+
+class Running(msgspec.Struct, tag="running", array_like=True):
+    """A batch of `size` slots starts now: the front times it against the batch run limit."""
+
+    size: int
+
+
+class Done(msgspec.Struct, tag="done", array_like=True):
+    """The outputs of `slots` are written. `queue_s[i]`: seconds slot i waited from its Submit
+    to the batch's start; `infer_s`: seconds the batch ran."""
+
+    slots: list[int]
+    queue_s: list[float]
+    infer_s: float
+
+
+class Dropped(msgspec.Struct, tag="dropped", array_like=True):
+    """A cancelled slot left the batcher without running."""
+
+    slot: int
+
+
+class Failed(msgspec.Struct, tag="failed", array_like=True):
+    """onnxruntime raised while running these slots (each alone, after their batch failed):
+    their requests fail with `errors` (one message per slot); the worker goes on."""
+
+    slots: list[int]
+    errors: list[str]
+
+
+class Pong(msgspec.Struct, tag="pong", array_like=True):
+    seq: int
+
+
+ToWorker = Submit | Cancel | Ping | Stop
+FromWorker = Ready | Running | Done | Dropped | Failed | Pong
+
+_encoder = msgspec.msgpack.Encoder()
+_to_worker = msgspec.msgpack.Decoder(ToWorker)
+_from_worker = msgspec.msgpack.Decoder(FromWorker)
+
+encode = _encoder.encode
+decode_to_worker = _to_worker.decode
+decode_from_worker = _from_worker.decode

@@ -1,0 +1,164 @@
+"""The inference engine: one call runs one request through a model version, below any protocol.
+
+`InferenceEngine.infer` is the only owner of a request's ring slot (ring rule 6): it acquires the
+slot, places the preprocessing (the front's thread pool), hands the slot to the worker, awaits the
+answer, gives up on disconnect or deadline, copies the output out and releases the slot on every
+path. HTTP APIs (`/predict`, and later the Open Inference Protocol) call it and never see a
+worker, a ring or a slot index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from contextlib import contextmanager
+
+import msgspec
+import numpy as np
+
+from .channel import SlotReturn
+from .errors import (DeadlineExceeded, InferenceFailed, ModelNotFound, NoLiveWorker, QueueFull, ShuttingDown,
+                     WorkerLost)
+from .pool import ModelPool
+from .registry import Registry
+from .ring import SlotRing
+from .supervisor import Worker
+
+
+class InferenceResult(msgspec.Struct):
+    """One request's answer: `output` is a copy of the model's output row for it (shape
+    `spec.output_item_shape`, dtype `spec.output_dtype`, scores as the model gives them);
+    `batch_size` the number of requests in the batch it ran in. Seconds: `preprocess_s` decoding
+    into the slot (including any wait for a thread), `queue_s` from the hand-over to the batch's
+    start, `infer_s` the batch's run."""
+
+    output: np.ndarray
+    batch_size: int
+    preprocess_s: float
+    queue_s: float
+    infer_s: float
+
+
+class InferenceEngine:
+    """Runs requests on the model versions of `registry`, preprocessing on `executor`."""
+
+    def __init__(self, registry: Registry, executor: Executor):
+        self.registry = registry
+        self._executor = executor
+        # Set when the server begins to shut down: no new request is taken.
+        self.draining = False
+
+    @contextmanager
+    def select(self, model: str, version: int | None = None, routing_key: str | None = None) -> Iterator[ModelPool]:
+        """The version that serves a request, counted as in flight in it until the block ends.
+
+        Chosen once, on arrival: it serves this request even if a reload replaces it meanwhile
+        (a replaced version drains: it finishes what chose it, then stops). `version` None picks by
+        the model's traffic split, the same `routing_key` always getting the same version.
+        Raises ShuttingDown, ModelNotFound, or ModelNotReady (the version asked for is loading).
+        """
+        if self.draining:
+            raise ShuttingDown("server is shutting down")
+        if version is None:
+            pool = self.registry.route(model).choose(routing_key)
+        else:
+            pool = self.registry.version(model, version)
+        pool.enter()
+        try:
+            yield pool
+        finally:
+            pool.leave()
+
+    async def infer(self, pool: ModelPool, image: bytes, request_id: str, deadline: float) -> InferenceResult:
+        """Preprocess `image` (encoded bytes) into a slot of `pool`, run it, return its output.
+
+        `deadline` is on the event loop's clock (`loop.time()`). Raises NoLiveWorker or QueueFull
+        at once (backpressure, nothing waits), InvalidImage or ImageTooLarge from preprocessing,
+        WorkerLost if the worker dies or is killed meanwhile, InferenceFailed if onnxruntime
+        raises on this input, DeadlineExceeded; CancelledError when the caller gives up. The slot
+        is free again, or will be as soon as no thread or worker touches it, on every path.
+        """
+        worker, slot = _acquire(pool)
+        ring = worker.ring
+        try:
+            async with asyncio.timeout_at(deadline):
+                started = time.perf_counter()
+                await self._fill(pool, ring, slot, image)
+                preprocess_s = time.perf_counter() - started
+                returned = await _run(pool, worker, slot, request_id)
+        except TimeoutError:
+            raise DeadlineExceeded("request did not complete before its deadline (the request timeout)") from None
+        try:
+            if returned.outcome == "done":
+                output = ring.outputs[slot].copy()  # ring rule 3: before the release below
+        finally:
+            ring.release(slot)
+        if returned.outcome == "done":
+            return InferenceResult(output, returned.batch_size, preprocess_s, returned.queue_s, returned.infer_s)
+        if returned.outcome == "failed":
+            raise InferenceFailed(f"inference failed: {returned.error}")
+        raise WorkerLost(returned.error or f"worker {worker.name} dropped the request")
+
+    async def _fill(self, pool: ModelPool, ring: SlotRing, slot: int, image: bytes) -> None:
+        """Decode and normalise straight into the slot's input memory, in the thread pool. On any
+        failure the slot is released (at once, or when the thread is done: ring rule 4)."""
+        job = self._executor.submit(pool.preprocess, image, ring.inputs[slot])
+        try:
+            await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            # Ring rule 4: the thread may still be writing into the slot.
+            loop = asyncio.get_running_loop()
+            job.add_done_callback(lambda _: loop.call_soon_threadsafe(ring.release, slot))
+            raise
+        except BaseException:
+            ring.release(slot)  # the thread has returned, with its error
+            raise
+
+
+def _acquire(pool: ModelPool) -> tuple[Worker, int]:
+    """A slot in the live worker with the most free slots; NoLiveWorker or QueueFull at once."""
+    best = None
+    for worker in pool.workers:
+        if worker.live and (best is None or worker.ring.free_count > best.ring.free_count):
+            best = worker
+    if best is None:
+        raise NoLiveWorker(f"model {pool.name!r} has no live worker (starting or restarting)")
+    slot = best.ring.acquire()
+    if slot is None:
+        raise QueueFull(f"model {pool.name!r} is at capacity ({pool.config.ring_slots} queued per worker)")
+    return best, slot
+
+
+async def _run(pool: ModelPool, worker: Worker, slot: int, request_id: str) -> SlotReturn:
+    """Hand the filled slot to its worker and await the worker's answer for it.
+
+    Returns with the slot still held by the caller, who releases it. If the caller gives up
+    first (CancelledError), the slot is released when the worker answers (ring rule 5)."""
+    ring = worker.ring
+    if not worker.live:  # it died, or was killed, while the input was being prepared
+        ring.release(slot)
+        raise WorkerLost(f"worker {worker.name} {worker.last_exit or 'stopped'} before this request was sent; retry")
+    answer = asyncio.get_running_loop().create_future()
+
+    def on_return(returned: SlotReturn) -> None:
+        if answer.done():  # the request gave up: nobody will read the output
+            ring.release(slot)
+        else:
+            answer.set_result(returned)
+
+    try:
+        worker.submit(slot, pool.slots_in_use == 1, request_id, on_return)
+    except OSError:  # its pipe broke: it died and its exit is not handled yet
+        ring.release(slot)
+        raise WorkerLost(f"worker {worker.name} died before this request was sent; retry") from None
+    ring.mark_sent(slot)
+    try:
+        return await answer
+    except asyncio.CancelledError:
+        if answer.cancelled():
+            worker.cancel(slot, on_return)  # on_return frees the slot when the worker answers
+        else:
+            ring.release(slot)  # answered just as the request gave up
+        raise

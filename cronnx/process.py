@@ -1,0 +1,119 @@
+"""One worker process's lifecycle: spawned with its two pipes, read on the event loop, its exit
+noticed on its sentinel, stopped politely or killed.
+
+It knows nothing of rings, requests or restarts: every message it reads goes to `on_message`,
+and its exit, once the messages it sent before dying are delivered, to `on_exit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import time
+from collections.abc import Callable
+
+from . import contract
+
+log = logging.getLogger("cronnx.process")
+
+_spawn = multiprocessing.get_context("spawn")
+PIPE_BYTES = 1 << 20
+# The entry point a worker process runs: (spec_bytes, inbox, outbox) -> None.
+WorkerTarget = Callable[..., None]
+
+
+def _enlarge_pipe(fd: int) -> None:
+    """The front writes submits on its event loop: a full pipe would block it. 64 KiB holds a few
+    hundred submits; 1 MiB holds far more than a ring can have slots."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except (ImportError, AttributeError, OSError):
+        pass  # not Linux, or above /proc/sys/fs/pipe-max-size: the default size stays
+
+
+class WorkerProcess:
+    """A spawned worker process (spawn, not fork: onnxruntime's thread pools do not survive fork).
+
+    `on_message(msg)` gets each decoded `contract.FromWorker` message in order; `on_exit(process)`
+    is called once, after the process has exited and every message it sent has been delivered.
+    """
+
+    def __init__(self, name: str, target: WorkerTarget, spec_bytes: bytes,
+                 on_message: Callable[[object], None], on_exit: Callable[[WorkerProcess], None]):
+        self.name = name
+        self._loop = asyncio.get_running_loop()
+        self._on_message = on_message
+        self._on_exit = on_exit
+        self.started_at = time.monotonic()
+        # Why the front killed it (None: it exited by itself).
+        self.kill_reason: str | None = None
+        self.exited = asyncio.Event()
+        inbox_read, inbox_write = _spawn.Pipe(duplex=False)
+        outbox_read, outbox_write = _spawn.Pipe(duplex=False)
+        _enlarge_pipe(inbox_write.fileno())
+        self._process = _spawn.Process(target=target, args=(spec_bytes, inbox_read, outbox_write),
+                                       name=f"cronnx-worker-{name}", daemon=True)
+        self._process.start()
+        # The child has its own copies; closing ours lets EOF reach each side when the other dies.
+        inbox_read.close()
+        outbox_write.close()
+        self._inbox, self._outbox = inbox_write, outbox_read
+        self._loop.add_reader(outbox_read.fileno(), self._on_readable)
+        self._loop.add_reader(self._process.sentinel, self._on_sentinel)
+        log.info("worker %s starting (pid %d)", name, self.pid)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._process.exitcode
+
+    def send(self, message) -> None:
+        """Write one `contract.ToWorker` message; OSError when the worker is gone (its exit is
+        then being handled, or about to be)."""
+        self._inbox.send_bytes(contract.encode(message))
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL, remembering why; `on_exit` follows as for any death."""
+        if self.kill_reason is None and not self.exited.is_set():
+            self.kill_reason = reason
+            self._process.kill()
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask the worker to exit (it finishes nothing more); kill it if it has not within `timeout_s`."""
+        if self.exited.is_set():
+            return
+        try:
+            self.send(contract.Stop())
+        except OSError:
+            pass
+        try:
+            await asyncio.wait_for(self.exited.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("worker %s did not stop in %.1fs; killing it", self.name, timeout_s)
+            self._process.kill()
+            await self.exited.wait()
+
+    def _on_readable(self) -> None:
+        outbox = self._outbox
+        try:
+            while outbox.poll():
+                self._on_message(contract.decode_from_worker(outbox.recv_bytes()))
+        except (EOFError, OSError):
+            self._loop.remove_reader(outbox.fileno())
+
+    def _on_sentinel(self) -> None:
+        self._loop.remove_reader(self._process.sentinel)
+        # Answers the worker sent before it died are still valid: deliver them first.
+        self._on_readable()
+        self._loop.remove_reader(self._outbox.fileno())
+        self._outbox.close()
+        self._inbox.close()
+        self._process.join()
+        self.exited.set()
+        self._on_exit(self)
