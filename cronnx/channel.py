@@ -45,6 +45,11 @@ class RequestChannel:
         self.items_dropped = 0
         self.items_failed = 0
 
+    @property
+    def held(self) -> int:
+        """Slots the worker holds: sent and not answered yet."""
+        return len(self._held)
+
     def submit(self, slot: int, filling: int, alone: bool, request_id: str, on_return: OnReturn) -> None:
         """Hand `slot` (input complete: ring rule 1) to the worker; `on_return` gets its answer
         exactly once. OSError if the worker is gone: the slot was not handed over."""

@@ -48,6 +48,8 @@ class WorkerProcess:
         self._on_message = on_message
         self._on_exit = on_exit
         self.started_at = time.monotonic()
+        # It sent Ready: loaded and warmed up (set by its supervisor).
+        self.ready = False
         # Why the front killed it (None: it exited by itself).
         self.kill_reason: str | None = None
         self.exited = asyncio.Event()

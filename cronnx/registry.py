@@ -16,9 +16,10 @@ import random
 from collections.abc import Callable, Iterator
 
 from .catalog import ModelVersion, PreparedVersion
-from .contract import LoggingSpec
+from .contract import LoggingSpec, run_worker
 from .errors import ModelNotFound, ModelNotReady
 from .pool import LoadFailed, ModelPool
+from .process import WorkerTarget
 from .supervisor import BatchObserver, Liveness
 
 log = logging.getLogger("cronnx.registry")
@@ -59,10 +60,11 @@ def _unit_hash(key: str) -> float:
 
 class Registry:
     """Every model version the server runs, by name; `on_batch(name, version)` gives the observer
-    of that version's batches (metrics). `liveness` says when a worker counts as hung."""
+    of that version's batches (metrics). `liveness` says when a worker counts as hung;
+    `worker_target` is what worker processes run (see `ModelPool`)."""
 
     def __init__(self, logging_spec: LoggingSpec, on_batch: Callable[[str, str], BatchObserver],
-                 load_timeout_s: float, liveness: Liveness = Liveness()):
+                 load_timeout_s: float, liveness: Liveness = Liveness(), worker_target: WorkerTarget = run_worker):
         self.routes: dict[str, ModelRoute] = {}
         self.loading: dict[Key, ModelPool] = {}
         self.failed: dict[Key, str] = {}
@@ -72,6 +74,7 @@ class Registry:
         self._on_batch = on_batch
         self._load_timeout_s = load_timeout_s
         self._liveness = liveness
+        self._worker_target = worker_target
         self._lock = asyncio.Lock()
         self._generation = 0
         self._loaded_once = False
@@ -198,7 +201,8 @@ class Registry:
         self._generation += 1
         model = prepared.model
         pool = ModelPool(prepared, self._generation, self._logging_spec,
-                         self._on_batch(model.name, str(model.version)), self._liveness)
+                         self._on_batch(model.name, str(model.version)), self._liveness,
+                         self._worker_target)
         self.loading[(model.name, model.version)] = pool
         pool.start()
         return pool

@@ -136,14 +136,14 @@ class Supervisor:
             if msg.seq == worker.ping_seq:
                 worker.ping_sent = None
         elif kind is contract.Ready:
-            worker.live = True
+            worker.process.ready = worker.live = True
             worker.failed_starts = 0
             worker.load_seconds = worker.last_heard - worker.process.started_at
             worker.providers = msg.providers
             log.info("worker %s ready (pid %d, providers %s)", worker.name, msg.pid, ",".join(msg.providers))
 
     def _on_exit(self, worker: Worker, process: WorkerProcess) -> None:
-        was_live = worker.live
+        was_live = process.ready
         worker.live = False
         reason = process.kill_reason
         if reason is not None:

@@ -19,22 +19,41 @@ from support.server import REPO, model_entry, server_config
 FAKE_SERVER = Path(__file__).parent / "support" / "fake_server.py"
 
 
+class FakeServers:
+    """fake_server(*args) -> base URL of a fake server started with those options;
+    fake_server.process(url) -> the subprocess.Popen of the server at that URL."""
+
+    def __init__(self):
+        self._procs: dict[str, subprocess.Popen] = {}
+
+    def __call__(self, *args: str) -> str:
+        proc = subprocess.Popen([sys.executable, str(FAKE_SERVER), *args], stdout=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()
+        match = re.search(r"listening on (\d+)", line)
+        if match is None:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"fake server did not start: {line!r}")
+        url = f"http://127.0.0.1:{match.group(1)}"
+        self._procs[url] = proc
+        return url
+
+    def process(self, url: str) -> subprocess.Popen:
+        return self._procs[url]
+
+    def stop_all(self) -> None:
+        for proc in self._procs.values():
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+
+
 @pytest.fixture
 def fake_server():
-    """fake_server(*args) -> base URL of a fake server started with those options; stopped after the test."""
-    procs = []
-
-    def start(*args: str) -> str:
-        proc = subprocess.Popen([sys.executable, str(FAKE_SERVER), *args], stdout=subprocess.PIPE, text=True)
-        procs.append(proc)
-        line = proc.stdout.readline()
-        port = re.search(r"listening on (\d+)", line).group(1)
-        return f"http://127.0.0.1:{port}"
-
-    yield start
-    for proc in procs:
-        proc.kill()
-        proc.wait()
+    """Fake servers started by the test, each killed by its own process (never by name) after it."""
+    servers = FakeServers()
+    yield servers
+    servers.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -79,20 +98,25 @@ def test_open_loop_shows_a_server_stall_in_the_tail(fake_server, image):
     # intended send times, ~50 requests wait up to 0.5 s: the tail must show it.
     url = fake_server("--delay-ms", "5", "--stall-at", "1.5", "--stall-for", "0.5")
     r, _ = bench(url, image, "--rate", "100", "--duration", "3", "--warmup", "0")
-    assert r["loop"] == "open" and 280 <= r["sent"] <= 301
+    # The schedule held through the stall: the loop runs by intended send times, so all ~300 sends
+    # of the 3 s (rate x duration) go out, and every one is answered once the stall ends. A load
+    # generator that stopped sending at the stall would fall short of both. (How late the client's
+    # own sends were depends on the machine's load, so it is not asserted.)
+    assert r["loop"] == "open" and 280 <= r["sent"] <= 301, r
+    assert r["ok"] == r["sent"], r
+    assert r["errors_by_status"] == {} and r["errors_by_exception"] == {}, r
     assert r["latency_ms"]["p99"] >= 400.0, r["latency_ms"]
     assert r["latency_ms"]["p90"] >= 100.0, r["latency_ms"]
     assert r["latency_ms"]["p50"] < 50.0
-    # The schedule held: the stall delayed answers, not sends.
-    assert r["late_sends"] <= 0.05 * r["sent"]
 
 
 def test_server_that_dies_mid_run_is_reported_with_the_numbers_so_far(fake_server, image):
     url = fake_server("--delay-ms", "5")
+    server = fake_server.process(url)
 
     def kill_soon():
         time.sleep(1.5)
-        subprocess.run(["pkill", "-f", f"{FAKE_SERVER}"], check=False)
+        server.kill()  # this test's server only, by its pid
 
     threading.Thread(target=kill_soon, daemon=True).start()
     r, text = bench(url, image, "--concurrency", "2", "--duration", "6", "--warmup", "0")

@@ -69,10 +69,13 @@ def test_inspect_prints_the_model_and_a_config_entry(model_files):
     result = subprocess.run([sys.executable, "-m", "cronnx", "models", "inspect", str(model_files["nhwc"])],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    out = result.stdout
-    assert "input: input uint8" not in out
-    assert "NHWC" in out and "float32" in out and "dynamic" in out and "opset 13" in out
-    assert f"path: {model_files['nhwc']}" in out and "resize: crop" in out
+    lines = result.stdout.splitlines()
+    # The nhwc test model: a float32 [batch, 32, 32, 3] image in, ten logits out, opset 13.
+    assert "opset 13" in lines
+    assert "input:  input float32 NHWC [batch, 32, 32, 3], batch dimension dynamic" in lines, lines
+    assert "output: scores float32 [batch, 10], logits (softmax applied)" in lines, lines
+    assert f"    path: {model_files['nhwc']}" in lines and "      resize: crop" in lines, lines
+    assert "      channel_order: RGB" in lines  # float input: the ImageNet normalisation is proposed
 
 
 def test_inspect_refuses_a_model_it_cannot_serve(tmp_path):

@@ -136,3 +136,15 @@ def failing_on_bright_images(path: Path, size: int = 32, classes: int = 10, thre
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], inits)
     return _save(graph, path)
+
+
+def channel_mean_model(path: Path, size: int = 8) -> Path:
+    """[N, 3, size, size] -> [N, 3]: each channel's mean. A solid-colour image, preprocessed with
+    identity normalisation, comes back as its own (R, G, B): an answer that names its input."""
+    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["means"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "channel_mean",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("means", TensorProto.FLOAT, ["batch", 3])])
+    return _save(graph, path)

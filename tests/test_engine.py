@@ -1,0 +1,323 @@
+"""The inference engine below HTTP: every request gets the answer for its own input, and every
+ring slot comes back on every path (ring rules 1-6 in cronnx/ring.py).
+
+Real registry, supervisor, rings, pipes and worker processes running onnxruntime; faults are
+injected by the input (tests/support/fake_worker.py). After each test no slot is in use and no
+worker holds a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import random
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cronnx import catalog
+from cronnx.catalog import ModelVersion
+from cronnx.config import ModelConfig, PreprocessConfig
+from cronnx.contract import LoggingSpec
+from cronnx.engine import InferenceEngine
+from cronnx.errors import DeadlineExceeded, InferenceFailed, QueueFull, WorkerLost
+from cronnx.registry import Registry
+from cronnx.supervisor import Liveness
+from support import fake_worker
+from support.fake_worker import DIE, FAIL, HANG, JITTER, SLOW
+from support.models import channel_mean_model
+
+pytestmark = pytest.mark.timeout(120)
+
+# Pixels reach the model as they are: the channel-mean model answers an image's own colour.
+IDENTITY = PreprocessConfig(resize="stretch", scale=1.0, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
+QUIET = Liveness(ping_interval_s=0.05, ping_timeout_s=5.0, batch_run_timeout_s=5.0)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return channel_mean_model(tmp_path_factory.mktemp("engine") / "mean.onnx")
+
+
+def png(rgb: tuple[int, int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), rgb).save(out, "PNG")
+    return out.getvalue()
+
+
+def expected(rgb) -> list[float]:
+    return [float(c) for c in rgb]
+
+
+class Harness:
+    def __init__(self, engine: InferenceEngine, registry: Registry, batches: list[int]):
+        self.engine, self.registry, self.batches = engine, registry, batches
+
+    @property
+    def pool(self):
+        return self.registry.route("m").versions[1]
+
+    @property
+    def worker(self):
+        return self.pool.workers[0]
+
+    async def infer(self, rgb, timeout_s: float = 10.0, image: bytes | None = None):
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        return await self.engine.infer(self.pool, image or png(rgb), f"req-{rgb}", deadline)
+
+    async def until(self, predicate, what: str, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.005)
+
+    def settled(self) -> bool:
+        return self.pool.slots_in_use == 0 and all(w.channel is None or w.channel.held == 0 for w in self.pool.workers)
+
+    async def settle(self) -> None:
+        """Every slot free and nothing held by a worker."""
+        await self.until(self.settled, "every slot to come back")
+        assert all(w.ring.filling_count == 0 for w in self.pool.workers)
+
+
+@asynccontextmanager
+async def serving(model_path, workers: int = 1, batch_size: int = 4, ring_slots: int = 8,
+                  batch_timeout_ms: float = 5.0, liveness: Liveness = QUIET, threads: int = 2):
+    config = ModelConfig(name="m", path=str(model_path), batch_size=batch_size, batch_timeout_ms=batch_timeout_ms,
+                         workers=workers, ring_slots=ring_slots, intra_op_threads=1, preprocess=IDENTITY)
+    prepared = catalog.prepare(ModelVersion("m", 1, str(model_path), config, "test"))
+    batches: list[int] = []
+    registry = Registry(LoggingSpec("critical", "text"), lambda name, version: lambda size, _: batches.append(size),
+                        60.0, liveness, fake_worker.main)
+    executor = ThreadPoolExecutor(threads)
+    try:
+        await registry.apply([prepared], {}, {"m"})
+        harness = Harness(InferenceEngine(registry, executor), registry, batches)
+        yield harness
+        await harness.settle()
+    finally:
+        await registry.close()
+        executor.shutdown(wait=True)
+
+
+def test_each_request_gets_the_answer_for_its_own_input(model):
+    colours = [(10 + i, 200 - i, (7 * i) % 256) for i in range(48)]
+
+    async def main():
+        async with serving(model, workers=2, ring_slots=32) as h:
+            results = await asyncio.gather(*(h.infer(c) for c in colours))
+            assert [r.output.tolist() for r in results] == [expected(c) for c in colours]
+            assert max(h.batches) > 1 and sum(h.batches) == len(colours)
+            assert {r.batch_size for r in results} == set(h.batches)
+
+    asyncio.run(main())
+
+
+def test_cancel_during_fill_frees_the_slot_only_when_its_thread_is_done(model):
+    async def main():
+        async with serving(model) as h:
+            decode = h.pool.preprocess
+            entered, go_on = threading.Event(), threading.Event()
+
+            def slow_decode(image, out):
+                entered.set()
+                go_on.wait(10)
+                decode(image, out)
+
+            h.pool.preprocess = slow_decode
+            task = asyncio.create_task(h.infer((10, 20, 30)))
+            assert await asyncio.to_thread(entered.wait, 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # Ring rule 4: the thread still writes into the slot, so the slot stays taken.
+            assert h.pool.slots_in_use == 1
+            go_on.set()
+            await h.settle()
+            h.pool.preprocess = decode
+            assert (await h.infer((40, 50, 60))).output.tolist() == expected((40, 50, 60))
+
+    asyncio.run(main())
+
+
+def test_cancel_of_a_waiting_request_is_dropped_by_the_worker(model):
+    async def main():
+        async with serving(model, batch_size=1) as h:
+            running = asyncio.create_task(h.infer((SLOW, 1, 2)))
+            await h.until(lambda: h.worker.running_since is not None, "the slow batch to start")
+            waiting = asyncio.create_task(h.infer((10, 11, 12)))
+            await h.until(lambda: h.worker.channel.held == 2, "the second request to be sent")
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            # Ring rule 5: sending Cancel frees nothing; the worker's Dropped does.
+            assert h.pool.slots_in_use == 2
+            assert (await running).output.tolist() == expected((SLOW, 1, 2))
+            await h.settle()
+            assert h.worker.items == (1, 1, 0)
+
+    asyncio.run(main())
+
+
+def test_cancel_of_a_running_request_frees_its_slot_when_its_batch_is_done(model):
+    async def main():
+        async with serving(model) as h:
+            task = asyncio.create_task(h.infer((SLOW, 3, 4)))
+            await h.until(lambda: h.worker.running_since is not None, "the batch to start")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert h.pool.slots_in_use == 1  # the worker is computing into it
+            await h.settle()
+            assert h.worker.items == (1, 0, 0)
+            assert (await h.infer((9, 8, 7))).output.tolist() == expected((9, 8, 7))
+
+    asyncio.run(main())
+
+
+def test_deadline_expiry_raises_and_the_slot_comes_back_after_the_batch(model):
+    async def main():
+        async with serving(model) as h:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                await h.infer((SLOW, 5, 6), timeout_s=0.1)
+            assert time.monotonic() - started < fake_worker.SLOW_S
+            assert h.pool.slots_in_use == 1
+            await h.settle()
+            assert (await h.infer((12, 13, 14))).output.tolist() == expected((12, 13, 14))
+
+    asyncio.run(main())
+
+
+def test_one_failing_item_fails_alone_and_its_batch_mates_are_answered(model):
+    colours = [(FAIL, 1, 1), (20, 21, 22), (30, 31, 32), (40, 41, 42)]
+
+    async def main():
+        async with serving(model, batch_timeout_ms=200) as h:
+            results = await asyncio.gather(*(h.infer(c) for c in colours), return_exceptions=True)
+            assert isinstance(results[0], InferenceFailed) and "injected failure" in results[0].message
+            assert [r.output.tolist() for r in results[1:]] == [expected(c) for c in colours[1:]]
+            assert h.batches == [3]  # the three good ones answered as one batch
+            assert h.worker.items == (3, 0, 1) and not h.worker.restarts and h.worker.live
+
+    asyncio.run(main())
+
+
+def test_worker_death_mid_batch_fails_its_requests_and_a_new_worker_serves(model):
+    async def main():
+        async with serving(model, batch_timeout_ms=200) as h:
+            old_pid = h.worker.pid
+            results = await asyncio.gather(h.infer((DIE, 1, 1)), h.infer((50, 51, 52)), return_exceptions=True)
+            assert all(isinstance(r, WorkerLost) for r in results), results
+            assert f"died with exit code {fake_worker.DIE_CODE}" in results[0].message
+            await h.settle()
+            await h.until(lambda: h.worker.live, "the replacement worker")
+            assert h.worker.pid != old_pid and h.worker.restarts == {"exited": 1}
+            assert (await h.infer((60, 61, 62))).output.tolist() == expected((60, 61, 62))
+
+    asyncio.run(main())
+
+
+def test_hung_batch_is_killed_by_the_watchdog_and_its_request_fails_with_the_reason(model):
+    async def main():
+        liveness = Liveness(ping_interval_s=0.05, ping_timeout_s=5.0, batch_run_timeout_s=0.5)
+        async with serving(model, liveness=liveness) as h:
+            old_pid = h.worker.pid
+            started = time.monotonic()
+            with pytest.raises(WorkerLost, match="batch_timeout"):
+                await h.infer((HANG, 1, 1))
+            assert time.monotonic() - started < 5.0
+            await h.settle()
+            await h.until(lambda: h.worker.live, "the replacement worker")
+            assert h.worker.pid != old_pid and h.worker.restarts == {"batch_timeout": 1}
+            assert (await h.infer((70, 71, 72))).output.tolist() == expected((70, 71, 72))
+
+    asyncio.run(main())
+
+
+def test_worker_that_stops_answering_pings_is_killed_and_replaced(model):
+    async def main():
+        liveness = Liveness(ping_interval_s=0.05, ping_timeout_s=0.5, batch_run_timeout_s=30.0)
+        async with serving(model, liveness=liveness) as h:
+            old_pid = h.worker.pid
+            os.kill(old_pid, signal.SIGSTOP)  # alive, holding its pipe, answering nothing
+            try:
+                with pytest.raises(WorkerLost, match="ping_timeout"):
+                    await h.infer((80, 81, 82))
+            finally:
+                with contextlib.suppress(ProcessLookupError):  # killed, as it should be
+                    os.kill(old_pid, signal.SIGCONT)
+            await h.until(lambda: h.worker.live, "the replacement worker")
+            assert h.worker.pid != old_pid and h.worker.restarts == {"ping_timeout": 1}
+            assert (await h.infer((90, 91, 92))).output.tolist() == expected((90, 91, 92))
+
+    asyncio.run(main())
+
+
+def test_a_full_ring_refuses_at_once_and_takes_requests_again_when_slots_free(model):
+    async def main():
+        async with serving(model, batch_size=1, ring_slots=2) as h:
+            first = [asyncio.create_task(h.infer((SLOW, i, i))) for i in range(2)]
+            await h.until(lambda: h.pool.slots_in_use == 2, "both slots taken")
+            with pytest.raises(QueueFull):
+                await h.infer((10, 10, 10))
+            assert [(await t).output.tolist() for t in first] == [expected((SLOW, i, i)) for i in range(2)]
+            assert (await h.infer((11, 12, 13))).output.tolist() == expected((11, 12, 13))
+
+    asyncio.run(main())
+
+
+def test_stress_random_cancels_and_deadlines_never_cross_answers_or_leak_slots(model):
+    """Several producers, thousands of requests, random cancels, deadlines and worker delays.
+    Replay a failure with CRONNX_STRESS_SEED=<the printed seed>."""
+    seed = int(os.environ.get("CRONNX_STRESS_SEED", random.randrange(2 ** 32)))
+    print(f"stress seed {seed}")
+    rng = random.Random(seed)
+    colours = [(rng.choice([JITTER, rng.randrange(10, 256)]), rng.randrange(256), rng.randrange(256))
+               for _ in range(64)]
+    images = {c: png(c) for c in colours}
+    counts = {"ok": 0, "cancelled": 0, "deadline": 0, "full": 0}
+
+    async def producer(h: Harness, n: int, prng: random.Random) -> None:
+        for _ in range(n):
+            colour = prng.choice(colours)
+            action = prng.random()
+            timeout_s = prng.random() * 0.004 if action < 0.15 else 10.0
+            task = asyncio.create_task(h.infer(colour, timeout_s, images[colour]))
+            if 0.15 <= action < 0.3:
+                await asyncio.sleep(prng.random() * 0.003)
+                task.cancel()
+            try:
+                result = await task
+            except asyncio.CancelledError:
+                counts["cancelled"] += 1
+            except DeadlineExceeded:
+                counts["deadline"] += 1
+            except QueueFull:
+                counts["full"] += 1
+                await asyncio.sleep(0.001)
+            else:
+                assert result.output.tolist() == expected(colour), f"seed {seed}: wrong answer for {colour}"
+                counts["ok"] += 1
+            if prng.random() < 0.1:
+                await asyncio.sleep(prng.random() * 0.002)
+
+    async def main():
+        async with serving(model, workers=2, batch_size=4, ring_slots=8, batch_timeout_ms=1.0, threads=3) as h:
+            await asyncio.gather(*(producer(h, 400, random.Random(rng.random())) for _ in range(6)))
+            await h.settle()
+            assert all(not w.restarts for w in h.pool.workers)
+
+    asyncio.run(main())
+    print(f"stress seed {seed}: {counts}")
+    assert sum(counts.values()) == 2400
+    assert counts["ok"] > 1000 and counts["cancelled"] > 0 and counts["deadline"] > 0
