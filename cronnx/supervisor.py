@@ -172,7 +172,7 @@ class Supervisor:
         delay = 0.0 if was_live else min(MAX_RESTART_DELAY_S, 0.5 * 2 ** (worker.failed_starts - 1))
         log.error("worker %s (pid %d) %s; %d in-flight requests failed; restarting in %.1fs",
                   worker.name, process.pid, how, lost, delay,
-                  extra={"fields": {"worker": worker.name, "pid": process.pid, "reason": cause,
+                  extra={"fields": {"worker": worker.name, "worker_pid": process.pid, "reason": cause,
                                     "exit_code": process.exitcode, "lost_requests": lost}})
         self._loop.call_later(delay, self._restart, worker)
 

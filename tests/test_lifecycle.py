@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -178,3 +179,31 @@ def test_computing_threads_are_marked_cpu_bound_and_the_event_loop_is_not(start_
     front = policies(server.proc.pid)
     assert front.pop(server.proc.pid) == os.SCHED_OTHER
     assert list(front.values()).count(os.SCHED_BATCH) == 2, front  # the 2 preprocessing threads
+
+
+def test_hung_worker_is_killed_and_replaced_and_shows_in_models_logs_and_metrics(start_server, quick_model):
+    """A worker that stops answering (here: stopped by SIGSTOP) is noticed by its missed pings: its
+    request gets 503 naming the reason, a new worker serves, and the restart is counted by reason."""
+    server = start_server(server_config(model_entry("quick", quick_model), request_timeout_s=20,
+                                        worker_ping_interval_s=0.1, worker_ping_timeout_s=1.0))
+    url = f"{server.url}/predict/quick"
+    (old_pid,) = server.worker_pids("quick")
+    os.kill(old_pid, signal.SIGSTOP)
+    try:
+        (reply,) = asyncio.run(predict_many(url, [IMAGE]))
+    finally:
+        if pid_alive(old_pid):
+            os.kill(old_pid, signal.SIGCONT)
+    assert reply.status == 503 and "ping_timeout" in reply.body["error"], reply
+    assert reply.headers.get("Retry-After") == "1"
+
+    wait_until(lambda: server.models()["quick"]["workers"][0]["live"], what="replacement worker")
+    worker = server.models()["quick"]["workers"][0]
+    assert worker["pid"] != old_pid and not pid_alive(old_pid)
+    assert worker["restart_reasons"] == {"ping_timeout": 1} and "ping_timeout" in worker["last_exit"]
+    m = scrape(server.url)
+    assert value(m, "cronnx_worker_restarts_total", model="quick", version=1, reason="ping_timeout") == 1
+    assert value(m, "cronnx_requests_total", model="quick", version=1, outcome="503") == 1
+    records = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    assert any(r.get("reason") == "ping_timeout" and r.get("pid") == server.proc.pid for r in records), records
+    assert [r.status for r in asyncio.run(predict_many(url, [IMAGE] * 4))] == [200] * 4
