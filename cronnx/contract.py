@@ -4,9 +4,9 @@ finds its ring, and the messages on its two pipes.
 Both sides import this module and nothing of each other: the front never imports `worker.py`
 (which pulls in onnxruntime) and the worker never imports the front's modules.
 
-Every message is far below PIPE_BUF (4096 bytes), and multiprocessing's Connection writes a
-message that small with a single write, so a message is never interleaved or split. The order
-of the messages on a pipe is what orders every hand-over of a ring slot (see `ring.py`).
+Each pipe has one writer at a time (the worker serialises its batch loop and its liveness
+thread), so a message is never interleaved with another. The order of the messages on a pipe
+is what orders every hand-over of a ring slot (see `ring.py`).
 """
 
 from __future__ import annotations
@@ -70,12 +70,13 @@ class WorkerSpec(msgspec.Struct, frozen=True):
 EXIT_SESSION_BROKEN = 3
 
 
-def run_worker(spec_bytes: bytes, inbox: Connection, outbox: Connection) -> None:
+def run_worker(spec_bytes: bytes, inbox: Connection, outbox: Connection, pings: Connection) -> None:
     """The worker process's entry point, named here so that the front can start a worker without
-    importing `worker.py` (and onnxruntime) itself: the import happens in the child."""
+    importing `worker.py` (and onnxruntime) itself: the import happens in the child. `inbox`
+    carries `ToWorker` messages, `pings` carries Ping, `outbox` every `FromWorker` message."""
     from .worker import worker_main
 
-    worker_main(spec_bytes, inbox, outbox)
+    worker_main(spec_bytes, inbox, outbox, pings)
 
 
 # Front -> worker.
@@ -101,7 +102,8 @@ class Cancel(msgspec.Struct, tag="cancel", array_like=True):
 
 
 class Ping(msgspec.Struct, tag="ping", array_like=True):
-    """Liveness: answered with Pong(seq) between batches."""
+    """Liveness, on the worker's own ping pipe: a thread of the worker answers Pong(seq) at once,
+    even while a batch runs (onnxruntime releases the GIL), unless the process is frozen."""
 
     seq: int
 
@@ -117,12 +119,6 @@ class Ready(msgspec.Struct, tag="ready", array_like=True):
 
     pid: int
     providers: list[str]
-
-
-class Running(msgspec.Struct, tag="running", array_like=True):
-    """A batch of `size` slots starts now: the front times it against the batch run limit."""
-
-    size: int
 
 
 class Done(msgspec.Struct, tag="done", array_like=True):
@@ -149,16 +145,22 @@ class Failed(msgspec.Struct, tag="failed", array_like=True):
 
 
 class Pong(msgspec.Struct, tag="pong", array_like=True):
+    """The answer to Ping(seq). `busy_s`: seconds the worker's batch loop has spent on its current
+    step (a batch, or the messages before it); 0 while it waits for work."""
+
     seq: int
+    busy_s: float
 
 
-ToWorker = Submit | Cancel | Ping | Stop
-FromWorker = Ready | Running | Done | Dropped | Failed | Pong
+ToWorker = Submit | Cancel | Stop
+FromWorker = Ready | Done | Dropped | Failed | Pong
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)
+_ping = msgspec.msgpack.Decoder(Ping)
 _from_worker = msgspec.msgpack.Decoder(FromWorker)
 
 encode = _encoder.encode
 decode_to_worker = _to_worker.decode
+decode_ping = _ping.decode
 decode_from_worker = _from_worker.decode

@@ -19,8 +19,7 @@ import msgspec
 import numpy as np
 
 from .channel import SlotReturn
-from .errors import (DeadlineExceeded, InferenceFailed, ModelNotFound, NoLiveWorker, QueueFull, ShuttingDown,
-                     WorkerLost)
+from .errors import DeadlineExceeded, InferenceFailed, NoLiveWorker, QueueFull, ShuttingDown, WorkerLost
 from .pool import ModelPool
 from .registry import Registry
 from .ring import SlotRing
@@ -57,10 +56,8 @@ class InferenceEngine:
         Chosen once, on arrival: it serves this request even if a reload replaces it meanwhile
         (a replaced version drains: it finishes what chose it, then stops). `version` None picks by
         the model's traffic split, the same `routing_key` always getting the same version.
-        Raises ShuttingDown, ModelNotFound, or ModelNotReady (the version asked for is loading).
+        Raises ModelNotFound, or ModelNotReady (the version asked for is loading).
         """
-        if self.draining:
-            raise ShuttingDown("server is shutting down")
         if version is None:
             pool = self.registry.route(model).choose(routing_key)
         else:
@@ -74,12 +71,14 @@ class InferenceEngine:
     async def infer(self, pool: ModelPool, image: bytes, request_id: str, deadline: float) -> InferenceResult:
         """Preprocess `image` (encoded bytes) into a slot of `pool`, run it, return its output.
 
-        `deadline` is on the event loop's clock (`loop.time()`). Raises NoLiveWorker or QueueFull
-        at once (backpressure, nothing waits), InvalidImage or ImageTooLarge from preprocessing,
+        `deadline` is on the event loop's clock (`loop.time()`). Raises ShuttingDown, NoLiveWorker
+        or QueueFull at once (backpressure, nothing waits), InvalidImage or ImageTooLarge from preprocessing,
         WorkerLost if the worker dies or is killed meanwhile, InferenceFailed if onnxruntime
         raises on this input, DeadlineExceeded; CancelledError when the caller gives up. The slot
         is free again, or will be as soon as no thread or worker touches it, on every path.
         """
+        if self.draining:
+            raise ShuttingDown("server is shutting down")
         worker, slot = _acquire(pool)
         ring = worker.ring
         try:
@@ -87,7 +86,7 @@ class InferenceEngine:
                 started = time.perf_counter()
                 await self._fill(pool, ring, slot, image)
                 preprocess_s = time.perf_counter() - started
-                returned = await _run(pool, worker, slot, request_id)
+                returned = await _run(pool, worker, slot, request_id)  # after the fill: ring rule 1
         except TimeoutError:
             raise DeadlineExceeded("request did not complete before its deadline (the request timeout)") from None
         try:

@@ -37,7 +37,8 @@ def _enlarge_pipe(fd: int) -> None:
 class WorkerProcess:
     """A spawned worker process (spawn, not fork: onnxruntime's thread pools do not survive fork).
 
-    `on_message(msg)` gets each decoded `contract.FromWorker` message in order; `on_exit(process)`
+    Three pipes: submits and cancels in, every answer out, and pings in (read by the worker's
+    liveness thread). `on_message(msg)` gets each decoded `contract.FromWorker` message in order; `on_exit(process)`
     is called once, after the process has exited and every message it sent has been delivered.
     """
 
@@ -55,14 +56,16 @@ class WorkerProcess:
         self.exited = asyncio.Event()
         inbox_read, inbox_write = _spawn.Pipe(duplex=False)
         outbox_read, outbox_write = _spawn.Pipe(duplex=False)
+        pings_read, pings_write = _spawn.Pipe(duplex=False)
         _enlarge_pipe(inbox_write.fileno())
-        self._process = _spawn.Process(target=target, args=(spec_bytes, inbox_read, outbox_write),
+        self._process = _spawn.Process(target=target, args=(spec_bytes, inbox_read, outbox_write, pings_read),
                                        name=f"cronnx-worker-{name}", daemon=True)
         self._process.start()
         # The child has its own copies; closing ours lets EOF reach each side when the other dies.
         inbox_read.close()
         outbox_write.close()
-        self._inbox, self._outbox = inbox_write, outbox_read
+        pings_read.close()
+        self._inbox, self._outbox, self._pings = inbox_write, outbox_read, pings_write
         self._loop.add_reader(outbox_read.fileno(), self._on_readable)
         self._loop.add_reader(self._process.sentinel, self._on_sentinel)
         log.info("worker %s starting (pid %d)", name, self.pid)
@@ -79,6 +82,13 @@ class WorkerProcess:
         """Write one `contract.ToWorker` message; OSError when the worker is gone (its exit is
         then being handled, or about to be)."""
         self._inbox.send_bytes(contract.encode(message))
+
+    def ping(self, seq: int) -> None:
+        """Send Ping(seq) on the ping pipe (its own, so that it never waits behind submits)."""
+        try:
+            self._pings.send_bytes(contract.encode(contract.Ping(seq)))
+        except OSError:
+            pass  # it died: its exit is being handled
 
     def kill(self, reason: str) -> None:
         """SIGKILL, remembering why; `on_exit` follows as for any death."""
@@ -116,6 +126,7 @@ class WorkerProcess:
         self._loop.remove_reader(self._outbox.fileno())
         self._outbox.close()
         self._inbox.close()
+        self._pings.close()
         self._process.join()
         self.exited.set()
         self._on_exit(self)

@@ -3,12 +3,17 @@
 Each `Worker` is the front's record of one worker slot of the pool: its ring (front-owned memory
 that outlives any process), its current process, the request channel to it, and its health.
 The `Supervisor` starts them, restarts one that exits (at once if it had been serving, with
-exponential backoff if it died while loading), and watches the live ones (liveness):
+exponential backoff if it died while loading), and watches the live ones (liveness): each gets
+a Ping every `ping_interval_s` once it has answered the last one, on a pipe of its own that a
+thread of the worker answers at once, even mid-batch. A worker
 
-- every `ping_interval_s` a worker that is not running a batch is sent a Ping; one that has not
-  answered, nor sent anything else, for `ping_timeout_s` is killed ("ping_timeout");
-- a worker that says a batch is Running and has not answered it within `batch_run_timeout_s`
-  is killed ("batch_timeout"): stuck in onnxruntime, a driver call or a deadlock.
+- that has not answered a ping for `ping_timeout_s` is killed ("ping_timeout"): the process is
+  frozen, or holds the GIL forever;
+- whose pong says its batch loop has been busy on one step (a batch) for more than
+  `batch_run_timeout_s` is killed too ("batch_timeout"): stuck in onnxruntime, a driver call or
+  a deadlock.
+
+No message per batch is needed: the loop's progress travels with the pongs.
 
 Either way its requests get 503 with the reason (`WorkerLost`), and the restart is counted by
 reason: "exited", "session_broken", "load_failed", "ping_timeout", "batch_timeout".
@@ -64,10 +69,7 @@ class Worker:
         # How the last process ended ("died with exit code 1", "was killed: ...") and the restart's reason.
         self.last_exit: str | None = None
         self.last_restart_reason: str | None = None
-        # Liveness: the last time any message came, since when a batch is running, and the
-        # ping awaiting its pong (sequence number, time sent).
-        self.last_heard = 0.0
-        self.running_since: float | None = None
+        # Liveness: the ping awaiting its pong (sequence number, time sent).
         self.ping_seq = 0
         self.ping_sent: float | None = None
         # Counts of the processes before the current one (the channel counts the current one's).
@@ -116,29 +118,25 @@ class Supervisor:
                                 lambda msg: self._on_message(worker, msg), lambda p: self._on_exit(worker, p))
         worker.process = process
         worker.channel = RequestChannel(process.send)
-        worker.running_since = worker.ping_sent = None
+        worker.ping_sent = None
 
     def _on_message(self, worker: Worker, msg) -> None:
-        worker.last_heard = time.monotonic()
         kind = type(msg)
         if kind is contract.Done:
-            worker.running_since = None
             self._on_batch(len(msg.slots), max(msg.queue_s))
             worker.channel.deliver(msg)
-        elif kind is contract.Running:
-            worker.running_since = worker.last_heard
-        elif kind is contract.Failed:
-            worker.running_since = None
-            worker.channel.deliver(msg)
-        elif kind is contract.Dropped:
+        elif kind is contract.Failed or kind is contract.Dropped:
             worker.channel.deliver(msg)
         elif kind is contract.Pong:
             if msg.seq == worker.ping_seq:
                 worker.ping_sent = None
+                limit = self._liveness.batch_run_timeout_s
+                if msg.busy_s > limit and worker.live:
+                    self._kill(worker, f"batch_timeout: a batch ran longer than {limit:g}s")
         elif kind is contract.Ready:
             worker.process.ready = worker.live = True
             worker.failed_starts = 0
-            worker.load_seconds = worker.last_heard - worker.process.started_at
+            worker.load_seconds = time.monotonic() - worker.process.started_at
             worker.providers = msg.providers
             log.info("worker %s ready (pid %d, providers %s)", worker.name, msg.pid, ",".join(msg.providers))
 
@@ -186,20 +184,13 @@ class Supervisor:
         for worker in self.workers:
             if not worker.live:
                 continue
-            if worker.running_since is not None:
-                if now - worker.running_since > liveness.batch_run_timeout_s:
-                    self._kill(worker, f"batch_timeout: a batch ran longer than {liveness.batch_run_timeout_s:g}s")
-                continue
             if worker.ping_sent is not None:
-                if now - max(worker.ping_sent, worker.last_heard) > liveness.ping_timeout_s:
+                if now - worker.ping_sent > liveness.ping_timeout_s:
                     self._kill(worker, f"ping_timeout: no answer to a ping for {liveness.ping_timeout_s:g}s")
                 continue
             worker.ping_seq += 1
             worker.ping_sent = now
-            try:
-                worker.process.send(contract.Ping(worker.ping_seq))
-            except OSError:
-                pass  # it died; its exit is being handled
+            worker.process.ping(worker.ping_seq)
         self._watch = self._loop.call_later(liveness.ping_interval_s, self._check_liveness)
 
     def _kill(self, worker: Worker, reason: str) -> None:

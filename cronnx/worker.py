@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 import msgspec
@@ -62,7 +64,7 @@ class BatchRunner:
         self.input_name = spec.model_spec.input_name
         self.output_name = spec.model_spec.output_name
         self.fixed_batch = spec.model_spec.fixed_batch
-        rows = self.fixed_batch or spec.batch_size
+        rows = spec.batch_size  # the effective batch size: a fixed batch dimension already wins
         self.stage_in = np.zeros((rows, *ring.inputs.shape[1:]), ring.inputs.dtype)
         self.stage_out = np.zeros((rows, *ring.outputs.shape[1:]), ring.outputs.dtype)
         import onnxruntime as ort
@@ -143,10 +145,46 @@ def _is_run(slots: list[int]) -> bool:
     return max(slots) - min(slots) == len(slots) - 1
 
 
-def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runner: BatchRunner,
-                  spec: WorkerSpec) -> None:
+class LoopClock:
+    """When the batch loop began its current step (time.monotonic), None while it waits for work:
+    what the liveness thread reports. One attribute, written by the loop, read by the thread."""
+
+    def __init__(self):
+        self.busy_since: float | None = None
+
+    def busy_s(self) -> float:
+        since = self.busy_since
+        return 0.0 if since is None else max(0.0, time.monotonic() - since)
+
+
+Send = Callable[[bytes], None]
+
+
+def serialised_sender(outbox: Connection) -> Send:
+    """Two threads write the outbox (the batch loop and the liveness thread), and a message above
+    PIPE_BUF (a Failed with long errors) takes several write() calls: one writer at a time."""
+    lock = threading.Lock()
+    send_bytes = outbox.send_bytes
+
+    def send(message: bytes) -> None:
+        with lock:
+            send_bytes(message)
+    return send
+
+
+def answer_pings(pings: Connection, send: Send, clock: LoopClock) -> None:
+    """The liveness thread: answers each Ping at once with how long the loop has been busy."""
+    try:
+        while True:
+            ping = contract.decode_ping(pings.recv_bytes())
+            send(contract.encode(contract.Pong(ping.seq, clock.busy_s())))
+    except (EOFError, OSError):
+        pass  # the front is gone
+
+
+def serve_batches(inbox: Connection, send: Send, batcher: Batcher, runner: BatchRunner,
+                  spec: WorkerSpec, clock: LoopClock) -> None:
     """Collect submits into batches and run them until told to stop or the front goes away."""
-    send = outbox.send_bytes
     decode = contract.decode_to_worker
     encode = contract.encode
     request_ids: dict[int, str] = {}
@@ -170,18 +208,20 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
                 if batcher.cancel(msg.slot):
                     request_ids.pop(msg.slot, None)
                     send(encode(contract.Dropped(msg.slot)))
-            elif type(msg) is contract.Ping:
-                send(encode(contract.Pong(msg.seq)))
             else:
                 return False
             if not inbox.poll(0):
                 return True
 
     while True:
-        wait = batcher.wait_time(time.monotonic())
+        now = clock.busy_since = time.monotonic()
+        wait = batcher.wait_time(now)
         if wait != 0.0:
             # Sleep until a message comes or the oldest request's window closes.
-            if inbox.poll(wait):
+            clock.busy_since = None
+            ready = inbox.poll(wait)
+            clock.busy_since = time.monotonic()
+            if ready:
                 if not read_available():
                     return
                 continue
@@ -192,9 +232,6 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
             if batcher.wait_time(time.monotonic()) != 0.0:
                 continue
         slots, enqueued, solo = batcher.take()
-        # Told first, so that the front times the batch against its run limit (a pong cannot
-        # come while it runs).
-        send(encode(contract.Running(len(slots))))
         started = time.monotonic()
         failed = runner.run_isolating_failures(slots, solo)
         infer_s = time.monotonic() - started
@@ -204,6 +241,7 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
             kept = [i for i, slot in enumerate(slots) if slot not in failed]
             slots, queue_s = [slots[i] for i in kept], [queue_s[i] for i in kept]
         if slots:
+            # Ring rule 2: the outputs are written (run returned); from here the front may reuse the slots.
             send(encode(contract.Done(slots, queue_s, infer_s)))
             ids = [request_ids.pop(slot, "") for slot in slots]
             if log_batches:
@@ -217,7 +255,7 @@ def serve_batches(inbox: Connection, outbox: Connection, batcher: Batcher, runne
             raise SystemExit(contract.EXIT_SESSION_BROKEN)
 
 
-def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection) -> None:
+def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection, pings: Connection) -> None:
     # Ctrl-C and SIGTERM reach the whole process group; the front decides when a worker
     # stops (after in-flight work is answered), by a Stop message or by closing the pipe.
     # SIGHUP asks the front to reload; a terminal's hangup reaches the whole group too.
@@ -232,8 +270,11 @@ def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection) -> Non
     try:
         runner = BatchRunner(session, solo, ring, spec)
         runner.warm_up()
-        outbox.send_bytes(contract.encode(contract.Ready(os.getpid(), session.get_providers())))
-        serve_batches(inbox, outbox, Batcher(spec.batch_size, spec.batch_timeout_s), runner, spec)
+        clock = LoopClock()
+        send = serialised_sender(outbox)
+        send(contract.encode(contract.Ready(os.getpid(), session.get_providers())))
+        threading.Thread(target=answer_pings, args=(pings, send, clock), name="cronnx-liveness", daemon=True).start()
+        serve_batches(inbox, send, Batcher(spec.batch_size, spec.batch_timeout_s), runner, spec, clock)
     except (EOFError, BrokenPipeError):
         pass  # the front is gone: nobody is waiting for answers
     finally:

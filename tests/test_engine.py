@@ -13,13 +13,15 @@ import contextlib
 import io
 import os
 import random
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -58,8 +60,13 @@ def expected(rgb) -> list[float]:
 
 
 class Harness:
-    def __init__(self, engine: InferenceEngine, registry: Registry, batches: list[int]):
+    def __init__(self, engine: InferenceEngine, registry: Registry, batches: list[int], started_dir: Path):
         self.engine, self.registry, self.batches = engine, registry, batches
+        self._started_dir = started_dir
+
+    def slow_batches_started(self) -> int:
+        """SLOW or HANG batches the workers have begun to run."""
+        return len(os.listdir(self._started_dir))
 
     @property
     def pool(self):
@@ -96,17 +103,21 @@ async def serving(model_path, workers: int = 1, batch_size: int = 4, ring_slots:
                          workers=workers, ring_slots=ring_slots, intra_op_threads=1, preprocess=IDENTITY)
     prepared = catalog.prepare(ModelVersion("m", 1, str(model_path), config, "test"))
     batches: list[int] = []
+    started_dir = Path(tempfile.mkdtemp(prefix="cronnx-started-"))
+    os.environ[fake_worker.STARTED_DIR_ENV] = str(started_dir)  # inherited by the spawned workers
     registry = Registry(LoggingSpec("critical", "text"), lambda name, version: lambda size, _: batches.append(size),
                         60.0, liveness, fake_worker.main)
     executor = ThreadPoolExecutor(threads)
     try:
         await registry.apply([prepared], {}, {"m"})
-        harness = Harness(InferenceEngine(registry, executor), registry, batches)
+        harness = Harness(InferenceEngine(registry, executor), registry, batches, started_dir)
         yield harness
         await harness.settle()
     finally:
         await registry.close()
         executor.shutdown(wait=True)
+        del os.environ[fake_worker.STARTED_DIR_ENV]
+        shutil.rmtree(started_dir)
 
 
 def test_each_request_gets_the_answer_for_its_own_input(model):
@@ -153,7 +164,7 @@ def test_cancel_of_a_waiting_request_is_dropped_by_the_worker(model):
     async def main():
         async with serving(model, batch_size=1) as h:
             running = asyncio.create_task(h.infer((SLOW, 1, 2)))
-            await h.until(lambda: h.worker.running_since is not None, "the slow batch to start")
+            await h.until(lambda: h.slow_batches_started() == 1, "the slow batch to start")
             waiting = asyncio.create_task(h.infer((10, 11, 12)))
             await h.until(lambda: h.worker.channel.held == 2, "the second request to be sent")
             waiting.cancel()
@@ -172,7 +183,7 @@ def test_cancel_of_a_running_request_frees_its_slot_when_its_batch_is_done(model
     async def main():
         async with serving(model) as h:
             task = asyncio.create_task(h.infer((SLOW, 3, 4)))
-            await h.until(lambda: h.worker.running_since is not None, "the batch to start")
+            await h.until(lambda: h.slow_batches_started() == 1, "the batch to start")
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from pathlib import Path
 
 HANG = 1    # never returns (stuck in a driver call, say)
 FAIL = 2    # onnxruntime raises
@@ -19,15 +20,26 @@ SLOW = 4    # the batch takes SLOW_S
 JITTER = 5  # the batch takes a random 0-3 ms
 SLOW_S = 0.4
 DIE_CODE = 7
+# A folder where the worker leaves one file per SLOW or HANG batch it starts: a test knows the
+# batch is running (not waiting) without guessing from time.
+STARTED_DIR_ENV = "CRONNX_TEST_STARTED_DIR"
 
 
-def main(spec_bytes: bytes, inbox, outbox) -> None:
+def _mark_started() -> None:
+    folder = os.environ.get(STARTED_DIR_ENV)
+    if folder:
+        Path(folder, f"{os.getpid()}-{time.monotonic_ns()}").touch()
+
+
+def main(spec_bytes: bytes, inbox, outbox, pings) -> None:
     from cronnx import worker
 
     run = worker.BatchRunner._infer
 
     def infer_with_faults(self, session, binding, inputs, outputs) -> None:
         markers = set(inputs[:, 0, 0, 0].tolist())
+        if HANG in markers or SLOW in markers:
+            _mark_started()
         if HANG in markers:
             time.sleep(3600)
         if DIE in markers:
@@ -41,4 +53,4 @@ def main(spec_bytes: bytes, inbox, outbox) -> None:
         run(self, session, binding, inputs, outputs)
 
     worker.BatchRunner._infer = infer_with_faults
-    worker.worker_main(spec_bytes, inbox, outbox)
+    worker.worker_main(spec_bytes, inbox, outbox, pings)
