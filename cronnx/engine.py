@@ -72,10 +72,11 @@ class InferenceEngine:
         """Preprocess `image` (encoded bytes) into a slot of `pool`, run it, return its output.
 
         `deadline` is on the event loop's clock (`loop.time()`). Raises ShuttingDown, NoLiveWorker
-        or QueueFull at once (backpressure, nothing waits), InvalidImage or ImageTooLarge from preprocessing,
-        WorkerLost if the worker dies or is killed meanwhile, InferenceFailed if onnxruntime
-        raises on this input, DeadlineExceeded; CancelledError when the caller gives up. The slot
-        is free again, or will be as soon as no thread or worker touches it, on every path.
+        or QueueFull at once (backpressure, nothing waits), InvalidImage or ImageTooLarge from
+        preprocessing, WorkerLost if the worker dies or is killed meanwhile, InferenceFailed if
+        onnxruntime raises on this input, DeadlineExceeded; CancelledError when the caller gives
+        up. The slot is free again, or will be as soon as no thread or worker touches it, on every
+        path.
         """
         if self.draining:
             raise ShuttingDown("server is shutting down")

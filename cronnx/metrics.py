@@ -1,8 +1,9 @@
 """Prometheus metrics, all recorded in the front process.
 
 Workers report each batch through their pipe, and the front records it here (through the
-observer `batch_recorder` gives each model version), so `/metrics` is one view in which every request is counted exactly once,
-and there are no multiprocess files that a previous run could leave behind. Values that
+observer `batch_recorder` gives each model version), so `/metrics` is one view in which every
+request is counted exactly once, and there are no multiprocess files that a previous run could
+leave behind. Values that
 describe the present (ring occupancy, live workers, state) are read from the pools when
 Prometheus scrapes.
 """

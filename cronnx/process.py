@@ -51,7 +51,9 @@ class WorkerProcess:
         self.started_at = time.monotonic()
         # It sent Ready: loaded and warmed up (set by its supervisor).
         self.ready = False
-        # Why the front killed it (None: it exited by itself).
+        # Why the front killed it: a short cause ("ping_timeout") and a sentence (None: it exited
+        # by itself).
+        self.kill_cause: str | None = None
         self.kill_reason: str | None = None
         self.exited = asyncio.Event()
         inbox_read, inbox_write = _spawn.Pipe(duplex=False)
@@ -90,10 +92,10 @@ class WorkerProcess:
         except OSError:
             pass  # it died: its exit is being handled
 
-    def kill(self, reason: str) -> None:
+    def kill(self, cause: str, reason: str) -> None:
         """SIGKILL, remembering why; `on_exit` follows as for any death."""
-        if self.kill_reason is None and not self.exited.is_set():
-            self.kill_reason = reason
+        if self.kill_cause is None and not self.exited.is_set():
+            self.kill_cause, self.kill_reason = cause, reason
             self._process.kill()
 
     async def stop(self, timeout_s: float = 5.0) -> None:

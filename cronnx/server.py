@@ -97,9 +97,9 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
     server = config.server
     # Metrics read the registry's pools at each scrape; the registry reports batches to metrics.
     metrics = Metrics(lambda: registry.pools(), tuple(server.latency_buckets_s))
+    liveness = Liveness(server.worker_ping_interval_s, server.worker_ping_timeout_s, server.batch_run_timeout_s)
     registry = Registry(LoggingSpec(server.log_level, server.log_format), metrics.batch_recorder,
-                        server.model_load_timeout_s,
-                        Liveness(server.worker_ping_interval_s, server.worker_ping_timeout_s, server.batch_run_timeout_s))
+                        server.model_load_timeout_s, liveness)
     reloader = Reloader(registry, config_path)
     # Decode and resize release the GIL: these threads preprocess on every core.
     executor = ThreadPoolExecutor(server.preprocess_threads, thread_name_prefix="cronnx-preprocess",

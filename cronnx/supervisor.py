@@ -66,9 +66,8 @@ class Worker:
         self.load_seconds = 0.0
         self.restarts: Counter[str] = Counter()
         self.failed_starts = 0
-        # How the last process ended ("died with exit code 1", "was killed: ...") and the restart's reason.
+        # How the last process ended: "died with exit code 1", "was killed: <why>".
         self.last_exit: str | None = None
-        self.last_restart_reason: str | None = None
         # Liveness: the ping awaiting its pong (sequence number, time sent).
         self.ping_seq = 0
         self.ping_sent: float | None = None
@@ -85,6 +84,14 @@ class Worker:
         run, dropped, failed = self._past_items
         c = self.channel
         return (run + c.items_run, dropped + c.items_dropped, failed + c.items_failed) if c else self._past_items
+
+    def close_channel(self, reason: str) -> int:
+        """The process is gone: every request it held comes back lost with `reason`; its counts
+        are kept. Returns how many were lost."""
+        channel = self.channel
+        self._past_items = self.items
+        self.channel = None
+        return channel.lose_all(reason)
 
     def submit(self, slot: int, alone: bool, request_id: str, on_return) -> None:
         """Hand a filled slot to the worker (see `RequestChannel.submit`); OSError if it is gone."""
@@ -132,7 +139,7 @@ class Supervisor:
                 worker.ping_sent = None
                 limit = self._liveness.batch_run_timeout_s
                 if msg.busy_s > limit and worker.live:
-                    self._kill(worker, f"batch_timeout: a batch ran longer than {limit:g}s")
+                    self._kill(worker, "batch_timeout", f"a batch ran longer than {limit:g}s")
         elif kind is contract.Ready:
             worker.process.ready = worker.live = True
             worker.failed_starts = 0
@@ -143,20 +150,15 @@ class Supervisor:
     def _on_exit(self, worker: Worker, process: WorkerProcess) -> None:
         was_live = process.ready
         worker.live = False
-        reason = process.kill_reason
-        if reason is not None:
-            how = f"was killed: {reason}"
+        if process.kill_cause is not None:
+            how = f"was killed: {process.kill_cause}: {process.kill_reason}"
         else:
             how = f"died with exit code {process.exitcode}"
-        channel = worker.channel
-        run, dropped, failed = worker.items
-        worker._past_items = (run, dropped, failed)
-        worker.channel = None
-        lost = channel.lose_all(f"worker {worker.name} (pid {process.pid}) {how} while running this request; retry")
+        lost = worker.close_channel(f"worker {worker.name} (pid {process.pid}) {how} while running this request; retry")
         if self._stopping:
             return
-        if reason is not None:
-            cause = reason.split(":", 1)[0]
+        if process.kill_cause is not None:
+            cause = process.kill_cause
         elif not was_live:
             cause = "load_failed"
         elif process.exitcode == contract.EXIT_SESSION_BROKEN:
@@ -165,7 +167,6 @@ class Supervisor:
             cause = "exited"
         worker.restarts[cause] += 1
         worker.last_exit = how
-        worker.last_restart_reason = cause
         worker.failed_starts = 0 if was_live else worker.failed_starts + 1
         delay = 0.0 if was_live else min(MAX_RESTART_DELAY_S, 0.5 * 2 ** (worker.failed_starts - 1))
         log.error("worker %s (pid %d) %s; %d in-flight requests failed; restarting in %.1fs",
@@ -186,18 +187,18 @@ class Supervisor:
                 continue
             if worker.ping_sent is not None:
                 if now - worker.ping_sent > liveness.ping_timeout_s:
-                    self._kill(worker, f"ping_timeout: no answer to a ping for {liveness.ping_timeout_s:g}s")
+                    self._kill(worker, "ping_timeout", f"no answer to a ping for {liveness.ping_timeout_s:g}s")
                 continue
             worker.ping_seq += 1
             worker.ping_sent = now
             worker.process.ping(worker.ping_seq)
         self._watch = self._loop.call_later(liveness.ping_interval_s, self._check_liveness)
 
-    def _kill(self, worker: Worker, reason: str) -> None:
+    def _kill(self, worker: Worker, cause: str, reason: str) -> None:
         # No more submits from now on; the exit handler fails what it holds.
         worker.live = False
-        log.error("worker %s (pid %d) is unresponsive (%s); killing it", worker.name, worker.pid, reason)
-        worker.process.kill(reason)
+        log.error("worker %s (pid %d) is unresponsive (%s: %s); killing it", worker.name, worker.pid, cause, reason)
+        worker.process.kill(cause, reason)
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         """Stop every worker (the front has stopped sending); kill any that will not stop."""
