@@ -55,6 +55,8 @@ class WorkerStatus(msgspec.Struct):
     items_run: int
     items_dropped: int
     items_failed: int
+    # Batches run by this worker, by the batch dimension they ran with (their bucket).
+    bucket_runs: dict[int, int]
 
 
 class ModelStatus(msgspec.Struct, omit_defaults=True):
@@ -74,6 +76,7 @@ class ModelStatus(msgspec.Struct, omit_defaults=True):
     outputs_probabilities: bool | None = None
     num_classes: int | None = None
     batch_size: int | None = None
+    batch_buckets: list[int] | None = None
     description: str | None = None
     workers: list[WorkerStatus] | None = None
 
@@ -85,11 +88,12 @@ def failed_status(name: str, version: int, reason: str) -> ModelStatus:
 def model_status(pool: ModelPool, traffic_weight: float | None) -> ModelStatus:
     spec = pool.spec
     workers = [WorkerStatus(w.pid, w.live, w.restarts.total(), dict(w.restarts), w.last_exit, w.providers,
-                            w.ring.in_use, *w.items) for w in pool.workers]
+                            w.ring.in_use, *w.items, dict(w.bucket_runs)) for w in pool.workers]
     return ModelStatus(
         name=pool.name, version=pool.version, state=pool.state, traffic_weight=traffic_weight,
         input=spec.input_name, input_shape=[spec.fixed_batch or "batch", *spec.input_item_shape],
         input_layout=spec.layout, input_dtype=spec.input_dtype, output=spec.output_name,
         output_shape=[spec.fixed_batch or "batch", *spec.output_item_shape],
         outputs_probabilities=pool.outputs_probabilities, num_classes=spec.num_classes, batch_size=pool.batch_size,
+        batch_buckets=pool.batch_buckets,
         description=spec.description, workers=workers)

@@ -54,6 +54,31 @@ class PreparedVersion(msgspec.Struct, frozen=True):
         config (that many rows run, padded with zeros when fewer requests wait)."""
         return self.spec.fixed_batch or self.model.config.batch_size
 
+    @property
+    def batch_buckets(self) -> list[int]:
+        """The batch sizes the worker's sessions run, one session each ([]: one session for any
+        size). A fixed batch dimension is the only bucket; unset, CUDA gets powers of two up to
+        the batch size (a CUDA session is slow at every change of its input shape) and the CPU
+        gets [] (see bench/README.md, "Batch buckets on the CPU")."""
+        if self.spec.fixed_batch:
+            return [self.spec.fixed_batch]
+        configured = self.model.config.batch_buckets
+        if configured is not None:
+            return configured
+        if "CUDAExecutionProvider" in self.providers:
+            return powers_of_two_up_to(self.batch_size)
+        return []
+
+
+def powers_of_two_up_to(size: int) -> list[int]:
+    """1, 2, 4, ... below `size`, then `size` itself: [1, 2, 4, 8] for 8, [1, 2, 4, 6] for 6."""
+    buckets = []
+    bucket = 1
+    while bucket < size:
+        buckets.append(bucket)
+        bucket *= 2
+    return [*buckets, size]
+
 
 def model_configs(config: Config, config_path: str) -> list[tuple[ModelConfig, str]]:
     """The configured models with where each came from: explicit entries, then repository folders."""
@@ -159,6 +184,10 @@ def prepare(version: ModelVersion) -> PreparedVersion:
         labels = load_labels(model.labels, spec.num_classes, "demo_class_" if model.demo else "class_")
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    fixed = spec.fixed_batch
+    if fixed and model.batch_buckets and model.batch_buckets != [fixed]:
+        raise ConfigError(f"{where}.batch_buckets: the model's batch dimension is fixed at {fixed}, so it runs "
+                          f"only batches of {fixed}; got {model.batch_buckets}")
     if spec.description in DEMO_DESCRIPTIONS.values():
         log.warning("model %s is the UNTRAINED DEMO model: its predictions carry no meaning", model.name)
     return PreparedVersion(version, spec, providers, labels)

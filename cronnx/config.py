@@ -105,6 +105,30 @@ class PreprocessConfig(Strict):
             raise ValueError("std values must be > 0")
 
 
+class CudaConfig(Strict):
+    """onnxruntime CUDA execution provider settings (used only when a worker runs on CUDA).
+
+    TF32 is off by default, unlike onnxruntime's own default: with it on, the demo ResNet-50's
+    probabilities differed from the CPU EP's by up to 0.11, with it off by 2.5e-5 (measured on an
+    H200, onnxruntime-gpu 1.31.1; issue 10). Turn it on for speed when that difference is fine.
+    """
+
+    use_tf32: bool = False
+    # How cuDNN picks convolution algorithms for each input shape (onnxruntime's default).
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE"
+    # The CUDA memory arena's limit in bytes; None: onnxruntime's default (no limit).
+    gpu_mem_limit_bytes: PositiveInt | None = None
+
+    def provider_options(self, device_id: int | None) -> dict[str, str]:
+        """The CUDAExecutionProvider options, as onnxruntime's Python API takes them (strings)."""
+        options = {"use_tf32": "1" if self.use_tf32 else "0", "cudnn_conv_algo_search": self.cudnn_conv_algo_search}
+        if device_id is not None:
+            options["device_id"] = str(device_id)
+        if self.gpu_mem_limit_bytes is not None:
+            options["gpu_mem_limit"] = str(self.gpu_mem_limit_bytes)
+        return options
+
+
 class VersionPolicy(Strict):
     """Which versions of a repository to serve: the `latest` N, the `specific` ones, or all."""
 
@@ -127,6 +151,11 @@ class ModelConfig(Strict):
     # highest ready version takes all traffic.
     traffic: dict[PositiveInt, Annotated[float, msgspec.Meta(ge=0)]] | None = None
     batch_size: PositiveInt = DEFAULT_BATCH_SIZE
+    # The batch sizes the sessions run, each on a session of its own that only ever sees that
+    # shape; a batch is padded with zeros up to the smallest bucket that holds it. [] runs one
+    # session for every batch size. None: [] on CPU, powers of two up to batch_size on CUDA
+    # (where every change of a session's input shape is slow; see bench/README.md).
+    batch_buckets: list[PositiveInt] | None = None
     batch_timeout_ms: NonNegativeFloat = 2.0
     # CPU: how many worker processes. GPU: ignored when devices is set (one per device).
     workers: PositiveInt = 1
@@ -150,8 +179,15 @@ class ModelConfig(Strict):
     # model's output comes straight from a Softmax node.
     outputs: Literal["auto", "logits", "probabilities"] = "auto"
     preprocess: PreprocessConfig = PreprocessConfig()
+    cuda: CudaConfig = CudaConfig()
 
     def __post_init__(self) -> None:
+        buckets = self.batch_buckets
+        if buckets:
+            if any(a >= b for a, b in zip(buckets, buckets[1:])):
+                raise ValueError(f"batch_buckets must be strictly increasing, got {buckets}")
+            if buckets[-1] != self.batch_size:
+                raise ValueError(f"batch_buckets must end with batch_size ({self.batch_size}), got {buckets}")
         if (self.path is None) == (self.repository is None):
             raise ValueError("set exactly one of path (one model file) or repository (a folder of versions)")
         if self.traffic is not None and not sum(self.traffic.values()) > 0:

@@ -47,7 +47,9 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     """What one worker process runs: sent to it msgpack-encoded as its only start-up argument.
 
     `batch_size` is the effective batch size (a model's fixed batch dimension wins over the
-    config); `batch_timeout_s` the batch window in seconds; `device_id` the CUDA device or None."""
+    config); `batch_buckets` the batch sizes its sessions run ([]: one session for any size);
+    `batch_timeout_s` the batch window in seconds; `cuda_options` the CUDAExecutionProvider's
+    options (device, TF32, ...), used when that provider is in `providers`."""
 
     model: str
     version: int
@@ -56,9 +58,10 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     model_spec: ModelSpec
     ring: RingLayout
     batch_size: int
+    batch_buckets: list[int]
     batch_timeout_s: float
     providers: list[str]
-    device_id: int | None
+    cuda_options: dict[str, str]
     intra_op_threads: int
     inter_op_threads: int
     solo_intra_op_threads: int | None
@@ -121,13 +124,22 @@ class Ready(msgspec.Struct, tag="ready", array_like=True):
     providers: list[str]
 
 
+class LoadFailed(msgspec.Struct, tag="load_failed", array_like=True):
+    """The worker could not create or warm up its sessions: `error` is the exception's text. It
+    exits right after."""
+
+    error: str
+
+
 class Done(msgspec.Struct, tag="done", array_like=True):
     """The outputs of `slots` are written. `queue_s[i]`: seconds slot i waited from its Submit
-    to the batch's start; `infer_s`: seconds the batch ran."""
+    to the batch's start; `infer_s`: seconds the batch ran; `rows`: the batch dimension it ran
+    with (its bucket: len(slots) plus zero padding)."""
 
     slots: list[int]
     queue_s: list[float]
     infer_s: float
+    rows: int
 
 
 class Dropped(msgspec.Struct, tag="dropped", array_like=True):
@@ -153,7 +165,7 @@ class Pong(msgspec.Struct, tag="pong", array_like=True):
 
 
 ToWorker = Submit | Cancel | Stop
-FromWorker = Ready | Done | Dropped | Failed | Pong
+FromWorker = Ready | LoadFailed | Done | Dropped | Failed | Pong
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)

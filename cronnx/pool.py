@@ -42,6 +42,7 @@ class ModelPool:
         self.labels = prepared.labels
         self.top_k = config.top_k
         self.batch_size = prepared.batch_size
+        self.batch_buckets = prepared.batch_buckets
         self.outputs_probabilities = (spec.outputs_probabilities if config.outputs == "auto"
                                       else config.outputs == "probabilities")
         self.preprocess = Preprocessor(config.preprocess, spec)
@@ -66,9 +67,9 @@ class ModelPool:
         c = self.config
         return WorkerSpec(
             model=self.name, version=self.version, index=index, model_path=str(Path(self.model.path).resolve()),
-            model_spec=self.spec, ring=ring.layout, batch_size=self.batch_size,
+            model_spec=self.spec, ring=ring.layout, batch_size=self.batch_size, batch_buckets=self.batch_buckets,
             batch_timeout_s=c.batch_timeout_ms / 1000.0, providers=providers,
-            device_id=c.devices[index] if c.devices else None,
+            cuda_options=c.cuda.provider_options(c.devices[index] if c.devices else None),
             intra_op_threads=c.intra_op_threads, inter_op_threads=c.inter_op_threads,
             solo_intra_op_threads=c.solo_intra_op_threads, allow_spinning=c.allow_spinning, logging=logging)
 
@@ -81,7 +82,7 @@ class ModelPool:
         while not all(w.live for w in self.workers):
             failed = next((w for w in self.workers if w.failed_starts), None)
             if failed is not None:
-                raise LoadFailed(f"worker {failed.name} {failed.last_exit} while loading")
+                raise LoadFailed(f"worker {failed.name} {failed.last_exit}")
             if asyncio.get_running_loop().time() > deadline:
                 raise LoadFailed(f"workers not ready after {timeout_s:g}s")
             await asyncio.sleep(0.02)

@@ -66,8 +66,12 @@ class Worker:
         self.load_seconds = 0.0
         self.restarts: Counter[str] = Counter()
         self.failed_starts = 0
-        # How the last process ended: "died with exit code 1", "was killed: <why>".
+        # How the last process ended: "died with exit code 1", "was killed: <why>", "failed to load: <why>".
         self.last_exit: str | None = None
+        # What the current process said when it could not load (LoadFailed).
+        self.load_error: str | None = None
+        # Batches run, by the batch dimension they ran with (their bucket).
+        self.bucket_runs: Counter[int] = Counter()
         # Liveness: the ping awaiting its pong (sequence number, time sent).
         self.ping_seq = 0
         self.ping_sent: float | None = None
@@ -126,11 +130,13 @@ class Supervisor:
         worker.process = process
         worker.channel = RequestChannel(process.send)
         worker.ping_sent = None
+        worker.load_error = None
 
     def _on_message(self, worker: Worker, msg) -> None:
         kind = type(msg)
         if kind is contract.Done:
             self._on_batch(len(msg.slots), max(msg.queue_s))
+            worker.bucket_runs[msg.rows] += 1
             worker.channel.deliver(msg)
         elif kind is contract.Failed or kind is contract.Dropped:
             worker.channel.deliver(msg)
@@ -140,6 +146,9 @@ class Supervisor:
                 limit = self._liveness.batch_run_timeout_s
                 if msg.busy_s > limit and worker.live:
                     self._kill(worker, "batch_timeout", f"a batch ran longer than {limit:g}s")
+        elif kind is contract.LoadFailed:
+            worker.load_error = msg.error
+            log.error("worker %s could not load: %s", worker.name, msg.error)
         elif kind is contract.Ready:
             worker.process.ready = worker.live = True
             worker.failed_starts = 0
@@ -152,6 +161,9 @@ class Supervisor:
         worker.live = False
         if process.kill_cause is not None:
             how = f"was killed: {process.kill_cause}: {process.kill_reason}"
+        elif not was_live:
+            how = (f"failed to load: {worker.load_error}" if worker.load_error is not None
+                   else f"died with exit code {process.exitcode} while loading")
         else:
             how = f"died with exit code {process.exitcode}"
         lost = worker.close_channel(f"worker {worker.name} (pid {process.pid}) {how} while running this request; retry")

@@ -6,6 +6,7 @@ created here, after the process starts.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import signal
@@ -37,34 +38,33 @@ def create_session(spec: WorkerSpec, intra_op_threads: int):
     spinning = "1" if spec.allow_spinning else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
     options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
-    providers: list = []
-    for name in spec.providers:
-        if name == "CUDAExecutionProvider" and spec.device_id is not None:
-            providers.append((name, {"device_id": spec.device_id}))
-        else:
-            providers.append(name)
+    providers = [(name, spec.cuda_options) if name == "CUDAExecutionProvider" else name for name in spec.providers]
     return ort.InferenceSession(spec.model_path, options, providers=providers)
 
 
 class BatchRunner:
-    """Runs a list of slots through a session with IO binding.
+    """Runs a list of slots through onnxruntime with IO binding.
 
-    Adjacent slots form one contiguous [n, C, H, W] block of ring memory, bound as is; a batch
-    of scattered slots (or one that wraps around the ring end) is gathered once into a
-    staging buffer. A model with a fixed batch dimension gets batches of at most that size
-    (the front sets batch_size so), padded with zeros when fewer requests are waiting.
-    A lone request runs on the solo session (more threads) when there is one.
+    With buckets, each bucket has a session that only ever runs that batch size: a batch of n
+    runs on the smallest bucket >= n, padded with zero rows (on the CUDA EP every change of a
+    session's input shape is slow; a model's fixed batch dimension is its one bucket). Without,
+    one session runs every batch at its own size. A lone request runs on the solo session (more
+    threads, shaped like the smallest bucket) when there is one.
+
+    Adjacent slots of a batch that needs no padding form one contiguous [n, C, H, W] block of
+    ring memory, bound as is; other batches are gathered once into a staging buffer.
     """
 
-    def __init__(self, session, solo_session, ring: AttachedRing, spec: WorkerSpec):
-        self.sessions = [(session, session.io_binding())]
-        if solo_session is not None:
-            self.sessions.append((solo_session, solo_session.io_binding()))
+    def __init__(self, spec: WorkerSpec, ring: AttachedRing, new_session: Callable[[int], object]):
+        """`new_session(intra_op_threads)` builds one onnxruntime session of the model."""
         self.ring = ring
         self.input_name = spec.model_spec.input_name
         self.output_name = spec.model_spec.output_name
-        self.fixed_batch = spec.model_spec.fixed_batch
-        rows = spec.batch_size  # the effective batch size: a fixed batch dimension already wins
+        self.buckets = spec.batch_buckets
+        sizes = self.buckets or [None]
+        self._sessions = {size: _bound(new_session(spec.intra_op_threads)) for size in sizes}
+        self._solo = _bound(new_session(spec.solo_intra_op_threads)) if spec.solo_intra_op_threads else None
+        rows = spec.batch_size
         self.stage_in = np.zeros((rows, *ring.inputs.shape[1:]), ring.inputs.dtype)
         self.stage_out = np.zeros((rows, *ring.outputs.shape[1:]), ring.outputs.dtype)
         import onnxruntime as ort
@@ -74,42 +74,58 @@ class BatchRunner:
         self.run_options = ort.RunOptions()
         self.run_options.log_severity_level = 4
 
-    def run(self, slots: list[int], solo: bool = False) -> None:
-        session, binding = self.sessions[-1] if solo else self.sessions[0]
+    @property
+    def providers(self) -> list[str]:
+        session, _ = next(iter(self._sessions.values()))
+        return session.get_providers()
+
+    def rows_for(self, n: int) -> int:
+        """The batch dimension a batch of n requests runs with: its bucket, or n without buckets."""
+        if not self.buckets:
+            return n
+        return self.buckets[bisect.bisect_left(self.buckets, n)]
+
+    def run(self, slots: list[int], solo: bool = False) -> int:
+        """Run the slots' inputs into their outputs; returns the batch dimension it ran with."""
         n = len(slots)
-        rows = self.fixed_batch or n
+        rows = self.rows_for(n)
+        if solo and self._solo is not None:
+            session, binding = self._solo
+        else:
+            session, binding = self._sessions[rows if self.buckets else None]
         if rows == n and _is_run(slots):
             first = min(slots)
             self._infer(session, binding, self.ring.inputs[first:first + n], self.ring.outputs[first:first + n])
-            return
+            return rows
         np.take(self.ring.inputs, slots, axis=0, out=self.stage_in[:n])
         if rows > n:
-            self.stage_in[n:rows] = 0
+            self.stage_in[n:rows] = 0  # padding rows: each row's result depends on its own input only
         self._infer(session, binding, self.stage_in[:rows], self.stage_out[:rows])
         self.ring.outputs[slots] = self.stage_out[:n]
+        return rows
 
-    def run_isolating_failures(self, slots: list[int], solo: bool = False) -> dict[int, str]:
+    def run_isolating_failures(self, slots: list[int], solo: bool = False) -> tuple[int, dict[int, str]]:
         """Run the batch; if onnxruntime fails, run its items one by one, so that only the items
-        that fail by themselves fail. Returns what onnxruntime said for each failed slot."""
+        that fail by themselves fail. Returns the batch dimension the batch ran with, and what
+        onnxruntime said for each failed slot."""
         try:
-            self.run(slots, solo)
-            return {}
+            return self.run(slots, solo), {}
         except Exception as exc:  # onnxruntime's errors derive from Exception only
             if len(slots) == 1:
-                return {slots[0]: _short(exc)}
+                return self.rows_for(1), {slots[0]: _short(exc)}
         failed = {}
         for slot in slots:
             try:
                 self.run([slot])
             except Exception as exc:
                 failed[slot] = _short(exc)
-        return failed
+        return self.rows_for(1), failed
 
     def healthy(self) -> bool:
-        """Whether the session still runs the warm-up input: after a device error (a CUDA fault, say)
-        it may fail everything, and only a new process recovers."""
-        rows = self.fixed_batch or 1
-        session, binding = self.sessions[0]
+        """Whether the smallest session still runs a zero input: after a device error (a CUDA
+        fault, say) it may fail everything, and only a new process recovers."""
+        rows = self.rows_for(1)
+        session, binding = self._sessions[rows if self.buckets else None]
         # The staging rows may still hold the input that just failed: check on zeros.
         self.stage_in[:rows] = 0
         try:
@@ -124,12 +140,21 @@ class BatchRunner:
         session.run_with_iobinding(binding, self.run_options)
 
     def warm_up(self) -> None:
-        """A few runs on zeros (staging memory, not the ring) so the first request pays no set-up."""
-        rows = self.fixed_batch or 1
-        for session, binding in self.sessions:
-            for _ in range(2):
+        """Runs on zeros (staging memory, not the ring) of every shape a session will see, before
+        the worker says Ready, so that no request pays for a session's first runs."""
+        self.stage_in[:] = 0
+        for size, (session, binding) in self._sessions.items():
+            shapes = [size] if size is not None else [1, len(self.stage_in)]
+            for rows in shapes * 2:
                 self._infer(session, binding, self.stage_in[:rows], self.stage_out[:rows])
-                self._infer(session, binding, self.stage_in, self.stage_out)
+        if self._solo is not None:
+            rows = self.rows_for(1)
+            for _ in range(2):
+                self._infer(*self._solo, self.stage_in[:rows], self.stage_out[:rows])
+
+
+def _bound(session) -> tuple[object, object]:
+    return session, session.io_binding()
 
 
 # Enough of onnxruntime's message to say which node failed and why.
@@ -233,7 +258,7 @@ def serve_batches(inbox: Connection, send: Send, batcher: Batcher, runner: Batch
                 continue
         slots, enqueued, solo = batcher.take()
         started = time.monotonic()
-        failed = runner.run_isolating_failures(slots, solo)
+        rows, failed = runner.run_isolating_failures(slots, solo)
         infer_s = time.monotonic() - started
         queue_s = [started - t for t in enqueued]
         if failed:
@@ -242,12 +267,12 @@ def serve_batches(inbox: Connection, send: Send, batcher: Batcher, runner: Batch
             slots, queue_s = [slots[i] for i in kept], [queue_s[i] for i in kept]
         if slots:
             # Ring rule 2: the outputs are written (run returned); from here the front may reuse the slots.
-            send(encode(contract.Done(slots, queue_s, infer_s)))
+            send(encode(contract.Done(slots, queue_s, infer_s, rows)))
             ids = [request_ids.pop(slot, "") for slot in slots]
             if log_batches:
                 log.info("batch", extra={"fields": {
                     "model": spec.model, "version": spec.version, "worker": spec.index, "batch_size": len(slots),
-                    "solo": solo, "infer_ms": infer_s * 1000.0, "oldest_wait_ms": max(queue_s) * 1000.0,
+                    "rows": rows, "solo": solo, "infer_ms": infer_s * 1000.0, "oldest_wait_ms": max(queue_s) * 1000.0,
                     "request_ids": ids}})
         if failed and not runner.healthy():
             log.error("the session fails on the warm-up input too; exiting so that a new worker replaces this one",
@@ -264,15 +289,17 @@ def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection, pings:
     spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
     mark_cpu_bound()
     setup_logging(spec.logging.level, spec.logging.format)
-    session = create_session(spec, spec.intra_op_threads)
-    solo = create_session(spec, spec.solo_intra_op_threads) if spec.solo_intra_op_threads else None
+    send = serialised_sender(outbox)
     ring = AttachedRing(spec.ring)
     try:
-        runner = BatchRunner(session, solo, ring, spec)
-        runner.warm_up()
+        try:
+            runner = BatchRunner(spec, ring, lambda threads: create_session(spec, threads))
+            runner.warm_up()
+        except Exception as exc:  # the front logs this text and shows it as the reason the model did not load
+            send(contract.encode(contract.LoadFailed(_short(exc))))
+            raise SystemExit(1) from None
         clock = LoopClock()
-        send = serialised_sender(outbox)
-        send(contract.encode(contract.Ready(os.getpid(), session.get_providers())))
+        send(contract.encode(contract.Ready(os.getpid(), runner.providers)))
         threading.Thread(target=answer_pings, args=(pings, send, clock), name="cronnx-liveness", daemon=True).start()
         serve_batches(inbox, send, Batcher(spec.batch_size, spec.batch_timeout_s), runner, spec, clock)
     except (EOFError, BrokenPipeError):

@@ -39,6 +39,13 @@ CASES = {
     "missing model file": ({"models": [{"name": "m", "path": "/nonexistent/model.onnx"}]}, "models[0] (m).path"),
     "ring smaller than batch": ({"models": [{"name": "m", "path": "TINY", "batch_size": 8, "ring_slots": 4}]}, "ring_slots"),
     "buckets out of order": ({"server": {"latency_buckets_s": [0.1, 0.01]}, "models": [{"name": "m", "path": "TINY"}]}, "latency_buckets_s"),
+    "batch buckets out of order": ({"models": [{"name": "m", "path": "TINY", "batch_size": 4,
+                                                "batch_buckets": [2, 1, 4]}]}, "strictly increasing"),
+    "batch buckets not ending at batch_size": ({"models": [{"name": "m", "path": "TINY", "batch_size": 8,
+                                                           "batch_buckets": [1, 4]}]}, "end with batch_size (8)"),
+    "unknown cuda setting": ({"models": [{"name": "m", "path": "TINY", "cuda": {"use_fp8": True}}]}, "use_fp8"),
+    "bad conv algo search": ({"models": [{"name": "m", "path": "TINY", "cuda": {"cudnn_conv_algo_search": "FAST"}}]},
+                             "cudnn_conv_algo_search"),
     "unavailable provider": ({"models": [{"name": "m", "path": "TINY", "providers": ["TensorrtExecutionProvider"]}]}, "TensorrtExecutionProvider"),
 }
 

@@ -148,3 +148,19 @@ def channel_mean_model(path: Path, size: int = 8) -> Path:
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
         [helper.make_tensor_value_info("means", TensorProto.FLOAT, ["batch", 3])])
     return _save(graph, path)
+
+
+def batch_one_only_model(path: Path) -> Path:
+    """Declares a dynamic batch dimension but reshapes to [1, 10]: it runs a batch of 1 and
+    fails on any larger one, as a carelessly exported model does."""
+    w = numpy_helper.from_array(np.ones((3, 10), np.float32), "w")
+    shape = numpy_helper.from_array(np.array([1, 10], np.int64), "shape")
+    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "w"], ["scores"]),
+             helper.make_node("Reshape", ["scores", "shape"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "batch_one_only",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], [w, shape])
+    return _save(graph, path)
