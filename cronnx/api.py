@@ -38,9 +38,13 @@ class PredictResponse(msgspec.Struct):
     timings_ms: Timings
 
 
-class Health(msgspec.Struct):
+class Health(msgspec.Struct, omit_defaults=True):
+    """`/ready` and `/health`: the status, live workers per serving model, and the reason of each
+    model version that failed to load ("name vN": reason)."""
+
     status: str
     models: dict[str, int] = {}
+    failed: dict[str, str] = {}
 
 
 class WorkerStatus(msgspec.Struct):

@@ -78,3 +78,8 @@ class DeadlineExceeded(CronnxError):
 
 class InferenceFailed(CronnxError):
     """onnxruntime raised while running this request's input; the message says what it said."""
+
+
+class NonFiniteOutput(InferenceFailed):
+    """The model's scores for this request hold NaN or infinity (an fp16 overflow, say): there
+    is no ranking or probability to answer with."""

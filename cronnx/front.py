@@ -113,12 +113,17 @@ async def health(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    live = {name: sum(p.live_workers for p in route.versions.values()) for name, route in state.registry.routes.items()}
+    registry = state.registry
+    live = {name: sum(p.live_workers for p in route.versions.values()) for name, route in registry.routes.items()}
+    failed = {f"{name} v{version}": reason for (name, version), reason in registry.failed.items()}
     if state.engine.draining:
-        return json_response(Health("draining", live), 503)
+        return json_response(Health("draining", live, failed), 503)
     if state.ready():
-        return json_response(Health("ready", live))
-    return json_response(Health("loading", live), 503)
+        return json_response(Health("ready", live, failed))
+    if not registry.loaded_once:
+        return json_response(Health("loading", live, failed), 503)
+    # Loaded, and no model serves: every one failed, or all were unloaded.
+    return json_response(Health("failed" if failed else "no models", live, failed), 503)
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -101,6 +101,11 @@ class Registry:
             raise ModelNotReady(f"version {version} of model {name!r} is loading")
         raise ModelNotFound(f"version {version} of model {name!r} is not served; served: {sorted(route.versions)}")
 
+    @property
+    def loaded_once(self) -> bool:
+        """The first load has finished (whatever it loaded)."""
+        return self._loaded_once
+
     def ready(self) -> bool:
         """Loaded once, and every model that serves has a live worker."""
         serving = [route for route in self.routes.values() if route.versions]

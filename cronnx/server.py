@@ -76,7 +76,8 @@ class Reloader:
                     failed[(version.name, version.version)] = str(exc)
         names = {m.name for m, _ in models}
         if only is None:
-            names |= set(self.registry.routes)  # models gone from the file are unloaded too
+            # Models gone from the file are unloaded, and their old load failures forgotten.
+            names |= set(self.registry.routes) | {name for name, _ in self.registry.failed}
         await self.registry.apply(prepared, failed, names, force=force)
 
     async def on_sighup(self) -> None:

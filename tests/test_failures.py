@@ -1,0 +1,84 @@
+"""Models that misbehave: their requests get a clear error, /ready and /models say why, and the
+models beside them keep serving."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+from support.client import predict_many
+from support.images import encode, photo_like
+from support.metrics import scrape, value
+from support.models import batch_one_only_model, tiny_classifier
+from support.server import model_entry, server_config, wait_until
+
+IMAGE = encode(photo_like(320, 240, seed=5), "JPEG")
+
+
+def overflowing_model(path) -> str:
+    """Scores divided by zero: +inf, -inf, and NaN where the score is exactly 0 (the first class's
+    weights are zero), as an fp16 model that overflows gives."""
+    w = np.ones((3, 10), np.float32)
+    w[:, 0] = 0.0
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros((1,), np.float32), "zero")]
+    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "w"], ["scores"]),
+             helper.make_node("Div", ["scores", "zero"], ["logits"])]
+    graph = helper.make_graph(nodes, "overflow",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def good_model(tmp_path_factory):
+    return tiny_classifier(tmp_path_factory.mktemp("good") / "good.onnx")
+
+
+def test_non_finite_scores_get_500_with_the_reason_and_are_counted_as_errors(start_server, tmp_path, good_model):
+    server = start_server(server_config(model_entry("overflow", overflowing_model(tmp_path / "overflow.onnx")),
+                                        model_entry("good", good_model)))
+    bad = asyncio.run(predict_many(f"{server.url}/predict/overflow", [IMAGE] * 5))
+    good = asyncio.run(predict_many(f"{server.url}/predict/good", [IMAGE] * 5))
+    assert [r.status for r in bad] == [500] * 5
+    assert all("non-finite scores (1 NaN, 9 infinite of 10)" in r.body["error"] for r in bad), bad[0].body
+    assert [r.status for r in good] == [200] * 5
+    m = scrape(server.url)
+    assert value(m, "cronnx_requests_total", model="overflow", version=1, outcome="500") == 5
+    assert value(m, "cronnx_requests_total", model="overflow", version=1, outcome="success") == 0
+
+
+def test_ready_states_the_failure_when_the_only_model_cannot_load(start_server, tmp_path):
+    model = batch_one_only_model(tmp_path / "batch1.onnx")
+    server = start_server(server_config(model_entry("b1", model, batch_size=4)), wait_ready=False)
+    wait_until(lambda: server.get("/ready")[1]["status"] != "loading", what="the first load to end")
+    status, body = server.get("/ready")
+    assert status == 503 and body["status"] == "failed", body
+    assert "invalid dimensions for output" in body["failed"]["b1 v1"], body
+
+
+def test_a_failed_model_removed_from_the_config_is_forgotten_on_reload(start_server, tmp_path, good_model):
+    broken = batch_one_only_model(tmp_path / "batch1.onnx")
+    config = server_config(model_entry("good", good_model), model_entry("b1", broken, batch_size=4))
+    server = start_server(config)
+    assert [v["state"] for v in server.versions() if v["name"] == "b1"] == ["failed"]
+    status, body = server.get("/ready")
+    assert status == 200 and body["status"] == "ready" and "b1 v1" in body["failed"], body
+
+    config["models"] = config["models"][:1]
+    server.config_path.write_text(yaml.safe_dump(config))
+    server.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: not any(v["name"] == "b1" for v in server.versions()), what="the failure to be forgotten")
+    status, body = server.get("/ready")
+    assert status == 200 and "failed" not in body, body
+    assert [r.status for r in asyncio.run(predict_many(f"{server.url}/predict/good", [IMAGE] * 3))] == [200] * 3
