@@ -13,6 +13,8 @@ import uuid
 
 import msgspec
 from aiohttp import web
+# aiohttp's own handler: sends "100 Continue", or 417 for an unknown expectation.
+from aiohttp.web_urldispatcher import _default_expect_handler
 
 from .api import (JSON_TYPE, Health, ImageRequest, Prediction, PredictResponse, Timings, failed_status,
                   model_status)
@@ -28,7 +30,17 @@ from .registry import Registry
 log = logging.getLogger("cronnx.front")
 access_log = logging.getLogger("cronnx.access")
 
-RAW_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "application/octet-stream"})
+# Every registered type (and the common unregistered aliases) of the formats preprocessing reads;
+# the bytes decide the format, the type only says that the body is an image.
+RAW_IMAGE_TYPES = frozenset({
+    "application/octet-stream",
+    "image/jpeg", "image/jpg", "image/pjpeg",         # JPEG
+    "image/png", "image/x-png", "image/apng",         # PNG
+    "image/webp",                                     # WebP
+    "image/gif",                                      # GIF
+    "image/bmp", "image/x-bmp", "image/x-ms-bmp",     # BMP
+    "image/tiff", "image/tiff-fx", "image/x-tiff",    # TIFF
+})
 REQUEST_ID_HEADER = "X-Request-ID"
 # Requests with the same key get the same version of a model whose traffic is split.
 ROUTING_KEY_HEADER = "X-Cronnx-Key"
@@ -277,11 +289,22 @@ def make_app(state: ServerState) -> web.Application:
     app.router.add_get("/ready", ready)
     app.router.add_get("/models", list_models)
     app.router.add_get("/metrics", metrics)
-    app.router.add_post("/predict/{model}", predict)
-    app.router.add_post(r"/predict/{model}/versions/{version:\d+}", predict)
+    expect = _continue_unless_too_large(state.config.max_body_bytes)
+    app.router.add_post("/predict/{model}", predict, expect_handler=expect)
+    app.router.add_post(r"/predict/{model}/versions/{version:\d+}", predict, expect_handler=expect)
     if state.config.admin.enabled:
         app.router.add_post("/admin/models/{model}/{action:load|unload|reload}", admin)
     return app
+
+
+def _continue_unless_too_large(limit: int):
+    """An `Expect: 100-continue` handler: invite the body only if its declared length fits; a body
+    already known to be too large gets its 413 from the handler without being sent at all."""
+    async def expect(request: web.Request) -> None:
+        if request.content_length is not None and request.content_length > limit:
+            return None
+        return await _default_expect_handler(request)
+    return expect
 
 
 async def admin(request: web.Request) -> web.Response:
@@ -304,7 +327,8 @@ async def admin(request: web.Request) -> web.Response:
 
 def _check_token(request: web.Request, token: str) -> None:
     given = request.headers.get("Authorization", "")
-    if not given.startswith("Bearer "):
+    scheme, _, credentials = given.partition(" ")
+    if scheme.lower() != "bearer":  # auth schemes are case-insensitive (RFC 9110, 11.1)
         raise NotAuthenticated("admin API: send 'Authorization: Bearer <token>'")
-    if not hmac.compare_digest(given[len("Bearer "):].encode("utf-8", "surrogateescape"), token.encode()):
+    if not hmac.compare_digest(credentials.strip().encode("utf-8", "surrogateescape"), token.encode()):
         raise PermissionDenied("admin API: wrong token")
