@@ -26,6 +26,11 @@ class ImageTooLarge(CronnxError):
     """The image has more pixels than allowed (a decompression bomb)."""
 
 
+class BodyTimeout(CronnxError):
+    """The client did not finish sending its body within the request timeout (a stalled or
+    trickled upload): the connection is closed after the answer."""
+
+
 class RequestTooLarge(CronnxError):
     """The request body is larger than the configured limit."""
 

@@ -20,7 +20,7 @@ from .api import (JSON_TYPE, Health, ImageRequest, Prediction, PredictResponse, 
                   model_status)
 from .config import ConfigError, NotInConfig, ServerConfig
 from .engine import InferenceEngine
-from .errors import (CronnxError, DeadlineExceeded, ImageTooLarge, InferenceFailed, InvalidRequest,
+from .errors import (BodyTimeout, CronnxError, DeadlineExceeded, ImageTooLarge, InferenceFailed, InvalidRequest,
                      ModelNotFound, NotAuthenticated, PermissionDenied, QueueFull, RequestTooLarge, Unavailable,
                      UnsupportedMediaType)
 from .metrics import UNKNOWN_MODEL, Metrics
@@ -54,6 +54,7 @@ _image_request = msgspec.json.Decoder(ImageRequest)
 # Every error below HTTP becomes one status here; the most specific class listed wins.
 ERROR_STATUS: dict[type[CronnxError], int] = {
     InvalidRequest: 400,
+    BodyTimeout: 408,
     NotAuthenticated: 401,
     PermissionDenied: 403,
     ModelNotFound: 404,
@@ -107,6 +108,8 @@ async def request_ids_and_json_errors(request: web.Request, handler):
     except CronnxError as exc:
         status = error_status(exc)
         response = json_response({"error": exc.message}, status, {"Retry-After": "1"} if status == 503 else None)
+        if isinstance(exc, BodyTimeout):
+            response.force_close()  # the rest of the body may still come: not on this connection
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -199,9 +202,16 @@ async def predict(request: web.Request) -> web.Response:
 async def _predict(request: web.Request, state: ServerState, pool, record: RequestRecord,
                    started: float) -> web.Response:
     k = _top_k_param(request, pool.top_k)
-    image = await _read_image(request, state.config.max_body_bytes)
+    # The request's time starts on arrival: a client that stalls its upload holds a connection
+    # and a handler only until then.
+    timeout_s = state.config.request_timeout_s
+    deadline = asyncio.get_running_loop().time() + timeout_s - (time.perf_counter() - started)
+    try:
+        async with asyncio.timeout_at(deadline):
+            image = await _read_image(request, state.config.max_body_bytes)
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within the request timeout ({timeout_s:g}s)") from None
     read_s = time.perf_counter() - started
-    deadline = asyncio.get_running_loop().time() + state.config.request_timeout_s
     result = await state.engine.infer(pool, image, record.request_id, deadline)
     respond_started = time.perf_counter()
     predictions = [Prediction(i, pool.labels[i], p) for i, p in top_k(result.output, k, pool.outputs_probabilities)]

@@ -115,8 +115,11 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
         task.add_done_callback(background.discard)
 
     try:
+        # lingering_time: after an early answer (a 408 for a stalled upload, a 413), aiohttp keeps
+        # reading the unsent body for this long before closing; its 10 s default would let stalled
+        # clients hold their sockets that much longer.
         runner = web.AppRunner(make_app(state), handler_cancellation=True, access_log=None,
-                               shutdown_timeout=config.server.request_timeout_s + 1.0)
+                               shutdown_timeout=config.server.request_timeout_s + 1.0, lingering_time=1.0)
         await runner.setup()
         try:
             site = web.TCPSite(runner, config.server.host, config.server.port)

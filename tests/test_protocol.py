@@ -10,7 +10,8 @@ import aiohttp
 import pytest
 
 from reference import DirectModel, assert_matches
-from support.client import TIMEOUT, post
+from support.client import TIMEOUT, GoodStream, post
+from support.metrics import scrape, value
 from support.images import encode, photo_like
 from support.models import tiny_classifier
 from support.server import model_entry, server_config
@@ -95,3 +96,37 @@ def test_a_wrong_scheme_is_401_and_a_wrong_token_403(server):
 
     assert asyncio.run(status(f"Basic {TOKEN}")) == 401
     assert asyncio.run(status("Bearer nope")) == 403
+
+
+def test_stalled_uploads_get_408_at_the_request_timeout_while_good_requests_are_served(start_server, tiny_model):
+    """200 clients send headers and 40 of 2048 body bytes, then nothing: each gets a JSON 408 when
+    its request timeout runs out and its connection is closed; a good stream is served meanwhile."""
+    server = start_server(server_config(model_entry("tiny", tiny_model), request_timeout_s=2))
+    parts = urlparse(server.url)
+    url = f"{server.url}/predict/tiny"
+    head = (b"POST /predict/tiny HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 2048\r\n\r\n"
+            + b"\xff\xd8" + b"\0" * 38)
+
+    async def stalled():
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        writer.write(head)
+        await writer.drain()
+        try:
+            return await asyncio.wait_for(reader.read(), 10)  # everything until the server closes
+        finally:
+            writer.close()
+
+    async def main():
+        good = GoodStream(url, encode(photo_like(320, 240, seed=1), "JPEG"))
+        stream = asyncio.create_task(good.run())
+        answers = await asyncio.gather(*(stalled() for _ in range(200)))
+        good.stop()
+        await stream
+        return answers, good
+
+    answers, good = asyncio.run(main())
+    assert all(a.startswith(b"HTTP/1.1 408") and b"did not arrive within the request timeout" in a for a in answers), \
+        answers[0][:300]
+    assert good.statuses and set(good.statuses) == {200}, good.statuses
+    m = scrape(server.url)
+    assert value(m, "cronnx_requests_total", model="tiny", version=1, outcome="408") == 200
