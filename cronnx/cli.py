@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -132,6 +133,9 @@ def bench(url, model, images, folder, mode, concurrency, rate, arrivals, duratio
     from .loadgen import report
     from .loadgen.runner import LoadSpec
 
+    # What an option needs is checked before the run: a run's results are never thrown away.
+    if plot_path and importlib.util.find_spec("matplotlib") is None:
+        _fail("--plot needs matplotlib: pip install 'cronnx[bench]' (checked before the run)", 2)
     if urlsplit(url).path in ("", "/"):  # a server's base URL: Cronnx's predict route
         url = f"{url.rstrip('/')}/predict/{model}"
     try:
@@ -150,12 +154,9 @@ def bench(url, model, images, folder, mode, concurrency, rate, arrivals, duratio
         results.append(result)
     if len(results) > 1:
         click.echo("\n" + report.sweep_table(results))
-    if plot_path:
-        try:
-            report.plot(results, plot_path)
-        except ImportError:
-            _fail("--plot needs matplotlib: pip install 'cronnx[bench]'", 2)
-        click.echo(f"wrote {plot_path}")
-    if json_path:
+    if json_path:  # first: whatever happens to the plot, the measurements are kept
         Path(json_path).write_bytes(msgspec.json.format(msgspec.json.encode(results)) + b"\n")
         click.echo(f"wrote {json_path}")
+    if plot_path:
+        report.plot(results, plot_path)
+        click.echo(f"wrote {plot_path}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -187,3 +188,14 @@ def test_sweep_runs_each_load_and_prints_a_table(fake_server, image):
     # Four clients of a 10 ms server do about four times the work of one.
     assert 3.0 <= runs[1]["requests_per_s"] / runs[0]["requests_per_s"] <= 4.2
     assert "| closed loop, 1 clients |" in result.stdout and "| closed loop, 4 clients |" in result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="needs an environment without matplotlib")
+def test_plot_without_matplotlib_is_refused_before_the_run_not_after(fake_server, image, tmp_path):
+    url = fake_server("--delay-ms", "1")
+    out = tmp_path / "r.json"
+    result = subprocess.run([sys.executable, "-m", "cronnx", "bench", url, "--model", "m", "--image", str(image),
+                             "--sweep", "1,2", "--duration", "1", "--warmup", "0", "--plot", str(tmp_path / "p.png"),
+                             "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "checked before the run" in result.stderr, result.stderr
+    assert "req/s" not in result.stdout and not out.exists()  # nothing was measured, so nothing was lost
