@@ -18,6 +18,10 @@ class InvalidRequest(CronnxError):
     """A body or parameter that cannot be used (not JSON, not base64, a bad top_k, ...)."""
 
 
+class UndecodableBody(InvalidRequest):
+    """The body cannot be read as sent: not valid for its Content-Encoding, or broken chunking."""
+
+
 class InvalidImage(InvalidRequest):
     """The body is not an image we can read: unknown format, truncated, corrupt."""
 

@@ -20,9 +20,9 @@ from .api import (JSON_TYPE, Health, ImageRequest, Prediction, PredictResponse, 
                   model_status)
 from .config import ConfigError, NotInConfig, ServerConfig
 from .engine import InferenceEngine
-from .errors import (BodyTimeout, CronnxError, DeadlineExceeded, ImageTooLarge, InferenceFailed, InvalidRequest,
-                     ModelNotFound, NotAuthenticated, PermissionDenied, QueueFull, RequestTooLarge, Unavailable,
-                     UnsupportedMediaType)
+from .errors import (BodyTimeout, CronnxError, DeadlineExceeded, ImageTooLarge, InferenceFailed,
+                     InvalidRequest, ModelNotFound, NotAuthenticated, PermissionDenied, QueueFull,
+                     RequestTooLarge, Unavailable, UndecodableBody, UnsupportedMediaType)
 from .metrics import UNKNOWN_MODEL, Metrics
 from .postprocess import top_k
 from .registry import Registry
@@ -108,7 +108,7 @@ async def request_ids_and_json_errors(request: web.Request, handler):
     except CronnxError as exc:
         status = error_status(exc)
         response = json_response({"error": exc.message}, status, {"Retry-After": "1"} if status == 503 else None)
-        if isinstance(exc, BodyTimeout):
+        if isinstance(exc, (BodyTimeout, UndecodableBody)):
             response.force_close()  # the rest of the body may still come: not on this connection
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -253,7 +253,15 @@ def _top_k_param(request: web.Request, default: int) -> int:
     return k
 
 
+# The codings aiohttp decodes (with its speedups extra: Brotli and zstd).
+CONTENT_ENCODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate", "br", "zstd"})
+
+
 async def _read_image(request: web.Request, limit: int) -> bytes:
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in CONTENT_ENCODINGS:
+        raise UnsupportedMediaType(f"unsupported Content-Encoding {encoding!r}; use one of: "
+                                   f"{', '.join(sorted(CONTENT_ENCODINGS))}")
     content_type = request.content_type
     if content_type != JSON_TYPE and content_type not in RAW_IMAGE_TYPES:
         allowed = ", ".join([JSON_TYPE, *sorted(RAW_IMAGE_TYPES)])
@@ -284,11 +292,16 @@ async def _read_body(stream, limit: int, too_large: str) -> bytes:
     """The whole body, copied once (`request.read()` copies a photo-sized body three times); a
     chunked body without a length is cut off as soon as it passes the limit."""
     chunks, size = [], 0
-    while chunk := await stream.readany():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(too_large)
-        chunks.append(chunk)
+    try:
+        while chunk := await stream.readany():
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLarge(too_large)
+            chunks.append(chunk)
+    except web.RequestPayloadError as exc:  # a body its Content-Encoding cannot decode, a broken chunk
+        # aiohttp's text reads "400, message: Can not decode content-encoding: gzip": keep the reason.
+        reason = " ".join(str(exc).split()).split("message:", 1)[-1].strip()
+        raise UndecodableBody(f"the request body cannot be read: {reason}") from None
     return b"".join(chunks)
 
 

@@ -130,3 +130,40 @@ def test_stalled_uploads_get_408_at_the_request_timeout_while_good_requests_are_
     assert good.statuses and set(good.statuses) == {200}, good.statuses
     m = scrape(server.url)
     assert value(m, "cronnx_requests_total", model="tiny", version=1, outcome="408") == 200
+
+
+def _compressed(encoding: str, data: bytes) -> bytes:
+    import gzip
+    import zlib
+
+    import brotli
+    from backports import zstd
+
+    return {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress, "zstd": zstd.compress}[encoding](data)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+def test_every_content_encoding_decodes_or_gets_a_json_400(server, tiny_model, encoding):
+    image = encode(photo_like(96, 64, seed=6), "JPEG")
+
+    async def send(body: bytes, coding: str):
+        async with aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False) as session:
+            return await post(session, f"{server.url}/predict/tiny", body, "image/jpeg",
+                              headers={"Content-Encoding": coding})
+
+    good = asyncio.run(send(_compressed(encoding, image), encoding))
+    assert good.status == 200, good.body
+    assert_matches(good.body, DirectModel(tiny_model).probabilities(image))
+    for _ in range(3):  # the same answer every time
+        bad = asyncio.run(send(b"this is not compressed at all", encoding))
+        assert bad.status == 400 and "cannot be read" in bad.body["error"], bad.body
+
+
+def test_an_unknown_content_encoding_gets_415(server):
+    async def send():
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            return await post(session, f"{server.url}/predict/tiny", encode(photo_like(32, 32, seed=1), "JPEG"),
+                              "image/jpeg", headers={"Content-Encoding": "compress"})
+
+    reply = asyncio.run(send())
+    assert reply.status == 415 and "Content-Encoding 'compress'" in reply.body["error"], reply.body

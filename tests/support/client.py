@@ -20,8 +20,9 @@ class Reply:
 
 
 async def post(session: aiohttp.ClientSession, url: str, data: bytes, content_type: str = "image/jpeg",
-               params: dict | None = None) -> Reply:
-    async with session.post(url, data=data, headers={"Content-Type": content_type}, params=params) as r:
+               params: dict | None = None, headers: dict | None = None) -> Reply:
+    async with session.post(url, data=data, headers={"Content-Type": content_type, **(headers or {})},
+                            params=params) as r:
         text = await r.read()
         return Reply(r.status, json.loads(text), r.headers)
 
