@@ -7,6 +7,7 @@ folders, of which the version policy picks some.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 from pathlib import Path
@@ -151,18 +152,43 @@ def resolve_providers(requested: list[str] | str) -> list[str]:
 
 
 def load_labels(path: str | None, num_classes: int, default_prefix: str) -> list[str]:
+    """One label per line, class 0 first.
+
+    Labels files are saved by every editor and tool there is, so none of what they add is part of
+    a label: a byte-order mark (UTF-8 ones from Windows editors; UTF-16 and UTF-32 ones, which also
+    say the encoding, from Notepad's "Unicode"), CRLF or CR line endings, blank lines (at the end,
+    mostly) and spaces around a label. Without a byte-order mark the file is UTF-8.
+    """
     if path is None:
         return [f"{default_prefix}{i}" for i in range(num_classes)]
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"labels file {path}: {exc.strerror}") from None
+    # UTF-32's marks start with UTF-16's, so they are looked for first.
+    boms = [(codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+            (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")]
+    encoding = next((name for bom, name in boms if data.startswith(bom)), "utf-8")
+    try:
+        text = data.decode(encoding)
     except UnicodeDecodeError:
-        raise ConfigError(f"labels file {path} is not UTF-8 text") from None
-    labels = [line.strip() for line in lines if line.strip()]
+        raise ConfigError(f"labels file {path} is not UTF-8 text (nor UTF-16 or UTF-32 with a byte-order mark)") from None
+    if "\0" in text:
+        # UTF-16 without a byte-order mark decodes as UTF-8 with a NUL in every other character.
+        raise ConfigError(f"labels file {path} holds NUL characters: UTF-16 without a byte-order mark? "
+                          "Save it as UTF-8")
+    # Only CRLF, CR and LF end a line (str.splitlines would also split on form feeds, U+2028, ...);
+    # a mark left in the middle of the file (files joined with `cat`) is stripped like a space.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    labels = [label for line in lines if (label := line.strip().strip("\ufeff").strip())]
     if len(labels) != num_classes:
         raise ConfigError(f"labels file {path} has {len(labels)} labels; the model has {num_classes} classes")
     return labels
+
+
+def needs_demo_build(version: ModelVersion) -> bool:
+    """A demo model whose file is still to be built (about 15 s for the MobileNetV2)."""
+    return version.config.demo and not Path(version.path).is_file()
 
 
 def prepare(version: ModelVersion) -> PreparedVersion:

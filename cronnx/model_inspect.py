@@ -11,7 +11,9 @@ from .model_spec import ModelSpec
 
 def describe(path: str, spec: ModelSpec, dynamic_size: bool) -> str:
     batch = "dynamic" if spec.fixed_batch is None else f"fixed at {spec.fixed_batch}"
-    scores = "probabilities (ends in Softmax: no second softmax)" if spec.outputs_probabilities else "logits (softmax applied)"
+    # Probabilities: a Softmax over the classes, perhaps followed by nodes that keep it one (Cast, Reshape, ...).
+    scores = ("probabilities (a Softmax over the classes: no second softmax)" if spec.outputs_probabilities
+              else "logits (softmax applied)")
     lines = [
         f"model: {path}",
         f"opset {spec.opset}" + (f"; {spec.description}" if spec.description else ""),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import msgspec
@@ -29,7 +30,8 @@ class ModelSpec(msgspec.Struct, frozen=True):
     # Shape of one item's output, e.g. (1000,) or (1000, 1, 1).
     output_item_shape: tuple[int, ...]
     num_classes: int
-    # The output is already a softmax: it must not get a second one.
+    # The output already holds probabilities (a Softmax over the classes, possibly followed by
+    # nodes that keep it one): it must not get a second softmax.
     outputs_probabilities: bool = False
     opset: int = 0
     description: str = ""
@@ -99,15 +101,141 @@ def _spatial(dim, size_hint: int | None, name: str, what: str) -> int:
     return size_hint
 
 
-def _graph_facts(path: str) -> tuple[bool, int]:
-    """Whether the first output comes straight from a Softmax node, and the default-domain opset."""
+# Nodes that leave class probabilities probabilities: they change the dtype (between float types),
+# shape or nothing, never the values or their order within an item. Exporters and fp16 converters
+# leave them after a model's Softmax. (Transpose qualifies only when it moves size-1 axes alone,
+# and Dropout only in inference: both checked in `_passes_through`.)
+PASS_THROUGH = {"Identity", "Cast", "CastLike", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Dropout"}
+FLOAT_TYPES = {1, 10, 11, 16}  # onnx TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def _graph_facts(path: str, num_classes: int) -> tuple[bool, int]:
+    """Whether the first output holds each item's class probabilities, and the default-domain opset.
+
+    Probabilities: the output is a Softmax over the classes, possibly followed by nodes that keep
+    it one (PASS_THROUGH). Anything else (a Mul, a Log, an Add, ...) or anything this cannot be
+    sure of is logits: a second softmax over probabilities flattens them, whereas softmax over
+    logits is what they are for (and `outputs: probabilities` overrides it).
+    """
     import onnx
 
     model = onnx.load(path, load_external_data=False)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    output = model.graph.output[0].name
-    producer = next((n for n in model.graph.node if output in n.output), None)
-    return producer is not None and producer.op_type == "Softmax", opset
+    chain = _chain_from_softmax(model.graph)
+    if chain is None:
+        return False, opset
+    try:
+        # Shapes of the tensors on the way: which axis the Softmax runs over, which axes a
+        # Transpose moves. Only models that end in a Softmax pay for it. A model that shape
+        # inference cannot follow keeps the shapes its file declares; unknown ones mean logits.
+        graph = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - onnx raises several types; the model still loads in onnxruntime
+        graph = model.graph
+    values = [*graph.input, *graph.value_info, *graph.output]
+    shapes = {v.name: _dims(v) for v in values}
+    types = {v.name: v.type.tensor_type.elem_type for v in values if v.type.WhichOneof("value") == "tensor_type"}
+    types.update((t.name, t.data_type) for t in graph.initializer)
+    constants = {t.name: t for t in graph.initializer}
+    softmax, *after = chain
+    probabilities = (_over_classes(softmax, _shape_of(softmax, shapes), opset, num_classes)
+                     and all(_passes_through(node, shapes, types, constants) for node in after))
+    return probabilities, opset
+
+
+def _chain_from_softmax(graph) -> list | None:
+    """The nodes from a Softmax to the first output, when only PASS_THROUGH kinds lie between
+    (each still to be checked); None when the output does not come from a Softmax that way."""
+    producers = {name: node for node in graph.node for name in node.output if name}
+    after: list = []
+    name = graph.output[0].name
+    # Each node's data is its first input and output (Dropout's second output is its mask).
+    while (node := producers.get(name)) is not None and node.output[0] == name and node.domain in ("", "ai.onnx"):
+        if node.op_type == "Softmax":
+            return [node, *reversed(after)]
+        if node.op_type == "Exp":  # Exp(LogSoftmax(x)) is Softmax(x), as some exporters write it
+            source = producers.get(node.input[0])
+            if source is not None and source.op_type == "LogSoftmax" and source.domain in ("", "ai.onnx"):
+                return [source, *reversed(after)]
+            return None
+        if node.op_type not in PASS_THROUGH:
+            return None
+        after.append(node)
+        name = node.input[0]
+    return None
+
+
+def _dims(value) -> list[int | None] | None:
+    """A tensor's dimensions (None for a symbolic or unknown one), or None for an unknown rank."""
+    kind = value.type.WhichOneof("value")
+    if kind != "tensor_type" or not value.type.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+
+
+def _attr(node, name: str, default):
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _shape_of(softmax, shapes) -> list[int | None] | None:
+    """A (Log)Softmax's input shape; its output has the same one, which the file may declare instead."""
+    for name in (softmax.input[0], softmax.output[0]):
+        if shapes.get(name) is not None:
+            return shapes[name]
+    return None
+
+
+def _passes_through(node, shapes, types, constants) -> bool:
+    """Whether `node` gives its first input's values back unchanged, in the same order."""
+    from onnx import numpy_helper
+
+    op = node.op_type
+    if op not in PASS_THROUGH:
+        return False
+    if op == "Cast":  # to a float type and back keeps probabilities; to an integer type does not
+        return _attr(node, "to", 0) in FLOAT_TYPES
+    if op == "CastLike":  # the type of its second input, when the file says it
+        return types.get(node.input[1]) in FLOAT_TYPES
+    if op == "Transpose":
+        # Memory order is kept when only size-1 axes move; an axis of unknown size may be any size.
+        dims = shapes.get(node.input[0])
+        if dims is None:
+            return False
+        perm = _attr(node, "perm", list(reversed(range(len(dims)))))
+        kept = [axis for axis in perm if dims[axis] != 1]
+        return kept == sorted(kept)
+    if op == "Dropout":
+        # Identity unless training_mode (opset 12+) is set; a value not fixed in the file may be true.
+        if len(node.input) < 3 or not node.input[2]:
+            return True
+        flag = constants.get(node.input[2])
+        return flag is not None and not bool(numpy_helper.to_array(flag).any())
+    return True  # Identity, Reshape, Flatten, Squeeze, Unsqueeze: same values, same order
+
+
+def _over_classes(node, dims: list[int | None] | None, opset: int, num_classes: int) -> bool:
+    """Whether this Softmax (or LogSoftmax) normalises each item's classes, and only them.
+
+    The nodes after it keep the order of the values, and the output holds each item's classes as
+    one run of `num_classes` values: so each group the Softmax normalises must be exactly such a
+    run (a group over the batch axis, or over part of the classes, has another size). From opset
+    13 it normalises along one axis (default -1), a contiguous run only when every axis after it
+    has size 1; before, over all axes from `axis` (default 1) on, flattened. A size it cannot
+    know (a symbolic dimension) means no.
+    """
+    if dims is None or not dims:
+        return False
+    rank = len(dims)
+    axis = _attr(node, "axis", -1 if opset >= 13 else 1)
+    axis = axis + rank if axis < 0 else axis
+    if not 0 <= axis < rank:
+        return False
+    group = dims[axis:] if opset < 13 else dims[axis:axis + 1]
+    trailing = [] if opset < 13 else dims[axis + 1:]
+    if any(d is None for d in group + trailing) or any(d != 1 for d in trailing):
+        return False
+    return math.prod(group) == num_classes
 
 
 def inspect_model(path: str, size_hint: int | None = None) -> ModelSpec:
@@ -122,5 +250,6 @@ def inspect_model(path: str, size_hint: int | None = None) -> ModelSpec:
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several private exception types
         raise ModelSpecError(f"cannot load {path}: {exc}") from None
-    softmax_output, opset = _graph_facts(path)
-    return spec_from_session(session, size_hint, softmax_output, opset)
+    spec = spec_from_session(session, size_hint)
+    probabilities, opset = _graph_facts(path, spec.num_classes)
+    return msgspec.structs.replace(spec, outputs_probabilities=probabilities, opset=opset)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 import PIL
 
@@ -26,6 +27,26 @@ warnings.simplefilter("error", Image.DecompressionBombWarning)
 # Formats a client may send. Pillow can open more (EPS, for one, runs Ghostscript), which a
 # server that reads untrusted bodies should not offer. (JPEG covers multi-picture MPO files.)
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+# Where a picture is see-through, a person sees what is behind it: the page (white, in the usual
+# viewer), not the colour an encoder happened to leave in its transparent pixels (often black,
+# sometimes leftovers of an edit). Transparency is composited over this colour.
+BACKGROUND = (255, 255, 255)
+# Modes that carry an alpha band ("a": premultiplied); other modes may carry a transparent
+# colour key in info["transparency"] (P, and PNG's tRNS for 1, L, I;16 and RGB).
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+# EXIF Orientation -> the transpose that turns the stored pixels upright (EXIF 2.3, tag 0x0112).
+ORIENTATION_TAG = 0x0112
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def pil_build() -> str:
@@ -78,10 +99,14 @@ class Preprocessor:
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
             if image.format == "JPEG":
                 # libjpeg scales by 1/2, 1/4 or 1/8 while decoding: far cheaper than resizing later.
-                image.draft("RGB", self._draft_size(image.size))
+                # The EXIF is read at open, so the draft can aim at the upright picture's size.
+                turned = exif_orientation(image) in (5, 6, 7, 8)
+                image.draft("RGB", self._draft_size(image.size, turned))
             image.load()
-            image = ImageOps.exif_transpose(image, in_place=False) if _has_rotation(image) else image
-            return to_rgb(image)
+            # Read before converting: the conversion makes a new image without the file's EXIF.
+            orientation = exif_orientation(image)
+            image = to_rgb(image)
+            return image.transpose(UPRIGHT[orientation]) if orientation in UPRIGHT else image
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageTooLarge(f"image too large: {exc}") from None
         except UnidentifiedImageError:
@@ -89,11 +114,15 @@ class Preprocessor:
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise InvalidImage(f"cannot decode image: {exc}") from None
 
-    def _draft_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        """The smallest size draft may reduce to while the resize still has enough pixels."""
+    def _draft_size(self, size: tuple[int, int], turned: bool = False) -> tuple[int, int]:
+        """The smallest size draft may reduce to while the resize still has enough pixels.
+
+        `size` is the stored picture's; `turned`: its orientation swaps width and height, so the
+        model's width is reached along the stored height (crop mode scales both sides alike).
+        """
         w, h = size
         if self.mode == "stretch":
-            return self.width, self.height
+            return (self.height, self.width) if turned else (self.width, self.height)
         scale = self.short_side / min(w, h)
         return math.ceil(w * scale), math.ceil(h * scale)
 
@@ -108,21 +137,54 @@ class Preprocessor:
         return image.resize((self.width, self.height), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
 
 
-def _has_rotation(image: Image.Image) -> bool:
-    return image.getexif().get(0x0112, 1) not in (1, None)
+def exif_orientation(image: Image.Image) -> int:
+    """The picture's EXIF orientation, 1 (as stored) unless it holds a valid one (1-8).
+
+    The orientation is all a classifier needs from EXIF, and EXIF is whatever a phone, camera or
+    editor wrote: odd tag types (a signed rational -1/0), wrong counts, values outside 1-8, blocks
+    that do not parse. Pillow's own exif_transpose also rewrites the remaining EXIF and raises on
+    tags it cannot write back, so only this tag is read, and anything unexpected means "as stored":
+    a picture must never fail because of its metadata.
+    """
+    try:
+        value = image.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - Pillow's EXIF parser raises many types; none may fail the request
+        return 1
+    if isinstance(value, tuple) and value:  # a count above 1: the first value is the orientation
+        value = value[0]
+    # SHORT by the standard; LONG, FLOAT or RATIONAL (6/1) hold the same number. Not text or bytes.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return 1
+    try:
+        whole = int(value)
+    except (ValueError, OverflowError, ZeroDivisionError):  # NaN, infinity, x/0
+        return 1
+    return whole if whole == value and 1 <= whole <= 8 else 1
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB; convert only when needed (converting RGB copies the whole image)."""
-    if image.mode == "RGB":
+    """Any Pillow mode -> RGB, transparency composited over BACKGROUND; converts only when needed
+    (converting RGB copies the whole image)."""
+    if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit grey (PNG, TIFF): Pillow's conversion to L clips at 255 instead of scaling.
+        # 16-bit grey (PNG, TIFF): Pillow's conversion to L clips at 255 instead of scaling, and
+        # its conversion to RGBA ignores a 16-bit transparent colour key: both done here.
         pixels = np.asarray(image, dtype=np.int64)
-        image = Image.fromarray(np.clip(pixels >> 8, 0, 255).astype(np.uint8), "L")
+        grey = Image.fromarray(np.clip(pixels >> 8, 0, 255).astype(np.uint8), "L")
+        key = image.info.get("transparency")
+        if isinstance(key, int):
+            alpha = Image.fromarray(np.where(pixels == key, 0, 255).astype(np.uint8), "L")
+            grey = Image.merge("LA", (grey, alpha))
+        image = grey
     elif image.mode == "F":
         pixels = np.asarray(image, dtype=np.float32)
         image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        # Straight (not premultiplied) RGBA with any colour key applied as alpha, then
+        # out = colour * alpha + BACKGROUND * (1 - alpha), rounded (Pillow's paste with a mask).
+        rgba = image.convert("RGBA")
+        out = Image.new("RGB", rgba.size, BACKGROUND)
+        out.paste(rgba, mask=rgba)
+        return out
     return image.convert("RGB")

@@ -164,3 +164,83 @@ def batch_one_only_model(path: Path) -> Path:
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], [w, shape])
     return _save(graph, path)
+
+
+
+def classifier_ending_in(path: Path, *steps: str, size: int = 16, classes: int = 10, opset: int = 13,
+                         seed: int = 21) -> Path:
+    """A linear classifier ([N, 3, size, size] float32 in) whose logits go through `steps` in order,
+    as exporters and fp16 converters leave them; the last step's result is the output "scores".
+
+    Steps: "Softmax" / "LogSoftmax" (the operator's default axis), "Softmax@1" (axis 1), "Exp",
+    "Identity", "Cast16" / "Cast32" / "CastInt" (to float16, float, int64), "Dropout",
+    "DropoutTraining" (training_mode fixed to true), "Unsqueeze" ([N, C] -> [N, C, 1, 1]), "Squeeze"
+    (back), "Reshape4d" / "Reshape2d" (the same by Reshape), "Reshape2xHalf" ([N, C] -> [N, 2, C/2]),
+    "Flatten" (to [N, everything]), "TransposeOnes" (swaps the two size-1 axes of [N, C, 1, 1]),
+    "Mul2", "Log".
+    """
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(0, 3 / np.sqrt(3 * size * size), (3 * size * size, classes)).astype(np.float32)
+    # Constant inputs of the steps, put in the graph when a step uses them (onnxruntime warns of unused ones).
+    constants = {"shape4d": np.array([0, classes, 1, 1], np.int64), "shape2d": np.array([0, classes], np.int64),
+                 "shape2xhalf": np.array([0, 2, classes // 2], np.int64), "two": np.array(2.0, np.float32),
+                 "axes23": np.array([2, 3], np.int64), "ratio": np.array(0.5, np.float32),
+                 "training": np.array(True)}
+    inits = [numpy_helper.from_array(weight, "w")]
+    # Squeeze, Unsqueeze and Dropout took attributes before opsets 13 and 12, inputs since.
+    axes_input = opset >= 13
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "w"], ["logits"])]
+    current, elem, shape = "logits", TensorProto.FLOAT, ["batch", classes]
+
+    def add(op: str, *inputs: str, **attrs) -> None:
+        nonlocal current
+        name = f"t{len(nodes)}"
+        nodes.append(helper.make_node(op, [current, *inputs], [name], **attrs))
+        current = name
+        for constant in inputs:
+            if constant not in {t.name for t in inits}:
+                inits.append(numpy_helper.from_array(constants[constant], constant))
+
+    for step in steps:
+        op, _, axis = step.partition("@")
+        if op in ("Softmax", "LogSoftmax"):
+            add(op, **({"axis": int(axis)} if axis else {}))
+        elif op in ("Exp", "Identity", "Log"):
+            add(op)
+        elif op in ("Cast16", "Cast32", "CastInt"):
+            elem = {"Cast16": TensorProto.FLOAT16, "Cast32": TensorProto.FLOAT, "CastInt": TensorProto.INT64}[op]
+            add("Cast", to=elem)
+        elif op == "Dropout":
+            add("Dropout", "ratio") if opset >= 12 else add("Dropout", ratio=0.5)
+        elif op == "DropoutTraining":
+            add("Dropout", "ratio", "training")
+        elif op == "Unsqueeze":
+            add("Unsqueeze", "axes23") if axes_input else add("Unsqueeze", axes=[2, 3])
+            shape = [*shape, 1, 1]
+        elif op == "Squeeze":
+            add("Squeeze", "axes23") if axes_input else add("Squeeze", axes=[2, 3])
+            shape = ["batch", classes]
+        elif op in ("Reshape4d", "Reshape2d", "Reshape2xHalf"):
+            add("Reshape", {"Reshape4d": "shape4d", "Reshape2d": "shape2d", "Reshape2xHalf": "shape2xhalf"}[op])
+            shape = {"Reshape4d": ["batch", classes, 1, 1], "Reshape2d": ["batch", classes],
+                     "Reshape2xHalf": ["batch", 2, classes // 2]}[op]
+        elif op == "Flatten":
+            add("Flatten", axis=1)
+            shape = ["batch", classes]
+        elif op == "TransposeOnes":
+            add("Transpose", perm=[0, 1, 3, 2])
+        elif op == "Mul2":
+            add("Mul", "two")
+        else:
+            raise ValueError(f"unknown step {step!r}")
+    nodes[-1].output[0] = "scores"
+    graph = helper.make_graph(
+        nodes, "classifier_ending_in",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("scores", elem, shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
