@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from . import catalog
-from .catalog import PreparedVersion
+from .catalog import ModelVersion, PreparedVersion
 from .config import Config, ConfigError, NotInConfig, load_config
 from .contract import LoggingSpec
 from .engine import InferenceEngine
@@ -32,15 +32,19 @@ def run_server(config: Config, config_path: str) -> int:
     removed = remove_stale_segments()
     if removed:
         log.warning("removed %d shared-memory segments left by a killed run: %s", len(removed), ", ".join(removed))
-    # At start-up every model must be servable: any problem is a config error (exit 2).
-    prepared = [catalog.prepare(v) for v in catalog.all_versions(config, config_path)]
+    # At start-up every model must be servable: any problem is a config error (exit 2). A demo
+    # model still to be built is built once the port is open, so that /ready answers 503
+    # ("loading") meanwhile instead of the port being closed.
+    versions = catalog.all_versions(config, config_path)
+    to_build = [v for v in versions if catalog.needs_demo_build(v)]
+    prepared = [catalog.prepare(v) for v in versions if not catalog.needs_demo_build(v)]
     log.info("config %s; %s", config_path, pil_build())
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_serve(config, config_path, prepared))
+        asyncio.run(_serve(config, config_path, prepared, to_build))
     else:
-        uvloop.run(_serve(config, config_path, prepared))
+        uvloop.run(_serve(config, config_path, prepared, to_build))
     return 0
 
 
@@ -90,7 +94,25 @@ class Reloader:
             log.exception("reload failed, keeping the models served now")
 
 
-async def _serve(config: Config, config_path: str, prepared: list[PreparedVersion]) -> None:
+async def _first_load(registry: Registry, prepared: list[PreparedVersion], to_build: list[ModelVersion]) -> None:
+    """Build the demo models still missing, then load every model; /ready answers 503 until done."""
+    failed: dict[tuple[str, int], str] = {}
+    for version in to_build:
+        try:
+            prepared.append(await asyncio.to_thread(catalog.prepare, version))
+        except ConfigError as exc:
+            failed[(version.name, version.version)] = str(exc)
+    for p in prepared:
+        c = p.model.config
+        log.info("model %s v%d: %s, input %s %s %s %s, batch %d / %.1f ms, %d worker(s), providers %s",
+                 p.model.name, p.model.version, p.model.path, p.spec.input_name, p.spec.layout,
+                 p.spec.input_dtype, list(p.spec.input_item_shape), p.batch_size,
+                 c.batch_timeout_ms, c.worker_count, ",".join(p.providers))
+    await registry.apply(prepared, failed, {p.model.name for p in prepared} | {name for name, _ in failed})
+
+
+async def _serve(config: Config, config_path: str, prepared: list[PreparedVersion],
+                 to_build: list[ModelVersion]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -126,14 +148,7 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
             await site.start()
             host, port = runner.addresses[0][:2]
             log.info("serving on http://%s:%d", host, port)
-            for p in prepared:
-                c = p.model.config
-                log.info("model %s v%d: %s, input %s %s %s %s, batch %d / %.1f ms, %d worker(s), providers %s",
-                         p.model.name, p.model.version, p.model.path, p.spec.input_name, p.spec.layout,
-                         p.spec.input_dtype, list(p.spec.input_item_shape), p.batch_size,
-                         c.batch_timeout_ms, c.worker_count, ",".join(p.providers))
-            # /ready answers 503 until this first load is done.
-            in_background(registry.apply(prepared, {}, {p.model.name for p in prepared}))
+            in_background(_first_load(registry, prepared, to_build))
             loop.add_signal_handler(signal.SIGHUP, lambda: in_background(reloader.on_sighup()))
             await stop.wait()
             # /ready answers 503 from here on; the listener closes and in-flight requests finish.

@@ -82,3 +82,14 @@ def test_a_failed_model_removed_from_the_config_is_forgotten_on_reload(start_ser
     status, body = server.get("/ready")
     assert status == 200 and "failed" not in body, body
     assert [r.status for r in asyncio.run(predict_many(f"{server.url}/predict/good", [IMAGE] * 3))] == [200] * 3
+
+
+def test_the_port_answers_503_loading_while_the_demo_model_is_built(start_server, tmp_path):
+    """The first start builds the demo model (about 15 s): the port is open meanwhile."""
+    demo = tmp_path / "demo.onnx"
+    server = start_server(server_config(model_entry("demo", demo, demo=True)), wait_ready=False)
+    status, body = server.get("/ready")
+    assert status == 503 and body["status"] == "loading", body
+    server.wait_ready()
+    assert demo.is_file()
+    assert [r.status for r in asyncio.run(predict_many(f"{server.url}/predict/demo", [IMAGE]))] == [200]

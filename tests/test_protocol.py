@@ -72,8 +72,8 @@ def test_a_body_declared_too_large_gets_413_without_an_invitation_to_send_it(ser
 
 
 def test_a_body_that_fits_is_invited_with_100_continue(server):
-    head = (f"POST /predict/tiny HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-            f"Content-Length: 1000\r\nExpect: 100-continue\r\n\r\n").encode()
+    head = ("POST /predict/tiny HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            "Content-Length: 1000\r\nExpect: 100-continue\r\n\r\n").encode()
     assert _raw_exchange(server.url, head).startswith(b"HTTP/1.1 100 Continue")
 
 
