@@ -1,0 +1,849 @@
+"""GPU check: onnxruntime alone per batch bucket, the preprocessing limit, Cronnx served, parity.
+
+One prepared run, side by side, for a session that has a GPU machine (one NVIDIA H200, 16 cores:
+under 5 minutes with the defaults), on the seven 1600 px photos of bench/photos.py and the demo
+MobileNetV2 and ResNet-50 (models/<arch>-demo.onnx, built when missing: 15-25 s each):
+
+  onnxruntime  onnxruntime alone, per batch bucket (powers_of_two_up_to(batch size): 1, 2, 4, ... 64
+               on CUDA): for each bucket a session that only ever runs that shape, as a Cronnx worker
+               has (same session options: cronnx.worker.create_session), img/s and ms per batch, the
+               median of timed runs after warm-up; the input bound from host memory with IO binding
+               (what the worker does) and, on CUDA, already on the device (an OrtValue on "cuda").
+               Then one session alternating among the bucket shapes against the fixed-shape
+               sessions: what a change of input shape costs (why a worker keeps a session a bucket).
+  preprocess   the preprocessing limit on all cores: Cronnx's preprocessing (cronnx.preprocess) of
+               the photos in N threads of one process, and in N processes; N = os.cpu_count().
+  served       `cronnx serve` (a generated config: the model, 1 worker, devices [0] on CUDA, the batch
+               size and its buckets, preprocess_threads = cores, ring_slots >= clients) on 127.0.0.1,
+               loaded by `cronnx bench` (closed loop, raw bodies) at 1 and 256 clients (256 spread
+               over --procs client processes): img/s, p50, p99, errors, the server's batch sizes and
+               phases as `cronnx bench` reports them, the server's CPU use (user + system of its
+               process tree from /proc, in cores) and the batches each bucket ran (/models).
+  gpu          GPU utilisation and memory during each served run (nvidia-smi every 0.5 s); "n/a"
+               without nvidia-smi.
+  parity       softmax probabilities of the provider under test (CUDA with use_tf32 0, Cronnx's
+               default, and with use_tf32 1; the CPU EP itself with --provider cpu) against the CPU
+               EP on the photos, at batch 1 and at the batch size: max abs difference; and the served
+               /predict answers (top-5 confidences) against a direct CPU run.
+
+A part that fails records its error in the JSON and the run goes on. Every server is stopped
+(its process group, by pid) and its shared memory (/dev/shm/cronnx_<pid>_*) checked and removed;
+the processes this run started are listed in the JSON, with any found alive at the end.
+
+Run it here (CPU EP; the smoke run, well under a minute on 2 cores):
+
+    .venv/bin/python bench/gpu_check.py --quick --provider cpu --json /tmp/gpu_check.json
+
+On the GPU machine. It has Python 3.12, onnxruntime 1.30 (CPU), CUDA 13 libraries (the nvidia-*
+packages of its PyTorch) and the rest of Cronnx's dependencies, but neither msgspec nor
+onnxruntime-gpu, and no network: carry their wheels. onnxruntime-gpu 1.31.1 is built for CUDA 13
+(libcublas.so.13, cuDNN 9 cu13) and only tagged manylinux_2_28, so name that platform. Its wheel
+is 244 MiB and a call carries at most 64 MiB: split it into parts of 60 MiB, one folder a part,
+each carried by its own call while the machine stays warm (it goes back after 30 s idle; a part
+already there stays when a later call does not name it). Here, in the repo's root, once:
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl msgspec onnxruntime-gpu==1.31.1
+    W=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+    (cd .whl && split -b 60M $W $W.part- && rm $W)      # parts aa..ae: 4 x 60 MiB + 4 MiB
+    for p in .whl/$W.part-*; do k=${p##*part-}; mkdir -p .whl/$k && mv $p .whl/$k/; done
+    mv .whl/msgspec-*.whl .whl/ae/
+
+Then calls with carry [".whl/aa"], [".whl/ab"], [".whl/ac"], [".whl/ad"] (command `true`), and
+the last with carry [".whl/ae", "bench/photos", "models/mobilenetv2-demo.onnx"] (the ResNet-50,
+97 MiB, is built there in about 25 s) and timeout_s 420:
+
+    set -e; W=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+    cat .whl/a?/$W.part-* > /tmp/$W
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/$W .whl/ae/msgspec-*.whl
+    export PYTHONPATH=/tmp/site     # before the image's onnxruntime 1.30 (CPU)
+    SITE=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    export LD_LIBRARY_PATH=$(printf '%s:' "$SITE"/nvidia/*/lib)$LD_LIBRARY_PATH
+    PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --json $OUT/gpu_check.json --markdown $OUT/gpu_check.md
+
+With --provider auto (the default) it runs on CUDA when onnxruntime lists CUDAExecutionProvider;
+a CUDA session that comes up without it (a missing library) is an error, not a silent CPU run.
+
+Outputs: progress and the time of each part on stdout, then the markdown tables (also written to
+--markdown FILE, for bench/README.md); --json FILE: everything, per part, with its error (null when
+it ran), its seconds, and the raw `cronnx bench` results.
+
+    python bench/gpu_check.py [--provider auto|cuda|cpu] [--quick] [--models mobilenetv2,resnet50]
+        [--seconds S] [--clients 1,256] [--procs 4] [--batch-size N] [--photos DIR] [--glob '*-1600.jpg']
+        [--json FILE] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import msgspec
+import numpy as np
+import onnxruntime as ort
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path[:0] = [str(REPO), str(BENCH)]  # run from anywhere without installing cronnx
+
+from cronnx.catalog import powers_of_two_up_to  # noqa: E402
+from cronnx.config import CudaConfig, PreprocessConfig  # noqa: E402
+from cronnx.loadgen import server_stats  # noqa: E402
+from cronnx.model_spec import ModelSpec, inspect_model  # noqa: E402
+from cronnx.preprocess import Preprocessor, pil_build  # noqa: E402
+from cronnx.worker import create_session  # noqa: E402
+
+from head_to_head import _stat_fields, cpu_by_part  # noqa: E402
+from limit import Bench, ensure_model  # noqa: E402
+from photos import DEFAULT_OUT, write_photos  # noqa: E402
+from serving import Served, free_port  # noqa: E402
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+MODELS = ("mobilenetv2", "resnet50")
+PARTS = ("setup", "onnxruntime", "preprocess", "served", "gpu", "parity")
+SAMPLE_S = 0.5  # nvidia-smi and /proc, during the served runs
+SERVED_PHOTOS = 3  # photos whose served answers are compared with a direct CPU run
+TOP_K = 5
+
+
+class Terminated(BaseException):
+    """SIGTERM: not a failure of one part, so no part catches it; the finally blocks still run."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000]
+
+
+def median_ms(times: list[float]) -> float:
+    return statistics.median(times) * 1000.0
+
+
+def rate(batch: int, times: list[float]) -> dict:
+    """ms per batch and images/s from the median of the timed runs."""
+    ms = median_ms(times)
+    return {"ms_per_batch": ms, "img_per_s": batch * 1000.0 / ms, "runs": len(times)}
+
+
+def tiled(tensors: np.ndarray, rows: int) -> np.ndarray:
+    """`rows` items: the photos' tensors repeated in order."""
+    return np.ascontiguousarray(np.resize(tensors, (rows, *tensors.shape[1:])))
+
+
+def softmax(scores: np.ndarray, probabilities: bool) -> np.ndarray:
+    """Rows of class probabilities in float64 (the model's own, or the softmax of its logits)."""
+    scores = scores.reshape(len(scores), -1).astype(np.float64)
+    if probabilities:
+        return scores
+    exp = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def infer(session, binding, spec: ModelSpec, x: np.ndarray, y: np.ndarray) -> None:
+    """One run with IO binding on host memory, bound afresh as a Cronnx worker does each batch."""
+    binding.bind_input(spec.input_name, "cpu", 0, x.dtype.type, list(x.shape), x.ctypes.data)
+    binding.bind_output(spec.output_name, "cpu", 0, y.dtype.type, list(y.shape), y.ctypes.data)
+    session.run_with_iobinding(binding)
+
+
+def output_buffer(spec: ModelSpec, rows: int) -> np.ndarray:
+    return np.empty((rows, *spec.output_item_shape), spec.output_dtype)
+
+
+def alive_in_group(group: int) -> list[int]:
+    """Processes (not zombies) whose process group is `group`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        fields = _stat_fields(proc / "stat") if proc.name.isdigit() else None
+        if fields is not None and int(fields[2]) == group and fields[0] != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return fields is not None and fields[0] != "Z"
+
+
+def shm_segments(pid: int) -> list[str]:
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"cronnx_{pid}_"))
+
+
+def query_gpu(nvidia_smi: str, fields: str = "utilization.gpu,memory.used") -> list[str] | None:
+    """GPU 0's values of `fields`, or None when nvidia-smi fails."""
+    try:
+        out = subprocess.run([nvidia_smi, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        return None
+    return [v.strip() for v in lines[0].split(",")]
+
+
+class Sampler(threading.Thread):
+    """Every SAMPLE_S: the CPU seconds of a server's process group, and the GPU's utilisation and
+    memory when nvidia-smi exists; read afterwards over any interval."""
+
+    def __init__(self, group: int, nvidia_smi: str | None):
+        super().__init__(daemon=True)
+        self.group, self.nvidia_smi = group, nvidia_smi
+        self.samples: list[tuple[float, dict[str, float], tuple[float, float] | None]] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            t = time.monotonic()
+            cpu = cpu_by_part(self.group)
+            gpu = None
+            if self.nvidia_smi:
+                values = query_gpu(self.nvidia_smi)
+                try:
+                    gpu = (float(values[0]), float(values[1])) if values else None
+                except ValueError:  # "[N/A]"
+                    gpu = None
+            self.samples.append((t, cpu, gpu))
+            self.stopping.wait(SAMPLE_S)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(10)
+
+    def over(self, start: float, end: float) -> dict:
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2:  # a short window: the samples around it
+            before = [s for s in self.samples if s[0] < start][-1:]
+            after = [s for s in self.samples if s[0] > end][:1]
+            inside = before + inside + after
+        if len(inside) < 2:
+            return {"server_cpu_cores": None, "gpu": None}
+        (t0, cpu0, _), (t1, cpu1, _) = inside[0], inside[-1]
+        span = t1 - t0
+        parts = {part: (cpu1[part] - cpu0[part]) / span for part in cpu1}
+        gpu = [g for _, _, g in inside if g is not None]
+        return {"interval_s": span, "server_cpu_cores": sum(parts.values()), "server_cpu_by_part_cores": parts,
+                "gpu": None if not gpu else {
+                    "util_mean_pct": statistics.mean(u for u, _ in gpu), "util_max_pct": max(u for u, _ in gpu),
+                    "memory_used_max_mib": max(m for _, m in gpu), "samples": len(gpu)}}
+
+
+def _preprocess_loop(paths: list[str], spec: ModelSpec, start_line, seconds: float) -> tuple[int, float]:
+    """Preprocess the photos round and round for `seconds` after every worker is warm; (images, seconds)."""
+    photos = [Path(p).read_bytes() for p in paths]
+    preprocess = Preprocessor(PreprocessConfig(), spec)
+    out = np.empty(spec.input_item_shape, spec.input_dtype)
+    for data in photos:
+        preprocess(data, out)
+    start_line.wait()
+    began = time.perf_counter()
+    end, count = began + seconds, 0
+    while time.perf_counter() < end:
+        preprocess(photos[count % len(photos)], out)
+        count += 1
+    return count, time.perf_counter() - began
+
+
+def _preprocess_process(paths, spec, start_line, seconds, results) -> None:
+    results.put(_preprocess_loop(paths, spec, start_line, seconds))
+
+
+class Check:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.quick = args.quick
+        available = ort.get_available_providers()
+        wanted = args.provider
+        if wanted == "auto":
+            wanted = "cuda" if CUDA in available else "cpu"
+        self.cuda = wanted == "cuda"
+        self.provider = CUDA if self.cuda else CPU
+        self.cores = os.cpu_count() or 1
+        self.batch_size = args.batch_size or (64 if self.cuda else 4)
+        self.buckets = powers_of_two_up_to(self.batch_size)
+        self.models = [m for m in (args.models or ("mobilenetv2" if self.quick else ",".join(MODELS))).split(",") if m]
+        unknown = sorted(set(self.models) - set(MODELS))
+        if unknown:
+            raise SystemExit(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+        self.model_paths = {m: REPO / "models" / f"{m}-demo.onnx" for m in self.models}
+        self.seconds = args.seconds or (2.0 if self.quick else 6.0)
+        self.shape_seconds = 0.25 if self.quick else 0.5  # each timed measurement of onnxruntime alone
+        self.clients = [int(c) for c in (args.clients or ("1,16" if self.quick else "1,256")).split(",")]
+        self.procs = args.procs or (2 if self.quick else 4)
+        self.nvidia_smi = shutil.which("nvidia-smi")
+        self.photo_paths: list[Path] = []
+        self.started: list[tuple[int, bool]] = []  # (pid, whether it leads a process group of its own)
+        self.served_answers: dict[str, list[dict]] = {}
+        self.served_runs: dict[str, list[dict]] = {}
+        self.result: dict = {"meta": self.meta(available), "parts": {}, "timings_s": {}}
+
+    def meta(self, available: list[str]) -> dict:
+        meta = {"provider": self.provider, "available_providers": available, "onnxruntime": ort.__version__,
+                "pil": pil_build(), "numpy": np.__version__, "python": platform.python_version(),
+                "cores": self.cores, "batch_size": self.batch_size, "buckets": self.buckets, "models": self.models,
+                "quick": self.quick, "served_seconds": self.seconds, "shape_seconds": self.shape_seconds,
+                "clients": self.clients, "client_procs": self.procs, "nvidia_smi": self.nvidia_smi, "gpu_name": None}
+        if self.nvidia_smi:
+            values = query_gpu(self.nvidia_smi, "name,driver_version,memory.total")
+            meta["gpu_name"] = ", ".join(values) if values else None
+        return meta
+
+    # --- the run ------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        began = time.monotonic()
+        m = self.result["meta"]
+        print(f"[gpu_check] {m['provider']} ({m['gpu_name'] or 'no GPU seen'}), {self.cores} cores, onnxruntime "
+              f"{ort.__version__}, batch {self.batch_size}, buckets {self.buckets}, models {', '.join(self.models)}",
+              flush=True)
+        try:
+            self.part("setup", self.setup)
+            self.part("onnxruntime", lambda: self.per_model(self.onnxruntime_alone))
+            self.part("preprocess", self.preprocess_limit)
+            self.part("served", lambda: self.per_model(self.served))
+            self.part("gpu", self.gpu)
+            self.part("parity", lambda: self.per_model(self.parity))
+        finally:
+            self.result["leftover_processes"] = self.reap_all()
+            self.result["started_pids"] = [pid for pid, _ in self.started]
+            self.result["total_s"] = time.monotonic() - began
+        print(f"[gpu_check] total {self.result['total_s']:.1f} s", flush=True)
+        return self.result
+
+    def part(self, name: str, fn) -> None:
+        print(f"[gpu_check] {name} ...", flush=True)
+        began = time.monotonic()
+        try:
+            data = fn()
+            error = data.pop("error", None)
+        except (Exception, SystemExit) as exc:  # serving.Served says a failed start with SystemExit
+            traceback.print_exc()
+            data, error = {}, describe(exc)
+        except Terminated as exc:
+            self.result["parts"][name] = {"error": f"terminated ({exc})", "seconds": time.monotonic() - began}
+            raise
+        seconds = time.monotonic() - began
+        self.result["parts"][name] = {"error": error, "seconds": seconds, **data}
+        self.result["timings_s"][name] = seconds
+        print(f"[gpu_check] {name}: {seconds:.1f} s" + (f"  ERROR {error}" if error else ""), flush=True)
+
+    def per_model(self, fn) -> dict:
+        """fn(model name) for each model; one model's failure is recorded and the others still run."""
+        out, errors = {}, []
+        for name in self.models:
+            try:
+                out[name] = fn(name)
+            except (Exception, SystemExit) as exc:
+                traceback.print_exc()
+                out[name] = {"error": describe(exc)}
+                errors.append(f"{name}: {describe(exc)}")
+        return {"models": out, "error": "; ".join(errors) or None}
+
+    # --- setup --------------------------------------------------------------------------------
+
+    def setup(self) -> dict:
+        photos_dir = self.args.photos
+        if photos_dir.resolve() == DEFAULT_OUT.resolve() and not list(photos_dir.glob(self.args.glob)):
+            write_photos(photos_dir)  # from the scikit-image wheel on PyPI: carry bench/photos where offline
+        self.photo_paths = sorted(photos_dir.glob(self.args.glob))
+        if not self.photo_paths:
+            raise RuntimeError(f"no photos matching {self.args.glob!r} in {photos_dir}")
+        built = {}
+        for name, path in self.model_paths.items():
+            began = time.monotonic()
+            existed = path.exists()
+            ensure_model(path)
+            built[name] = None if existed else time.monotonic() - began
+        return {"photos": [p.name for p in self.photo_paths], "models_built_s": built}
+
+    def tensors(self, spec: ModelSpec) -> np.ndarray:
+        """The photos through Cronnx's preprocessing: [photos, C, H, W]."""
+        preprocess = Preprocessor(PreprocessConfig(), spec)
+        out = np.empty((len(self.photo_paths), *spec.input_item_shape), spec.input_dtype)
+        for i, path in enumerate(self.photo_paths):
+            preprocess(path.read_bytes(), out[i])
+        return out
+
+    def session(self, path: Path, provider: str | None = None, tf32: bool = False):
+        """A session as a Cronnx worker makes it (cronnx.worker.create_session), intra-op threads 1."""
+        provider = provider or self.provider
+        worker_spec = SimpleNamespace(
+            model_path=str(path), providers=[CUDA, CPU] if provider == CUDA else [CPU], inter_op_threads=1,
+            allow_spinning=False, cuda_options=CudaConfig(use_tf32=tf32).provider_options(0))
+        session = create_session(worker_spec, 1)
+        if provider == CUDA and CUDA not in session.get_providers():
+            raise RuntimeError(f"the CUDA EP did not load (session providers {session.get_providers()}): "
+                               "check LD_LIBRARY_PATH for the CUDA 13 and cuDNN libraries")
+        return session
+
+    # --- 1: onnxruntime alone -----------------------------------------------------------------
+
+    def onnxruntime_alone(self, name: str) -> dict:
+        path = self.model_paths[name]
+        spec = inspect_model(str(path))
+        photos = self.tensors(spec)
+        rows = []
+        for batch in self.buckets:
+            row = self.bucket(path, spec, tiled(photos, batch), batch)
+            rows.append(row)
+            print(f"  {name} batch {batch}: " + ", ".join(
+                f"{where} input {row[where]['img_per_s']:.1f} img/s ({row[where]['ms_per_batch']:.2f} ms)"
+                for where in ("host", "device") if where in row), flush=True)
+        fixed = {r["batch"]: r["host"]["ms_per_batch"] for r in rows}
+        return {"buckets": rows, "alternating": self.alternating(path, spec, photos, fixed)}
+
+    def bucket(self, path: Path, spec: ModelSpec, x: np.ndarray, batch: int) -> dict:
+        """A session that only ever runs this batch size (its sessions go when this returns)."""
+        y = output_buffer(spec, batch)
+        session = self.session(path)
+        binding = session.io_binding()
+        row = {"batch": batch,
+               "host": rate(batch, Bench._repeat(lambda: infer(session, binding, spec, x, y), self.shape_seconds))}
+        if self.cuda:
+            on_device = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
+            bound = session.io_binding()
+            bound.bind_ortvalue_input(spec.input_name, on_device)
+            bound.bind_output(spec.output_name, "cpu", 0, y.dtype.type, list(y.shape), y.ctypes.data)
+            row["device"] = rate(batch, Bench._repeat(lambda: session.run_with_iobinding(bound), self.shape_seconds))
+        return row
+
+    def alternating(self, path: Path, spec: ModelSpec, photos: np.ndarray, fixed_ms: dict[int, float]) -> dict:
+        """One session running the bucket shapes in turn, each run after a run of another shape."""
+        if len(self.buckets) < 2:
+            return {"rows": [], "note": "one bucket: nothing to alternate"}
+        session = self.session(path)
+        binding = session.io_binding()
+        io = {b: (tiled(photos, b), output_buffer(spec, b)) for b in self.buckets}
+        for b in self.buckets * 2:  # every shape seen (and cuDNN's algorithm search done) before timing
+            infer(session, binding, spec, *io[b])
+        times: dict[int, list[float]] = {b: [] for b in self.buckets}
+        end = time.perf_counter() + self.shape_seconds * len(self.buckets)
+        cycles = 0
+        while cycles < 3 or time.perf_counter() < end:
+            for b in self.buckets:
+                began = time.perf_counter()
+                infer(session, binding, spec, *io[b])
+                times[b].append(time.perf_counter() - began)
+            cycles += 1
+        rows = [{"batch": b, "ms_alternating": median_ms(times[b]), "ms_fixed": fixed_ms[b],
+                 "slowdown": median_ms(times[b]) / fixed_ms[b]} for b in self.buckets]
+        images = sum(self.buckets)
+        return {"rows": rows, "cycles": cycles,
+                "cycle_img_per_s_alternating": images * 1000.0 / sum(r["ms_alternating"] for r in rows),
+                "cycle_img_per_s_fixed": images * 1000.0 / sum(fixed_ms.values())}
+
+    # --- 2: the preprocessing limit -----------------------------------------------------------
+
+    def preprocess_limit(self) -> dict:
+        spec = inspect_model(str(self.model_paths[self.models[0]]))
+        paths = [str(p) for p in self.photo_paths]
+        n = self.cores
+        out = {"workers": n, "model_input": list(spec.input_item_shape)}
+
+        results: list[tuple[int, float]] = []
+        start_line = threading.Barrier(n, timeout=120)
+        threads = [threading.Thread(target=lambda: results.append(_preprocess_loop(paths, spec, start_line,
+                                                                                   self.seconds)))
+                   for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out["threads"] = self.preprocess_rate(results, n)
+
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding onnxruntime's threads
+        start_line, queue = context.Barrier(n, timeout=120), context.Queue()
+        procs = [context.Process(target=_preprocess_process, args=(paths, spec, start_line, self.seconds, queue))
+                 for _ in range(n)]
+        try:
+            for p in procs:
+                p.start()
+                self.started.append((p.pid, False))
+            results = [queue.get(timeout=120 + self.seconds) for _ in procs]
+            for p in procs:
+                p.join(30)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        out["processes"] = self.preprocess_rate(results, n)
+        for how in ("threads", "processes"):
+            print(f"  preprocessing, {n} {how}: {out[how]['img_per_s']:.1f} img/s", flush=True)
+        return out
+
+    @staticmethod
+    def preprocess_rate(results: list[tuple[int, float]], workers: int) -> dict:
+        if len(results) != workers:
+            raise RuntimeError(f"{workers - len(results)} of {workers} preprocessing workers failed")
+        total = sum(count / seconds for count, seconds in results)
+        return {"img_per_s": total, "ms_per_image_per_worker": workers * 1000.0 / total,
+                "images": sum(count for count, _ in results)}
+
+    # --- 3: served ----------------------------------------------------------------------------
+
+    def served_config(self, name: str, port: int) -> dict:
+        model = {"name": name, "path": str(self.model_paths[name]), "batch_size": self.batch_size,
+                 "batch_buckets": self.buckets, "workers": 1,
+                 "providers": [CUDA, CPU] if self.cuda else [CPU],
+                 # Every client's request holds a slot: fewer slots than clients would answer 503.
+                 "ring_slots": min(4096, max(64, 2 * self.batch_size, max(self.clients) + self.batch_size))}
+        if self.cuda:
+            model["devices"] = [0]
+        return {"server": {"host": "127.0.0.1", "port": port, "preprocess_threads": self.cores},
+                "models": [model]}
+
+    def served(self, name: str) -> dict:
+        with tempfile.TemporaryDirectory(prefix="cronnx-gpu-check-") as tmp:
+            workdir = Path(tmp)
+            port = free_port()
+            config = workdir / "cronnx.yaml"
+            config.write_bytes(msgspec.yaml.encode(self.served_config(name, port)))
+            log = workdir / "server.log"
+            # sh execs the server with its output in the log: the pid is the server's.
+            command = ["sh", "-c", 'exec "$@" >"$0" 2>&1', str(log), sys.executable, "-m", "cronnx", "serve",
+                       "--config", str(config)]
+            base = f"http://127.0.0.1:{port}"
+            server = Served(f"cronnx serve ({name})", command, base, "/ready")
+            sampler = None
+            try:
+                began = time.monotonic()
+                with server:
+                    ready_s = time.monotonic() - began
+                    status = self.models_status(base, name)
+                    self.started += [(w["pid"], False) for w in status["workers"] if w.get("pid")]
+                    sampler = Sampler(server.process.pid, self.nvidia_smi)
+                    sampler.start()
+                    self.served_answers[name] = [self.predict(base, name, p) for p in self.photo_paths[:SERVED_PHOTOS]]
+                    runs = [self.load(base, name, clients, sampler, workdir) for clients in self.clients]
+                    status = self.models_status(base, name)
+            except (Exception, SystemExit) as exc:
+                raise RuntimeError(f"{describe(exc)}; server log: {self.log_tail(log)}") from None
+            finally:
+                if sampler is not None:
+                    sampler.stop()
+                process = getattr(server, "process", None)
+                if process is not None:
+                    self.started.append((process.pid, True))
+                cleanup = self.reap_server(process)
+            self.served_runs[name] = runs
+            worker = status["workers"][0] if status["workers"] else {}
+            return {"server_pid": process.pid, "ready_s": ready_s, "config": self.served_config(name, port),
+                    "runs": runs, "worker_providers": worker.get("providers"), "bucket_runs": worker.get("bucket_runs"),
+                    "items_failed": worker.get("items_failed"), "restarts": worker.get("restarts"), "cleanup": cleanup}
+
+    @staticmethod
+    def log_tail(log: Path, lines: int = 15) -> str:
+        try:
+            return " | ".join(log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(none)"
+
+    @staticmethod
+    def models_status(base: str, name: str) -> dict:
+        with urllib.request.urlopen(f"{base}/models", timeout=10) as response:
+            models = json.loads(response.read())["models"]
+        return next(m for m in models if m["name"] == name)
+
+    @staticmethod
+    def predict(base: str, name: str, photo: Path) -> dict:
+        request = urllib.request.Request(f"{base}/predict/{name}?top_k={TOP_K}", data=photo.read_bytes(),
+                                         headers={"Content-Type": "application/octet-stream"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            body = json.loads(response.read())
+        return {"photo": photo.name, "predictions": body["predictions"], "batch_size": body["batch_size"]}
+
+    def load(self, base: str, name: str, clients: int, sampler: Sampler, workdir: Path) -> dict:
+        """One `cronnx bench` run (a subprocess of its own group), with the server's CPU and the GPU
+        over its measuring window, and the server's own count of answered requests."""
+        procs = 1 if clients == 1 else min(self.procs, clients)
+        warmup = 0.5 if self.quick else (1.0 if clients == 1 else 2.0)
+        out = workdir / f"bench_{clients}.json"
+        command = [sys.executable, "-m", "cronnx", "bench", base, "--model", name, "--mode", "raw",
+                   "--concurrency", str(clients), "--duration", str(self.seconds), "--warmup", str(warmup),
+                   "--procs", str(procs), "--json", str(out)]
+        for photo in self.photo_paths:
+            command += ["--image", str(photo)]
+        metrics = server_stats.metrics_url(base + "/")
+        before = server_stats.scrape(metrics)
+        launched = time.monotonic()
+        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        self.started.append((proc.pid, True))
+        try:
+            text, _ = proc.communicate(timeout=120 + warmup + self.seconds)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+        exited = time.monotonic()
+        after = server_stats.scrape(metrics)
+        if proc.returncode != 0:
+            raise RuntimeError(f"cronnx bench exited with {proc.returncode}: {text[-1500:]}")
+        r = json.loads(out.read_text())[0]
+        # The window ended before the last answers came in and the client wrote its report; the
+        # load ran the same during the warm-up before it, so the interval may reach into that.
+        p99_s = (r["latency_ms"]["p99"] or 0.0) / 1000.0
+        end = exited - 0.3 - p99_s
+        start = max(end - r["window_s"], launched + 1.0 + (3.0 if procs > 1 else 0.1))
+        answered = None
+        if before is not None and after is not None:
+            answered = int(server_stats._sum(after, "cronnx_requests_total", model=name, outcome="success")
+                           - server_stats._sum(before, "cronnx_requests_total", model=name, outcome="success"))
+        server = r["server"] or {}
+        run = {"clients": clients, "procs": r["procs"], "img_per_s": r["images_per_s"], "ok": r["ok"],
+               "sent": r["sent"], "p50_ms": r["latency_ms"]["p50"], "p99_ms": r["latency_ms"]["p99"],
+               "errors": sum(r["errors_by_status"].values()) + sum(r["errors_by_exception"].values()),
+               "mean_batch": server.get("mean_batch_size"), "batch_sizes": server.get("batch_sizes"),
+               "phases_ms": {k: v * 1000.0 for k, v in (server.get("phase_means_s") or {}).items()},
+               "server_answered_incl_warmup": answered, **sampler.over(start, end), "bench": r}
+        print(f"  {name}, {clients} clients: {run['img_per_s']:.1f} img/s, p50 {run['p50_ms']:.2f} ms, "
+              f"p99 {run['p99_ms']:.2f} ms, {run['ok']}/{run['sent']} ok, mean batch "
+              f"{run['mean_batch'] or 0:.2f}, server CPU {run['server_cpu_cores'] or 0:.2f} cores"
+              + (f", GPU {run['gpu']['util_mean_pct']:.0f}%" if run["gpu"] else ""), flush=True)
+        return run
+
+    def reap_server(self, process) -> dict:
+        """After the server's `with`: anything of its group still alive is killed (by pid) and its
+        shared-memory segments are removed; both are reported (they should be empty)."""
+        if process is None:
+            return {}
+        if process.poll() is None:  # Served's exit did not get to it
+            process.kill()
+            process.wait()
+        deadline = time.monotonic() + 10
+        while alive_in_group(process.pid) and time.monotonic() < deadline:  # workers exiting after the front
+            time.sleep(0.1)
+        killed = alive_in_group(process.pid)
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        removed = shm_segments(process.pid)
+        for segment in removed:
+            os.unlink(f"/dev/shm/{segment}")
+        return {"exit_code": process.returncode, "killed_leftover_pids": killed, "removed_shm": removed}
+
+    def reap_all(self) -> list[int]:
+        """At the very end: every process this run started, and their groups, must be gone."""
+        leftover = set()
+        for pid, leads_group in self.started:
+            leftover.update(alive_in_group(pid) if leads_group else [])
+            if pid_alive(pid):
+                leftover.add(pid)
+        for pid in sorted(leftover):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return sorted(leftover)
+
+    # --- 4: the GPU during the served runs ----------------------------------------------------
+
+    def gpu(self) -> dict:
+        if not self.nvidia_smi:
+            return {"status": "n/a", "note": "no nvidia-smi on this machine"}
+        rows = [{"model": name, "clients": run["clients"], **(run["gpu"] or {})}
+                for name, runs in self.served_runs.items() for run in runs]
+        return {"status": "sampled", "gpu_name": self.result["meta"]["gpu_name"], "runs": rows}
+
+    # --- 5: parity ----------------------------------------------------------------------------
+
+    def parity(self, name: str) -> dict:
+        path = self.model_paths[name]
+        spec = inspect_model(str(path))
+        photos = self.tensors(spec)
+        rows = self.batch_size
+        reference = self.probabilities(self.session(path, CPU), spec, photos, 1)  # CPU EP, one photo a run
+        variants = ([("CUDA EP, use_tf32 0", CUDA, False), ("CUDA EP, use_tf32 1", CUDA, True)] if self.cuda
+                    else [("CPU EP", CPU, False)])
+        out = {"photos": len(photos), "against": "CPU EP, batch 1", "variants": []}
+        for label, provider, tf32 in variants:
+            session = self.session(path, provider, tf32)
+            single = self.probabilities(session, spec, photos, 1)
+            batched = self.probabilities(session, spec, tiled(photos, rows), rows)
+            expected = tiled(reference, rows)
+            out["variants"].append({
+                "label": label, "max_abs_diff_batch1": float(np.abs(single - reference).max()),
+                f"max_abs_diff_batch{rows}": float(np.abs(batched - expected).max()),
+                "max_abs_diff": float(max(np.abs(single - reference).max(), np.abs(batched - expected).max())),
+                "top1_agree": int((single.argmax(1) == reference.argmax(1)).sum())})
+        answers = self.served_answers.get(name)
+        if answers:
+            by_name = {p.name: i for i, p in enumerate(self.photo_paths)}
+            diffs, ids_match = [], 0
+            for answer in answers:
+                probs = reference[by_name[answer["photo"]]]
+                expected_ids = [int(i) for i in np.argsort(-probs, kind="stable")[:TOP_K]]
+                served_ids = [p["class_id"] for p in answer["predictions"]]
+                ids_match += served_ids == expected_ids
+                diffs += [abs(p["confidence"] - probs[p["class_id"]]) for p in answer["predictions"]]
+            out["served"] = {"answers": len(answers), "top5_ids_match": ids_match,
+                             "max_abs_diff_top5": float(max(diffs))}
+        else:
+            out["served"] = None
+        for v in out["variants"]:
+            print(f"  {name} {v['label']} vs CPU EP: max |diff| {v['max_abs_diff']:.3g}", flush=True)
+        return out
+
+    def probabilities(self, session, spec: ModelSpec, photos: np.ndarray, rows: int) -> np.ndarray:
+        """Probabilities of every photo, run `rows` at a time."""
+        binding = session.io_binding()
+        out = []
+        for first in range(0, len(photos), rows):
+            x = np.ascontiguousarray(photos[first:first + rows])
+            y = output_buffer(spec, len(x))
+            infer(session, binding, spec, x, y)
+            out.append(softmax(y, spec.outputs_probabilities))
+        return np.concatenate(out)
+
+
+# --- the markdown --------------------------------------------------------------------------------
+
+def _f(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _error_line(part: dict) -> list[str]:
+    return [f"**error**: {part['error']}", ""] if part.get("error") else []
+
+
+def markdown(result: dict) -> str:
+    meta, parts = result["meta"], result["parts"]
+    lines = [f"Provider {meta['provider']} ({meta['gpu_name'] or 'no GPU'}), {meta['cores']} cores, onnxruntime "
+             f"{meta['onnxruntime']}, {meta['pil']}, batch size {meta['batch_size']}, buckets {meta['buckets']}"
+             + (", `--quick`" if meta["quick"] else "") + ".", ""]
+
+    ort_part = parts.get("onnxruntime", {})
+    lines += ["onnxruntime alone, one session per bucket (intra-op 1, IO binding; medians of timed runs):", ""]
+    lines += _error_line(ort_part)
+    device = meta["provider"] == CUDA
+    lines += ["| model | batch | host input ms | host input img/s |"
+              + (" device input ms | device input img/s |" if device else "")
+              + " alternating shapes ms | slowdown |",
+              "| --- | ---: | ---: | ---: |" + (" ---: | ---: |" if device else "") + " ---: | ---: |"]
+    for name, m in ort_part.get("models", {}).items():
+        alternating = {r["batch"]: r for r in m.get("alternating", {}).get("rows", [])}
+        for row in m.get("buckets", []):
+            alt = alternating.get(row["batch"], {})
+            cells = [name, str(row["batch"]), _f(row["host"]["ms_per_batch"], 2), _f(row["host"]["img_per_s"])]
+            if device:
+                cells += [_f(row["device"]["ms_per_batch"], 2), _f(row["device"]["img_per_s"])]
+            cells += [_f(alt.get("ms_alternating"), 2), _f(alt.get("slowdown"), 2) + "x" if alt else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+        if m.get("alternating", {}).get("rows"):
+            a = m["alternating"]
+            lines.append(f"| {name} | all buckets in turn | | {_f(a['cycle_img_per_s_alternating'])} "
+                         f"(fixed shapes: {_f(a['cycle_img_per_s_fixed'])}) |" + (" | |" if device else "") + " | |")
+    lines.append("")
+
+    pre = parts.get("preprocess", {})
+    lines += ["Preprocessing limit (Cronnx's preprocessing of the photos, all cores):", ""]
+    lines += _error_line(pre)
+    lines += ["| how | img/s | ms per image per worker |", "| --- | ---: | ---: |"]
+    for how in ("threads", "processes"):
+        if how in pre:
+            lines.append(f"| {pre['workers']} {how} | {_f(pre[how]['img_per_s'])} | "
+                         f"{_f(pre[how]['ms_per_image_per_worker'], 2)} |")
+    lines.append("")
+
+    served = parts.get("served", {})
+    lines += ["Served (`cronnx serve`, 1 worker, `cronnx bench` closed loop, raw bodies):", ""]
+    lines += _error_line(served)
+    lines += ["| model | clients | img/s | p50 ms | p99 ms | ok / sent | errors | mean batch | batches by size "
+              "| phases ms (pre / queue / infer) | server CPU cores (event loop) | GPU util % mean / max | GPU MiB |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
+    for name, m in served.get("models", {}).items():
+        for run in m.get("runs", []):
+            sizes = ", ".join(f"<={float(b):g}: {n}" for b, n in (run["batch_sizes"] or {}).items())
+            ph = run["phases_ms"]
+            phases = " / ".join(_f(ph.get(k), 2) for k in ("preprocess", "queue", "inference"))
+            gpu = run["gpu"] or {}
+            loop = (run.get("server_cpu_by_part_cores") or {}).get("event loop thread")
+            lines.append(f"| {name} | {run['clients']} | {_f(run['img_per_s'])} | {_f(run['p50_ms'], 2)} | "
+                         f"{_f(run['p99_ms'], 2)} | {run['ok']} / {run['sent']} | {run['errors']} | "
+                         f"{_f(run['mean_batch'], 2)} | {sizes or '-'} | {phases} | {_f(run['server_cpu_cores'], 2)} "
+                         f"({_f(loop, 2)}) | "
+                         f"{_f(gpu.get('util_mean_pct'), 0)} / {_f(gpu.get('util_max_pct'), 0)} | "
+                         f"{_f(gpu.get('memory_used_max_mib'), 0)} |")
+        if "error" in m and m["error"]:
+            lines.append(f"| {name} | error: {m['error'][:200]} |")
+    gpu_part = parts.get("gpu", {})
+    if gpu_part.get("status") == "n/a":
+        lines += ["", "GPU utilisation: n/a (no nvidia-smi)."]
+    lines.append("")
+
+    parity = parts.get("parity", {})
+    lines += ["Parity (softmax probabilities against the CPU EP, batch 1, on the photos):", ""]
+    lines += _error_line(parity)
+    lines += ["| model | provider | max abs diff, batch 1 | max abs diff, batch size | top-1 agree |",
+              "| --- | --- | ---: | ---: | ---: |"]
+    for name, m in parity.get("models", {}).items():
+        for v in m.get("variants", []):
+            batched = next(v[k] for k in v if k.startswith("max_abs_diff_batch") and k != "max_abs_diff_batch1")
+            lines.append(f"| {name} | {v['label']} | {v['max_abs_diff_batch1']:.3g} | {batched:.3g} | "
+                         f"{v['top1_agree']} / {m['photos']} |")
+        if m.get("served"):
+            s = m["served"]
+            lines.append(f"| {name} | served `/predict` top-5 | {s['max_abs_diff_top5']:.3g} | | "
+                         f"ids match {s['top5_ids_match']} / {s['answers']} |")
+    lines += ["", "Time per part: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["timings_s"].items())
+              + f"; total {result['total_s']:.1f} s."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto: CUDA when onnxruntime lists CUDAExecutionProvider")
+    parser.add_argument("--quick", action="store_true",
+                        help="seconds per measurement, MobileNetV2 only, 16 clients: a CPU-only smoke run")
+    parser.add_argument("--models", default=None, help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="each served window and preprocessing measurement (default 6, --quick 2)")
+    parser.add_argument("--clients", default=None, help="closed-loop clients of the served runs (default 1,256)")
+    parser.add_argument("--procs", type=int, default=None, help="client processes for more than one client (4)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 64 on CUDA, 4 on the CPU")
+    parser.add_argument("--photos", type=Path, default=DEFAULT_OUT, help="folder of photos (bench/photos.py)")
+    parser.add_argument("--glob", default="*-1600.jpg", help="which photos of the folder")
+    parser.add_argument("--json", type=Path, help="write everything here")
+    parser.add_argument("--markdown", type=Path, help="write the tables here too")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _terminate)
+    check = Check(args)
+    try:
+        result = check.run()
+    except Terminated:  # what was measured is still written
+        result = check.result
+        result["terminated"] = True
+    table = markdown(result)
+    for path, text in ((args.json, json.dumps(result, indent=1)), (args.markdown, table)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n")
+            print(f"wrote {path}", flush=True)
+    print(table)
+    if result.get("terminated"):
+        sys.exit(143)
+
+
+if __name__ == "__main__":
+    main()
