@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import numbers
+import re
 import warnings
 
 import numpy as np
@@ -60,6 +61,14 @@ def set_max_image_pixels(pixels: int) -> None:
     Image.MAX_IMAGE_PIXELS = pixels
 
 
+def _too_large(pillow_message: str) -> str:
+    """The client is told the configured limit: Pillow's own message names twice the limit for
+    images above that (its DecompressionBombError threshold)."""
+    found = re.search(r"\((\d+) pixels\)", pillow_message)
+    size = f" ({int(found.group(1)):,} pixels)" if found else ""
+    return f"image too large{size}: the limit is {Image.MAX_IMAGE_PIXELS:,} pixels (server.max_image_pixels)"
+
+
 class Preprocessor:
     """Preprocessing for one model: its input size, layout and dtype, resize mode and normalisation."""
 
@@ -108,9 +117,10 @@ class Preprocessor:
             image = to_rgb(image)
             return image.transpose(UPRIGHT[orientation]) if orientation in UPRIGHT else image
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageTooLarge(f"image too large: {exc}") from None
+            raise ImageTooLarge(_too_large(str(exc))) from None
         except UnidentifiedImageError:
-            raise InvalidImage(f"body is not an image in a format the server reads ({', '.join(ACCEPTED_FORMATS)})") from None
+            raise InvalidImage(f"body is not an image in a format the server reads "
+                               f"({', '.join(ACCEPTED_FORMATS)})") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise InvalidImage(f"cannot decode image: {exc}") from None
 

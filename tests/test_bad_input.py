@@ -51,7 +51,11 @@ BAD_REQUESTS = {
     "empty body": ("image/png", b"", 400, "empty"),
     "unsupported content type": ("text/plain", b"hello", 415, "Content-Type"),
     "body over the limit": ("image/jpeg", b"\xff" * (BODY_LIMIT + 1), 413, "limit"),
-    "decompression bomb": ("image/png", _bomb(), 413, "too large"),
+    # Above twice the limit (Pillow's error) and just above it (Pillow's warning): both name the
+    # configured limit, not Pillow's doubled one.
+    "decompression bomb": ("image/png", _bomb(), 413, "(25,000,000 pixels): the limit is 4,000,000 pixels"),
+    "image just over the pixel limit": ("image/png", encode(Image.new("L", (2500, 2000)), "PNG"), 413,
+                                        "(5,000,000 pixels): the limit is 4,000,000 pixels"),
 }
 
 
