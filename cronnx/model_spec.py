@@ -45,7 +45,11 @@ class ModelSpec(msgspec.Struct, frozen=True):
 
 def spec_from_session(session, size_hint: int | None = None, softmax_output: bool = False,
                       opset: int = 0) -> ModelSpec:
-    """Check that the session takes one image tensor and returns class scores."""
+    """Check that the session takes one image tensor and returns class scores.
+
+    The output's shape is the one onnxruntime computes on a probe input, not the graph's
+    declaration: exporters leave declarations that differ ([N, 10] declared where [N, 10, 1, 1]
+    is computed, or symbolic class dimensions), and the workers bind the computed shape."""
     inputs = session.get_inputs()
     outputs = session.get_outputs()
     if len(inputs) != 1:
@@ -67,10 +71,14 @@ def spec_from_session(session, size_hint: int | None = None, softmax_output: boo
     batch = shape[0]
     fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
 
+    height = _spatial(height, size_hint, inp.name, "height")
+    width = _spatial(width, size_hint, inp.name, "width")
     out = outputs[0]
     if out.type not in OUTPUT_TYPES:
         raise ModelSpecError(f"output {out.name!r} is {out.type}; supported: {', '.join(OUTPUT_TYPES)}")
-    out_shape = list(out.shape)
+    item = (3, height, width) if layout == "NCHW" else (height, width, 3)
+    computed = _computed_output_shape(session, inp.name, (fixed_batch or 1, *item), INPUT_TYPES[inp.type])
+    out_shape = computed or list(out.shape)
     item_shape = out_shape[1:]
     if not item_shape or not all(isinstance(d, int) and d > 0 for d in item_shape):
         raise ModelSpecError(f"output {out.name!r} has shape {out_shape}; expected [N, classes] with fixed classes")
@@ -80,8 +88,8 @@ def spec_from_session(session, size_hint: int | None = None, softmax_output: boo
         input_name=inp.name,
         layout=layout,
         input_dtype=INPUT_TYPES[inp.type],
-        height=_spatial(height, size_hint, inp.name, "height"),
-        width=_spatial(width, size_hint, inp.name, "width"),
+        height=height,
+        width=width,
         fixed_batch=fixed_batch,
         output_name=out.name,
         output_dtype=OUTPUT_TYPES[out.type],
@@ -91,6 +99,17 @@ def spec_from_session(session, size_hint: int | None = None, softmax_output: boo
         opset=opset,
         description=session.get_modelmeta().description or "",
     )
+
+
+def _computed_output_shape(session, input_name: str, shape: tuple[int, ...], dtype: str) -> list[int] | None:
+    """The first output's shape for one zero input of `shape`; None when the probe fails (the
+    declared shape is checked instead, and a worker that cannot run reports onnxruntime's error)."""
+    import numpy as np
+
+    try:
+        return list(session.run(None, {input_name: np.zeros(shape, dtype)})[0].shape)
+    except Exception:  # onnxruntime raises several private exception types
+        return None
 
 
 def _spatial(dim, size_hint: int | None, name: str, what: str) -> int:

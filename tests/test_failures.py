@@ -93,3 +93,33 @@ def test_the_port_answers_503_loading_while_the_demo_model_is_built(start_server
     server.wait_ready()
     assert demo.is_file()
     assert [r.status for r in asyncio.run(predict_many(f"{server.url}/predict/demo", [IMAGE]))] == [200]
+
+
+def misdeclared_model(path) -> str:
+    """Computes [N, 10, 1, 1] (a 1x1 convolution of pooled features) but declares [N, 10], as
+    exporters leave it: onnxruntime runs it (warning about the merge)."""
+    w = np.random.default_rng(3).normal(0, 2, (10, 3, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+             helper.make_node("Conv", ["pooled", "w"], ["logits"])]
+    graph = helper.make_graph(nodes, "misdeclared",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_a_model_whose_declared_output_shape_differs_from_what_it_computes_is_served(start_server, tmp_path):
+    from reference import DirectModel, assert_matches
+
+    model = misdeclared_model(tmp_path / "misdeclared.onnx")
+    server = start_server(server_config(model_entry("mis", model, batch_size=4, batch_timeout_ms=20)))
+    images = [encode(photo_like(320, 240, seed=s), "JPEG") for s in range(6)]
+    replies = asyncio.run(predict_many(f"{server.url}/predict/mis", images))
+    direct = DirectModel(model)
+    for image, reply in zip(images, replies):
+        assert reply.status == 200, reply.body
+        assert_matches(reply.body, direct.probabilities(image))
+    assert server.models()["mis"]["output_shape"] == ["batch", 10, 1, 1]
