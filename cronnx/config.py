@@ -58,6 +58,9 @@ class ServerConfig(Strict):
     # aiohttp's default of 1 MiB is too small for a base64 phone photo.
     max_body_bytes: PositiveInt = 20 * 1024 * 1024
     request_timeout_s: PositiveFloat = 10.0
+    # A connection with no request in progress (idle between requests, or whose request headers
+    # have not all arrived: a slow-headers client) is closed after this many seconds.
+    idle_timeout_s: PositiveFloat = 30.0
     # A version whose workers are not all ready by then fails to load.
     model_load_timeout_s: PositiveFloat = 120.0
     # Liveness: a live worker between batches is pinged every worker_ping_interval_s and killed

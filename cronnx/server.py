@@ -140,8 +140,11 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
         # lingering_time: after an early answer (a 408 for a stalled upload, a 413), aiohttp keeps
         # reading the unsent body for this long before closing; its 10 s default would let stalled
         # clients hold their sockets that much longer.
+        # keepalive_timeout: aiohttp closes a connection with no request in progress after it, from
+        # the connection's start too (so slow headers are covered); its own default is an hour.
         runner = web.AppRunner(make_app(state), handler_cancellation=True, access_log=None,
-                               shutdown_timeout=config.server.request_timeout_s + 1.0, lingering_time=1.0)
+                               shutdown_timeout=config.server.request_timeout_s + 1.0, lingering_time=1.0,
+                               keepalive_timeout=config.server.idle_timeout_s)
         await runner.setup()
         try:
             site = web.TCPSite(runner, config.server.host, config.server.port)

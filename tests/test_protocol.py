@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from reference import DirectModel, assert_matches
-from support.client import TIMEOUT, GoodStream, post
+from support.client import TIMEOUT, GoodStream, post, predict_many
 from support.metrics import scrape, value
 from support.images import encode, photo_like
 from support.models import tiny_classifier
@@ -167,3 +167,28 @@ def test_an_unknown_content_encoding_gets_415(server):
 
     reply = asyncio.run(send())
     assert reply.status == 415 and "Content-Encoding 'compress'" in reply.body["error"], reply.body
+
+
+def test_connections_that_never_finish_their_headers_are_closed_after_the_idle_timeout(start_server, tiny_model):
+    """Slow-headers clients (and idle ones) hold a socket for idle_timeout_s, not for ever."""
+    server = start_server(server_config(model_entry("tiny", tiny_model), idle_timeout_s=1))
+    parts = urlparse(server.url)
+
+    async def slow_headers():
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        writer.write(b"POST /predict/tiny HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        await writer.drain()
+        try:
+            started = asyncio.get_running_loop().time()
+            data = await asyncio.wait_for(reader.read(), 10)
+            return data, asyncio.get_running_loop().time() - started
+        finally:
+            writer.close()
+
+    async def main():
+        return await asyncio.gather(*(slow_headers() for _ in range(50)))
+
+    for data, waited in asyncio.run(main()):
+        assert data == b"" and waited < 8  # closed by the server, long before the client's 10 s
+    (reply,) = asyncio.run(predict_many(f"{server.url}/predict/tiny", [encode(photo_like(64, 48, seed=1), "JPEG")]))
+    assert reply.status == 200
