@@ -78,6 +78,26 @@ class InferenceEngine:
         up. The slot is free again, or will be as soon as no thread or worker touches it, on every
         path.
         """
+        async def preprocess(ring: SlotRing, slot: int) -> None:
+            await self._preprocess(pool, ring, slot, image)
+        return await self._infer(pool, preprocess, request_id, deadline)
+
+    async def infer_tensor(self, pool: ModelPool, row: np.ndarray, request_id: str,
+                           deadline: float) -> InferenceResult:
+        """Run one row of the model's own input tensor (shape `spec.input_item_shape`, dtype
+        `spec.input_dtype`: the caller checks both), copied into a slot as it is. Raises as `infer`
+        does, less the preprocessing errors; `preprocess_s` is the copy."""
+        async def copy(ring: SlotRing, slot: int) -> None:
+            try:
+                np.copyto(ring.inputs[slot], row, casting="no")
+            except BaseException:
+                ring.release(slot)
+                raise
+        return await self._infer(pool, copy, request_id, deadline)
+
+    async def _infer(self, pool: ModelPool, fill, request_id: str, deadline: float) -> InferenceResult:
+        """Acquire a slot, `await fill(ring, slot)` (which releases the slot itself when it fails:
+        ring rule 4), hand it to the worker, await the answer, copy the output, release."""
         if self.draining:
             raise ShuttingDown("server is shutting down")
         worker, slot = _acquire(pool)
@@ -85,7 +105,7 @@ class InferenceEngine:
         try:
             async with asyncio.timeout_at(deadline):
                 started = time.perf_counter()
-                await self._fill(pool, ring, slot, image)
+                await fill(ring, slot)
                 preprocess_s = time.perf_counter() - started
                 returned = await _run(pool, worker, slot, request_id)  # after the fill: ring rule 1
         except TimeoutError:
@@ -101,7 +121,7 @@ class InferenceEngine:
             raise InferenceFailed(f"inference failed: {returned.error}")
         raise WorkerLost(returned.error or f"worker {worker.name} dropped the request")
 
-    async def _fill(self, pool: ModelPool, ring: SlotRing, slot: int, image: bytes) -> None:
+    async def _preprocess(self, pool: ModelPool, ring: SlotRing, slot: int, image: bytes) -> None:
         """Decode and normalise straight into the slot's input memory, in the thread pool. On any
         failure the slot is released (at once, or when the thread is done: ring rule 4)."""
         job = self._executor.submit(pool.preprocess, image, ring.inputs[slot])

@@ -10,9 +10,11 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 # aiohttp's own handler: sends "100 Continue", or 417 for an unknown expectation.
 from aiohttp.web_urldispatcher import _default_expect_handler
 
@@ -24,6 +26,7 @@ from .errors import (BodyTimeout, CronnxError, DeadlineExceeded, ImageTooLarge, 
                      InvalidRequest, ModelNotFound, NotAuthenticated, PermissionDenied, QueueFull,
                      RequestTooLarge, Unavailable, UndecodableBody, UnsupportedMediaType)
 from .metrics import UNKNOWN_MODEL, Metrics
+from .pool import ModelPool
 from .postprocess import top_k
 from .registry import Registry
 
@@ -175,6 +178,16 @@ class RequestRecord:
 
 
 async def predict(request: web.Request) -> web.Response:
+    return await model_request(request, _predict)
+
+
+# A handler's work once its model version is chosen: (request, state, pool, record, started) -> response.
+ModelHandler = Callable[[web.Request, ServerState, ModelPool, "RequestRecord", float], Awaitable[web.Response]]
+
+
+async def model_request(request: web.Request, run: ModelHandler) -> web.Response:
+    """What every request for a model goes through, whichever API it speaks: the version chosen
+    (and counted in flight in it), `run`, then one metrics record and one access-log line."""
     started = time.perf_counter()
     state = request.app[STATE]
     record = RequestRecord(request["request_id"], UNKNOWN_MODEL, "")
@@ -184,7 +197,7 @@ async def predict(request: web.Request) -> web.Response:
         with state.engine.select(request.match_info["model"], None if version is None else int(version),
                                  request.headers.get(ROUTING_KEY_HEADER)) as pool:
             record.model, record.version = pool.name, str(pool.version)
-            response = await _predict(request, state, pool, record, started)
+            response = await run(request, state, pool, record, started)
         record.status = 200
         return response
     except CronnxError as exc:
@@ -199,18 +212,11 @@ async def predict(request: web.Request) -> web.Response:
         _record(state.metrics, record, time.perf_counter() - started)
 
 
-async def _predict(request: web.Request, state: ServerState, pool, record: RequestRecord,
+async def _predict(request: web.Request, state: ServerState, pool: ModelPool, record: RequestRecord,
                    started: float) -> web.Response:
     k = _top_k_param(request, pool.top_k)
-    # The request's time starts on arrival: a client that stalls its upload holds a connection
-    # and a handler only until then.
-    timeout_s = state.config.request_timeout_s
-    deadline = asyncio.get_running_loop().time() + timeout_s - (time.perf_counter() - started)
-    try:
-        async with asyncio.timeout_at(deadline):
-            image = await _read_image(request, state.config.max_body_bytes)
-    except TimeoutError:
-        raise BodyTimeout(f"the request body did not arrive within the request timeout ({timeout_s:g}s)") from None
+    deadline = request_deadline(state, started)
+    image = await _read_image(request, state.config.max_body_bytes, deadline)
     read_s = time.perf_counter() - started
     result = await state.engine.infer(pool, image, record.request_id, deadline)
     respond_started = time.perf_counter()
@@ -257,19 +263,36 @@ def _top_k_param(request: web.Request, default: int) -> int:
 CONTENT_ENCODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate", "br", "zstd"})
 
 
-async def _read_image(request: web.Request, limit: int) -> bytes:
+def request_deadline(state: ServerState, started: float) -> float:
+    """The request's deadline on the loop's clock: its time starts on arrival (`started`, a
+    perf_counter reading), so a client that stalls its upload holds a handler only until then."""
+    return asyncio.get_running_loop().time() + state.config.request_timeout_s - (time.perf_counter() - started)
+
+
+async def read_body(request: web.Request, limit: int, deadline: float) -> bytes:
+    """The whole body (decoded per its Content-Encoding), at most `limit` bytes, by `deadline`.
+    Raises UnsupportedMediaType, RequestTooLarge, UndecodableBody, BodyTimeout."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in CONTENT_ENCODINGS:
         raise UnsupportedMediaType(f"unsupported Content-Encoding {encoding!r}; use one of: "
                                    f"{', '.join(sorted(CONTENT_ENCODINGS))}")
+    too_large = f"request body is larger than the limit of {limit} bytes"
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLarge(too_large)
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await _read_body(request.content, limit, too_large)
+    except TimeoutError:
+        raise BodyTimeout("the request body did not arrive within the request timeout "
+                          f"({request.app[STATE].config.request_timeout_s:g}s)") from None
+
+
+async def _read_image(request: web.Request, limit: int, deadline: float) -> bytes:
     content_type = request.content_type
     if content_type != JSON_TYPE and content_type not in RAW_IMAGE_TYPES:
         allowed = ", ".join([JSON_TYPE, *sorted(RAW_IMAGE_TYPES)])
         raise UnsupportedMediaType(f"unsupported Content-Type {content_type!r}; use one of: {allowed}")
-    too_large = f"request body is larger than the limit of {limit} bytes"
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestTooLarge(too_large)
-    body = await _read_body(request.content, limit, too_large)
+    body = await read_body(request, limit, deadline)
     if not body:
         raise InvalidRequest("request body is empty")
     if content_type != JSON_TYPE:
@@ -298,7 +321,7 @@ async def _read_body(stream, limit: int, too_large: str) -> bytes:
             if size > limit:
                 raise RequestTooLarge(too_large)
             chunks.append(chunk)
-    except web.RequestPayloadError as exc:  # a body its Content-Encoding cannot decode, a broken chunk
+    except (web.RequestPayloadError, HttpProcessingError) as exc:  # undecodable Content-Encoding, broken chunks
         # aiohttp's text reads "400, message: Can not decode content-encoding: gzip": keep the reason.
         reason = " ".join(str(exc).split()).split("message:", 1)[-1].strip()
         raise UndecodableBody(f"the request body cannot be read: {reason}") from None
