@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from . import catalog
+from . import catalog, inference_protocol
 from .catalog import ModelVersion, PreparedVersion
 from .config import Config, ConfigError, NotInConfig, load_config
 from .contract import LoggingSpec
@@ -142,7 +142,9 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
         # clients hold their sockets that much longer.
         # keepalive_timeout: aiohttp closes a connection with no request in progress after it, from
         # the connection's start too (so slow headers are covered); its own default is an hour.
-        runner = web.AppRunner(make_app(state), handler_cancellation=True, access_log=None,
+        app = make_app(state)
+        inference_protocol.add_routes(app)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                                shutdown_timeout=config.server.request_timeout_s + 1.0, lingering_time=1.0,
                                keepalive_timeout=config.server.idle_timeout_s)
         await runner.setup()

@@ -1,0 +1,361 @@
+"""The Open Inference Protocol (KServe V2; Triton's HTTP/REST API) over the inference engine.
+
+Health, server and model metadata, Triton's model configuration, and `infer` with JSON tensors
+or the binary tensor data extension, and the classification extension. Every row of a request
+goes into a ring slot of its own, so V2 rows and `/predict` requests of the same model are
+batched together. Inputs are either
+
+- the model's own input tensor (its datatype, shape `[N, ...]` in the model's layout), copied
+  into the slots as it is; or
+- encoded images as a `BYTES` tensor `[N]` (or `[N, 1]`), preprocessed exactly as `/predict`
+  does (in JSON each element is the image's base64; with the binary extension, its bytes).
+
+Errors are `{"error": "..."}` with the status of `front.ERROR_STATUS`, as for `/predict`; each
+infer request is counted and logged like a `/predict` request. Reference: the KServe V2 REST
+protocol and Triton's binary data and classification extensions (their field names are used).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import struct
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+import msgspec
+import numpy as np
+from aiohttp import web
+
+from .engine import InferenceResult
+from .errors import InvalidRequest, ModelNotReady
+from .front import STATE, RequestRecord, ServerState, json_response, model_request, read_body, request_deadline
+from .pool import ModelPool
+from .postprocess import top_k
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+# numpy dtype name <-> the protocol's datatype names.
+DATATYPES = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8"}
+EXTENSIONS = ["binary_tensor_data", "classification"]
+
+
+class RequestTensor(msgspec.Struct):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, object] = {}
+    data: list | None = None
+
+
+class RequestedOutput(msgspec.Struct):
+    name: str
+    parameters: dict[str, object] = {}
+
+
+class InferRequest(msgspec.Struct):
+    inputs: list[RequestTensor]
+    id: str | None = None
+    outputs: list[RequestedOutput] | None = None
+    parameters: dict[str, object] = {}
+
+
+_infer_request = msgspec.json.Decoder(InferRequest)
+
+
+def _server_version() -> str:
+    try:
+        return version("cronnx")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return json_response({"name": "cronnx", "version": _server_version(), "extensions": EXTENSIONS})
+
+
+async def server_live(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def server_ready(request: web.Request) -> web.Response:
+    return web.Response(status=200 if request.app[STATE].ready() else 503)
+
+
+def _pool(request: web.Request) -> ModelPool:
+    """The version a metadata request names, or the one its model's traffic goes to."""
+    registry = request.app[STATE].registry
+    name, version_text = request.match_info["model"], request.match_info.get("version")
+    if version_text is None:
+        return registry.route(name).choose(None)
+    return registry.version(name, int(version_text))
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    pool = _pool(request)
+    spec = pool.spec
+    route = request.app[STATE].registry.routes.get(pool.name)
+    return json_response({
+        "name": pool.name,
+        "versions": [str(v) for v in sorted(route.versions)] if route else [str(pool.version)],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": spec.input_name, "datatype": DATATYPES[spec.input_dtype],
+                    "shape": [spec.fixed_batch or -1, *spec.input_item_shape]}],
+        "outputs": [{"name": spec.output_name, "datatype": DATATYPES[spec.output_dtype],
+                     "shape": [spec.fixed_batch or -1, *spec.output_item_shape]}],
+    })
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    try:
+        pool = _pool(request)
+    except ModelNotReady:
+        return web.Response(status=503)
+    return web.Response(status=200 if pool.live_workers else 503)
+
+
+async def model_config(request: web.Request) -> web.Response:
+    """Triton's model configuration, as its clients read it (`max_batch_size`: the dims exclude the batch)."""
+    pool = _pool(request)
+    spec = pool.spec
+    config = pool.config
+    return json_response({
+        "name": pool.name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "max_batch_size": pool.batch_size,
+        "input": [{"name": spec.input_name, "data_type": f"TYPE_{DATATYPES[spec.input_dtype]}",
+                   "format": f"FORMAT_{spec.layout}", "dims": list(spec.input_item_shape)}],
+        "output": [{"name": spec.output_name, "data_type": f"TYPE_{DATATYPES[spec.output_dtype]}",
+                    "dims": list(spec.output_item_shape)}],
+        "dynamic_batching": {"max_queue_delay_microseconds": int(config.batch_timeout_ms * 1000),
+                             "preferred_batch_size": pool.batch_buckets or [pool.batch_size]},
+        "instance_group": [{"count": config.worker_count,
+                            "kind": "KIND_GPU" if config.devices else "KIND_CPU",
+                            **({"gpus": list(config.devices)} if config.devices else {})}],
+    })
+
+
+async def infer(request: web.Request) -> web.Response:
+    return await model_request(request, _infer)
+
+
+async def _infer(request: web.Request, state: ServerState, pool: ModelPool, record: RequestRecord,
+                 started: float) -> web.Response:
+    deadline = request_deadline(state, started)
+    body = await read_body(request, state.config.max_body_bytes, deadline)
+    header, binary = _split_body(request, body)
+    parsed = _parse_header(header)
+    rows = _rows(parsed, binary, pool)
+    read_s = time.perf_counter() - started
+    engine = state.engine
+    if rows.dtype == object:  # encoded images
+        jobs = [engine.infer(pool, image, record.request_id, deadline) for image in rows]
+    else:
+        jobs = [engine.infer_tensor(pool, row, record.request_id, deadline) for row in rows]
+    results = await _all_or_nothing(jobs)
+    respond_started = time.perf_counter()
+    response = _response(request, parsed, pool, results)
+    record.batch_size = max(r.batch_size for r in results)
+    record.phases = {"read": read_s, "preprocess": max(r.preprocess_s for r in results),
+                     "queue": max(r.queue_s for r in results), "inference": max(r.infer_s for r in results),
+                     "respond": time.perf_counter() - respond_started}
+    return response
+
+
+async def _all_or_nothing(jobs) -> list[InferenceResult]:
+    """Every row's result, or the first row's error with the other rows cancelled."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(job) for job in jobs]
+    except BaseExceptionGroup as group_error:
+        raise group_error.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+def _split_body(request: web.Request, body: bytes) -> tuple[bytes, bytes]:
+    """(JSON header, binary tensor data) per the binary data extension."""
+    raw = request.headers.get(HEADER_LENGTH)
+    if raw is None:
+        return body, b""
+    try:
+        length = int(raw)
+    except ValueError:
+        length = -1
+    if not 0 <= length <= len(body):
+        raise InvalidRequest(f"{HEADER_LENGTH} is {raw!r}; it must be an integer between 0 and the body's "
+                             f"length ({len(body)})")
+    return body[:length], body[length:]
+
+
+def _parse_header(header: bytes) -> InferRequest:
+    if not header:
+        raise InvalidRequest("the inference request has no JSON header (a raw binary body without one is not "
+                             "supported: send the header with binary_data_size)")
+    try:
+        return _infer_request.decode(header)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"invalid inference request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"the inference request is not valid JSON: {exc}") from None
+
+
+def _rows(parsed: InferRequest, binary: bytes, pool: ModelPool) -> np.ndarray:
+    """The request's rows: [N, *item] of the model's input dtype, or N encoded images (dtype object)."""
+    if len(parsed.inputs) != 1:
+        raise InvalidRequest(f"the request has {len(parsed.inputs)} inputs; model {pool.name!r} takes one")
+    tensor = parsed.inputs[0]
+    if tensor.datatype == "BYTES":
+        rows = _bytes_rows(tensor, binary)
+    else:
+        rows = _tensor_rows(tensor, binary, pool)
+    if not 1 <= len(rows) <= pool.batch_size:
+        raise InvalidRequest(f"input {tensor.name!r} has {len(rows)} rows; model {pool.name!r} takes 1 to "
+                             f"{pool.batch_size} (max_batch_size) per request")
+    return rows
+
+
+def _binary_part(tensor: RequestTensor, binary: bytes) -> bytes | None:
+    size = tensor.parameters.get("binary_data_size")
+    if size is None:
+        return None
+    if not isinstance(size, int) or size < 0 or size != len(binary):
+        raise InvalidRequest(f"input {tensor.name!r} declares binary_data_size {size!r}, but the binary data after "
+                             f"the JSON header is {len(binary)} bytes")
+    return binary
+
+
+def _tensor_rows(tensor: RequestTensor, binary: bytes, pool: ModelPool) -> np.ndarray:
+    spec = pool.spec
+    expected = DATATYPES[spec.input_dtype]
+    if tensor.name != spec.input_name:
+        raise InvalidRequest(f"unknown input {tensor.name!r}; model {pool.name!r} takes {spec.input_name!r} "
+                             f"({expected}) or encoded images as a BYTES tensor")
+    if tensor.datatype != expected:
+        raise InvalidRequest(f"input {tensor.name!r} is {tensor.datatype}; the model takes {expected} "
+                             "(or BYTES of encoded images)")
+    item = list(spec.input_item_shape)
+    if len(tensor.shape) != len(item) + 1 or tensor.shape[1:] != item or tensor.shape[0] < 1:
+        raise InvalidRequest(f"input {tensor.name!r} has shape {tensor.shape}; the model takes [N, "
+                             f"{', '.join(map(str, item))}] with N >= 1")
+    count = int(np.prod(tensor.shape))
+    dtype = np.dtype(spec.input_dtype)
+    part = _binary_part(tensor, binary)
+    if part is not None:
+        if len(part) != count * dtype.itemsize:
+            raise InvalidRequest(f"input {tensor.name!r}: shape {tensor.shape} of {tensor.datatype} needs "
+                                 f"{count * dtype.itemsize} bytes, binary_data_size is {len(part)}")
+        values = np.frombuffer(part, dtype)
+    else:
+        if tensor.data is None:
+            raise InvalidRequest(f"input {tensor.name!r} has neither data nor binary_data_size")
+        try:
+            values = np.asarray(tensor.data, dtype=dtype).reshape(-1)
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequest(f"input {tensor.name!r}: data is not {tensor.datatype} numbers: {exc}") from None
+        if values.size != count:
+            raise InvalidRequest(f"input {tensor.name!r}: shape {tensor.shape} holds {count} values, data has "
+                                 f"{values.size}")
+    return values.reshape(tensor.shape)
+
+
+def _bytes_rows(tensor: RequestTensor, binary: bytes) -> np.ndarray:
+    if not (len(tensor.shape) == 1 or (len(tensor.shape) == 2 and tensor.shape[1] == 1)):
+        raise InvalidRequest(f"BYTES input {tensor.name!r} has shape {tensor.shape}; encoded images are [N] or "
+                             "[N, 1]")
+    count = tensor.shape[0]
+    part = _binary_part(tensor, binary)
+    if part is not None:
+        images = _deserialize_bytes(tensor.name, part)
+    else:
+        if tensor.data is None:
+            raise InvalidRequest(f"input {tensor.name!r} has neither data nor binary_data_size")
+        flat = [x for row in tensor.data for x in (row if isinstance(row, list) else [row])]
+        if not all(isinstance(x, str) for x in flat):
+            raise InvalidRequest(f"BYTES input {tensor.name!r}: in JSON each element is an image's base64 string")
+        try:
+            images = [binascii.a2b_base64(x, strict_mode=True) for x in flat]
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidRequest(f"BYTES input {tensor.name!r}: an element is not valid base64: {exc}") from None
+    if len(images) != count:
+        raise InvalidRequest(f"BYTES input {tensor.name!r} has shape {tensor.shape} but {len(images)} elements")
+    rows = np.empty(count, dtype=object)
+    rows[:] = images
+    return rows
+
+
+def _deserialize_bytes(name: str, data: bytes) -> list[bytes]:
+    """Triton's BYTES serialisation: each element is a 4-byte little-endian length, then its bytes."""
+    out, offset = [], 0
+    while offset < len(data):
+        if offset + 4 > len(data):
+            raise InvalidRequest(f"BYTES input {name!r}: binary data ends inside an element's length")
+        (length,) = struct.unpack_from("<I", data, offset)
+        offset += 4
+        if offset + length > len(data):
+            raise InvalidRequest(f"BYTES input {name!r}: an element of {length} bytes runs past the binary data")
+        out.append(data[offset:offset + length])
+        offset += length
+    return out
+
+
+def _serialize_bytes(elements: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def _response(request: web.Request, parsed: InferRequest, pool: ModelPool,
+              results: list[InferenceResult]) -> web.Response:
+    spec = pool.spec
+    wanted = parsed.outputs or [RequestedOutput(spec.output_name)]
+    binary_default = bool(parsed.parameters.get("binary_data_output", False))
+    outputs, binary_parts = [], []
+    for output in wanted:
+        if output.name != spec.output_name:
+            raise InvalidRequest(f"unknown output {output.name!r}; model {pool.name!r} gives {spec.output_name!r}")
+        classes = output.parameters.get("classification")
+        as_binary = bool(output.parameters.get("binary_data", binary_default))
+        if classes is not None:
+            if not isinstance(classes, int) or classes < 1:
+                raise InvalidRequest(f"output {output.name!r}: classification must be a positive integer, got "
+                                     f"{classes!r}")
+            labels = pool.labels
+            rows = [[f"{score}:{index}:{labels[index]}"
+                     for index, score in top_k(r.output, classes, pool.outputs_probabilities)] for r in results]
+            k = len(rows[0])
+            entry = {"name": output.name, "datatype": "BYTES", "shape": [len(rows), k]}
+            if as_binary:
+                blob = _serialize_bytes([s.encode() for row in rows for s in row])
+            else:
+                entry["data"] = [s for row in rows for s in row]
+        else:
+            tensor = np.stack([r.output for r in results])
+            entry = {"name": output.name, "datatype": DATATYPES[spec.output_dtype], "shape": list(tensor.shape)}
+            if as_binary:
+                blob = np.ascontiguousarray(tensor).tobytes()
+            else:
+                entry["data"] = tensor.reshape(-1).tolist()
+        if as_binary:
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            binary_parts.append(blob)
+        outputs.append(entry)
+    body = {"model_name": pool.name, "model_version": str(pool.version), "outputs": outputs}
+    if parsed.id is not None:
+        body["id"] = parsed.id
+    if not binary_parts:
+        return json_response(body)
+    header = msgspec.json.encode(body)
+    return web.Response(body=header + b"".join(binary_parts), content_type="application/octet-stream",
+                        headers={HEADER_LENGTH: str(len(header))})
+
+
+def add_routes(app: web.Application) -> None:
+    """The V2 routes, beside `/predict` on the same application (same middleware, errors, limits)."""
+    router = app.router
+    router.add_get("/v2", server_metadata)
+    router.add_get("/v2/health/live", server_live)
+    router.add_get("/v2/health/ready", server_ready)
+    for base in ("/v2/models/{model}", r"/v2/models/{model}/versions/{version:\d+}"):
+        router.add_get(base, model_metadata)
+        router.add_get(base + "/ready", model_ready)
+        router.add_get(base + "/config", model_config)
+        router.add_post(base + "/infer", infer)
+
