@@ -167,8 +167,8 @@ async def metrics(request: web.Request) -> web.Response:
 class RequestRecord:
     """What one prediction request did, for its metrics and its log line."""
 
-    def __init__(self, request_id: str, model: str, version: str):
-        self.request_id, self.model, self.version = request_id, model, version
+    def __init__(self, request_id: str, api: str, model: str, version: str):
+        self.request_id, self.api, self.model, self.version = request_id, api, model, version
         # 499: the client closed the connection first (nginx's convention).
         self.status = 500
         self.error = ""
@@ -178,19 +178,20 @@ class RequestRecord:
 
 
 async def predict(request: web.Request) -> web.Response:
-    return await model_request(request, _predict)
+    return await model_request(request, "predict", _predict)
 
 
 # A handler's work once its model version is chosen: (request, state, pool, record, started) -> response.
 ModelHandler = Callable[[web.Request, ServerState, ModelPool, "RequestRecord", float], Awaitable[web.Response]]
 
 
-async def model_request(request: web.Request, run: ModelHandler) -> web.Response:
-    """What every request for a model goes through, whichever API it speaks: the version chosen
-    (and counted in flight in it), `run`, then one metrics record and one access-log line."""
+async def model_request(request: web.Request, api: str, run: ModelHandler) -> web.Response:
+    """What every request for a model goes through, whichever API (`api`: "predict", "v2") it
+    speaks: the version chosen (and counted in flight in it), `run`, then one metrics record and
+    one access-log line."""
     started = time.perf_counter()
     state = request.app[STATE]
-    record = RequestRecord(request["request_id"], UNKNOWN_MODEL, "")
+    record = RequestRecord(request["request_id"], api, UNKNOWN_MODEL, "")
     state.metrics.in_flight.inc()
     try:
         version = request.match_info.get("version")
@@ -233,9 +234,10 @@ async def _predict(request: web.Request, state: ServerState, pool: ModelPool, re
 
 
 def _record(metrics: Metrics, record: RequestRecord, total_s: float) -> None:
-    metrics.record_request(record.model, record.version, "success" if record.status == 200 else str(record.status),
-                           total_s, record.phases, record.ring_full)
-    fields = {"request_id": record.request_id, "model": record.model, "version": record.version,
+    metrics.record_request(record.model, record.version, record.api,
+                           "success" if record.status == 200 else str(record.status), total_s, record.phases,
+                           record.ring_full)
+    fields = {"request_id": record.request_id, "api": record.api, "model": record.model, "version": record.version,
               "status": record.status, "total_ms": total_s * 1000.0}
     if record.batch_size:
         fields["batch_size"] = record.batch_size

@@ -136,7 +136,7 @@ async def model_config(request: web.Request) -> web.Response:
 
 
 async def infer(request: web.Request) -> web.Response:
-    return await model_request(request, _infer)
+    return await model_request(request, "v2", _infer)
 
 
 async def _infer(request: web.Request, state: ServerState, pool: ModelPool, record: RequestRecord,

@@ -38,8 +38,8 @@ class Metrics:
     def __init__(self, pools: Callable[[], Iterable[ModelPool]], latency_buckets_s=DEFAULT_LATENCY_BUCKETS_S):
         self.registry = registry = CollectorRegistry(auto_describe=True)
         labels = ["model", "version"]
-        self.requests = Counter("cronnx_requests", "Requests by outcome: success, or the HTTP status of the error",
-                                [*labels, "outcome"], registry=registry)
+        self.requests = Counter("cronnx_requests", "Requests by API (predict, v2) and outcome: success, or the "
+                                "HTTP status of the error", [*labels, "api", "outcome"], registry=registry)
         self.duration = Histogram("cronnx_request_duration_seconds", "End-to-end time of a request in the server",
                                   labels, buckets=latency_buckets_s, registry=registry)
         self.phase = Histogram("cronnx_request_phase_seconds",
@@ -58,14 +58,14 @@ class Metrics:
         registry.register(_PoolCollector(self))
         self._versions: dict[tuple[str, str], _VersionSeries] = {}
 
-    def record_request(self, model: str, version: str, outcome: str, total_s: float, phases: dict[str, float],
-                       ring_full: bool) -> None:
-        """One answered prediction request: its outcome ("success" or the error's status), its time
-        and, when it succeeded, the time of each phase."""
+    def record_request(self, model: str, version: str, api: str, outcome: str, total_s: float,
+                       phases: dict[str, float], ring_full: bool) -> None:
+        """One answered inference request: the API it came by ("predict", "v2"), its outcome
+        ("success" or the error's status), its time and, when it succeeded, each phase's time."""
         series = self._versions.get((model, version))
         if series is None:
             series = self._versions[(model, version)] = _VersionSeries(self, model, version)
-        series.outcome(outcome).inc()
+        series.outcome(api, outcome).inc()
         series.duration.observe(total_s)
         for phase, seconds in phases.items():
             series.phase(phase).observe(seconds)
@@ -94,13 +94,13 @@ class _VersionSeries:
         self._metrics, self._labels = metrics, (model, version)
         self.duration = metrics.duration.labels(model, version)
         self.ring_full = metrics.ring_full.labels(model, version)
-        self._outcomes: dict[str, Counter] = {}
+        self._outcomes: dict[tuple[str, str], Counter] = {}
         self._phases: dict[str, Histogram] = {}
 
-    def outcome(self, outcome: str) -> Counter:
-        child = self._outcomes.get(outcome)
+    def outcome(self, api: str, outcome: str) -> Counter:
+        child = self._outcomes.get((api, outcome))
         if child is None:
-            child = self._outcomes[outcome] = self._metrics.requests.labels(*self._labels, outcome)
+            child = self._outcomes[(api, outcome)] = self._metrics.requests.labels(*self._labels, api, outcome)
         return child
 
     def phase(self, phase: str) -> Histogram:

@@ -166,5 +166,5 @@ def test_input_that_onnxruntime_fails_on_gets_500_alone_and_the_worker_stays(sta
     assert worker["restarts"] == 0
     assert worker["items_failed"] == rounds and worker["items_run"] == 3 * rounds
     samples = scrape(server.url)
-    assert value(samples, "cronnx_requests_total", model="fragile", version="1", outcome="500") == rounds
-    assert value(samples, "cronnx_requests_total", model="fragile", version="1", outcome="success") == 3 * rounds
+    assert value(samples, "cronnx_requests_total", api="predict", model="fragile", version="1", outcome="500") == rounds
+    assert value(samples, "cronnx_requests_total", api="predict", model="fragile", version="1", outcome="success") == 3 * rounds

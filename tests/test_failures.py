@@ -54,8 +54,8 @@ def test_non_finite_scores_get_500_with_the_reason_and_are_counted_as_errors(sta
     assert all("non-finite scores (1 NaN, 9 infinite of 10)" in r.body["error"] for r in bad), bad[0].body
     assert [r.status for r in good] == [200] * 5
     m = scrape(server.url)
-    assert value(m, "cronnx_requests_total", model="overflow", version=1, outcome="500") == 5
-    assert value(m, "cronnx_requests_total", model="overflow", version=1, outcome="success") == 0
+    assert value(m, "cronnx_requests_total", api="predict", model="overflow", version=1, outcome="500") == 5
+    assert value(m, "cronnx_requests_total", api="predict", model="overflow", version=1, outcome="success") == 0
 
 
 def test_ready_states_the_failure_when_the_only_model_cannot_load(start_server, tmp_path):

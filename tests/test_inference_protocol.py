@@ -112,7 +112,7 @@ def test_v2_rows_are_batched_together(server, direct):
     m = scrape(server.url)
     batches = value(m, "cronnx_batch_size_count", model="tiny", version=1)
     assert value(m, "cronnx_batch_size_sum", model="tiny", version=1) == 12 and batches < 12  # some batch > 1
-    assert value(m, "cronnx_requests_total", model="tiny", version=1, outcome="success") == 12
+    assert value(m, "cronnx_requests_total", api="v2", model="tiny", version=1, outcome="success") == 12
 
 
 def _post(server, body: bytes, headers: dict | None = None) -> tuple[int, dict]:

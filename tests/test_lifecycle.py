@@ -203,7 +203,7 @@ def test_hung_worker_is_killed_and_replaced_and_shows_in_models_logs_and_metrics
     assert worker["restart_reasons"] == {"ping_timeout": 1} and "ping_timeout" in worker["last_exit"]
     m = scrape(server.url)
     assert value(m, "cronnx_worker_restarts_total", model="quick", version=1, reason="ping_timeout") == 1
-    assert value(m, "cronnx_requests_total", model="quick", version=1, outcome="503") == 1
+    assert value(m, "cronnx_requests_total", api="predict", model="quick", version=1, outcome="503") == 1
     records = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     assert any(r.get("reason") == "ping_timeout" and r.get("pid") == server.proc.pid for r in records), records
     assert [r.status for r in asyncio.run(predict_many(url, [IMAGE] * 4))] == [200] * 4

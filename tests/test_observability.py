@@ -52,11 +52,11 @@ def test_counters_and_histograms_equal_what_was_sent(server):
     assert statuses.count(404) == 3
 
     m = scrape(server.url)
-    assert value(m, "cronnx_requests_total", model="alpha", version=1, outcome="success") == 40
-    assert value(m, "cronnx_requests_total", model="beta", version=3, outcome="success") == 15
-    assert value(m, "cronnx_requests_total", model="alpha", version=1, outcome="400") == 6
-    assert value(m, "cronnx_requests_total", model="alpha", version=1, outcome="415") == 4
-    assert value(m, "cronnx_requests_total", model="_unknown", version="", outcome="404") == 3
+    assert value(m, "cronnx_requests_total", api="predict", model="alpha", version=1, outcome="success") == 40
+    assert value(m, "cronnx_requests_total", api="predict", model="beta", version=3, outcome="success") == 15
+    assert value(m, "cronnx_requests_total", api="predict", model="alpha", version=1, outcome="400") == 6
+    assert value(m, "cronnx_requests_total", api="predict", model="alpha", version=1, outcome="415") == 4
+    assert value(m, "cronnx_requests_total", api="predict", model="_unknown", version="", outcome="404") == 3
     assert total(m, "cronnx_requests_total") == len(plan)
 
     assert value(m, "cronnx_request_duration_seconds_count", model="alpha", version=1) == 50
@@ -127,4 +127,4 @@ def test_ring_full_rejections_are_counted(start_server, tmp_path):
     m = scrape(server.url)
     assert statuses.count(503) > 0
     assert value(m, "cronnx_ring_full_rejections_total", model="slow", version=1) == statuses.count(503)
-    assert value(m, "cronnx_requests_total", model="slow", version=1, outcome="503") == statuses.count(503)
+    assert value(m, "cronnx_requests_total", api="predict", model="slow", version=1, outcome="503") == statuses.count(503)

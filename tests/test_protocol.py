@@ -129,7 +129,7 @@ def test_stalled_uploads_get_408_at_the_request_timeout_while_good_requests_are_
         answers[0][:300]
     assert good.statuses and set(good.statuses) == {200}, good.statuses
     m = scrape(server.url)
-    assert value(m, "cronnx_requests_total", model="tiny", version=1, outcome="408") == 200
+    assert value(m, "cronnx_requests_total", api="predict", model="tiny", version=1, outcome="408") == 200
 
 
 def _compressed(encoding: str, data: bytes) -> bytes:

@@ -71,8 +71,8 @@ def test_traffic_split_matches_weights_and_keys_are_sticky(start_server, tmp_pat
     # Binomial(400, 0.2): mean 80, sd 8; 50..110 is beyond 3.7 sd either side.
     assert 50 <= counts[2] <= 110, counts
     m = scrape(server.url)
-    assert value(m, "cronnx_requests_total", model="ab", version=1, outcome="success") == counts[1]
-    assert value(m, "cronnx_requests_total", model="ab", version=2, outcome="success") == counts[2]
+    assert value(m, "cronnx_requests_total", api="predict", model="ab", version=1, outcome="success") == counts[1]
+    assert value(m, "cronnx_requests_total", api="predict", model="ab", version=2, outcome="success") == counts[2]
 
     keyed = asyncio.run(_many(f"{server.url}/predict/ab", 60, lambda i: {"X-Cronnx-Key": f"user-{i % 6}"}))
     per_key: dict[str, set] = {}
