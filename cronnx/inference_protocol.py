@@ -69,6 +69,16 @@ def _server_version() -> str:
         return "unknown"
 
 
+async def repository_index(request: web.Request) -> web.Response:
+    """Every model version with workers or a load failure, and its state (Triton's repository index)."""
+    registry = request.app[STATE].registry
+    index = [{"name": pool.name, "version": str(pool.version), "state": pool.state.upper()}
+             for pool in registry.pools()]
+    index += [{"name": name, "version": str(version), "state": "UNAVAILABLE", "reason": reason}
+              for (name, version), reason in registry.failed.items()]
+    return json_response(sorted(index, key=lambda entry: (entry["name"], entry["version"])))
+
+
 async def server_metadata(request: web.Request) -> web.Response:
     return json_response({"name": "cronnx", "version": _server_version(), "extensions": EXTENSIONS})
 
@@ -144,7 +154,7 @@ async def _infer(request: web.Request, state: ServerState, pool: ModelPool, reco
     deadline = request_deadline(state, started)
     body = await read_body(request, state.config.max_body_bytes, deadline)
     header, binary = _split_body(request, body)
-    parsed = _parse_header(header)
+    parsed = _parse_header(header) if header else _raw_binary_request(binary, pool)
     rows = _rows(parsed, binary, pool)
     read_s = time.perf_counter() - started
     engine = state.engine
@@ -187,10 +197,22 @@ def _split_body(request: web.Request, body: bytes) -> tuple[bytes, bytes]:
     return body[:length], body[length:]
 
 
+def _raw_binary_request(binary: bytes, pool: ModelPool) -> InferRequest:
+    """A body that is all binary data (header length 0): the model's input tensor, N rows of it in
+    the model's datatype and layout, N read off the size; the output comes back binary (Triton's
+    raw binary request)."""
+    spec = pool.spec
+    row_bytes = int(np.prod(spec.input_item_shape)) * np.dtype(spec.input_dtype).itemsize
+    if not binary or len(binary) % row_bytes:
+        raise InvalidRequest(f"a raw binary request holds whole rows of the model's input ({row_bytes} bytes of "
+                             f"{DATATYPES[spec.input_dtype]} each); got {len(binary)} bytes")
+    shape = [len(binary) // row_bytes, *spec.input_item_shape]
+    tensor = RequestTensor(spec.input_name, shape, DATATYPES[spec.input_dtype],
+                           parameters={"binary_data_size": len(binary)})
+    return InferRequest([tensor], parameters={"binary_data_output": True})
+
+
 def _parse_header(header: bytes) -> InferRequest:
-    if not header:
-        raise InvalidRequest("the inference request has no JSON header (a raw binary body without one is not "
-                             "supported: send the header with binary_data_size)")
     try:
         return _infer_request.decode(header)
     except msgspec.ValidationError as exc:
@@ -353,6 +375,7 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/v2", server_metadata)
     router.add_get("/v2/health/live", server_live)
     router.add_get("/v2/health/ready", server_ready)
+    router.add_post("/v2/repository/index", repository_index)
     for base in ("/v2/models/{model}", r"/v2/models/{model}/versions/{version:\d+}"):
         router.add_get(base, model_metadata)
         router.add_get(base + "/ready", model_ready)

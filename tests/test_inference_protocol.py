@@ -97,6 +97,29 @@ def test_encoded_images_as_bytes_are_preprocessed_as_predict_does(server, direct
             assert abs(float(score) - p["confidence"]) < 1e-6
 
 
+def test_a_raw_binary_body_is_the_models_input_tensor(server, direct):
+    """Header length 0: the body is N rows of the input in the model's datatype; the answer is binary."""
+    batch = np.stack([direct.tensor(image) for image in IMAGES[:2]])
+    request = urllib.request.Request(f"{server.url}/v2/models/tiny/infer", data=batch.tobytes(), method="POST",
+                                     headers={"Content-Type": "application/octet-stream",
+                                              "Inference-Header-Content-Length": "0"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        length = int(response.headers["Inference-Header-Content-Length"])
+        body = response.read()
+    header = json.loads(body[:length])
+    assert header["outputs"][0]["shape"] == [2, 10]
+    out = np.frombuffer(body[length:], np.float32).reshape(2, 10)
+    np.testing.assert_allclose(out, logits(direct, batch), rtol=0, atol=1e-5)
+    status, error = _post(server, batch.tobytes()[:-4], {"Inference-Header-Content-Length": "0"})
+    assert status == 400 and "whole rows" in error["error"]
+
+
+def test_the_repository_index_lists_versions_and_states(server):
+    request = urllib.request.Request(f"{server.url}/v2/repository/index", data=b"{}", method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert json.loads(response.read()) == [{"name": "tiny", "version": "1", "state": "READY"}]
+
+
 def test_v2_rows_are_batched_together(server, direct):
     batch = direct.tensor(IMAGES[0])[None]
 
