@@ -195,3 +195,28 @@ def test_each_malformed_request_gets_400_with_the_reason_beside_a_good_stream(se
     for got_status, got in answers:
         assert got_status == status and words in got["error"], (got_status, got)
     assert good.statuses and set(good.statuses) == {200}
+
+
+def test_v2_and_predict_requests_of_one_model_share_batches(start_server, tmp_path_factory):
+    """While a slow batch runs, a /predict request and V2 rows queue up; the next batch holds both."""
+    slow = tiny_classifier(tmp_path_factory.mktemp("slow") / "slow.onnx", slow_layers=200, hidden=2048)
+    server = start_server(server_config(model_entry("slow", slow, batch_size=8, batch_timeout_ms=30)))
+    direct = DirectModel(slow)
+    row = direct.tensor(IMAGES[0])[None]
+
+    def v2_row():
+        tensor = triton.InferInput("input", list(row.shape), "FP32")
+        tensor.set_data_from_numpy(row)
+        return triton.InferenceServerClient(server.url.removeprefix("http://")).infer("slow", [tensor])
+
+    async def attempt() -> int:
+        blocker = asyncio.create_task(asyncio.to_thread(v2_row))
+        await asyncio.sleep(0.02)  # the blocker's batch is running
+        rows = [asyncio.create_task(asyncio.to_thread(v2_row)) for _ in range(3)]
+        (reply,) = await predict_many(f"{server.url}/predict/slow", [IMAGES[1]])
+        await asyncio.gather(blocker, *rows)
+        assert reply.status == 200
+        return reply.body["batch_size"]
+
+    sizes = [asyncio.run(attempt()) for _ in range(3)]
+    assert max(sizes) > 1, sizes  # a /predict request ran in one batch with V2 rows
