@@ -80,14 +80,17 @@ async def repository_index(request: web.Request) -> web.Response:
 
 
 async def server_metadata(request: web.Request) -> web.Response:
+    """`GET /v2`: name, version and the protocol extensions supported."""
     return json_response({"name": "cronnx", "version": _server_version(), "extensions": EXTENSIONS})
 
 
 async def server_live(request: web.Request) -> web.Response:
+    """`GET /v2/health/live`: 200 while the process answers."""
     return web.Response(status=200)
 
 
 async def server_ready(request: web.Request) -> web.Response:
+    """`GET /v2/health/ready`: 200 when `/ready` would be, else 503."""
     return web.Response(status=200 if request.app[STATE].ready() else 503)
 
 
@@ -101,6 +104,8 @@ def _pool(request: web.Request) -> ModelPool:
 
 
 async def model_metadata(request: web.Request) -> web.Response:
+    """`GET /v2/models/{m}[/versions/{v}]`: the input and output tensors, -1 for a dynamic batch.
+    404 for an unknown model or version, 503 while it loads."""
     pool = _pool(request)
     spec = pool.spec
     route = request.app[STATE].registry.routes.get(pool.name)
@@ -116,6 +121,7 @@ async def model_metadata(request: web.Request) -> web.Response:
 
 
 async def model_ready(request: web.Request) -> web.Response:
+    """`GET .../ready`: 200 when the version has a live worker, 503 otherwise (404 if unknown)."""
     try:
         pool = _pool(request)
     except ModelNotReady:
@@ -146,6 +152,7 @@ async def model_config(request: web.Request) -> web.Response:
 
 
 async def infer(request: web.Request) -> web.Response:
+    """`POST .../infer`: one inference request of N rows; the answer holds N rows per output."""
     return await model_request(request, "v2", _infer)
 
 

@@ -120,6 +120,7 @@ class Supervisor:
         self._watch: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
+        """Spawn every worker (each says Ready once its sessions are warm) and begin the liveness checks."""
         for worker in self.workers:
             self._start(worker)
         self._watch = self._loop.call_later(self._liveness.ping_interval_s, self._check_liveness)

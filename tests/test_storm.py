@@ -435,8 +435,8 @@ def _answer_size(answer: bytes) -> int:
     return 1 << 30  # no length: read until the server closes
 
 
-PLAIN_TEXT_400 = ("bug: aiohttp's HTTP parser answers a malformed request itself with a text/plain 400 that never "
-                  "reaches the JSON error middleware, against the README's 'errors are always {\"error\": ...}'")
+PLAIN_TEXT_400 = ("aiohttp's HTTP parser answers a malformed request itself with a text/plain 400 that never "
+                  "reaches the JSON error middleware (the README names this exception)")
 CHUNK_HANGS = ("bug: with aiohttp's C parser, broken chunked framing that arrives after the headers never reaches "
                "the handler's read: the request hangs for server.request_timeout_s and gets 408, not the "
                "documented 400 ('the request body cannot be read')")
