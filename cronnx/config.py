@@ -58,6 +58,9 @@ class ServerConfig(Strict):
     # aiohttp's default of 1 MiB is too small for a base64 phone photo.
     max_body_bytes: PositiveInt = 20 * 1024 * 1024
     request_timeout_s: PositiveFloat = 10.0
+    # Connections open at once; more are answered 503 and closed at once. Keep it below the
+    # process's open-file limit (`ulimit -n`), which the workers' pipes share.
+    max_connections: PositiveInt = 1000
     # A connection with no request in progress (idle between requests, or whose request headers
     # have not all arrived: a slow-headers client) is closed after this many seconds.
     idle_timeout_s: PositiveFloat = 30.0

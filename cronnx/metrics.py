@@ -35,7 +35,8 @@ class Metrics:
     """The server's Prometheus registry. `pools()` yields every model version with workers
     (serving, loading or draining), read at each scrape."""
 
-    def __init__(self, pools: Callable[[], Iterable[ModelPool]], latency_buckets_s=DEFAULT_LATENCY_BUCKETS_S):
+    def __init__(self, pools: Callable[[], Iterable[ModelPool]], latency_buckets_s=DEFAULT_LATENCY_BUCKETS_S,
+                 open_connections: Callable[[], int] = lambda: 0):
         self.registry = registry = CollectorRegistry(auto_describe=True)
         labels = ["model", "version"]
         self.requests = Counter("cronnx_requests", "Requests by API (predict, v2) and outcome: success, or the "
@@ -54,6 +55,11 @@ class Metrics:
         self.ring_full = Counter("cronnx_ring_full_rejections", "Requests refused with 503 because the ring was full",
                                  labels, registry=registry)
         self.in_flight = Gauge("cronnx_in_flight_requests", "Requests being handled by the front", registry=registry)
+        connections = Gauge("cronnx_open_connections", "HTTP connections open now", registry=registry)
+        connections.set_function(open_connections)
+        self.connections_refused = Counter("cronnx_connections_refused",
+                                           "Connections answered 503 and closed at once: server.max_connections "
+                                           "were open", registry=registry)
         self.pools = pools
         registry.register(_PoolCollector(self))
         self._versions: dict[tuple[str, str], _VersionSeries] = {}

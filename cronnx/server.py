@@ -15,6 +15,7 @@ from .config import Config, ConfigError, NotInConfig, load_config
 from .contract import LoggingSpec
 from .engine import InferenceEngine
 from .front import ServerState, make_app
+from .listener import listen
 from .metrics import Metrics
 from .preprocess import pil_build, set_max_image_pixels
 from .registry import Registry
@@ -119,7 +120,8 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
         loop.add_signal_handler(sig, stop.set)
     server = config.server
     # Metrics read the registry's pools at each scrape; the registry reports batches to metrics.
-    metrics = Metrics(lambda: registry.pools(), tuple(server.latency_buckets_s))
+    metrics = Metrics(lambda: registry.pools(), tuple(server.latency_buckets_s),
+                      open_connections=lambda: len(runner.server.connections) if runner.server else 0)
     liveness = Liveness(server.worker_ping_interval_s, server.worker_ping_timeout_s, server.batch_run_timeout_s)
     registry = Registry(LoggingSpec(server.log_level, server.log_format), metrics.batch_recorder,
                         server.model_load_timeout_s, liveness)
@@ -148,10 +150,11 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
                                shutdown_timeout=config.server.request_timeout_s + 1.0, lingering_time=1.0,
                                keepalive_timeout=config.server.idle_timeout_s)
         await runner.setup()
+        listening = None
         try:
-            site = web.TCPSite(runner, config.server.host, config.server.port)
-            await site.start()
-            host, port = runner.addresses[0][:2]
+            listening = await listen(runner, server.host, server.port, server.max_connections,
+                                     metrics.connections_refused.inc)
+            host, port = listening.sockets[0].getsockname()[:2]
             log.info("serving on http://%s:%d", host, port)
             in_background(_first_load(registry, prepared, to_build))
             loop.add_signal_handler(signal.SIGHUP, lambda: in_background(reloader.on_sighup()))
@@ -161,6 +164,8 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
             log.info("shutting down: finishing in-flight requests")
         finally:
             loop.remove_signal_handler(signal.SIGHUP)
+            if listening is not None:
+                listening.close()  # no new connections; the runner then finishes the open ones
             await runner.cleanup()
     finally:
         for task in list(background):

@@ -192,3 +192,29 @@ def test_connections_that_never_finish_their_headers_are_closed_after_the_idle_t
         assert data == b"" and waited < 8  # closed by the server, long before the client's 10 s
     (reply,) = asyncio.run(predict_many(f"{server.url}/predict/tiny", [encode(photo_like(64, 48, seed=1), "JPEG")]))
     assert reply.status == 200
+
+
+def test_connections_over_the_cap_get_503_at_once_and_are_counted(start_server, tiny_model):
+    server = start_server(server_config(model_entry("tiny", tiny_model), max_connections=12))
+    parts = urlparse(server.url)
+    image = encode(photo_like(64, 48, seed=1), "JPEG")
+
+    async def main():
+        idle = [await asyncio.open_connection(parts.hostname, parts.port) for _ in range(5)]
+        await asyncio.sleep(0.2)
+        opened = value(await asyncio.to_thread(scrape, server.url), "cronnx_open_connections")
+        idle += [await asyncio.open_connection(parts.hostname, parts.port) for _ in range(7)]
+        await asyncio.sleep(0.2)
+        refused = await asyncio.to_thread(_raw_exchange, server.url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _, writer in idle:
+            writer.close()
+        await asyncio.sleep(0.3)
+        return opened, refused
+
+    opened, refused = asyncio.run(main())
+    assert opened == 6  # the five idle ones and the scrape's own
+    assert refused.startswith(b"HTTP/1.1 503") and b"server.max_connections" in refused, refused
+    assert b"Retry-After: 1" in refused
+    (reply,) = asyncio.run(predict_many(f"{server.url}/predict/tiny", [image]))
+    assert reply.status == 200
+    assert value(scrape(server.url), "cronnx_connections_refused_total") == 1
