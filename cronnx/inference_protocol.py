@@ -95,12 +95,16 @@ async def server_ready(request: web.Request) -> web.Response:
 
 
 def _pool(request: web.Request) -> ModelPool:
-    """The version a metadata request names, or the one its model's traffic goes to."""
+    """The version a metadata request names, or else the model's highest ready version (not a
+    traffic-split draw: metadata must not change from one call to the next)."""
     registry = request.app[STATE].registry
     name, version_text = request.match_info["model"], request.match_info.get("version")
-    if version_text is None:
-        return registry.route(name).choose(None)
-    return registry.version(name, int(version_text))
+    if version_text is not None:
+        return registry.version(name, int(version_text))
+    route = registry.route(name)
+    if not route.versions:
+        raise ModelNotReady(f"model {name!r} has no ready version (loading)")
+    return route.versions[max(route.versions)]
 
 
 async def model_metadata(request: web.Request) -> web.Response:
