@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from . import catalog, inference_protocol
+from . import catalog, inference_protocol, runtime
 from .catalog import ModelVersion, PreparedVersion
 from .config import Config, ConfigError, NotInConfig, load_config
 from .contract import LoggingSpec
@@ -33,13 +33,14 @@ def run_server(config: Config, config_path: str) -> int:
     removed = remove_stale_segments()
     if removed:
         log.warning("removed %d shared-memory segments left by a killed run: %s", len(removed), ", ".join(removed))
+    onnxruntime_build = runtime.describe()
     # At start-up every model must be servable: any problem is a config error (exit 2). A demo
     # model still to be built is built once the port is open, so that /ready answers 503
     # ("loading") meanwhile instead of the port being closed.
     versions = catalog.all_versions(config, config_path)
     to_build = [v for v in versions if catalog.needs_demo_build(v)]
     prepared = [catalog.prepare(v) for v in versions if not catalog.needs_demo_build(v)]
-    log.info("config %s; %s", config_path, pil_build())
+    log.info("config %s; %s; %s", config_path, pil_build(), onnxruntime_build)
     try:
         import uvloop
     except ImportError:

@@ -128,3 +128,14 @@ def test_ring_full_rejections_are_counted(start_server, tmp_path):
     assert statuses.count(503) > 0
     assert value(m, "cronnx_ring_full_rejections_total", model="slow", version=1) == statuses.count(503)
     assert value(m, "cronnx_requests_total", api="predict", model="slow", version=1, outcome="503") == statuses.count(503)
+
+
+def test_start_up_log_names_the_onnxruntime_build_and_its_providers(server):
+    from importlib.metadata import version
+
+    import onnxruntime
+
+    build = f"onnxruntime {version('onnxruntime')}, providers {', '.join(onnxruntime.get_available_providers())}"
+    first = next(json.loads(line) for line in server.log().splitlines()
+                 if line.startswith("{") and "config " in json.loads(line)["message"])
+    assert build in first["message"], first
