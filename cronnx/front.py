@@ -348,7 +348,12 @@ def make_app(state: ServerState) -> web.Application:
 def _continue_unless_too_large(limit: int):
     """An `Expect: 100-continue` handler: invite the body only if its declared length fits; a body
     already known to be too large gets its 413 from the handler without being sent at all."""
-    async def expect(request: web.Request) -> None:
+    async def expect(request: web.Request) -> web.Response | None:
+        expectation = request.headers.get("Expect", "")
+        if expectation.strip().lower() != "100-continue":
+            # Answered here, before the middleware runs: the error is JSON all the same.
+            return json_response({"error": f"unsupported Expect {expectation!r}; only 100-continue is known"}, 417,
+                                 {REQUEST_ID_HEADER: uuid.uuid4().hex})
         if request.content_length is not None and request.content_length > limit:
             return None
         return await _default_expect_handler(request)

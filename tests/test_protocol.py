@@ -77,6 +77,14 @@ def test_a_body_that_fits_is_invited_with_100_continue(server):
     assert _raw_exchange(server.url, head).startswith(b"HTTP/1.1 100 Continue")
 
 
+def test_an_unknown_expectation_gets_a_json_417(server):
+    head = (b"POST /predict/tiny HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 10\r\nExpect: 200-ok\r\n\r\n")
+    answer = _raw_exchange(server.url, head)
+    assert answer.startswith(b"HTTP/1.1 417"), answer[:200]
+    assert b'{"error":"unsupported Expect \'200-ok\'' in answer and b"X-Request-ID" in answer
+
+
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
 def test_the_admin_auth_scheme_is_case_insensitive(server, scheme):
     async def main():
