@@ -107,6 +107,19 @@ class Worker:
             self.channel.cancel(slot, on_return)
 
 
+def _exit_reason(process: WorkerProcess, load_error: str | None) -> tuple[str, str]:
+    """Why a worker process ended: the restart reason (a metric label) and a sentence for people."""
+    if process.kill_cause is not None:
+        return process.kill_cause, f"was killed: {process.kill_cause}: {process.kill_reason}"
+    if not process.ready:
+        if load_error is not None:
+            return "load_failed", f"failed to load: {load_error}"
+        return "load_failed", f"died with exit code {process.exitcode} while loading"
+    if process.exitcode == contract.EXIT_SESSION_BROKEN:
+        return "session_broken", f"died with exit code {process.exitcode}"
+    return "exited", f"died with exit code {process.exitcode}"
+
+
 class Supervisor:
     """Starts, watches and restarts the workers of one model version."""
 
@@ -160,24 +173,10 @@ class Supervisor:
     def _on_exit(self, worker: Worker, process: WorkerProcess) -> None:
         was_live = process.ready
         worker.live = False
-        if process.kill_cause is not None:
-            how = f"was killed: {process.kill_cause}: {process.kill_reason}"
-        elif not was_live:
-            how = (f"failed to load: {worker.load_error}" if worker.load_error is not None
-                   else f"died with exit code {process.exitcode} while loading")
-        else:
-            how = f"died with exit code {process.exitcode}"
+        cause, how = _exit_reason(process, worker.load_error)
         lost = worker.close_channel(f"worker {worker.name} (pid {process.pid}) {how} while running this request; retry")
         if self._stopping:
             return
-        if process.kill_cause is not None:
-            cause = process.kill_cause
-        elif not was_live:
-            cause = "load_failed"
-        elif process.exitcode == contract.EXIT_SESSION_BROKEN:
-            cause = "session_broken"
-        else:
-            cause = "exited"
         worker.restarts[cause] += 1
         worker.last_exit = how
         worker.failed_starts = 0 if was_live else worker.failed_starts + 1

@@ -90,6 +90,12 @@ class Harness:
     def settled(self) -> bool:
         return self.pool.slots_in_use == 0 and all(w.channel is None or w.channel.held == 0 for w in self.pool.workers)
 
+    async def replaced(self, old_pid: int, cause: str, colour: tuple[int, int, int]) -> None:
+        """A new worker took the old one's place, its restart counted under `cause`, and it serves."""
+        await self.until(lambda: self.worker.live, "the replacement worker")
+        assert self.worker.pid != old_pid and self.worker.restarts == {cause: 1}
+        assert (await self.infer(colour)).output.tolist() == expected(colour)
+
     async def settle(self) -> None:
         """Every slot free and nothing held by a worker."""
         await self.until(self.settled, "every slot to come back")
@@ -231,9 +237,7 @@ def test_worker_death_mid_batch_fails_its_requests_and_a_new_worker_serves(model
             assert all(isinstance(r, WorkerLost) for r in results), results
             assert f"died with exit code {fake_worker.DIE_CODE}" in results[0].message
             await h.settle()
-            await h.until(lambda: h.worker.live, "the replacement worker")
-            assert h.worker.pid != old_pid and h.worker.restarts == {"exited": 1}
-            assert (await h.infer((60, 61, 62))).output.tolist() == expected((60, 61, 62))
+            await h.replaced(old_pid, "exited", (60, 61, 62))
 
     asyncio.run(main())
 
@@ -248,9 +252,7 @@ def test_hung_batch_is_killed_by_the_watchdog_and_its_request_fails_with_the_rea
                 await h.infer((HANG, 1, 1))
             assert time.monotonic() - started < 5.0
             await h.settle()
-            await h.until(lambda: h.worker.live, "the replacement worker")
-            assert h.worker.pid != old_pid and h.worker.restarts == {"batch_timeout": 1}
-            assert (await h.infer((70, 71, 72))).output.tolist() == expected((70, 71, 72))
+            await h.replaced(old_pid, "batch_timeout", (70, 71, 72))
 
     asyncio.run(main())
 
@@ -267,9 +269,7 @@ def test_worker_that_stops_answering_pings_is_killed_and_replaced(model):
             finally:
                 with contextlib.suppress(ProcessLookupError):  # killed, as it should be
                     os.kill(old_pid, signal.SIGCONT)
-            await h.until(lambda: h.worker.live, "the replacement worker")
-            assert h.worker.pid != old_pid and h.worker.restarts == {"ping_timeout": 1}
-            assert (await h.infer((90, 91, 92))).output.tolist() == expected((90, 91, 92))
+            await h.replaced(old_pid, "ping_timeout", (90, 91, 92))
 
     asyncio.run(main())
 
