@@ -15,6 +15,12 @@ processes and threads (its event loop thread, its other threads, its child proce
 --config adds a Cronnx server per config (default config/cronnx.yaml); --tree adds one that runs
 the code of another checkout (a git worktree of an earlier commit, say) with the first config.
 --rate compares latency at a fixed open-loop rate instead of throughput at a fixed concurrency.
+
+CPU efficiency (issue 10) is the CPU that preprocessing alone takes per image (Cronnx's
+Preprocessor for the first config's first model, on one thread, on the same photos, measured
+before and after the rounds) over a server's total CPU per request: the share of the cores a
+server uses that decoding and preprocessing would need anyway. With a near-free model
+(bench/near_free_model.py) the rest is the server's own overhead.
 """
 
 from __future__ import annotations
@@ -24,11 +30,19 @@ import contextlib
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photos import DEFAULT_OUT, write_photos  # noqa: E402
 from serving import REPO, Served, free_port, measure  # noqa: E402
+
+sys.path.insert(0, str(REPO))
+from cronnx.config import load_config  # noqa: E402
+from cronnx.model_spec import inspect_model  # noqa: E402
+from cronnx.preprocess import Preprocessor  # noqa: E402
 
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
@@ -64,6 +78,23 @@ def cpu_by_part(group: int) -> dict[str, float]:
     return out
 
 
+def preprocess_cpu_ms(config: Path, photos: list[Path], passes: int = 3) -> float:
+    """CPU milliseconds per image that Cronnx's preprocessing of `photos` takes alone, on this
+    thread, for the first model of `config` (relative paths from the repo root)."""
+    model = load_config(config).models[0]
+    path = Path(model.path) if Path(model.path).is_absolute() else REPO / model.path
+    preprocess = Preprocessor(model.preprocess, inspect_model(str(path)))
+    data = [p.read_bytes() for p in photos]
+    out = np.empty((1, *preprocess.spec.input_item_shape), preprocess.spec.input_dtype)
+    for image in data:  # warm the caches and the allocator
+        preprocess(image, out[0])
+    started = time.thread_time()
+    for _ in range(passes):
+        for image in data:
+            preprocess(image, out[0])
+    return (time.thread_time() - started) * 1000 / (passes * len(data))
+
+
 def servers(py: str, configs: list[Path], trees: list[Path], peer: bool,
             model: str) -> list[tuple[str, list[str], str, Path]]:
     """(label, command with {port}, readiness path, working folder) for each server to compare."""
@@ -91,8 +122,9 @@ def main() -> None:
     args = parser.parse_args()
     write_photos(DEFAULT_OUT)
     photos = sorted(DEFAULT_OUT.glob("*-1600.jpg"))
-    chosen = servers(sys.executable, args.config or [REPO / "config" / "cronnx.yaml"], args.tree, not args.no_peer,
-                     args.model)
+    configs = args.config or [REPO / "config" / "cronnx.yaml"]
+    chosen = servers(sys.executable, configs, args.tree, not args.no_peer, args.model)
+    preprocess_ms = [preprocess_cpu_ms(configs[0], photos)]
     rates: dict[str, list[float]] = {label: [] for label, *_ in chosen}
     cpu: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in chosen}
     latency: dict[str, list[tuple[float, float]]] = {label: [] for label, *_ in chosen}  # (p50, p99) ms
@@ -118,24 +150,28 @@ def main() -> None:
                 cpu[label].append({part: (after[part] - before[part]) * 1000 / answered for part in after})
             print(f"round {round_no}: " + ", ".join(f"{label} {rates[label][-1]:.1f}" for label in rates) + " req/s",
                   flush=True)
-    print(report(rates, latency, cpu, open_loop=args.rate is not None))
+    preprocess_ms.append(preprocess_cpu_ms(configs[0], photos))
+    print(report(rates, latency, cpu, statistics.mean(preprocess_ms), open_loop=args.rate is not None))
 
 
 def report(rates: dict[str, list[float]], latency: dict[str, list[tuple[float, float]]],
-           cpu: dict[str, list[dict[str, float]]], open_loop: bool = False) -> str:
-    """The table of medians, then the first server against each other one, round by round: its
-    throughput ratio in closed loop, its p99 ratio at the open loop's fixed rate."""
+           cpu: dict[str, list[dict[str, float]]], preprocess_ms: float, open_loop: bool = False) -> str:
+    """The table of medians (CPU efficiency: `preprocess_ms`, preprocessing's own CPU per image,
+    over the total CPU per request), then the first server against each other one, round by round:
+    its throughput ratio in closed loop, its p99 ratio at the open loop's fixed rate."""
     med = statistics.median
     labels = list(rates)
     lines = ["| server | req/s | p50 ms | p99 ms | event loop | other threads | child processes | "
-             "total CPU per request |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "total CPU per request | CPU efficiency |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label in labels:
         parts = {part: med(c[part] for c in cpu[label]) for part in cpu[label][0]}
         total = med(sum(c.values()) for c in cpu[label])
         lines.append(f"| {label} | {med(rates[label]):.1f} | {med(p50 for p50, _ in latency[label]):.1f} | "
                      f"{med(p99 for _, p99 in latency[label]):.1f} | {parts['event loop thread']:.2f} ms | "
-                     f"{parts['other threads']:.2f} ms | {parts['child processes']:.2f} ms | {total:.2f} ms |")
-    lines.append(f"(medians of {len(rates[labels[0]])} rounds)")
+                     f"{parts['other threads']:.2f} ms | {parts['child processes']:.2f} ms | {total:.2f} ms | "
+                     f"{preprocess_ms / total:.2f} |")
+    lines.append(f"(medians of {len(rates[labels[0]])} rounds; preprocessing alone: {preprocess_ms:.2f} ms CPU "
+                 f"per image)")
     lines.append("")
     first = labels[0]
     for label in labels[1:]:

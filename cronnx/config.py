@@ -72,7 +72,10 @@ class ServerConfig(Strict):
     worker_ping_interval_s: PositiveFloat = 1.0
     worker_ping_timeout_s: PositiveFloat = 5.0
     batch_run_timeout_s: PositiveFloat = 60.0
-    # Decode and resize release the GIL, so a pool this size keeps every core busy.
+    # Where images are decoded and resized (cronnx/preprocessing.py). preprocess_processes > 0:
+    # that many preprocessing processes, outside the front's GIL; 0: preprocess_threads threads of
+    # the front (decode and resize release the GIL, the rest of a fill and the event loop do not).
+    preprocess_processes: Annotated[int, msgspec.Meta(ge=0)] = 0
     preprocess_threads: PositiveInt = max(1, os.cpu_count() or 1)
     # Pillow refuses images above this many pixels (decompression bombs).
     max_image_pixels: PositiveInt = 50_000_000

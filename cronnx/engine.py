@@ -1,7 +1,7 @@
 """The inference engine: one call runs one request through a model version, below any protocol.
 
 `InferenceEngine.infer` is the only owner of a request's ring slot (ring rule 6): it acquires the
-slot, places the preprocessing (the front's thread pool), hands the slot to the worker, awaits the
+slot, places the preprocessing (threads or processes: `preprocessing.py`), hands the slot to the worker, awaits the
 answer, gives up on disconnect or deadline, copies the output out and releases the slot on every
 path. HTTP APIs (`/predict`, and later the Open Inference Protocol) call it and never see a
 worker, a ring or a slot index.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from concurrent.futures import Executor
 from contextlib import contextmanager
 
 import msgspec
@@ -21,6 +20,7 @@ import numpy as np
 from .channel import SlotReturn
 from .errors import DeadlineExceeded, InferenceFailed, NoLiveWorker, QueueFull, ShuttingDown, WorkerLost
 from .pool import ModelPool
+from .preprocessing import Preprocessing
 from .registry import Registry
 from .ring import SlotRing
 from .supervisor import Worker
@@ -41,11 +41,11 @@ class InferenceResult(msgspec.Struct):
 
 
 class InferenceEngine:
-    """Runs requests on the model versions of `registry`, preprocessing on `executor`."""
+    """Runs requests on the model versions of `registry`, decoding images with `preprocessing`."""
 
-    def __init__(self, registry: Registry, executor: Executor):
+    def __init__(self, registry: Registry, preprocessing: Preprocessing):
         self.registry = registry
-        self._executor = executor
+        self._preprocessing = preprocessing
         # Set when the server begins to shut down: no new request is taken.
         self.draining = False
 
@@ -122,18 +122,22 @@ class InferenceEngine:
         raise WorkerLost(returned.error or f"worker {worker.name} dropped the request")
 
     async def _preprocess(self, pool: ModelPool, ring: SlotRing, slot: int, image: bytes) -> None:
-        """Decode and normalise straight into the slot's input memory, in the thread pool. On any
-        failure the slot is released (at once, or when the thread is done: ring rule 4)."""
-        job = self._executor.submit(pool.preprocess, image, ring.inputs[slot])
+        """Decode and normalise straight into the slot's input memory (a thread or a preprocessing
+        process). On any failure the slot is released (at once, or when the writer is done: ring
+        rule 4)."""
+        job = self._preprocessing.submit(pool.preprocess, ring, slot, image)
         try:
-            await asyncio.wrap_future(job)
+            # Shielded: giving up must not cancel `done`, which resolves only once nothing writes.
+            await asyncio.shield(job.done)
         except asyncio.CancelledError:
-            # Ring rule 4: the thread may still be writing into the slot.
-            loop = asyncio.get_running_loop()
-            job.add_done_callback(lambda _: loop.call_soon_threadsafe(ring.release, slot))
+            if job.done.cancelled() or not job.done.done():
+                job.done.add_done_callback(lambda _: ring.release(slot))  # ring rule 4
+                job.withdraw()  # a job not started yet is cancelled at once
+            else:
+                ring.release(slot)  # finished just as the request gave up
             raise
         except BaseException:
-            ring.release(slot)  # the thread has returned, with its error
+            ring.release(slot)  # the writer has returned, with its error
             raise
 
 

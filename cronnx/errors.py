@@ -77,6 +77,10 @@ class WorkerLost(Unavailable):
     """The worker running the request died or was killed as unresponsive; the message says why."""
 
 
+class PreprocessingLost(Unavailable):
+    """The preprocessing process decoding this request's image exited; it is being replaced."""
+
+
 class ShuttingDown(Unavailable):
     """The server is draining: it finishes what it has and takes nothing new."""
 

@@ -36,7 +36,8 @@ class Metrics:
     (serving, loading or draining), read at each scrape."""
 
     def __init__(self, pools: Callable[[], Iterable[ModelPool]], latency_buckets_s=DEFAULT_LATENCY_BUCKETS_S,
-                 open_connections: Callable[[], int] = lambda: 0):
+                 open_connections: Callable[[], int] = lambda: 0,
+                 preprocessing_restarts: Callable[[], int] = lambda: 0):
         self.registry = registry = CollectorRegistry(auto_describe=True)
         labels = ["model", "version"]
         self.requests = Counter("cronnx_requests", "Requests by API (predict, v2) and outcome: success, or the "
@@ -62,6 +63,9 @@ class Metrics:
                                            "were open", registry=registry)
         self.pools = pools
         registry.register(_PoolCollector(self))
+        registry.register(_CounterFunction("cronnx_preprocess_process_restarts",
+                                           "Preprocessing processes replaced after they exited "
+                                           "(server.preprocess_processes)", preprocessing_restarts))
         self._versions: dict[tuple[str, str], _VersionSeries] = {}
 
     def record_request(self, model: str, version: str, api: str, outcome: str, total_s: float,
@@ -163,6 +167,21 @@ class _PoolCollector:
                  for name in self.STATES}
         yield _family(GaugeMetricFamily, "cronnx_model_state", "1 for the states each model version is in",
                       ["model", "version", "state"], state)
+
+
+class _CounterFunction:
+    """A counter whose value is read from `read()` at each scrape."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]):
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.documentation)
+        family.add_metric([], self.read())
+        yield family
 
 
 def _family(kind, name: str, documentation: str, labels: list[str], values: dict[tuple[str, ...], float]):

@@ -73,6 +73,8 @@ class Preprocessor:
     """Preprocessing for one model: its input size, layout and dtype, resize mode and normalisation."""
 
     def __init__(self, config: PreprocessConfig, spec: ModelSpec):
+        # Kept so that a preprocessing process can build the same Preprocessor.
+        self.config, self.spec = config, spec
         self.mode = config.resize
         self.height, self.width = spec.height, spec.width
         self.short_side = max(self.height, self.width) / config.crop_ratio

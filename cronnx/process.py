@@ -23,9 +23,9 @@ PIPE_BYTES = 1 << 20
 WorkerTarget = Callable[..., None]
 
 
-def _enlarge_pipe(fd: int) -> None:
-    """The front writes submits on its event loop: a full pipe would block it. 64 KiB holds a few
-    hundred submits; 1 MiB holds far more than a ring can have slots."""
+def enlarge_pipe(fd: int) -> None:
+    """The front writes to its children's pipes on its event loop: a full pipe would block it. 64 KiB
+    holds a few hundred submits; 1 MiB holds far more than a ring can have slots, and most images."""
     try:
         import fcntl
 
@@ -59,7 +59,7 @@ class WorkerProcess:
         inbox_read, inbox_write = _spawn.Pipe(duplex=False)
         outbox_read, outbox_write = _spawn.Pipe(duplex=False)
         pings_read, pings_write = _spawn.Pipe(duplex=False)
-        _enlarge_pipe(inbox_write.fileno())
+        enlarge_pipe(inbox_write.fileno())
         self._process = _spawn.Process(target=target, args=(spec_bytes, inbox_read, outbox_write, pings_read),
                                        name=f"cronnx-worker-{name}", daemon=True)
         self._process.start()

@@ -123,6 +123,11 @@ class SlotRing:
         self._state[slot] = FREE
         self.free_count += 1
 
+    @property
+    def closed(self) -> bool:
+        """Unlinked: no slot of it is handed out any more."""
+        return not self._segments
+
     def close(self) -> None:
         """Unmap and unlink; safe to call more than once and from any exit path."""
         self.inputs = self.outputs = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
@@ -18,9 +17,9 @@ from .front import ServerState, make_app
 from .listener import listen
 from .metrics import Metrics
 from .preprocess import pil_build, set_max_image_pixels
+from .preprocessing import ProcessPreprocessing, ThreadPreprocessing
 from .registry import Registry
 from .ring import remove_stale_segments
-from .scheduling import mark_cpu_bound
 from .supervisor import Liveness
 
 log = logging.getLogger("cronnx.server")
@@ -120,17 +119,17 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = config.server
+    preprocessing = (ProcessPreprocessing(server.preprocess_processes, server.max_image_pixels)
+                     if server.preprocess_processes else ThreadPreprocessing(server.preprocess_threads))
     # Metrics read the registry's pools at each scrape; the registry reports batches to metrics.
     metrics = Metrics(lambda: registry.pools(), tuple(server.latency_buckets_s),
-                      open_connections=lambda: len(runner.server.connections) if runner.server else 0)
+                      open_connections=lambda: len(runner.server.connections) if runner.server else 0,
+                      preprocessing_restarts=lambda: preprocessing.restarts)
     liveness = Liveness(server.worker_ping_interval_s, server.worker_ping_timeout_s, server.batch_run_timeout_s)
     registry = Registry(LoggingSpec(server.log_level, server.log_format), metrics.batch_recorder,
                         server.model_load_timeout_s, liveness)
     reloader = Reloader(registry, config_path)
-    # Decode and resize release the GIL: these threads preprocess on every core.
-    executor = ThreadPoolExecutor(server.preprocess_threads, thread_name_prefix="cronnx-preprocess",
-                                  initializer=mark_cpu_bound)
-    engine = InferenceEngine(registry, executor)
+    engine = InferenceEngine(registry, preprocessing)
     state = ServerState(server, engine, reloader, metrics)
     background: set[asyncio.Task] = set()
 
@@ -171,7 +170,7 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
     finally:
         for task in list(background):
             task.cancel()
-        # Preprocessing threads write into ring memory: let them finish before the rings go.
-        executor.shutdown(wait=True)
+        # Preprocessing writes into ring memory: let started fills finish before the rings go.
+        await preprocessing.close()
         await registry.close()
         log.info("stopped")

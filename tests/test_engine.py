@@ -18,7 +18,6 @@ import signal
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -30,7 +29,8 @@ from cronnx.catalog import ModelVersion
 from cronnx.config import ModelConfig, PreprocessConfig
 from cronnx.contract import LoggingSpec
 from cronnx.engine import InferenceEngine
-from cronnx.errors import DeadlineExceeded, InferenceFailed, QueueFull, WorkerLost
+from cronnx.errors import DeadlineExceeded, InferenceFailed, InvalidImage, PreprocessingLost, QueueFull, WorkerLost
+from cronnx.preprocessing import ProcessPreprocessing, ThreadPreprocessing
 from cronnx.registry import Registry
 from cronnx.supervisor import Liveness
 from support import fake_worker
@@ -104,7 +104,9 @@ class Harness:
 
 @asynccontextmanager
 async def serving(model_path, workers: int = 1, batch_size: int = 4, ring_slots: int = 8,
-                  batch_timeout_ms: float = 5.0, liveness: Liveness = QUIET, threads: int = 2):
+                  batch_timeout_ms: float = 5.0, liveness: Liveness = QUIET, threads: int = 2, processes: int = 0):
+    """The engine on a real registry; images decoded by `threads` threads, or by `processes`
+    preprocessing processes when that is above 0."""
     config = ModelConfig(name="m", path=str(model_path), batch_size=batch_size, batch_timeout_ms=batch_timeout_ms,
                          workers=workers, ring_slots=ring_slots, intra_op_threads=1, preprocess=IDENTITY)
     prepared = catalog.prepare(ModelVersion("m", 1, str(model_path), config, "test"))
@@ -113,15 +115,16 @@ async def serving(model_path, workers: int = 1, batch_size: int = 4, ring_slots:
     os.environ[fake_worker.STARTED_DIR_ENV] = str(started_dir)  # inherited by the spawned workers
     registry = Registry(LoggingSpec("critical", "text"), lambda name, version: lambda size, _: batches.append(size),
                         60.0, liveness, fake_worker.main)
-    executor = ThreadPoolExecutor(threads)
+    preprocessing = ProcessPreprocessing(processes, 1_000_000) if processes else ThreadPreprocessing(threads)
     try:
         await registry.apply([prepared], {}, {"m"})
-        harness = Harness(InferenceEngine(registry, executor), registry, batches, started_dir)
+        harness = Harness(InferenceEngine(registry, preprocessing), registry, batches, started_dir)
+        harness.preprocessing = preprocessing
         yield harness
         await harness.settle()
     finally:
+        await preprocessing.close()
         await registry.close()
-        executor.shutdown(wait=True)
         del os.environ[fake_worker.STARTED_DIR_ENV]
         shutil.rmtree(started_dir)
 
@@ -287,7 +290,8 @@ def test_a_full_ring_refuses_at_once_and_takes_requests_again_when_slots_free(mo
     asyncio.run(main())
 
 
-def test_stress_random_cancels_and_deadlines_never_cross_answers_or_leak_slots(model):
+@pytest.mark.parametrize("placement", [{"threads": 3}, {"processes": 2}], ids=["threads", "processes"])
+def test_stress_random_cancels_and_deadlines_never_cross_answers_or_leak_slots(model, placement):
     """Several producers, thousands of requests, random cancels, deadlines and worker delays.
     Replay a failure with CRONNX_STRESS_SEED=<the printed seed>."""
     seed = int(os.environ.get("CRONNX_STRESS_SEED", random.randrange(2 ** 32)))
@@ -323,7 +327,7 @@ def test_stress_random_cancels_and_deadlines_never_cross_answers_or_leak_slots(m
                 await asyncio.sleep(prng.random() * 0.002)
 
     async def main():
-        async with serving(model, workers=2, batch_size=4, ring_slots=8, batch_timeout_ms=1.0, threads=3) as h:
+        async with serving(model, workers=2, batch_size=4, ring_slots=8, batch_timeout_ms=1.0, **placement) as h:
             await asyncio.gather(*(producer(h, 400, random.Random(rng.random())) for _ in range(6)))
             await h.settle()
             assert all(not w.restarts for w in h.pool.workers)
@@ -332,3 +336,71 @@ def test_stress_random_cancels_and_deadlines_never_cross_answers_or_leak_slots(m
     print(f"stress seed {seed}: {counts}")
     assert sum(counts.values()) == 2400
     assert counts["ok"] > 1000 and counts["cancelled"] > 0 and counts["deadline"] > 0
+
+
+def test_preprocessing_processes_fill_slots_with_each_requests_own_image(model):
+    colours = [(30 + i, 100 + i, (11 * i) % 256) for i in range(40)]
+
+    async def main():
+        async with serving(model, workers=2, ring_slots=32, processes=2) as h:
+            results = await asyncio.gather(*(h.infer(c) for c in colours))
+            assert [r.output.tolist() for r in results] == [expected(c) for c in colours]
+            with pytest.raises(InvalidImage, match="not an image"):
+                await h.infer((1, 2, 3), image=b"not an image at all")
+            assert (await h.infer((4, 5, 6))).output.tolist() == expected((4, 5, 6))
+            assert h.preprocessing.restarts == 0
+
+    asyncio.run(main())
+
+
+def test_cancel_during_a_process_fill_frees_the_slot_only_when_the_process_answers(model):
+    """Ring rule 4 across processes: a stopped (SIGSTOP) process keeps its slot taken after the
+    request gives up, and frees it when it has written and answered."""
+    async def main():
+        async with serving(model, processes=1) as h:
+            pid = h.preprocessing.pids[0]
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                task = asyncio.create_task(h.infer((10, 20, 30)))
+                queued = asyncio.create_task(h.infer((70, 80, 90)))  # waits in the front's queue
+                await h.until(lambda: h.pool.slots_in_use == 2, "both requests to take slots")
+                task.cancel()
+                queued.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                with pytest.raises(asyncio.CancelledError):
+                    await queued
+                # The queued job was taken back (its slot freed on the next loop turn); the started
+                # one holds its slot for as long as its process may write.
+                await h.until(lambda: h.pool.slots_in_use == 1, "the queued request's slot to come back")
+                await asyncio.sleep(0.2)
+                assert h.pool.slots_in_use == 1
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            await h.settle()
+            assert (await h.infer((40, 50, 60))).output.tolist() == expected((40, 50, 60))
+
+    asyncio.run(main())
+
+
+def test_killed_preprocessing_process_fails_only_its_own_request_and_is_replaced(model):
+    colours = [(50 + i, 60, 70) for i in range(12)]
+
+    async def main():
+        async with serving(model, workers=1, ring_slots=16, processes=2) as h:
+            victim, survivor = h.preprocessing.pids
+            os.kill(victim, signal.SIGSTOP)
+            doomed = asyncio.create_task(h.infer((1, 1, 1)))
+            await h.until(lambda: h.pool.slots_in_use == 1, "the request to reach the stopped process")
+            # The other process serves everything else meanwhile, and after the kill.
+            others = [asyncio.create_task(h.infer(c)) for c in colours]
+            os.kill(victim, signal.SIGKILL)
+            with pytest.raises(PreprocessingLost, match="exited"):
+                await doomed
+            assert [r.output.tolist() for r in await asyncio.gather(*others)] == [expected(c) for c in colours]
+            await h.until(lambda: len(h.preprocessing.pids) == 2, "the replacement process")
+            assert survivor in h.preprocessing.pids and victim not in h.preprocessing.pids
+            assert h.preprocessing.restarts == 1
+            assert (await h.infer((9, 8, 7))).output.tolist() == expected((9, 8, 7))
+
+    asyncio.run(main())

@@ -1,0 +1,252 @@
+"""Where images are decoded into ring slots: threads of the front, or preprocessing processes.
+
+Both give the engine the same thing: `submit(preprocessor, ring, slot, image) -> FillJob`. A
+`FillJob.done` future resolves only once nothing writes the slot any more (ring rule 4): with
+None (the input is complete), with the fill's error, or cancelled when `withdraw()` took the job
+back before any writing began. The engine alone releases the slot (ring rule 6).
+
+Threads share the front's GIL: Pillow's decode and resize and numpy's arithmetic release it, the
+rest of each fill does not, and neither does the event loop. Processes decode outside it, at the
+price of one pipe round trip per image and the encoded bytes copied once through the pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Protocol
+
+from .errors import ImageTooLarge, InvalidImage, PreprocessingLost
+from .preprocess import Preprocessor
+from .preprocess_process import (Fill, Filled, Forget, Setup, Stop, decode_from_preprocess, encode,
+                                 run_preprocess_process)
+from .process import enlarge_pipe
+from .ring import SlotRing
+from .scheduling import mark_cpu_bound
+
+log = logging.getLogger("cronnx.preprocessing")
+
+_spawn = multiprocessing.get_context("spawn")
+# A process that dies this soon after its start without filling anything is restarted after a
+# growing pause (up to RESTART_BACKOFF_MAX_S), so that one that cannot start does not spin.
+YOUNG_DEATH_S = 1.0
+RESTART_BACKOFF_MAX_S = 30.0
+
+
+@dataclass(eq=False)
+class FillJob:
+    """One slot being filled. `done` resolves once nothing writes the slot any more (never
+    cancel it directly: call `withdraw`, which takes the job back only if it has not started)."""
+
+    done: asyncio.Future
+    withdraw: Callable[[], None]
+
+
+class Preprocessing(Protocol):
+    def submit(self, preprocessor: Preprocessor, ring: SlotRing, slot: int, image: bytes) -> FillJob: ...
+
+    async def close(self) -> None: ...
+
+
+class ThreadPreprocessing:
+    """Fills in a pool of `threads` threads of the front process."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.restarts = 0  # threads are never replaced
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="cronnx-preprocess", initializer=mark_cpu_bound)
+
+    def submit(self, preprocessor: Preprocessor, ring: SlotRing, slot: int, image: bytes) -> FillJob:
+        work = self._executor.submit(preprocessor, image, ring.inputs[slot])
+        # The asyncio future follows the thread's future: cancelled only if `work.cancel()` took
+        # it back before a thread picked it up.
+        return FillJob(asyncio.wrap_future(work), work.cancel)
+
+    async def close(self) -> None:
+        """Wait for every started fill (they write into ring memory), then end the threads."""
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+
+@dataclass(eq=False)
+class _Job:
+    id: int
+    preprocessor: Preprocessor
+    ring: SlotRing
+    slot: int
+    image: bytes
+    done: asyncio.Future
+
+
+@dataclass(eq=False)
+class _Process:
+    """One preprocessing process and the fill it is doing (at most one at a time)."""
+
+    index: int
+    process: multiprocessing.Process
+    inbox: Connection
+    outbox: Connection
+    started_at: float
+    job: _Job | None = None
+    fills: int = 0
+    # Rings this process has been given a Setup for (it maps them), by input segment name.
+    rings: dict[str, SlotRing] = field(default_factory=dict)
+
+
+class ProcessPreprocessing:
+    """Fills in `count` preprocessing processes (`preprocess_process.py`), each given one image at
+    a time: an image waits in the front's queue, not in a pipe, so a process that dies takes only
+    its own image with it (that request gets PreprocessingLost, 503) and is replaced.
+
+    `max_image_pixels` is Pillow's decompression-bomb limit (server.max_image_pixels). Create it
+    on the running event loop; `close()` stops the processes. `restarts` counts replacements.
+    """
+
+    def __init__(self, count: int, max_image_pixels: int):
+        self.count = count
+        self.restarts = 0
+        self._max_image_pixels = max_image_pixels
+        self._loop = asyncio.get_running_loop()
+        self._queue: deque[_Job] = deque()
+        self._ids = itertools.count()
+        self._closing = False
+        self._young_deaths = [0] * count
+        self._processes: list[_Process | None] = [None] * count
+        for index in range(count):
+            self._start(index)
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the live processes (for tests and `/models`)."""
+        return [p.process.pid for p in self._processes if p is not None]
+
+    def submit(self, preprocessor: Preprocessor, ring: SlotRing, slot: int, image: bytes) -> FillJob:
+        job = _Job(next(self._ids), preprocessor, ring, slot, image, self._loop.create_future())
+        idle = next((p for p in self._processes if p is not None and p.job is None), None)
+        if idle is None:
+            self._queue.append(job)
+        else:
+            self._dispatch(idle, job)
+        return FillJob(job.done, lambda: self._withdraw(job))
+
+    def _withdraw(self, job: _Job) -> None:
+        """Take back a job still in the queue; one a process has started runs to its answer."""
+        try:
+            self._queue.remove(job)
+        except ValueError:
+            return
+        job.done.cancel()
+
+    def _dispatch(self, proc: _Process, job: _Job) -> None:
+        # Rings closed since this process was last given work: let it unmap them.
+        for name in [name for name, ring in proc.rings.items() if ring.closed]:
+            del proc.rings[name]
+            proc.inbox.send_bytes(encode(Forget(name)))
+        name = job.ring.layout.input_segment
+        setup = None
+        if name not in proc.rings:
+            setup = Setup(job.ring.layout, job.preprocessor.config, job.preprocessor.spec)
+            proc.rings[name] = job.ring
+        proc.job = job
+        try:
+            proc.inbox.send_bytes(encode(Fill(job.id, name, job.slot, setup)))
+            proc.inbox.send_bytes(job.image)
+        except OSError:
+            pass  # it died: its exit, handled next, answers for this job
+        job.image = b""  # sent: the front's copy is not needed any more
+
+    def _start(self, index: int) -> None:
+        inbox_read, inbox_write = _spawn.Pipe(duplex=False)
+        outbox_read, outbox_write = _spawn.Pipe(duplex=False)
+        enlarge_pipe(inbox_write.fileno())
+        process = _spawn.Process(target=run_preprocess_process, args=(self._max_image_pixels, inbox_read, outbox_write),
+                                 name=f"cronnx-preprocess-{index}", daemon=True)
+        process.start()
+        inbox_read.close()
+        outbox_write.close()
+        proc = _Process(index, process, inbox_write, outbox_read, time.monotonic())
+        self._processes[index] = proc
+        self._loop.add_reader(outbox_read.fileno(), self._on_readable, proc)
+        self._loop.add_reader(process.sentinel, self._on_exit, proc)
+        log.debug("preprocessing process %d started (pid %d)", index, process.pid)
+        # Work that queued while no process was free (or alive) starts here.
+        if self._queue:
+            self._dispatch(proc, self._queue.popleft())
+
+    def _on_readable(self, proc: _Process) -> None:
+        try:
+            while proc.outbox.poll():
+                self._answer(proc, decode_from_preprocess(proc.outbox.recv_bytes()))
+        except (EOFError, OSError):
+            self._loop.remove_reader(proc.outbox.fileno())
+
+    def _answer(self, proc: _Process, message) -> None:
+        job, proc.job = proc.job, None
+        proc.fills += 1
+        if not job.done.done():
+            if type(message) is Filled:
+                job.done.set_result(None)
+            elif message.kind == "invalid_image":
+                job.done.set_exception(InvalidImage(message.message))
+            elif message.kind == "image_too_large":
+                job.done.set_exception(ImageTooLarge(message.message))
+            else:
+                job.done.set_exception(RuntimeError(f"preprocessing failed: {message.message}"))
+        if self._queue and not self._closing:
+            self._dispatch(proc, self._queue.popleft())
+
+    def _on_exit(self, proc: _Process) -> None:
+        self._loop.remove_reader(proc.process.sentinel)
+        self._on_readable(proc)  # answers sent before it died still count
+        self._loop.remove_reader(proc.outbox.fileno())
+        proc.process.join()
+        proc.inbox.close()
+        proc.outbox.close()
+        self._processes[proc.index] = None
+        if proc.job is not None:
+            proc.job.done.set_exception(PreprocessingLost(
+                f"the preprocessing process exited (code {proc.process.exitcode}) while decoding this image; retry"))
+            proc.job = None
+        if self._closing:
+            return
+        self.restarts += 1
+        young = proc.fills == 0 and time.monotonic() - proc.started_at < YOUNG_DEATH_S
+        self._young_deaths[proc.index] = self._young_deaths[proc.index] + 1 if young else 0
+        delay = min(RESTART_BACKOFF_MAX_S, 0.5 * 2 ** (self._young_deaths[proc.index] - 1)) if young else 0.0
+        log.warning("preprocessing process %d (pid %d) exited with code %s; starting another in %.1fs",
+                    proc.index, proc.process.pid, proc.process.exitcode, delay)
+        self._loop.call_later(delay, self._restart, proc.index)
+
+    def _restart(self, index: int) -> None:
+        if not self._closing and self._processes[index] is None:
+            self._start(index)
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Let started fills finish (they write into ring memory), stop every process (killing one
+        that has not exited within `timeout_s`), and fail what is still queued."""
+        self._closing = True
+        while self._queue:
+            self._queue.popleft().done.cancel()
+        deadline = time.monotonic() + timeout_s
+        while any(p is not None and p.job is not None for p in self._processes) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for proc in self._processes:
+            if proc is not None:
+                try:
+                    proc.inbox.send_bytes(encode(Stop()))
+                except OSError:
+                    pass
+        while any(p is not None for p in self._processes):
+            if time.monotonic() > deadline:
+                for proc in self._processes:
+                    if proc is not None:
+                        proc.process.kill()
+                deadline = float("inf")
+            await asyncio.sleep(0.01)

@@ -1,0 +1,89 @@
+"""`server.preprocess_processes`: images decoded by preprocessing processes, end to end over HTTP.
+
+Served answers equal a direct onnxruntime run, bad images get their 400/413 from the processes
+beside a good stream, a killed process is replaced without losing other requests, and SIGTERM
+leaves no process and no shared memory behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from reference import DirectModel, assert_matches
+from support.client import TIMEOUT, GoodStream, post, predict_many
+from support.images import encode, photo_like
+from support.metrics import scrape, value
+from support.models import tiny_classifier
+from support.server import children, model_entry, pid_alive, server_config, shm_segments, wait_until
+from test_bad_input import BAD_REQUESTS, BODY_LIMIT
+
+RESTARTS = ("cronnx_preprocess_process_restarts_total", frozenset())
+PHOTOS = [encode(photo_like(320 + 16 * i, 240, seed=i), "JPEG", quality=90) for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return tiny_classifier(tmp_path_factory.mktemp("models") / "tiny.onnx")
+
+
+@pytest.fixture
+def server(start_server, tiny_model):
+    config = server_config(model_entry("tiny", tiny_model, workers=1, ring_slots=32), preprocess_processes=2,
+                           max_body_bytes=BODY_LIMIT, max_image_pixels=4_000_000)
+    return start_server(config)
+
+
+def preprocessing_pids(server) -> list[int]:
+    """The front's children that are neither workers nor multiprocessing's resource tracker."""
+    workers = set(server.worker_pids("tiny"))
+    return [pid for pid in children(server.proc.pid) if pid not in workers
+            and b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_answers_equal_a_direct_run_and_bad_images_get_their_status(server, tiny_model):
+    url = f"{server.url}/predict/tiny"
+    direct = DirectModel(tiny_model)
+    replies = asyncio.run(predict_many(url, PHOTOS * 4))
+    for photo, reply in zip(PHOTOS * 4, replies):
+        assert reply.status == 200, reply
+        assert_matches(reply.body, direct.probabilities(photo))
+    good = GoodStream(url, PHOTOS[0])
+
+    async def bad_beside_good():
+        stream = asyncio.create_task(good.run())
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            replies = {case: await post(session, url, body, content_type)
+                       for case, (content_type, body, _, _) in sorted(BAD_REQUESTS.items())}
+        good.stop()
+        await stream
+        return replies
+
+    for case, reply in asyncio.run(bad_beside_good()).items():
+        _, _, status, words = BAD_REQUESTS[case]
+        assert reply.status == status and words.lower() in reply.body["error"].lower(), (case, reply)
+    assert good.statuses and set(good.statuses) == {200}
+    assert len(preprocessing_pids(server)) == 2
+    assert RESTARTS in scrape(server.url) and scrape(server.url).get(RESTARTS) == 0
+
+
+def test_killed_process_is_replaced_and_sigterm_leaves_nothing(server, tiny_model):
+    url = f"{server.url}/predict/tiny"
+    before = preprocessing_pids(server)
+    assert len(before) == 2
+    os.kill(before[0], signal.SIGKILL)
+    wait_until(lambda: len(preprocessing_pids(server)) == 2 and before[0] not in preprocessing_pids(server),
+               what="a new preprocessing process")
+    replies = asyncio.run(predict_many(url, PHOTOS * 3))
+    assert [r.status for r in replies] == [200] * len(replies)
+    assert scrape(server.url).get(RESTARTS) == 1
+
+    processes = preprocessing_pids(server) + server.worker_pids("tiny")
+    assert server.stop(signal.SIGTERM) == 0
+    assert not any(pid_alive(pid) for pid in processes)
+    assert shm_segments(server.proc.pid) == []
