@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from .config import ConfigError, load_config, with_server_overrides
+from .config import ConfigError, load_config
 from .logs import setup_logging
 
 DEFAULT_CONFIG = "config/cronnx.yaml"
@@ -31,16 +31,20 @@ def main() -> None:
 @click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help="YAML config file.")
 @click.option("--host", default=None, help="Address to bind (overrides server.host).")
 @click.option("--port", type=int, default=None, help="Port to bind (overrides server.port).")
+@click.option("--model-repository", default=None,
+              help="A folder of <name>/<version>/model.onnx to serve (overrides server.model_repository; "
+                   "Triton's --model-repository, KServe's /mnt/models).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
 @click.option("--log-format", type=click.Choice(["json", "text"]), default=None,
               help="JSON lines (default) or human-readable text (overrides server.log_format).")
-def serve(config_path: str, host: str | None, port: int | None, log_level: str | None, log_format: str | None) -> None:
+def serve(config_path: str, host: str | None, port: int | None, model_repository: str | None,
+          log_level: str | None, log_format: str | None) -> None:
     """Serve the models of a config file over HTTP."""
     from .server import run_server
 
     try:
-        config = with_server_overrides(load_config(config_path), host=host, port=port, log_level=log_level,
-                                       log_format=log_format)
+        config = load_config(config_path, host=host, port=port, model_repository=model_repository,
+                             log_level=log_level, log_format=log_format)
     except ConfigError as exc:
         _fail(f"config error: {exc}", CONFIG_ERROR_EXIT)
     setup_logging(config.server.log_level, config.server.log_format)

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 import msgspec
 import msgspec.yaml
 
+from .scheduling import usable_cores
+
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
@@ -76,7 +78,7 @@ class ServerConfig(Strict):
     # that many preprocessing processes, outside the front's GIL; 0: preprocess_threads threads of
     # the front (decode and resize release the GIL, the rest of a fill and the event loop do not).
     preprocess_processes: Annotated[int, msgspec.Meta(ge=0)] = 0
-    preprocess_threads: PositiveInt = max(1, os.cpu_count() or 1)
+    preprocess_threads: PositiveInt = msgspec.field(default_factory=usable_cores)
     # Pillow refuses images above this many pixels (decompression bombs).
     max_image_pixels: PositiveInt = 50_000_000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -224,24 +226,24 @@ class Config(Strict):
             raise ValueError(f"server.admin.enabled needs a token: server.admin.token or {ADMIN_TOKEN_ENV}")
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a YAML config; every problem becomes one ConfigError naming file and field."""
+def load_config(path: str | os.PathLike[str], **server_overrides: object) -> Config:
+    """Read and validate a YAML config; every problem becomes one ConfigError naming file and field.
+
+    `server_overrides` (the command line's; None means not given) replace fields of the `server`
+    section before validation, so that a config naming no model is valid with --model-repository."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
     try:
-        return msgspec.yaml.decode(raw, type=Config)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        data = msgspec.yaml.decode(raw)
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-
-
-def with_server_overrides(config: Config, **overrides: object) -> Config:
-    """Apply command-line overrides (None means not given) to the server section."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    if not given:
-        return config
-    return msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, **given))
+    given = {k: v for k, v in server_overrides.items() if v is not None}
+    if given and isinstance(data, dict) and isinstance(data.get("server", {}), dict):
+        data = {**data, "server": {**data.get("server", {}), **given}}
+    try:
+        return msgspec.convert(data, type=Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -27,13 +27,13 @@ def photos(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture
 def start_server(tmp_path):
-    """start_server(config_dict) -> a running ServerProcess; stopped and cleaned up after the test."""
+    """start_server(config_dict, args=(more serve options)) -> a running ServerProcess; stopped and cleaned up after the test."""
     servers: list[ServerProcess] = []
 
-    def start(config: dict, wait_ready: bool = True) -> ServerProcess:
+    def start(config: dict, wait_ready: bool = True, args: tuple[str, ...] = ()) -> ServerProcess:
         workdir = tmp_path / f"server{len(servers)}"
         workdir.mkdir()
-        server = ServerProcess(workdir, config)
+        server = ServerProcess(workdir, config, args)
         servers.append(server)
         return server.start(wait_ready)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 import yaml
 
+from cronnx.scheduling import usable_cores
 from support.models import tiny_classifier, two_input_model, vector_input_model
 from support.server import REPO
 
@@ -84,3 +86,19 @@ def test_corrupt_model_file_is_refused(tmp_path):
     model.write_bytes(b"this is not a protobuf")
     result = serve(write(tmp_path, {"models": [{"name": "m", "path": str(model)}]}))
     assert result.returncode == 2 and "cannot load" in result.stderr
+
+
+@pytest.mark.parametrize("files, cores", [
+    ({"cpu.max": "150000 100000\n"}, 2),              # cgroup v2, --cpus 1.5: rounded up
+    ({"cpu.max": "50000 100000\n"}, 1),               # half a core still gets one
+    ({"cpu.max": "max 100000\n"}, None),              # no quota: the affinity
+    ({"cpu/cpu.cfs_quota_us": "100000", "cpu/cpu.cfs_period_us": "100000"}, 1),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+    ({}, None),                                        # no cgroup files at all
+], ids=["v2-1.5", "v2-0.5", "v2-max", "v1-1", "v1-none", "none"])
+def test_usable_cores_is_the_affinity_capped_by_the_cgroup_quota(tmp_path, files, cores):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cores(str(tmp_path)) == (min(cores, affinity) if cores else affinity)

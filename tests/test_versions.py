@@ -60,6 +60,16 @@ def test_repository_versions_policy_and_version_routes(start_server, tmp_path):
     assert status == 404 and "not served" in body["error"]
 
 
+def test_model_repository_given_on_the_command_line_is_served(start_server, tmp_path):
+    """`cronnx serve --model-repository DIR` (as KServe's runtime starts it on /mnt/models) serves
+    the folder with a config that names no model."""
+    repository(tmp_path / "repo", "clf", [4])
+    server = start_server(server_config(), args=("--model-repository", str(tmp_path / "repo")))
+    assert [(m["name"], m["version"], m["state"]) for m in server.versions()] == [("clf", 4, "ready")]
+    (status, body), = asyncio.run(_many(f"{server.url}/predict/clf", 1))
+    assert status == 200 and body["version"] == 4
+
+
 def test_traffic_split_matches_weights_and_keys_are_sticky(start_server, tmp_path):
     repository(tmp_path / "repo", "ab", [1, 2])
     entry = {"name": "ab", "repository": str(tmp_path / "repo" / "ab"), "version_policy": {"latest": 2},

@@ -53,8 +53,9 @@ def pid_alive(pid: int) -> bool:
 
 
 class ServerProcess:
-    def __init__(self, workdir: Path, config: dict):
+    def __init__(self, workdir: Path, config: dict, args: tuple[str, ...] = ()):
         self.workdir = workdir
+        self.args = list(args)  # more `cronnx serve` options
         self.config_path = workdir / "cronnx.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "server.log"
@@ -64,7 +65,7 @@ class ServerProcess:
     def start(self, wait_ready: bool = True) -> "ServerProcess":
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cronnx", "serve", "--config", str(self.config_path), "--port", "0"],
+            [sys.executable, "-m", "cronnx", "serve", "--config", str(self.config_path), "--port", "0", *self.args],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + START_TIMEOUT_S
