@@ -1,7 +1,8 @@
 """GPU check: onnxruntime alone per batch bucket, the preprocessing limit, Cronnx served, parity.
 
 One prepared run, side by side, for a session that has a GPU machine (one NVIDIA H200, 16 cores:
-under 5 minutes with the defaults), on the seven 1600 px photos of bench/photos.py and the demo
+5 to 8 minutes with the defaults, an estimate: not timed on a GPU yet; --preprocessing processes or
+--seconds 4 shorten it), on the seven 1600 px photos of bench/photos.py and the demo
 MobileNetV2 and ResNet-50 (models/<arch>-demo.onnx, built when missing: 15-25 s each):
 
   onnxruntime  onnxruntime alone, per batch bucket (powers_of_two_up_to(batch size): 1, 2, 4, ... 64
@@ -11,22 +12,43 @@ MobileNetV2 and ResNet-50 (models/<arch>-demo.onnx, built when missing: 15-25 s 
                (what the worker does) and, on CUDA, already on the device (an OrtValue on "cuda").
                Then one session alternating among the bucket shapes against the fixed-shape
                sessions: what a change of input shape costs (why a worker keeps a session a bucket).
+               On CUDA only, per bucket ("n/a on CPU" otherwise):
+               - CUDA graphs: a session with the CUDA EP option enable_cuda_graph "1", its input and
+                 output bound to device buffers allocated once; per batch the input copied in
+                 (update_inplace), the run (a graph replay after the first runs captured it) and
+                 the output copied back to host, each timed; against the same procedure on the
+                 bucket's session without graphs, and the host- and device-input rows. A check that
+                 a replay reads the new input: the graph's output for other images equals the
+                 plain session's.
+               - pinned against pageable host memory for the copies: the run with its input and
+                 output bound to page-locked host buffers, against the host-input row (pageable
+                 numpy arrays); page-locked memory two ways: onnxruntime's own (an OrtValue from
+                 the CUDA EP device's HOST_ACCESSIBLE memory info, onnxruntime 1.23+; where this
+                 build has none, the JSON and the table say "not measurable from Python" and why)
+                 and a shared mapping like the ring's, page-locked with cudaHostRegister (through
+                 the libcudart onnxruntime loaded). Also the host-to-device copy alone from each.
   preprocess   the preprocessing limit on all cores: Cronnx's preprocessing (cronnx.preprocess) of
                the photos in N threads of one process, and in N processes; N = os.cpu_count().
   served       `cronnx serve` (a generated config: the model, 1 worker, devices [0] on CUDA, the batch
-               size and its buckets, preprocess_threads = cores, ring_slots >= clients) on 127.0.0.1,
-               loaded by `cronnx bench` (closed loop, raw bodies) at 1 and 256 clients (256 spread
-               over --procs client processes): img/s, p50, p99, errors, the server's batch sizes and
-               phases as `cronnx bench` reports them, the server's CPU use (user + system of its
-               process tree from /proc, in cores) and the batches each bucket ran (/models).
+               size and its buckets, ring_slots >= clients) on 127.0.0.1, once per preprocessing
+               placement (--preprocessing): threads (preprocess_threads = cores, in the front) and
+               processes (preprocess_processes = cores); each loaded by `cronnx bench` (closed loop,
+               raw bodies) at 1 and 256 clients (256 spread over --procs client processes): img/s,
+               p50, p99, errors, the server's batch sizes and phases as `cronnx bench` reports them,
+               the server's CPU use (user + system of its process tree from /proc, in cores: the
+               event loop thread, the front's other threads, the worker, the other children, i.e.
+               the preprocessing processes), the batches each bucket ran (/models), and the
+               preprocessing processes seen under the server and their restarts (/metrics).
   gpu          GPU utilisation and memory during each served run (nvidia-smi every 0.5 s); "n/a"
                without nvidia-smi.
   parity       softmax probabilities of the provider under test (CUDA with use_tf32 0, Cronnx's
                default, and with use_tf32 1; the CPU EP itself with --provider cpu) against the CPU
                EP on the photos, at batch 1 and at the batch size: max abs difference; and the served
-               /predict answers (top-5 confidences) against a direct CPU run.
+               /predict answers (top-5 confidences) of each placement against a direct CPU run.
 
-A part that fails records its error in the JSON and the run goes on. Every server is stopped
+A part that fails records its error in the JSON and the run goes on (so does a CUDA graph or a
+host-memory row of one bucket); the JSON and the markdown are rewritten after every part, so a run
+stopped early still leaves what it measured. Every server is stopped
 (its process group, by pid) and its shared memory (/dev/shm/cronnx_<pid>_*) checked and removed;
 the processes this run started are listed in the JSON, with any found alive at the end.
 
@@ -52,7 +74,7 @@ already there stays when a later call does not name it). Here, in the repo's roo
 
 Then calls with carry [".whl/aa"], [".whl/ab"], [".whl/ac"], [".whl/ad"] (command `true`), and
 the last with carry [".whl/ae", "bench/photos", "models/mobilenetv2-demo.onnx"] (the ResNet-50,
-97 MiB, is built there in about 25 s) and timeout_s 420:
+97 MiB, is built there in about 25 s) and timeout_s 600 (what is under $OUT at a timeout still comes back):
 
     set -e; W=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
     cat .whl/a?/$W.part-* > /tmp/$W
@@ -70,14 +92,17 @@ Outputs: progress and the time of each part on stdout, then the markdown tables 
 it ran), its seconds, and the raw `cronnx bench` results.
 
     python bench/gpu_check.py [--provider auto|cuda|cpu] [--quick] [--models mobilenetv2,resnet50]
-        [--seconds S] [--clients 1,256] [--procs 4] [--batch-size N] [--photos DIR] [--glob '*-1600.jpg']
-        [--json FILE] [--markdown FILE]
+        [--seconds S] [--clients 1,256] [--procs 4] [--preprocessing threads,processes] [--batch-size N]
+        [--photos DIR] [--glob '*-1600.jpg'] [--json FILE] [--markdown FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import faulthandler
 import json
+import mmap
 import multiprocessing
 import os
 import platform
@@ -109,7 +134,7 @@ from cronnx.model_spec import ModelSpec, inspect_model  # noqa: E402
 from cronnx.preprocess import Preprocessor, pil_build  # noqa: E402
 from cronnx.worker import create_session  # noqa: E402
 
-from head_to_head import _stat_fields, cpu_by_part  # noqa: E402
+from head_to_head import TICK_S, _stat_fields  # noqa: E402
 from limit import Bench, ensure_model  # noqa: E402
 from photos import DEFAULT_OUT, write_photos  # noqa: E402
 from serving import Served, free_port  # noqa: E402
@@ -118,6 +143,8 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 MODELS = ("mobilenetv2", "resnet50")
 PARTS = ("setup", "onnxruntime", "preprocess", "served", "gpu", "parity")
+PLACEMENTS = ("threads", "processes")  # where the served runs decode: server.preprocess_threads / _processes
+NA_CPU = "n/a on CPU (CUDA EP only)"
 SAMPLE_S = 0.5  # nvidia-smi and /proc, during the served runs
 SERVED_PHOTOS = 3  # photos whose served answers are compared with a direct CPU run
 TOP_K = 5
@@ -189,6 +216,204 @@ def shm_segments(pid: int) -> list[str]:
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"cronnx_{pid}_"))
 
 
+def children_of(pid: int) -> list[int]:
+    """Live (not zombie) child processes of `pid`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        fields = _stat_fields(proc / "stat") if proc.name.isdigit() else None
+        if fields is not None and int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+def preprocessing_processes(server: int, workers: set[int]) -> list[int]:
+    """The server's children that are neither workers nor multiprocessing's resource tracker."""
+    found = []
+    for child in children_of(server):
+        try:
+            tracker = b"resource_tracker" in Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if child not in workers and not tracker:
+            found.append(child)
+    return found
+
+
+SERVER_CPU_PARTS = ("event loop thread", "other threads", "worker processes", "other child processes")
+
+
+def server_cpu(group: int, workers: set[int]) -> dict[str, float]:
+    """CPU seconds so far of a server's process group: its event loop (main) thread, its other
+    threads, its worker processes, and its other children (the preprocessing processes, and
+    multiprocessing's resource tracker, which idles)."""
+    out = dict.fromkeys(SERVER_CPU_PARTS, 0.0)
+    for proc in Path("/proc").iterdir():
+        fields = _stat_fields(proc / "stat") if proc.name.isdigit() else None
+        if fields is None or int(fields[2]) != group:  # fields[2]: the process group
+            continue
+        pid = int(proc.name)
+        if pid != group:
+            out["worker processes" if pid in workers else "other child processes"] += (
+                (int(fields[11]) + int(fields[12])) * TICK_S)  # utime, stime of the whole process
+            continue
+        try:
+            tasks = list((proc / "task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            t = _stat_fields(task / "stat")
+            if t is not None:
+                part = "event loop thread" if task.name == proc.name else "other threads"
+                out[part] += (int(t[11]) + int(t[12])) * TICK_S
+    return out
+
+
+class DeviceBound:
+    """A session whose input and output are bound once to buffers allocated once on `device`, as
+    CUDA graphs need (a replay reads and writes the addresses it was captured with). Each batch is
+    copied in with update_inplace and the output copied back to host (a new numpy array).
+
+    From onnxruntime's CUDA EP documentation, "Using CUDA Graphs" (onnxruntime.ai/docs/execution-
+    providers/CUDA-ExecutionProvider.html): provider option enable_cuda_graph "1"; inputs and outputs
+    bound with IO binding to OrtValues on "cuda" whose addresses do not change; new inputs copied
+    into the bound OrtValue with update_inplace; the first Run() allocates and captures, later ones
+    replay; shapes fixed for the session's life; every node on the CUDA EP; one thread per session.
+    """
+
+    def __init__(self, session, spec: ModelSpec, batch: int, device: str = "cuda"):
+        self.session = session
+        in_type, out_type = np.dtype(spec.input_dtype).type, np.dtype(spec.output_dtype).type
+        self.x = ort.OrtValue.ortvalue_from_shape_and_type([batch, *spec.input_item_shape], in_type, device, 0)
+        self.y = ort.OrtValue.ortvalue_from_shape_and_type([batch, *spec.output_item_shape], out_type, device, 0)
+        self.binding = session.io_binding()
+        self.binding.bind_ortvalue_input(spec.input_name, self.x)
+        self.binding.bind_ortvalue_output(spec.output_name, self.y)
+
+    def step(self, x: np.ndarray) -> tuple[tuple[float, float, float], np.ndarray]:
+        """One batch: (seconds to copy in, to run, to copy out), and the output on the host."""
+        t0 = time.perf_counter()
+        self.x.update_inplace(x)
+        t1 = time.perf_counter()
+        self.session.run_with_iobinding(self.binding)
+        t2 = time.perf_counter()
+        y = self.y.numpy()
+        return (t1 - t0, t2 - t1, time.perf_counter() - t2), y
+
+    def measure(self, x: np.ndarray, batch: int, seconds: float) -> dict:
+        """Medians of each phase and of the whole, over the batches of about `seconds` (at least 3)."""
+        phases: list[tuple[float, float, float]] = []
+        end = time.perf_counter() + seconds
+        while len(phases) < 3 or time.perf_counter() < end:
+            phases.append(self.step(x)[0])
+        copy_in, run, copy_out = (median_ms([p[i] for p in phases]) for i in range(3))
+        return {"copy_in_ms": copy_in, "run_ms": run, "copy_out_ms": copy_out,
+                **rate(batch, [sum(p) for p in phases])}
+
+
+class Unavailable(Exception):
+    """Page-locked host memory cannot be had this way here; the message says why."""
+
+
+def loaded_cudart():
+    """The CUDA runtime library onnxruntime's CUDA EP loaded into this process (after a CUDA
+    session exists), with cudaHostRegister's signature; Unavailable when there is none."""
+    with open("/proc/self/maps") as maps:
+        paths = sorted({line.split()[-1] for line in maps if "/libcudart.so" in line})
+    if not paths:  # a CUDA EP with the runtime linked in: the loader's own, if it finds one
+        for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+            try:
+                ctypes.CDLL(name)
+            except OSError:
+                continue
+            paths = [name]
+            break
+    if not paths:
+        raise Unavailable("no libcudart.so is loaded in this process (the CUDA EP loads it with its first "
+                          "session), nor found by the loader (LD_LIBRARY_PATH)")
+    lib = ctypes.CDLL(paths[0])
+    lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+    lib.cudaHostRegister.restype = ctypes.c_int
+    lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
+    lib.cudaHostUnregister.restype = ctypes.c_int
+    lib.cudaGetErrorString.argtypes = [ctypes.c_int]
+    lib.cudaGetErrorString.restype = ctypes.c_char_p
+    lib.path = paths[0]
+    try:
+        with Registered(lib, (mmap.PAGESIZE,), "uint8"):  # a runtime without a driver or device fails here
+            pass
+    except RuntimeError as exc:
+        raise Unavailable(f"{exc} ({paths[0]})") from None
+    return lib
+
+
+class Registered:
+    """A shared anonymous mapping (page-aligned, shmem-backed: the kind of memory the ring is),
+    page-locked with cudaHostRegister for as long as the `with` lasts; `.array` is its numpy view."""
+
+    def __init__(self, cudart, shape: tuple[int, ...], dtype: str):
+        self.cudart = cudart
+        self.nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        self.memory = mmap.mmap(-1, self.nbytes)
+        self.array = np.frombuffer(self.memory, dtype).reshape(shape)
+        self.address = self.array.ctypes.data
+        self.registered = False
+
+    def __enter__(self) -> "Registered":
+        code = self.cudart.cudaHostRegister(self.address, self.nbytes, 0)  # cudaHostRegisterDefault
+        if code != 0:
+            self.close()
+            raise RuntimeError(f"cudaHostRegister of {self.nbytes} bytes failed: error {code} "
+                               f"({self.cudart.cudaGetErrorString(code).decode()})")
+        self.registered = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.registered:
+            self.cudart.cudaHostUnregister(self.address)
+            self.registered = False
+        self.array = None  # the view must go before the mapping can close
+        try:
+            self.memory.close()
+        except BufferError:  # a view still alive somewhere: the mapping goes with it
+            pass
+
+
+def onnxruntime_pinned_memory_info():
+    """The CUDA EP device's HOST_ACCESSIBLE (pinned) memory info, for
+    OrtValue.ortvalue_from_shape_and_type(..., memory_info=...); Unavailable when this build has none.
+
+    onnxruntime's Python API names no pinned device: OrtDevice.make and the device strings of
+    bind_input / ortvalue_from_shape_and_type know "cpu", "cuda", "cann", "dml", "webgpu", "gpu",
+    "npu" (onnxruntime_inference_collection.py, get_ort_device_type, 1.31.1 and 1.32.0), always with
+    the default memory type. From 1.23 on, an EP device (ort.get_ep_devices()) may offer
+    memory_info(OrtDeviceMemoryType.HOST_ACCESSIBLE), and ortvalue_from_shape_and_type takes
+    memory_info= ("allows allocating HOST_ACCESSIBLE memory", its docstring in 1.31.1); whether the
+    CUDA EP of a given build lists a device with one is what this finds out.
+    """
+    get_devices, kinds = getattr(ort, "get_ep_devices", None), getattr(ort, "OrtDeviceMemoryType", None)
+    if get_devices is None or kinds is None:
+        raise Unavailable(f"onnxruntime {ort.__version__} has no get_ep_devices() / OrtDeviceMemoryType (1.23+)")
+    devices = get_devices()
+    cuda = [d for d in devices if d.ep_name == CUDA]
+    if not cuda:
+        raise Unavailable(f"ort.get_ep_devices() lists no {CUDA} device (it lists "
+                          f"{sorted({d.ep_name for d in devices}) or 'none'}): the CUDA EP is not registered "
+                          "as an EP library in this build, so no HOST_ACCESSIBLE memory info to allocate from")
+    info = cuda[0].memory_info(kinds.HOST_ACCESSIBLE)
+    if info is None:
+        raise Unavailable(f"the {CUDA} EP device offers no HOST_ACCESSIBLE memory info")
+    try:
+        ort.OrtValue.ortvalue_from_shape_and_type([1], np.float32, memory_info=info)
+    except TypeError as exc:  # an OrtValue API without memory_info=
+        raise Unavailable(f"OrtValue.ortvalue_from_shape_and_type takes no memory_info here: {describe(exc)}") from None
+    except Exception as exc:
+        raise Unavailable(f"allocating from the HOST_ACCESSIBLE memory info failed: {describe(exc)}") from None
+    return info
+
+
 def query_gpu(nvidia_smi: str, fields: str = "utilization.gpu,memory.used") -> list[str] | None:
     """GPU 0's values of `fields`, or None when nvidia-smi fails."""
     try:
@@ -206,16 +431,16 @@ class Sampler(threading.Thread):
     """Every SAMPLE_S: the CPU seconds of a server's process group, and the GPU's utilisation and
     memory when nvidia-smi exists; read afterwards over any interval."""
 
-    def __init__(self, group: int, nvidia_smi: str | None):
+    def __init__(self, group: int, nvidia_smi: str | None, workers: set[int]):
         super().__init__(daemon=True)
-        self.group, self.nvidia_smi = group, nvidia_smi
+        self.group, self.nvidia_smi, self.workers = group, nvidia_smi, workers
         self.samples: list[tuple[float, dict[str, float], tuple[float, float] | None]] = []
         self.stopping = threading.Event()
 
     def run(self) -> None:
         while not self.stopping.is_set():
             t = time.monotonic()
-            cpu = cpu_by_part(self.group)
+            cpu = server_cpu(self.group, self.workers)
             gpu = None
             if self.nvidia_smi:
                 values = query_gpu(self.nvidia_smi)
@@ -290,11 +515,18 @@ class Check:
         self.shape_seconds = 0.25 if self.quick else 0.5  # each timed measurement of onnxruntime alone
         self.clients = [int(c) for c in (args.clients or ("1,16" if self.quick else "1,256")).split(",")]
         self.procs = args.procs or (2 if self.quick else 4)
+        self.placements = [p for p in (args.preprocessing or ",".join(PLACEMENTS)).split(",") if p]
+        unknown = sorted(set(self.placements) - set(PLACEMENTS))
+        if unknown or not self.placements:
+            raise SystemExit(f"unknown preprocessing placements {unknown}; choose from {', '.join(PLACEMENTS)}")
+        self.copy_seconds = self.shape_seconds / 2  # each timed host-to-device copy alone
         self.nvidia_smi = shutil.which("nvidia-smi")
         self.photo_paths: list[Path] = []
         self.started: list[tuple[int, bool]] = []  # (pid, whether it leads a process group of its own)
-        self.served_answers: dict[str, list[dict]] = {}
-        self.served_runs: dict[str, list[dict]] = {}
+        self.served_answers: dict[str, dict[str, list[dict]]] = {}  # model -> placement -> /predict answers
+        self.served_runs: dict[str, list[dict]] = {}  # model -> runs of every placement
+        self._pinned_sources: dict | None = None  # how page-locked host memory can be had: found once
+        self.checkpoint = lambda: None  # called after each part (main writes what there is so far)
         self.result: dict = {"meta": self.meta(available), "parts": {}, "timings_s": {}}
 
     def meta(self, available: list[str]) -> dict:
@@ -302,7 +534,8 @@ class Check:
                 "pil": pil_build(), "numpy": np.__version__, "python": platform.python_version(),
                 "cores": self.cores, "batch_size": self.batch_size, "buckets": self.buckets, "models": self.models,
                 "quick": self.quick, "served_seconds": self.seconds, "shape_seconds": self.shape_seconds,
-                "clients": self.clients, "client_procs": self.procs, "nvidia_smi": self.nvidia_smi, "gpu_name": None}
+                "clients": self.clients, "client_procs": self.procs, "preprocessing_placements": self.placements,
+                "nvidia_smi": self.nvidia_smi, "gpu_name": None}
         if self.nvidia_smi:
             values = query_gpu(self.nvidia_smi, "name,driver_version,memory.total")
             meta["gpu_name"] = ", ".join(values) if values else None
@@ -346,9 +579,12 @@ class Check:
         self.result["parts"][name] = {"error": error, "seconds": seconds, **data}
         self.result["timings_s"][name] = seconds
         print(f"[gpu_check] {name}: {seconds:.1f} s" + (f"  ERROR {error}" if error else ""), flush=True)
+        self.checkpoint()
 
     def per_model(self, fn) -> dict:
-        """fn(model name) for each model; one model's failure is recorded and the others still run."""
+        """fn(model name) for each model; one model's failure is recorded and the others still run.
+        A model's result may carry an "error" of its own (a placement that failed, say): the part's
+        error names it too."""
         out, errors = {}, []
         for name in self.models:
             try:
@@ -356,8 +592,19 @@ class Check:
             except (Exception, SystemExit) as exc:
                 traceback.print_exc()
                 out[name] = {"error": describe(exc)}
-                errors.append(f"{name}: {describe(exc)}")
+            if out[name].get("error"):
+                errors.append(f"{name}: {out[name]['error']}")
         return {"models": out, "error": "; ".join(errors) or None}
+
+    @staticmethod
+    def guarded(what: str, fn) -> dict:
+        """fn()'s dict, or {"error": ...} when it raises: one failing row does not end its part."""
+        try:
+            return fn()
+        except Exception as exc:
+            traceback.print_exc()
+            print(f"  {what}: ERROR {describe(exc)}", flush=True)
+            return {"error": describe(exc)}
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -384,12 +631,16 @@ class Check:
             preprocess(path.read_bytes(), out[i])
         return out
 
-    def session(self, path: Path, provider: str | None = None, tf32: bool = False):
-        """A session as a Cronnx worker makes it (cronnx.worker.create_session), intra-op threads 1."""
+    def session(self, path: Path, provider: str | None = None, tf32: bool = False, cuda_graph: bool = False):
+        """A session as a Cronnx worker makes it (cronnx.worker.create_session), intra-op threads 1;
+        `cuda_graph`: with the CUDA EP option enable_cuda_graph "1" (no effect on the CPU EP)."""
         provider = provider or self.provider
+        cuda_options = CudaConfig(use_tf32=tf32).provider_options(0)
+        if cuda_graph:
+            cuda_options["enable_cuda_graph"] = "1"
         worker_spec = SimpleNamespace(
             model_path=str(path), providers=[CUDA, CPU] if provider == CUDA else [CPU], inter_op_threads=1,
-            allow_spinning=False, cuda_options=CudaConfig(use_tf32=tf32).provider_options(0))
+            allow_spinning=False, cuda_options=cuda_options)
         session = create_session(worker_spec, 1)
         if provider == CUDA and CUDA not in session.get_providers():
             raise RuntimeError(f"the CUDA EP did not load (session providers {session.get_providers()}): "
@@ -408,9 +659,22 @@ class Check:
             rows.append(row)
             print(f"  {name} batch {batch}: " + ", ".join(
                 f"{where} input {row[where]['img_per_s']:.1f} img/s ({row[where]['ms_per_batch']:.2f} ms)"
-                for where in ("host", "device") if where in row), flush=True)
+                for where in ("host", "device") if "img_per_s" in row.get(where, {})), flush=True)
         fixed = {r["batch"]: r["host"]["ms_per_batch"] for r in rows}
-        return {"buckets": rows, "alternating": self.alternating(path, spec, photos, fixed)}
+        out = {"buckets": rows, "alternating": self.alternating(path, spec, photos, fixed)}
+        if self.cuda:
+            out["cuda_graph"] = self.row_status(rows, "cuda_graph")
+            out["host_memory"] = {**self.row_status(rows, "host_memory"), "sources": self.pinned_sources()}
+        else:
+            out["cuda_graph"] = {"status": NA_CPU}
+            out["host_memory"] = {"status": NA_CPU}
+        return out
+
+    @staticmethod
+    def row_status(rows: list[dict], key: str) -> dict:
+        errors = [f"batch {r['batch']}: {r[key]['error']}" for r in rows if r.get(key, {}).get("error")]
+        status = "measured" if not errors else f"failed in {len(errors)} of {len(rows)} buckets"
+        return {"status": status, "errors": errors}
 
     def bucket(self, path: Path, spec: ModelSpec, x: np.ndarray, batch: int) -> dict:
         """A session that only ever runs this batch size (its sessions go when this returns)."""
@@ -420,12 +684,128 @@ class Check:
         row = {"batch": batch,
                "host": rate(batch, Bench._repeat(lambda: infer(session, binding, spec, x, y), self.shape_seconds))}
         if self.cuda:
-            on_device = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
-            bound = session.io_binding()
-            bound.bind_ortvalue_input(spec.input_name, on_device)
-            bound.bind_output(spec.output_name, "cpu", 0, y.dtype.type, list(y.shape), y.ctypes.data)
-            row["device"] = rate(batch, Bench._repeat(lambda: session.run_with_iobinding(bound), self.shape_seconds))
+            where = f"batch {batch}"
+            row["device"] = self.guarded(f"{where} device input", lambda: self.device_input(session, spec, x, y, batch))
+            row["cuda_graph"] = self.guarded(f"{where} CUDA graph",
+                                             lambda: self.cuda_graph_row(path, spec, x, batch, session))
+            row["host_memory"] = self.guarded(f"{where} host memory",
+                                              lambda: self.host_memory_row(session, spec, x, batch, row["host"]))
         return row
+
+    def device_input(self, session, spec: ModelSpec, x: np.ndarray, y: np.ndarray, batch: int) -> dict:
+        on_device = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
+        bound = session.io_binding()
+        bound.bind_ortvalue_input(spec.input_name, on_device)
+        bound.bind_output(spec.output_name, "cpu", 0, y.dtype.type, list(y.shape), y.ctypes.data)
+        return rate(batch, Bench._repeat(lambda: session.run_with_iobinding(bound), self.shape_seconds))
+
+    def cuda_graph_row(self, path: Path, spec: ModelSpec, x: np.ndarray, batch: int, plain,
+                       device: str = "cuda") -> dict:
+        """This bucket with CUDA graphs against the same procedure without (on `plain`, the bucket's
+        session): input and output on device buffers bound once, each batch copied in, run, copied
+        out. `device` "cpu" runs the same procedure on the CPU EP (the suite's check of this code)."""
+        graph = DeviceBound(self.session(path, cuda_graph=True), spec, batch, device)
+        # The CUDA EP runs regularly first (its arena allocates what the graph will use: no
+        # allocation is allowed while capturing), then captures and replays within one Run(): at
+        # the 2nd run where min_num_runs_before_cuda_graph_capture_ is 1 (older versions), the 3rd
+        # where it is 2 (cuda_execution_provider.h). The graph belongs to the calling thread.
+        first_runs_ms = [sum(graph.step(x)[0]) * 1000.0 for _ in range(4)]
+        with_graph = graph.measure(x, batch, self.shape_seconds)
+        control = DeviceBound(plain, spec, batch, device)
+        for _ in range(3):
+            control.step(x)
+        without = control.measure(x, batch, self.shape_seconds)
+        # A replay must read what was copied in since the capture: other images (mirrored) through both.
+        # (Copies: on the CPU EP numpy() is a view of the bound output, which the next run overwrites.)
+        other = np.ascontiguousarray(x[..., ::-1])
+        graph_other = graph.step(other)[1].astype(np.float64)
+        plain_other = control.step(other)[1].astype(np.float64)
+        graph_same = graph.step(x)[1].astype(np.float64)
+        row = {"graph": with_graph, "no_graph": without, "first_runs_ms": first_runs_ms,
+               "speedup_total": without["ms_per_batch"] / with_graph["ms_per_batch"],
+               "speedup_run": without["run_ms"] / with_graph["run_ms"],
+               "max_abs_diff_vs_no_graph": float(np.abs(graph_other - plain_other).max()),
+               "output_follows_input": bool(np.abs(graph_other - graph_same).max() > 0)}
+        print(f"  batch {batch} CUDA graph: {with_graph['ms_per_batch']:.2f} ms per batch (run "
+              f"{with_graph['run_ms']:.2f}) against {without['ms_per_batch']:.2f} (run {without['run_ms']:.2f}) "
+              f"without; first runs {' / '.join(f'{ms:.0f}' for ms in first_runs_ms)} ms; max |diff| "
+              f"{row['max_abs_diff_vs_no_graph']:.3g}", flush=True)
+        return row
+
+    def pinned_sources(self) -> dict:
+        """How page-locked host memory can be had from Python here, found once (after a CUDA session
+        exists): for each way, None when it can, else "not measurable from Python: <why>"."""
+        if self._pinned_sources is None:
+            sources = {}
+            ways = (("onnxruntime_pinned", onnxruntime_pinned_memory_info), ("cuda_host_register", loaded_cudart))
+            for key, find in ways:
+                try:
+                    sources[key] = find()
+                except Unavailable as exc:
+                    sources[key] = f"not measurable from Python: {exc}"
+                except Exception as exc:
+                    sources[key] = f"not measurable from Python: {describe(exc)}"
+            self._pinned_sources = sources
+        return {key: value if isinstance(value, str) else None for key, value in self._pinned_sources.items()}
+
+    def host_memory_row(self, session, spec: ModelSpec, x: np.ndarray, batch: int, pageable: dict,
+                        device: str = "cuda") -> dict:
+        """The bucket's run with its input and output in page-locked host memory (IO binding as the
+        worker binds the ring), against `pageable` (the host-input row: numpy arrays); and the
+        host-to-device copy of the input alone from each kind of memory."""
+        self.pinned_sources()
+        reference = output_buffer(spec, batch)
+        infer(session, session.io_binding(), spec, x, reference)
+        on_device = ort.OrtValue.ortvalue_from_shape_and_type(list(x.shape), x.dtype.type, device, 0)
+        copy_in = median_ms(Bench._repeat(lambda: on_device.update_inplace(x), self.copy_seconds))
+        row = {"pageable": {"run": pageable, "copy_in_ms": copy_in}}
+        for key, measure in (("onnxruntime_pinned", self.onnxruntime_pinned), ("cuda_host_register", self.registered)):
+            source = self._pinned_sources[key]
+            if isinstance(source, str):
+                row[key] = {"status": source}
+            else:
+                row[key] = self.guarded(f"batch {batch} {key}", lambda: measure(
+                    source, session, spec, x, batch, on_device, reference))
+        print(f"  batch {batch} host memory: run " + ", ".join(
+            f"{key} {row[key]['run']['ms_per_batch']:.2f} ms" for key in row if "run" in row[key])
+            + "; copy in " + ", ".join(f"{key} {row[key]['copy_in_ms']:.3f} ms"
+                                       for key in row if "copy_in_ms" in row[key]),
+            flush=True)
+        return row
+
+    def onnxruntime_pinned(self, memory_info, session, spec: ModelSpec, x: np.ndarray, batch: int, on_device,
+                           reference: np.ndarray) -> dict:
+        """Input and output as OrtValues of onnxruntime's pinned (HOST_ACCESSIBLE) allocator."""
+        pinned_x = ort.OrtValue.ortvalue_from_shape_and_type(list(x.shape), x.dtype.type, memory_info=memory_info)
+        pinned_y = ort.OrtValue.ortvalue_from_shape_and_type(list(reference.shape), reference.dtype.type,
+                                                             memory_info=memory_info)
+        pinned_x.update_inplace(x)
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(spec.input_name, pinned_x)
+        binding.bind_ortvalue_output(spec.output_name, pinned_y)
+        out = {"device_name": pinned_x.device_name(),
+               "run": rate(batch, Bench._repeat(lambda: session.run_with_iobinding(binding), self.shape_seconds)),
+               "copy_in_ms": median_ms(Bench._repeat(lambda: on_device.update_inplace(pinned_x), self.copy_seconds))}
+        try:
+            out["max_abs_diff_vs_pageable"] = float(np.abs(pinned_y.numpy().astype(np.float64) - reference).max())
+        except Exception as exc:  # the timing stands without the check
+            out["max_abs_diff_vs_pageable"] = None
+            out["check_error"] = describe(exc)
+        return out
+
+    def registered(self, cudart, session, spec: ModelSpec, x: np.ndarray, batch: int, on_device,
+                   reference: np.ndarray) -> dict:
+        """Input and output in shared mappings page-locked with cudaHostRegister, bound as host
+        memory: what registering the ring's memory would give a worker."""
+        with Registered(cudart, x.shape, x.dtype.str) as x_in, Registered(cudart, reference.shape,
+                                                                          reference.dtype.str) as y_out:
+            x_in.array[:] = x
+            binding = session.io_binding()
+            run = rate(batch, Bench._repeat(lambda: infer(session, binding, spec, x_in.array, y_out.array),
+                                            self.shape_seconds))
+            copy_in = median_ms(Bench._repeat(lambda: on_device.update_inplace(x_in.array), self.copy_seconds))
+            diff = float(np.abs(y_out.array.astype(np.float64) - reference).max())
+        return {"library": cudart.path, "run": run, "copy_in_ms": copy_in, "max_abs_diff_vs_pageable": diff}
 
     def alternating(self, path: Path, spec: ModelSpec, photos: np.ndarray, fixed_ms: dict[int, float]) -> dict:
         """One session running the bucket shapes in turn, each run after a run of another shape."""
@@ -502,7 +882,7 @@ class Check:
 
     # --- 3: served ----------------------------------------------------------------------------
 
-    def served_config(self, name: str, port: int) -> dict:
+    def served_config(self, name: str, port: int, placement: str) -> dict:
         model = {"name": name, "path": str(self.model_paths[name]), "batch_size": self.batch_size,
                  "batch_buckets": self.buckets, "workers": 1,
                  "providers": [CUDA, CPU] if self.cuda else [CPU],
@@ -510,33 +890,58 @@ class Check:
                  "ring_slots": min(4096, max(64, 2 * self.batch_size, max(self.clients) + self.batch_size))}
         if self.cuda:
             model["devices"] = [0]
-        return {"server": {"host": "127.0.0.1", "port": port, "preprocess_threads": self.cores},
-                "models": [model]}
+        server = {"host": "127.0.0.1", "port": port}
+        # With preprocessing processes the front's preprocess_threads are not used.
+        server["preprocess_processes" if placement == "processes" else "preprocess_threads"] = self.cores
+        return {"server": server, "models": [model]}
 
     def served(self, name: str) -> dict:
+        """The model served once per preprocessing placement; one placement's failure is recorded
+        and the next still runs."""
+        placements, errors = {}, []
+        for placement in self.placements:
+            try:
+                placements[placement] = self.served_with(name, placement)
+            except (Exception, SystemExit) as exc:
+                traceback.print_exc()
+                placements[placement] = {"error": describe(exc)}
+                errors.append(f"{placement}: {describe(exc)}")
+        return {"placements": placements, "error": "; ".join(errors) or None}
+
+    def served_with(self, name: str, placement: str) -> dict:
+        print(f"  {name}, preprocessing in {self.cores} {placement}:", flush=True)
         with tempfile.TemporaryDirectory(prefix="cronnx-gpu-check-") as tmp:
             workdir = Path(tmp)
             port = free_port()
-            config = workdir / "cronnx.yaml"
-            config.write_bytes(msgspec.yaml.encode(self.served_config(name, port)))
+            config = self.served_config(name, port, placement)
+            config_path = workdir / "cronnx.yaml"
+            config_path.write_bytes(msgspec.yaml.encode(config))
             log = workdir / "server.log"
             # sh execs the server with its output in the log: the pid is the server's.
             command = ["sh", "-c", 'exec "$@" >"$0" 2>&1', str(log), sys.executable, "-m", "cronnx", "serve",
-                       "--config", str(config)]
+                       "--config", str(config_path)]
             base = f"http://127.0.0.1:{port}"
-            server = Served(f"cronnx serve ({name})", command, base, "/ready")
+            server = Served(f"cronnx serve ({name}, {placement})", command, base, "/ready")
             sampler = None
             try:
                 began = time.monotonic()
                 with server:
                     ready_s = time.monotonic() - began
                     status = self.models_status(base, name)
-                    self.started += [(w["pid"], False) for w in status["workers"] if w.get("pid")]
-                    sampler = Sampler(server.process.pid, self.nvidia_smi)
+                    workers = {w["pid"] for w in status["workers"] if w.get("pid")}
+                    self.started += [(pid, False) for pid in workers]
+                    preprocessors = preprocessing_processes(server.process.pid, workers)
+                    self.started += [(pid, False) for pid in preprocessors]
+                    sampler = Sampler(server.process.pid, self.nvidia_smi, workers)
                     sampler.start()
-                    self.served_answers[name] = [self.predict(base, name, p) for p in self.photo_paths[:SERVED_PHOTOS]]
-                    runs = [self.load(base, name, clients, sampler, workdir) for clients in self.clients]
+                    answers = [self.predict(base, name, p) for p in self.photo_paths[:SERVED_PHOTOS]]
+                    self.served_answers.setdefault(name, {})[placement] = answers
+                    runs = [{"preprocessing": placement, **self.load(base, name, clients, sampler, workdir)}
+                            for clients in self.clients]
                     status = self.models_status(base, name)
+                    after = preprocessing_processes(server.process.pid, {w["pid"] for w in status["workers"]})
+                    self.started += [(pid, False) for pid in after if pid not in preprocessors]
+                    metrics = server_stats.scrape(server_stats.metrics_url(base + "/"))
             except (Exception, SystemExit) as exc:
                 raise RuntimeError(f"{describe(exc)}; server log: {self.log_tail(log)}") from None
             finally:
@@ -546,10 +951,18 @@ class Check:
                 if process is not None:
                     self.started.append((process.pid, True))
                 cleanup = self.reap_server(process)
-            self.served_runs[name] = runs
+            self.served_runs.setdefault(name, []).extend(runs)
             worker = status["workers"][0] if status["workers"] else {}
-            return {"server_pid": process.pid, "ready_s": ready_s, "config": self.served_config(name, port),
-                    "runs": runs, "worker_providers": worker.get("providers"), "bucket_runs": worker.get("bucket_runs"),
+            restarts = None if metrics is None else metrics.get(("cronnx_preprocess_process_restarts_total",
+                                                                  frozenset()))
+            restarts = None if restarts is None else int(restarts)
+            return {"preprocessing": {
+                        "placement": placement, "configured": self.cores,
+                        # Children of the server other than its worker and the resource tracker.
+                        "processes_at_start": len(preprocessors), "processes_at_end": len(after),
+                        "process_restarts": restarts},
+                    "server_pid": process.pid, "ready_s": ready_s, "config": config, "runs": runs,
+                    "worker_providers": worker.get("providers"), "bucket_runs": worker.get("bucket_runs"),
                     "items_failed": worker.get("items_failed"), "restarts": worker.get("restarts"), "cleanup": cleanup}
 
     @staticmethod
@@ -617,7 +1030,7 @@ class Check:
                "mean_batch": server.get("mean_batch_size"), "batch_sizes": server.get("batch_sizes"),
                "phases_ms": {k: v * 1000.0 for k, v in (server.get("phase_means_s") or {}).items()},
                "server_answered_incl_warmup": answered, **sampler.over(start, end), "bench": r}
-        print(f"  {name}, {clients} clients: {run['img_per_s']:.1f} img/s, p50 {run['p50_ms']:.2f} ms, "
+        print(f"    {clients} clients: {run['img_per_s']:.1f} img/s, p50 {run['p50_ms']:.2f} ms, "
               f"p99 {run['p99_ms']:.2f} ms, {run['ok']}/{run['sent']} ok, mean batch "
               f"{run['mean_batch'] or 0:.2f}, server CPU {run['server_cpu_cores'] or 0:.2f} cores"
               + (f", GPU {run['gpu']['util_mean_pct']:.0f}%" if run["gpu"] else ""), flush=True)
@@ -661,7 +1074,7 @@ class Check:
     def gpu(self) -> dict:
         if not self.nvidia_smi:
             return {"status": "n/a", "note": "no nvidia-smi on this machine"}
-        rows = [{"model": name, "clients": run["clients"], **(run["gpu"] or {})}
+        rows = [{"model": name, "preprocessing": run["preprocessing"], "clients": run["clients"], **(run["gpu"] or {})}
                 for name, runs in self.served_runs.items() for run in runs]
         return {"status": "sampled", "gpu_name": self.result["meta"]["gpu_name"], "runs": rows}
 
@@ -686,9 +1099,9 @@ class Check:
                 f"max_abs_diff_batch{rows}": float(np.abs(batched - expected).max()),
                 "max_abs_diff": float(max(np.abs(single - reference).max(), np.abs(batched - expected).max())),
                 "top1_agree": int((single.argmax(1) == reference.argmax(1)).sum())})
-        answers = self.served_answers.get(name)
-        if answers:
-            by_name = {p.name: i for i, p in enumerate(self.photo_paths)}
+        by_name = {p.name: i for i, p in enumerate(self.photo_paths)}
+        out["served"] = {}  # placement -> the served answers against the CPU EP
+        for placement, answers in self.served_answers.get(name, {}).items():
             diffs, ids_match = [], 0
             for answer in answers:
                 probs = reference[by_name[answer["photo"]]]
@@ -696,10 +1109,8 @@ class Check:
                 served_ids = [p["class_id"] for p in answer["predictions"]]
                 ids_match += served_ids == expected_ids
                 diffs += [abs(p["confidence"] - probs[p["class_id"]]) for p in answer["predictions"]]
-            out["served"] = {"answers": len(answers), "top5_ids_match": ids_match,
-                             "max_abs_diff_top5": float(max(diffs))}
-        else:
-            out["served"] = None
+            out["served"][placement] = {"answers": len(answers), "top5_ids_match": ids_match,
+                                        "max_abs_diff_top5": float(max(diffs)) if diffs else None}
         for v in out["variants"]:
             print(f"  {name} {v['label']} vs CPU EP: max |diff| {v['max_abs_diff']:.3g}", flush=True)
         return out
@@ -722,8 +1133,114 @@ def _f(value, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _g(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
 def _error_line(part: dict) -> list[str]:
     return [f"**error**: {part['error']}", ""] if part.get("error") else []
+
+
+def _cell_error(cell: dict) -> str:
+    return f"error: {cell['error'][:160]}" if cell.get("error") else ""
+
+
+def _onnxruntime_tables(meta: dict, ort_part: dict) -> list[str]:
+    device = meta["provider"] == CUDA
+    lines = ["onnxruntime alone, one session per bucket (intra-op 1, IO binding; medians of timed runs):", ""]
+    lines += _error_line(ort_part)
+    lines += ["| model | batch | host input ms | host input img/s |"
+              + (" device input ms | device input img/s |" if device else "")
+              + " alternating shapes ms | slowdown |",
+              "| --- | ---: | ---: | ---: |" + (" ---: | ---: |" if device else "") + " ---: | ---: |"]
+    models = ort_part.get("models", {})
+    for name, m in models.items():
+        alternating = {r["batch"]: r for r in m.get("alternating", {}).get("rows", [])}
+        for row in m.get("buckets", []):
+            alt = alternating.get(row["batch"], {})
+            cells = [name, str(row["batch"]), _f(row["host"]["ms_per_batch"], 2), _f(row["host"]["img_per_s"])]
+            if device:
+                dev = row.get("device", {})
+                cells += ([_cell_error(dev), ""] if dev.get("error")
+                          else [_f(dev.get("ms_per_batch"), 2), _f(dev.get("img_per_s"))])
+            cells += [_f(alt.get("ms_alternating"), 2), _f(alt.get("slowdown"), 2) + "x" if alt else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+        if m.get("alternating", {}).get("rows"):
+            a = m["alternating"]
+            lines.append(f"| {name} | all buckets in turn | | {_f(a['cycle_img_per_s_alternating'])} "
+                         f"(fixed shapes: {_f(a['cycle_img_per_s_fixed'])}) |" + (" | |" if device else "") + " | |")
+        if m.get("error"):
+            lines.append(f"| {name} | error: {m['error'][:200]} |")
+    lines.append("")
+
+    graphs = [(name, m) for name, m in models.items() if isinstance(m.get("cuda_graph"), dict)]
+    if graphs and all(m["cuda_graph"].get("status") == NA_CPU for _, m in graphs):
+        lines += [f"CUDA graphs: {NA_CPU}.", ""]
+    elif graphs:
+        lines += ["CUDA graphs (`enable_cuda_graph` 1; a session per bucket, input and output bound once to "
+                  "device buffers; per batch: copy in with `update_inplace`, run, copy out to a numpy array; "
+                  "medians), against the same on the bucket's session without graphs, and the rows above:", "",
+                  "| model | batch | graph: copy in / run / copy out ms | graph ms per batch | graph img/s "
+                  "| no graph: run ms | no graph ms per batch | speed-up (per batch / run) | host input ms "
+                  "| device input ms | first four runs ms | max abs diff, no graph |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, m in graphs:
+            for row in m.get("buckets", []):
+                g = row.get("cuda_graph", {})
+                if g.get("error") or "graph" not in g:
+                    lines.append(f"| {name} | {row['batch']} | {_cell_error(g) or '-'} |")
+                    continue
+                w, wo = g["graph"], g["no_graph"]
+                lines.append(
+                    f"| {name} | {row['batch']} | {_f(w['copy_in_ms'], 3)} / {_f(w['run_ms'], 3)} / "
+                    f"{_f(w['copy_out_ms'], 3)} | {_f(w['ms_per_batch'], 3)} | {_f(w['img_per_s'])} | "
+                    f"{_f(wo['run_ms'], 3)} | {_f(wo['ms_per_batch'], 3)} | {_f(g['speedup_total'], 2)}x / "
+                    f"{_f(g['speedup_run'], 2)}x | {_f(row['host']['ms_per_batch'], 3)} | "
+                    f"{_f(row.get('device', {}).get('ms_per_batch'), 3)} | "
+                    f"{' / '.join(_f(ms, 0) for ms in g['first_runs_ms'])} | {_g(g['max_abs_diff_vs_no_graph'])}"
+                    + ("" if g["output_follows_input"] else " (**output did not follow the input**)") + " |")
+        lines.append("")
+
+    memories = [(name, m) for name, m in models.items() if isinstance(m.get("host_memory"), dict)]
+    if memories and all(m["host_memory"].get("status") == NA_CPU for _, m in memories):
+        lines += [f"Pinned against pageable host memory: {NA_CPU}.", ""]
+    elif memories:
+        lines += ["Host memory of the input and output (CUDA): the run with both bound in pageable memory (the "
+                  "host-input row above: numpy arrays), in onnxruntime's pinned memory (OrtValues of the CUDA EP "
+                  "device's HOST_ACCESSIBLE memory info), and in a shared mapping like the ring's, page-locked with "
+                  "`cudaHostRegister`; and the host-to-device copy of the input alone (`update_inplace` into a "
+                  "device OrtValue) from each:", ""]
+        sources = next((m["host_memory"].get("sources") for _, m in memories if m["host_memory"].get("sources")), {})
+        for key, label in (("onnxruntime_pinned", "onnxruntime pinned"), ("cuda_host_register", "cudaHostRegister")):
+            if sources.get(key):
+                lines += [f"- {label}: {sources[key]}"]
+        if any(sources.values()):
+            lines.append("")
+        lines += ["| model | batch | run ms: pageable | onnxruntime pinned | cudaHostRegister "
+                  "| copy in ms: pageable | onnxruntime pinned | cudaHostRegister |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, m in memories:
+            for row in m.get("buckets", []):
+                h = row.get("host_memory", {})
+                if h.get("error") or "pageable" not in h:
+                    lines.append(f"| {name} | {row['batch']} | {_cell_error(h) or '-'} |")
+                    continue
+
+                def run(key: str, h=h) -> str:
+                    cell = h.get(key, {})
+                    if "status" in cell:
+                        return "not measurable"
+                    return _cell_error(cell) or _f(cell["run"]["ms_per_batch"], 3)
+
+                def copy(key: str, h=h) -> str:
+                    cell = h.get(key, {})
+                    return "-" if "copy_in_ms" not in cell else _f(cell["copy_in_ms"], 3)
+
+                keys = ("pageable", "onnxruntime_pinned", "cuda_host_register")
+                lines.append(f"| {name} | {row['batch']} | " + " | ".join(run(k) for k in keys) + " | "
+                             + " | ".join(copy(k) for k in keys) + " |")
+        lines.append("")
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -731,29 +1248,7 @@ def markdown(result: dict) -> str:
     lines = [f"Provider {meta['provider']} ({meta['gpu_name'] or 'no GPU'}), {meta['cores']} cores, onnxruntime "
              f"{meta['onnxruntime']}, {meta['pil']}, batch size {meta['batch_size']}, buckets {meta['buckets']}"
              + (", `--quick`" if meta["quick"] else "") + ".", ""]
-
-    ort_part = parts.get("onnxruntime", {})
-    lines += ["onnxruntime alone, one session per bucket (intra-op 1, IO binding; medians of timed runs):", ""]
-    lines += _error_line(ort_part)
-    device = meta["provider"] == CUDA
-    lines += ["| model | batch | host input ms | host input img/s |"
-              + (" device input ms | device input img/s |" if device else "")
-              + " alternating shapes ms | slowdown |",
-              "| --- | ---: | ---: | ---: |" + (" ---: | ---: |" if device else "") + " ---: | ---: |"]
-    for name, m in ort_part.get("models", {}).items():
-        alternating = {r["batch"]: r for r in m.get("alternating", {}).get("rows", [])}
-        for row in m.get("buckets", []):
-            alt = alternating.get(row["batch"], {})
-            cells = [name, str(row["batch"]), _f(row["host"]["ms_per_batch"], 2), _f(row["host"]["img_per_s"])]
-            if device:
-                cells += [_f(row["device"]["ms_per_batch"], 2), _f(row["device"]["img_per_s"])]
-            cells += [_f(alt.get("ms_alternating"), 2), _f(alt.get("slowdown"), 2) + "x" if alt else "-"]
-            lines.append("| " + " | ".join(cells) + " |")
-        if m.get("alternating", {}).get("rows"):
-            a = m["alternating"]
-            lines.append(f"| {name} | all buckets in turn | | {_f(a['cycle_img_per_s_alternating'])} "
-                         f"(fixed shapes: {_f(a['cycle_img_per_s_fixed'])}) |" + (" | |" if device else "") + " | |")
-    lines.append("")
+    lines += _onnxruntime_tables(meta, parts.get("onnxruntime", {}))
 
     pre = parts.get("preprocess", {})
     lines += ["Preprocessing limit (Cronnx's preprocessing of the photos, all cores):", ""]
@@ -766,26 +1261,43 @@ def markdown(result: dict) -> str:
     lines.append("")
 
     served = parts.get("served", {})
-    lines += ["Served (`cronnx serve`, 1 worker, `cronnx bench` closed loop, raw bodies):", ""]
+    lines += ["Served (`cronnx serve`, 1 worker, `cronnx bench` closed loop, raw bodies); preprocessing in the "
+              "front's threads or in preprocessing processes; server CPU in cores: all (event loop thread / "
+              "worker / other children, i.e. preprocessing processes):", ""]
     lines += _error_line(served)
-    lines += ["| model | clients | img/s | p50 ms | p99 ms | ok / sent | errors | mean batch | batches by size "
-              "| phases ms (pre / queue / infer) | server CPU cores (event loop) | GPU util % mean / max | GPU MiB |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
+    lines += ["| model | preprocessing | clients | img/s | p50 ms | p99 ms | ok / sent | errors | mean batch "
+              "| batches by size | phases ms (pre / queue / infer) | server CPU cores (loop / worker / children) "
+              "| GPU util % mean / max | GPU MiB |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
+    notes = []
     for name, m in served.get("models", {}).items():
-        for run in m.get("runs", []):
-            sizes = ", ".join(f"<={float(b):g}: {n}" for b, n in (run["batch_sizes"] or {}).items())
-            ph = run["phases_ms"]
-            phases = " / ".join(_f(ph.get(k), 2) for k in ("preprocess", "queue", "inference"))
-            gpu = run["gpu"] or {}
-            loop = (run.get("server_cpu_by_part_cores") or {}).get("event loop thread")
-            lines.append(f"| {name} | {run['clients']} | {_f(run['img_per_s'])} | {_f(run['p50_ms'], 2)} | "
-                         f"{_f(run['p99_ms'], 2)} | {run['ok']} / {run['sent']} | {run['errors']} | "
-                         f"{_f(run['mean_batch'], 2)} | {sizes or '-'} | {phases} | {_f(run['server_cpu_cores'], 2)} "
-                         f"({_f(loop, 2)}) | "
-                         f"{_f(gpu.get('util_mean_pct'), 0)} / {_f(gpu.get('util_max_pct'), 0)} | "
-                         f"{_f(gpu.get('memory_used_max_mib'), 0)} |")
-        if "error" in m and m["error"]:
-            lines.append(f"| {name} | error: {m['error'][:200]} |")
+        for placement, p in m.get("placements", {}).items():
+            pre_info = p.get("preprocessing", {})
+            label = f"{pre_info.get('configured', '')} {placement}".strip()
+            for run in p.get("runs", []):
+                sizes = ", ".join(f"<={float(b):g}: {n}" for b, n in (run["batch_sizes"] or {}).items())
+                ph = run["phases_ms"]
+                phases = " / ".join(_f(ph.get(k), 2) for k in ("preprocess", "queue", "inference"))
+                gpu = run["gpu"] or {}
+                by_part = run.get("server_cpu_by_part_cores") or {}
+                cpu = " / ".join(_f(by_part.get(k), 2) for k in ("event loop thread", "worker processes",
+                                                                  "other child processes"))
+                lines.append(f"| {name} | {label} | {run['clients']} | {_f(run['img_per_s'])} | "
+                             f"{_f(run['p50_ms'], 2)} | {_f(run['p99_ms'], 2)} | {run['ok']} / {run['sent']} | "
+                             f"{run['errors']} | {_f(run['mean_batch'], 2)} | {sizes or '-'} | {phases} | "
+                             f"{_f(run['server_cpu_cores'], 2)} ({cpu}) | "
+                             f"{_f(gpu.get('util_mean_pct'), 0)} / {_f(gpu.get('util_max_pct'), 0)} | "
+                             f"{_f(gpu.get('memory_used_max_mib'), 0)} |")
+            if p.get("error"):
+                lines.append(f"| {name} | {placement} | error: {p['error'][:200]} |")
+            if placement == "processes" and pre_info:
+                notes.append(f"{name}: {pre_info['processes_at_start']} preprocessing processes under the server "
+                             f"at the start, {pre_info['processes_at_end']} at the end, "
+                             f"{_f(pre_info['process_restarts'], 0)} restarted.")
+        if m.get("error") and not m.get("placements"):
+            lines.append(f"| {name} | | error: {m['error'][:200]} |")
+    if notes:
+        lines += [""] + notes
     gpu_part = parts.get("gpu", {})
     if gpu_part.get("status") == "n/a":
         lines += ["", "GPU utilisation: n/a (no nvidia-smi)."]
@@ -801,12 +1313,12 @@ def markdown(result: dict) -> str:
             batched = next(v[k] for k in v if k.startswith("max_abs_diff_batch") and k != "max_abs_diff_batch1")
             lines.append(f"| {name} | {v['label']} | {v['max_abs_diff_batch1']:.3g} | {batched:.3g} | "
                          f"{v['top1_agree']} / {m['photos']} |")
-        if m.get("served"):
-            s = m["served"]
-            lines.append(f"| {name} | served `/predict` top-5 | {s['max_abs_diff_top5']:.3g} | | "
-                         f"ids match {s['top5_ids_match']} / {s['answers']} |")
+        for placement, s in (m.get("served") or {}).items():
+            lines.append(f"| {name} | served `/predict` top-5, preprocessing {placement} | "
+                         f"{_g(s['max_abs_diff_top5'])} | | ids match {s['top5_ids_match']} / {s['answers']} |")
+    total = result.get("total_s")
     lines += ["", "Time per part: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["timings_s"].items())
-              + f"; total {result['total_s']:.1f} s."]
+              + (f"; total {total:.1f} s." if total is not None else "; (run not finished).")]
     return "\n".join(lines)
 
 
@@ -821,28 +1333,45 @@ def main() -> None:
                         help="each served window and preprocessing measurement (default 6, --quick 2)")
     parser.add_argument("--clients", default=None, help="closed-loop clients of the served runs (default 1,256)")
     parser.add_argument("--procs", type=int, default=None, help="client processes for more than one client (4)")
+    parser.add_argument("--preprocessing", default=None,
+                        help="where the served runs decode, comma-separated: threads, processes (default both)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 on CUDA, 4 on the CPU")
     parser.add_argument("--photos", type=Path, default=DEFAULT_OUT, help="folder of photos (bench/photos.py)")
     parser.add_argument("--glob", default="*-1600.jpg", help="which photos of the folder")
-    parser.add_argument("--json", type=Path, help="write everything here")
-    parser.add_argument("--markdown", type=Path, help="write the tables here too")
+    parser.add_argument("--json", type=Path, help="write everything here (also after every part)")
+    parser.add_argument("--markdown", type=Path, help="write the tables here too (also after every part)")
     args = parser.parse_args()
+    faulthandler.enable()  # a crash in native code still says where, on stderr
     signal.signal(signal.SIGTERM, _terminate)
     check = Check(args)
+    check.checkpoint = lambda: write_outputs(check.result, args, final=False)
     try:
         result = check.run()
     except Terminated:  # what was measured is still written
         result = check.result
         result["terminated"] = True
-    table = markdown(result)
-    for path, text in ((args.json, json.dumps(result, indent=1)), (args.markdown, table)):
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text + "\n")
-            print(f"wrote {path}", flush=True)
+    table = write_outputs(result, args, final=True)
     print(table)
     if result.get("terminated"):
         sys.exit(143)
+
+
+def write_outputs(result: dict, args: argparse.Namespace, final: bool) -> str:
+    """The JSON (first: it holds everything) and the markdown, to the files asked for; the
+    markdown's text. Before the end, the JSON says "partial": true."""
+    result["partial"] = not final
+    try:
+        table = markdown(result)
+    except Exception as exc:  # the JSON must not be lost to a table that cannot be drawn
+        traceback.print_exc()
+        table = f"(no tables: {describe(exc)})"
+    for path, text in ((args.json, json.dumps(result, indent=1, default=str)), (args.markdown, table)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n")
+            if final:
+                print(f"wrote {path}", flush=True)
+    return table
 
 
 if __name__ == "__main__":

@@ -1,12 +1,20 @@
-"""bench/gpu_check.py --quick --provider cpu: every part runs, its numbers hold up, nothing is left behind."""
+"""bench/gpu_check.py --quick --provider cpu: every part runs, its numbers hold up, nothing is left behind.
+
+The CUDA-only rows (CUDA graphs, pinned host memory) are "n/a on CPU" in that run; their procedures
+are checked here by calling them with device "cpu" on the CPU EP, and their table is drawn from
+those rows as the GPU run would draw it.
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from support.images import encode, photo_like
@@ -14,6 +22,8 @@ from support.server import REPO, children, pid_alive, shm_segments
 
 SCRIPT = REPO / "bench" / "gpu_check.py"
 PARTS = ("setup", "onnxruntime", "preprocess", "served", "gpu", "parity")
+PLACEMENTS = ("threads", "processes")
+NA_CPU = "n/a on CPU (CUDA EP only)"
 
 # The first test runs the check (about 20-60 s on 2 cores; the subprocess is stopped at 180 s).
 pytestmark = pytest.mark.timeout(240)
@@ -48,7 +58,10 @@ def test_every_part_runs_without_error(quick_run):
     for part in PARTS:
         assert quick_run["parts"][part]["error"] is None, (part, quick_run["parts"][part]["error"])
     assert quick_run["total_s"] < 150
-    assert "| mobilenetv2 | 16 |" in quick_run["markdown"]
+    assert quick_run["partial"] is False
+    assert quick_run["meta"]["preprocessing_placements"] == list(PLACEMENTS)
+    for placement in PLACEMENTS:
+        assert f"| mobilenetv2 | {os.cpu_count()} {placement} | 16 |" in quick_run["markdown"]
 
 
 def test_onnxruntime_alone_has_a_row_per_bucket(quick_run):
@@ -69,19 +82,32 @@ def test_preprocessing_limit_is_positive(quick_run):
     assert part["processes"]["img_per_s"] > 0
 
 
-def test_served_runs_answer_every_request(quick_run):
-    served = quick_run["parts"]["served"]["models"]["mobilenetv2"]
+def test_onnxruntime_cuda_only_rows_are_na_on_cpu(quick_run):
+    model = quick_run["parts"]["onnxruntime"]["models"]["mobilenetv2"]
+    assert model["cuda_graph"] == {"status": NA_CPU}
+    assert model["host_memory"] == {"status": NA_CPU}
+    assert all(set(row) == {"batch", "host"} for row in model["buckets"])
+    assert f"CUDA graphs: {NA_CPU}." in quick_run["markdown"]
+    assert f"Pinned against pageable host memory: {NA_CPU}." in quick_run["markdown"]
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_served_runs_answer_every_request(quick_run, placement):
+    served = quick_run["parts"]["served"]["models"]["mobilenetv2"]["placements"][placement]
     runs = served["runs"]
     assert [run["clients"] for run in runs] == [1, 16]
     for run in runs:
+        assert run["preprocessing"] == placement
         assert run["sent"] > 0
         assert run["ok"] == run["sent"]
         assert run["errors"] == 0
+        assert run["img_per_s"] > 0
         # The server's own count spans the warm-up too.
         assert run["server_answered_incl_warmup"] >= run["ok"]
         assert run["mean_batch"] >= 1 and run["batch_sizes"]
         assert run["phases_ms"]["inference"] > 0
         assert run["server_cpu_cores"] > 0
+        assert run["server_cpu_by_part_cores"]["worker processes"] > 0
     assert runs[1]["procs"] == 2
     assert served["worker_providers"] == ["CPUExecutionProvider"]
     assert sum(served["bucket_runs"].values()) > 0
@@ -89,6 +115,28 @@ def test_served_runs_answer_every_request(quick_run):
     assert served["cleanup"] == {"exit_code": 0, "killed_leftover_pids": [], "removed_shm": []}
     gpu = quick_run["parts"]["gpu"]
     assert gpu["status"] in ("n/a", "sampled")
+    assert {(row["preprocessing"], row["clients"]) for row in gpu.get("runs", [])} <= {
+        (p, c) for p in PLACEMENTS for c in (1, 16)}
+
+
+def test_processes_placement_decodes_in_preprocessing_processes(quick_run):
+    placements = quick_run["parts"]["served"]["models"]["mobilenetv2"]["placements"]
+    cores = os.cpu_count()
+    processes, threads = placements["processes"], placements["threads"]
+    assert processes["config"]["server"]["preprocess_processes"] == cores
+    assert "preprocess_threads" not in processes["config"]["server"]
+    assert threads["config"]["server"]["preprocess_threads"] == cores
+    assert "preprocess_processes" not in threads["config"]["server"]
+    # One process per core under the server from start to end, none replaced; none with threads.
+    assert processes["preprocessing"] == {"placement": "processes", "configured": cores, "processes_at_start": cores,
+                                          "processes_at_end": cores, "process_restarts": 0}
+    assert threads["preprocessing"]["processes_at_start"] == threads["preprocessing"]["processes_at_end"] == 0
+    # The decoding CPU is in the children with processes, in the front's threads with threads.
+    for run in processes["runs"]:
+        assert run["server_cpu_by_part_cores"]["other child processes"] > 0.1
+    for run in threads["runs"]:
+        assert run["server_cpu_by_part_cores"]["other child processes"] < 0.05
+        assert run["server_cpu_by_part_cores"]["other threads"] > 0.1
 
 
 def test_parity_on_cpu_is_exact(quick_run):
@@ -97,14 +145,107 @@ def test_parity_on_cpu_is_exact(quick_run):
     assert variant["label"] == "CPU EP"
     assert variant["max_abs_diff"] < 1e-6
     assert variant["top1_agree"] == parity["photos"] == 3
-    assert parity["served"]["answers"] == 3
-    assert parity["served"]["top5_ids_match"] == 3
-    assert parity["served"]["max_abs_diff_top5"] < 1e-5
+    assert set(parity["served"]) == set(PLACEMENTS)
+    for served in parity["served"].values():
+        assert served["answers"] == 3
+        assert served["top5_ids_match"] == 3
+        assert served["max_abs_diff_top5"] < 1e-5
 
 
 def test_nothing_is_left_behind(quick_run):
-    server = quick_run["parts"]["served"]["models"]["mobilenetv2"]["server_pid"]
-    assert shm_segments(server) == []
+    for placement in quick_run["parts"]["served"]["models"]["mobilenetv2"]["placements"].values():
+        assert shm_segments(placement["server_pid"]) == []
     assert quick_run["leftover_processes"] == []
     assert quick_run["started_pids"]
     assert [pid for pid in quick_run["started_pids"] if pid_alive(pid)] == []
+
+
+# --- the CUDA-only procedures, run on the CPU EP -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    """The script as a module (it puts the repo and bench/ on sys.path; that is undone after)."""
+    saved = list(sys.path)
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.path[:] = saved
+    return module
+
+
+@pytest.fixture(scope="module")
+def on_cpu(gpu_check, demo_model):
+    """A quick CPU check, the demo model's spec and its bucket-2 session, and two different inputs."""
+    args = argparse.Namespace(provider="cpu", quick=True, batch_size=None, models="mobilenetv2", seconds=None,
+                              clients=None, procs=None, preprocessing=None, photos=REPO, glob="*.jpg")
+    check = gpu_check.Check(args)
+    spec = gpu_check.inspect_model(str(demo_model))
+    x = np.random.default_rng(0).random((2, *spec.input_item_shape), dtype=np.float32)
+    return check, spec, check.session(demo_model), x
+
+
+def test_cuda_graph_procedure_reads_each_new_input(gpu_check, on_cpu, demo_model):
+    check, spec, session, x = on_cpu
+    row = check.cuda_graph_row(demo_model, spec, x, 2, session, device="cpu")
+    for timed in (row["graph"], row["no_graph"]):
+        assert timed["runs"] >= 3 and timed["img_per_s"] > 0
+        assert timed["copy_in_ms"] > 0 and timed["run_ms"] > 0 and timed["copy_out_ms"] > 0
+        assert timed["ms_per_batch"] >= timed["run_ms"]
+    assert row["speedup_total"] > 0 and len(row["first_runs_ms"]) == 4 and min(row["first_runs_ms"]) > 0
+    assert row["max_abs_diff_vs_no_graph"] < 1e-5
+    assert row["output_follows_input"] is True
+
+
+def test_cuda_graph_check_catches_an_input_that_is_not_copied_in(gpu_check, on_cpu, demo_model, monkeypatch):
+    """Negative control: with update_inplace doing nothing, every run sees the same (stale) input."""
+    check, spec, session, x = on_cpu
+    monkeypatch.setattr(gpu_check.ort.OrtValue, "update_inplace", lambda self, data: None)
+    with np.errstate(all="ignore"):
+        row = check.cuda_graph_row(demo_model, spec, x, 2, session, device="cpu")
+    assert row["output_follows_input"] is False
+
+
+def test_host_memory_row_says_why_pinned_memory_is_not_measurable_here(gpu_check, on_cpu):
+    check, spec, session, x = on_cpu
+    pageable = {"ms_per_batch": 10.0, "img_per_s": 200.0, "runs": 5}
+    row = check.host_memory_row(session, spec, x, 2, pageable, device="cpu")
+    assert row["pageable"]["run"] == pageable and row["pageable"]["copy_in_ms"] > 0
+    # This build lists no CUDA EP device, and no CUDA runtime is loaded: both ways say so, nothing is faked.
+    assert row["onnxruntime_pinned"]["status"].startswith("not measurable from Python: ")
+    assert "CUDAExecutionProvider" in row["onnxruntime_pinned"]["status"]
+    assert row["cuda_host_register"]["status"].startswith("not measurable from Python: ")
+    assert set(check.pinned_sources()) == {"onnxruntime_pinned", "cuda_host_register"}
+
+
+def test_cuda_tables_are_drawn_from_rows_and_errors(gpu_check, on_cpu, demo_model):
+    """The markdown of a CUDA run, drawn from rows the procedures above produce: a failed row shows
+    its error and the other rows still show."""
+    check, spec, session, x = on_cpu
+    host = {"ms_per_batch": 10.0, "img_per_s": 200.0, "runs": 5}
+    good = {"batch": 2, "host": host, "device": {"ms_per_batch": 9.0, "img_per_s": 222.0, "runs": 5},
+            "cuda_graph": check.cuda_graph_row(demo_model, spec, x, 2, session, device="cpu"),
+            "host_memory": check.host_memory_row(session, spec, x, 2, host, device="cpu")}
+    failed = {"batch": 4, "host": host, "device": {"error": "RuntimeError: no device"},
+              "cuda_graph": {"error": "Fail: This session cannot use the graph capture feature"},
+              "host_memory": {"error": "RuntimeError: cudaHostRegister failed"}}
+    rows = [good, failed]
+    model = {"buckets": rows, "alternating": {"rows": []},
+             "cuda_graph": check.row_status(rows, "cuda_graph"),
+             "host_memory": {**check.row_status(rows, "host_memory"), "sources": check.pinned_sources()}}
+    assert model["cuda_graph"]["status"] == "failed in 1 of 2 buckets"
+    result = {"meta": {**check.result["meta"], "provider": "CUDAExecutionProvider"}, "timings_s": {},
+              "parts": {"onnxruntime": {"error": None, "models": {"mobilenetv2": model}}}}
+    table = gpu_check.markdown(result)
+    assert "| mobilenetv2 | 2 | 10.00 | 200.0 | 9.00 | 222.0 |" in table
+    assert "| mobilenetv2 | 4 | 10.00 | 200.0 | error: RuntimeError: no device |" in table
+    assert f"| mobilenetv2 | 2 | {row_cells(good['cuda_graph'])}" in table
+    assert "| mobilenetv2 | 4 | error: Fail: This session cannot use the graph capture feature |" in table
+    assert "- onnxruntime pinned: not measurable from Python: " in table
+    assert "| mobilenetv2 | 2 | 10.000 | not measurable | not measurable |" in table
+    assert "| mobilenetv2 | 4 | error: RuntimeError: cudaHostRegister failed |" in table
+    assert "(run not finished)" in table
+
+
+def row_cells(graph_row: dict) -> str:
+    timed = graph_row["graph"]
+    return f"{timed['copy_in_ms']:.3f} / {timed['run_ms']:.3f} / {timed['copy_out_ms']:.3f} |"
