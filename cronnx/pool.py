@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from .contract import LoggingSpec, WorkerSpec, run_worker
 from .preprocess import Preprocessor
 from .process import WorkerTarget
-from .ring import SlotRing
+from .ring import SharedMemoryFull, SlotRing
 from .supervisor import BatchObserver, Liveness, Supervisor, Worker
 
 if TYPE_CHECKING:
@@ -58,6 +58,9 @@ class ModelPool:
                 ring = SlotRing(f"{model.name}_v{model.version}_g{generation}_w{index}", config.ring_slots,
                                 spec.input_item_shape, spec.input_dtype, spec.output_item_shape, spec.output_dtype)
                 self.workers.append(Worker(self._worker_spec(index, ring, prepared.providers, logging), ring))
+        except SharedMemoryFull as exc:
+            self.close()
+            raise LoadFailed(str(exc)) from None
         except BaseException:
             self.close()
             raise

@@ -128,7 +128,12 @@ class Registry:
             try:
                 for p in prepared:
                     if force or self._changed(p.model):
-                        started.append(self._start(p))
+                        try:
+                            started.append(self._start(p))
+                        except LoadFailed as exc:  # its rings could not be made: the others still load
+                            key = (p.model.name, p.model.version)
+                            self.failed[key] = str(exc)
+                            log.error("model %s version %d failed to load: %s", *key, exc)
                 results = await asyncio.gather(*(self._wait_ready(pool) for pool in started))
             except BaseException:
                 # Cancelled (the server stops) or a start failed: stop what this call started.

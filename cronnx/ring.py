@@ -143,14 +143,64 @@ class SlotRing:
         self._segments = []
 
 
+class SharedMemoryFull(OSError):
+    """/dev/shm has no room for a ring: the message says how much it needs and what to do."""
+
+
+SHM_DIR = "/dev/shm"
+
+
 def _create(name: str, size: int) -> shared_memory.SharedMemory:
+    """A new segment of `size` bytes with its memory reserved now (SharedMemoryFull if /dev/shm
+    cannot hold it). tmpfs hands out pages only when they are first written: an unreserved segment
+    larger than the room left would be created fine and kill the process that first touches the
+    missing pages (SIGBUS) under load, as Docker's 64 MB default /dev/shm does with the default
+    config's 78 MB of rings."""
+    _check_room(name, size)
     try:
-        return shared_memory.SharedMemory(name=name, create=True, size=size)
+        shm = shared_memory.SharedMemory(name=name, create=True, size=size)
     except FileExistsError:
         # Our own pid's leftover can only come from an earlier ring in this process that
         # was not closed; replace it rather than fail.
         shared_memory.SharedMemory(name=name).unlink()
-        return shared_memory.SharedMemory(name=name, create=True, size=size)
+        shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+    try:
+        _reserve(shm, size)
+    except OSError as exc:
+        shm.close()
+        shm.unlink()
+        raise SharedMemoryFull(_no_room(name, size)) from exc
+    return shm
+
+
+def _check_room(name: str, size: int) -> None:
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return  # not Linux: shared memory lives elsewhere
+    if size > stat.f_bavail * stat.f_frsize:
+        raise SharedMemoryFull(_no_room(name, size))
+
+
+def _reserve(shm: shared_memory.SharedMemory, size: int) -> None:
+    path = os.path.join(SHM_DIR, shm.name.lstrip("/"))
+    if size == 0 or not hasattr(os, "posix_fallocate") or not os.path.exists(path):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
+def _no_room(name: str, size: int) -> str:
+    try:
+        stat = os.statvfs(SHM_DIR)
+        free = f"{stat.f_bavail * stat.f_frsize / 2 ** 20:.1f} MiB free of {stat.f_blocks * stat.f_frsize / 2 ** 20:.0f}"
+    except OSError:
+        free = "room unknown"
+    return (f"no room in {SHM_DIR} for ring segment {name} ({size / 2 ** 20:.1f} MiB; {free}): give it more "
+            f"(docker run --shm-size, a Kubernetes emptyDir with medium: Memory at /dev/shm) or lower ring_slots")
 
 
 class AttachedRing:
@@ -185,7 +235,7 @@ def _attach(name: str) -> shared_memory.SharedMemory:
         resource_tracker.register = register
 
 
-def remove_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
+def remove_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
     """Unlink segments left by a killed Cronnx process (their owner pid no longer exists)."""
     removed = []
     try:

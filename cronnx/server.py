@@ -25,9 +25,18 @@ from .supervisor import Liveness
 log = logging.getLogger("cronnx.server")
 
 
+def _stop_starting(signum, frame) -> None:
+    raise SystemExit(0)
+
+
 def run_server(config: Config, config_path: str) -> int:
     # A SIGHUP before the server can reload would end the process: ignore it until then.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGTERM and SIGINT before the event loop takes them over (to drain) end the start-up: nothing
+    # is served yet. As a container's PID 1 a signal without a handler would be dropped by the
+    # kernel, and `docker stop` would wait out its timeout and kill.
+    signal.signal(signal.SIGTERM, _stop_starting)
+    signal.signal(signal.SIGINT, _stop_starting)
     set_max_image_pixels(config.server.max_image_pixels)
     removed = remove_stale_segments()
     if removed:

@@ -4,6 +4,8 @@ models beside them keep serving."""
 from __future__ import annotations
 
 import asyncio
+import math
+import os
 import signal
 
 import numpy as np
@@ -15,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from support.client import predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape, value
-from support.models import batch_one_only_model, tiny_classifier
+from support.models import batch_one_only_model, channel_mean_model, tiny_classifier
 from support.server import model_entry, server_config, wait_until
 
 IMAGE = encode(photo_like(320, 240, seed=5), "JPEG")
@@ -65,6 +67,24 @@ def test_ready_states_the_failure_when_the_only_model_cannot_load(start_server, 
     status, body = server.get("/ready")
     assert status == 503 and body["status"] == "failed", body
     assert "invalid dimensions for output" in body["failed"]["b1 v1"], body
+
+
+def test_rings_larger_than_dev_shm_fail_their_model_with_the_reason_and_the_others_serve(start_server, tmp_path,
+                                                                                        good_model):
+    """Reserved when made (cronnx/ring.py): a ring /dev/shm cannot hold fails its model's load with
+    the sizes and the fix, instead of a SIGBUS under load."""
+    stat = os.statvfs("/dev/shm")
+    slots = 4096  # the most a ring may have: its input is made large enough not to fit
+    size = math.isqrt(stat.f_bavail * stat.f_frsize // (slots * 3 * 4)) + 1
+    huge = channel_mean_model(tmp_path / "huge.onnx", size=size)
+    server = start_server(server_config(model_entry("good", good_model),
+                                        model_entry("huge", huge, ring_slots=slots, top_k=3)))
+    (huge,) = [v for v in server.versions() if v["name"] == "huge"]
+    assert huge["state"] == "failed" and "no room in /dev/shm" in huge["reason"], huge
+    status, body = server.get("/ready")
+    assert status == 200 and "--shm-size" in body["failed"]["huge v1"], body
+    assert [r.status for r in asyncio.run(predict_many(f"{server.url}/predict/good", [IMAGE] * 3))] == [200] * 3
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"cronnx_{server.proc.pid}_huge")]
 
 
 def test_a_failed_model_removed_from_the_config_is_forgotten_on_reload(start_server, tmp_path, good_model):

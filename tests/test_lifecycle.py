@@ -6,16 +6,20 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
 from support.client import TIMEOUT, post, predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape, value
 from support.models import tiny_classifier
-from support.server import model_entry, pid_alive, server_config, shm_segments, wait_until
+from support.server import REPO, model_entry, pid_alive, server_config, shm_segments, wait_until
 
 IMAGE = encode(photo_like(320, 240, seed=1), "JPEG")
 
@@ -112,6 +116,28 @@ def test_sigint_stops_cleanly_too(start_server, quick_model):
     assert server.stop(signal.SIGINT) == 0
     assert not any(pid_alive(w) for w in workers)
     assert shm_segments(server.proc.pid) == []
+
+
+def test_sigterm_during_start_up_exits_0_at_once(tmp_path):
+    """Before the event loop takes SIGTERM over, it ends the start-up (as a container's PID 1 it
+    would otherwise be dropped). The labels file is a FIFO: reading it blocks the start-up there."""
+    fifo = tmp_path / "labels.txt"
+    os.mkfifo(fifo)
+    model = tiny_classifier(tmp_path / "tiny.onnx")
+    config = tmp_path / "cronnx.yaml"
+    config.write_text(yaml.safe_dump(server_config(model_entry("blocked", model, labels=str(fifo)))))
+    proc = subprocess.Popen([sys.executable, "-m", "cronnx", "serve", "--config", str(config), "--port", "0"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        # Opening a FIFO with no writer waits in the kernel's wait_for_partner.
+        wait_until(lambda: Path(f"/proc/{proc.pid}/wchan").read_text() == "wait_for_partner",
+                   what="the start-up to block on the FIFO")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def test_request_waiting_longer_than_its_timeout_gets_504(start_server, slow_model):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cronnx.contract import RingLayout
-from cronnx.ring import AttachedRing, SlotRing, remove_stale_segments, segment_name
+from cronnx.ring import AttachedRing, SharedMemoryFull, SlotRing, remove_stale_segments, segment_name
 
 SHM = Path("/dev/shm")
 INPUT_ITEM = (3, 4, 4)
@@ -63,6 +63,26 @@ def test_segments_are_named_after_the_owner_pid_and_hold_every_slot(make_ring):
     assert ring.inputs.shape == (4, *INPUT_ITEM) and ring.inputs.dtype == np.float32
     assert ring.outputs.shape == (4, *OUTPUT_ITEM) and ring.outputs.dtype == np.float32
     assert ring.slots == 4
+
+
+def test_segments_are_reserved_in_full_when_made(make_ring):
+    """tmpfs gives pages on first touch: an unreserved segment would SIGBUS the process touching
+    pages that /dev/shm cannot give. Reserved, the segment's blocks are allocated at once."""
+    ring = make_ring(64)
+    for name, size in ((ring.layout.input_segment, ring.layout.input_bytes()),
+                       (ring.layout.output_segment, ring.layout.output_bytes())):
+        assert os.stat(SHM / name).st_blocks * 512 >= size
+
+
+def test_a_ring_larger_than_the_room_in_dev_shm_is_refused_with_the_sizes_and_leaves_nothing():
+    stat = os.statvfs(SHM)
+    free = stat.f_bavail * stat.f_frsize
+    item_bytes = int(np.prod(INPUT_ITEM)) * 4
+    slots = free // item_bytes + 1000
+    tag = f"test_{uuid.uuid4().hex[:12]}"
+    with pytest.raises(SharedMemoryFull, match=r"no room in /dev/shm for ring segment .*MiB free .*--shm-size"):
+        SlotRing(tag, slots, INPUT_ITEM, "float32", OUTPUT_ITEM, "float32")
+    assert not [n for n in os.listdir(SHM) if tag in n]
 
 
 def test_segment_name_replaces_characters_a_shm_name_cannot_hold():
