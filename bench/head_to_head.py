@@ -10,7 +10,7 @@ processes and threads (its event loop thread, its other threads, its child proce
 /proc around every window and divided by the requests answered in it.
 
     python bench/head_to_head.py [--seconds 4] [--rounds 10] [--concurrency 32 | --rate R]
-        [--config FILE ...] [--tree DIR ...] [--no-peer] [--model mobilenetv2]
+        [--config FILE ...] [--tree DIR ...] [--no-peer] [--model mobilenetv2] [--glob '*-1600.jpg']
 
 --config adds a Cronnx server per config (default config/cronnx.yaml); --tree adds one that runs
 the code of another checkout (a git worktree of an earlier commit, say) with the first config.
@@ -117,11 +117,13 @@ def main() -> None:
     parser.add_argument("--config", type=Path, action="append", help="a Cronnx config (repeatable)")
     parser.add_argument("--tree", type=Path, action="append", default=[], help="another checkout to run (repeatable)")
     parser.add_argument("--no-peer", action="store_true", help="leave out the plain aiohttp peer")
+    parser.add_argument("--glob", default="*-1600.jpg",
+                        help="which photos of bench/photos (web-size ones: '*[!0].jpg')")
     parser.add_argument("--model", default="mobilenetv2",
                         help="the model the configs serve; the peer serves models/MODEL-demo.onnx")
     args = parser.parse_args()
     write_photos(DEFAULT_OUT)
-    photos = sorted(DEFAULT_OUT.glob("*-1600.jpg"))
+    photos = sorted(DEFAULT_OUT.glob(args.glob))
     configs = args.config or [REPO / "config" / "cronnx.yaml"]
     chosen = servers(sys.executable, configs, args.tree, not args.no_peer, args.model)
     preprocess_ms = [preprocess_cpu_ms(configs[0], photos)]

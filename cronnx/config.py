@@ -77,7 +77,9 @@ class ServerConfig(Strict):
     # Where images are decoded and resized (cronnx/preprocessing.py). preprocess_processes > 0:
     # that many preprocessing processes, outside the front's GIL; 0: preprocess_threads threads of
     # the front (decode and resize release the GIL, the rest of a fill and the event loop do not).
-    preprocess_processes: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # None: the usable cores when a model runs on CUDA (decoding is then the ceiling), else 0
+    # (inference shares the cores): see bench/README.md, "Preprocessing processes".
+    preprocess_processes: Annotated[int, msgspec.Meta(ge=0)] | None = None
     preprocess_threads: PositiveInt = msgspec.field(default_factory=usable_cores)
     # Pillow refuses images above this many pixels (decompression bombs).
     max_image_pixels: PositiveInt = 50_000_000

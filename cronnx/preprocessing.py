@@ -30,7 +30,7 @@ from .preprocess_process import (Fill, Filled, Forget, Setup, Stop, decode_from_
                                  run_preprocess_process)
 from .process import enlarge_pipe
 from .ring import SlotRing
-from .scheduling import mark_cpu_bound
+from .scheduling import mark_cpu_bound, usable_cores
 
 log = logging.getLogger("cronnx.preprocessing")
 
@@ -39,6 +39,20 @@ _spawn = multiprocessing.get_context("spawn")
 # growing pause (up to RESTART_BACKOFF_MAX_S), so that one that cannot start does not spin.
 YOUNG_DEATH_S = 1.0
 RESTART_BACKOFF_MAX_S = 30.0
+
+
+def start(processes: int | None, threads: int, any_on_cuda: bool, max_image_pixels: int) -> Preprocessing:
+    """The preprocessing the config asks for (server.preprocess_processes, preprocess_threads), on
+    the running event loop. `processes` None: one process per usable core when a model runs on
+    CUDA, threads otherwise. Measured on 2 cores (bench/README.md, "Preprocessing processes"):
+    processes served 1.08x threads when decoding is all the CPU does (a near-free model, as when
+    a GPU infers), threads 1.02x processes when onnxruntime shares the cores (the demo MobileNetV2
+    on the CPU); on 16 cores processes decoded 1.42x what threads did (issue 10)."""
+    if processes is None:
+        processes = usable_cores() if any_on_cuda else 0
+    if processes:
+        return ProcessPreprocessing(processes, max_image_pixels)
+    return ThreadPreprocessing(threads)
 
 
 @dataclass(eq=False)
@@ -51,6 +65,8 @@ class FillJob:
 
 
 class Preprocessing(Protocol):
+    restarts: int  # processes replaced after an exit (threads: 0)
+
     def submit(self, preprocessor: Preprocessor, ring: SlotRing, slot: int, image: bytes) -> FillJob: ...
 
     async def close(self) -> None: ...
@@ -69,6 +85,9 @@ class ThreadPreprocessing:
         # The asyncio future follows the thread's future: cancelled only if `work.cancel()` took
         # it back before a thread picked it up.
         return FillJob(asyncio.wrap_future(work), work.cancel)
+
+    def __str__(self) -> str:
+        return f"{self.threads} threads"
 
     async def close(self) -> None:
         """Wait for every started fill (they write into ring memory), then end the threads."""
@@ -121,6 +140,9 @@ class ProcessPreprocessing:
         self._processes: list[_Process | None] = [None] * count
         for index in range(count):
             self._start(index)
+
+    def __str__(self) -> str:
+        return f"{self.count} processes"
 
     @property
     def pids(self) -> list[int]:

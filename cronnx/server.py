@@ -17,7 +17,7 @@ from .front import ServerState, make_app
 from .listener import listen
 from .metrics import Metrics
 from .preprocess import pil_build, set_max_image_pixels
-from .preprocessing import ProcessPreprocessing, ThreadPreprocessing
+from .preprocessing import start as start_preprocessing
 from .registry import Registry
 from .ring import remove_stale_segments
 from .supervisor import Liveness
@@ -121,6 +121,14 @@ async def _first_load(registry: Registry, prepared: list[PreparedVersion], to_bu
     await registry.apply(prepared, failed, {p.model.name for p in prepared} | {name for name, _ in failed})
 
 
+def _may_use_cuda(providers: list[str] | str) -> bool:
+    """A model still to be built will run on CUDA (its providers are resolved when it is built)."""
+    try:
+        return "CUDAExecutionProvider" in catalog.resolve_providers(providers)
+    except ConfigError:
+        return False  # its load will fail and say why
+
+
 async def _serve(config: Config, config_path: str, prepared: list[PreparedVersion],
                  to_build: list[ModelVersion]) -> None:
     loop = asyncio.get_running_loop()
@@ -128,8 +136,11 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = config.server
-    preprocessing = (ProcessPreprocessing(server.preprocess_processes, server.max_image_pixels)
-                     if server.preprocess_processes else ThreadPreprocessing(server.preprocess_threads))
+    on_cuda = any("CUDAExecutionProvider" in p.providers for p in prepared) or any(
+        _may_use_cuda(v.config.providers) for v in to_build)
+    preprocessing = start_preprocessing(server.preprocess_processes, server.preprocess_threads, on_cuda,
+                                        server.max_image_pixels)
+    log.info("preprocessing in %s", preprocessing)
     # Metrics read the registry's pools at each scrape; the registry reports batches to metrics.
     metrics = Metrics(lambda: registry.pools(), tuple(server.latency_buckets_s),
                       open_connections=lambda: len(runner.server.connections) if runner.server else 0,

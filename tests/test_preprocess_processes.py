@@ -20,6 +20,8 @@ from support.client import TIMEOUT, GoodStream, post, predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape, value
 from support.models import tiny_classifier
+from cronnx.preprocessing import start
+from cronnx.scheduling import usable_cores
 from support.server import children, model_entry, pid_alive, server_config, shm_segments, wait_until
 from test_bad_input import BAD_REQUESTS, BODY_LIMIT
 
@@ -39,11 +41,36 @@ def server(start_server, tiny_model):
     return start_server(config)
 
 
+def test_default_placement_is_processes_per_core_on_cuda_and_threads_on_the_cpu():
+    async def main():
+        chosen = [start(None, 3, True, 10 ** 6), start(None, 3, False, 10 ** 6), start(0, 3, True, 10 ** 6),
+                  start(2, 3, False, 10 ** 6)]
+        try:
+            return [str(p) for p in chosen]
+        finally:
+            for p in chosen:
+                await p.close()
+
+    assert asyncio.run(main()) == [f"{usable_cores()} processes", "3 threads", "3 threads", "2 processes"]
+
+
+def test_the_start_up_log_names_the_placement(start_server, tiny_model):
+    threads = start_server(server_config(model_entry("tiny", tiny_model)))
+    assert "preprocessing in 2 threads" in threads.log()  # server_config's preprocess_threads, on the CPU
+
+
 def preprocessing_pids(server) -> list[int]:
     """The front's children that are neither workers nor multiprocessing's resource tracker."""
     workers = set(server.worker_pids("tiny"))
-    return [pid for pid in children(server.proc.pid) if pid not in workers
-            and b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    found = []
+    for pid in children(server.proc.pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue  # exited since it was listed (the process the test killed)
+        if pid not in workers and cmdline and b"resource_tracker" not in cmdline:
+            found.append(pid)
+    return found
 
 
 def test_answers_equal_a_direct_run_and_bad_images_get_their_status(server, tiny_model):
@@ -68,7 +95,7 @@ def test_answers_equal_a_direct_run_and_bad_images_get_their_status(server, tiny
         _, _, status, words = BAD_REQUESTS[case]
         assert reply.status == status and words.lower() in reply.body["error"].lower(), (case, reply)
     assert good.statuses and set(good.statuses) == {200}
-    assert len(preprocessing_pids(server)) == 2
+    assert len(preprocessing_pids(server)) == 2 and "preprocessing in 2 processes" in server.log()
     assert RESTARTS in scrape(server.url) and scrape(server.url).get(RESTARTS) == 0
 
 
