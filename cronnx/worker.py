@@ -31,6 +31,11 @@ log = logging.getLogger("cronnx.worker")
 def create_session(spec: WorkerSpec, intra_op_threads: int):
     import onnxruntime as ort
 
+    if "CUDAExecutionProvider" in spec.providers and hasattr(ort, "preload_dlls"):
+        # The CUDA and cuDNN libraries of `pip install 'cronnx[gpu]'` (NVIDIA's wheels, under
+        # site-packages/nvidia) are on no loader path: onnxruntime loads them from there (or from
+        # the default paths) before the CUDA provider needs them. A no-op on the CPU build.
+        ort.preload_dlls()
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = spec.inter_op_threads

@@ -7,9 +7,9 @@ set -euo pipefail
 
 venv=$1 src=$2 build=$3 pil_dist=$4 wheel_dir=$5
 case $build in
-    # onnxruntime-gpu's cuda and cudnn extras: NVIDIA's CUDA and cuDNN wheels of the versions it
-    # was built against, so the image needs no CUDA libraries from its base.
-    gpu) requirements=("${src}[gpu]" "onnxruntime-gpu[cuda,cudnn]") ;;
+    # The gpu extra is onnxruntime-gpu[cuda,cudnn]: NVIDIA's CUDA and cuDNN wheels of the versions
+    # it was built against, so the image needs no CUDA libraries from its base.
+    gpu) requirements=("${src}[gpu]") ;;
     cpu) requirements=("${src}[cpu]") ;;
     *) echo "the onnxruntime build must be cpu or gpu, not '$build'" >&2; exit 2 ;;
 esac
