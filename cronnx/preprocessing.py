@@ -41,7 +41,8 @@ YOUNG_DEATH_S = 1.0
 RESTART_BACKOFF_MAX_S = 30.0
 
 
-def start(processes: int | None, threads: int, any_on_cuda: bool, max_image_pixels: int) -> Preprocessing:
+def start(processes: int | None, threads: int, any_on_cuda: bool, max_image_pixels: int,
+          fill_timeout_s: float) -> Preprocessing:
     """The preprocessing the config asks for (server.preprocess_processes, preprocess_threads), on
     the running event loop. `processes` None: one process per usable core when a model runs on
     CUDA, threads otherwise. Measured on 2 cores (bench/README.md, "Preprocessing processes"):
@@ -51,7 +52,7 @@ def start(processes: int | None, threads: int, any_on_cuda: bool, max_image_pixe
     if processes is None:
         processes = usable_cores() if any_on_cuda else 0
     if processes:
-        return ProcessPreprocessing(processes, max_image_pixels)
+        return ProcessPreprocessing(processes, max_image_pixels, fill_timeout_s)
     return ThreadPreprocessing(threads)
 
 
@@ -114,6 +115,9 @@ class _Process:
     outbox: Connection
     started_at: float
     job: _Job | None = None
+    # Kills the process if `job` runs past the fill timeout; cancelled when it answers.
+    watchdog: asyncio.TimerHandle | None = None
+    kill_reason: str | None = None
     fills: int = 0
     # Rings this process has been given a Setup for (it maps them), by input segment name.
     rings: dict[str, SlotRing] = field(default_factory=dict)
@@ -124,12 +128,15 @@ class ProcessPreprocessing:
     a time: an image waits in the front's queue, not in a pipe, so a process that dies takes only
     its own image with it (that request gets PreprocessingLost, 503) and is replaced.
 
-    `max_image_pixels` is Pillow's decompression-bomb limit (server.max_image_pixels). Create it
-    on the running event loop; `close()` stops the processes. `restarts` counts replacements.
+    `max_image_pixels` is Pillow's decompression-bomb limit (server.max_image_pixels). A process
+    still on one image after `fill_timeout_s` (server.request_timeout_s: its request has been
+    answered 504 by then) is killed and replaced. Create it on the running event loop; `close()`
+    stops the processes. `restarts` counts replacements.
     """
 
-    def __init__(self, count: int, max_image_pixels: int):
+    def __init__(self, count: int, max_image_pixels: int, fill_timeout_s: float):
         self.count = count
+        self._fill_timeout_s = fill_timeout_s
         self.restarts = 0
         self._max_image_pixels = max_image_pixels
         self._loop = asyncio.get_running_loop()
@@ -167,22 +174,31 @@ class ProcessPreprocessing:
         job.done.cancel()
 
     def _dispatch(self, proc: _Process, job: _Job) -> None:
-        # Rings closed since this process was last given work: let it unmap them.
-        for name in [name for name, ring in proc.rings.items() if ring.closed]:
-            del proc.rings[name]
-            proc.inbox.send_bytes(encode(Forget(name)))
-        name = job.ring.layout.input_segment
-        setup = None
-        if name not in proc.rings:
-            setup = Setup(job.ring.layout, job.preprocessor.config, job.preprocessor.spec)
-            proc.rings[name] = job.ring
         proc.job = job
+        proc.watchdog = self._loop.call_later(self._fill_timeout_s, self._overdue, proc, job)
+        name = job.ring.layout.input_segment
         try:
+            # Rings closed since this process was last given work: let it unmap them.
+            for closed in [n for n, ring in proc.rings.items() if ring.closed]:
+                del proc.rings[closed]
+                proc.inbox.send_bytes(encode(Forget(closed)))
+            setup = None
+            if name not in proc.rings:
+                setup = Setup(job.ring.layout, job.preprocessor.config, job.preprocessor.spec)
+                proc.rings[name] = job.ring
             proc.inbox.send_bytes(encode(Fill(job.id, name, job.slot, setup)))
             proc.inbox.send_bytes(job.image)
         except OSError:
             pass  # it died: its exit, handled next, answers for this job
         job.image = b""  # sent: the front's copy is not needed any more
+
+    def _overdue(self, proc: _Process, job: _Job) -> None:
+        """The fill has run past the request timeout: its request has had its 504, and the process
+        is stuck (a decoder that never returns). Kill it; it is replaced like any that exits."""
+        if proc.job is job and proc.process.exitcode is None:
+            proc.kill_reason = f"killed after {self._fill_timeout_s:g} s on one image (server.request_timeout_s)"
+            log.warning("preprocessing process %d (pid %d) %s", proc.index, proc.process.pid, proc.kill_reason)
+            proc.process.kill()
 
     def _start(self, index: int) -> None:
         inbox_read, inbox_write = _spawn.Pipe(duplex=False)
@@ -211,6 +227,7 @@ class ProcessPreprocessing:
 
     def _answer(self, proc: _Process, message) -> None:
         job, proc.job = proc.job, None
+        proc.watchdog.cancel()
         proc.fills += 1
         if not job.done.done():
             if type(message) is Filled:
@@ -233,8 +250,10 @@ class ProcessPreprocessing:
         proc.outbox.close()
         self._processes[proc.index] = None
         if proc.job is not None:
+            proc.watchdog.cancel()
+            how = proc.kill_reason or f"exited (code {proc.process.exitcode})"
             proc.job.done.set_exception(PreprocessingLost(
-                f"the preprocessing process exited (code {proc.process.exitcode}) while decoding this image; retry"))
+                f"the preprocessing process {how} while decoding this image"))
             proc.job = None
         if self._closing:
             return

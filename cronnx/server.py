@@ -139,7 +139,7 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
     on_cuda = any("CUDAExecutionProvider" in p.providers for p in prepared) or any(
         _may_use_cuda(v.config.providers) for v in to_build)
     preprocessing = start_preprocessing(server.preprocess_processes, server.preprocess_threads, on_cuda,
-                                        server.max_image_pixels)
+                                        server.max_image_pixels, server.request_timeout_s)
     log.info("preprocessing in %s", preprocessing)
     # Metrics read the registry's pools at each scrape; the registry reports batches to metrics.
     metrics = Metrics(lambda: registry.pools(), tuple(server.latency_buckets_s),

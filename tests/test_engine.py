@@ -36,6 +36,7 @@ from cronnx.supervisor import Liveness
 from support import fake_worker
 from support.fake_worker import DIE, FAIL, HANG, JITTER, SLOW
 from support.models import channel_mean_model
+from support.server import pid_alive
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -104,7 +105,8 @@ class Harness:
 
 @asynccontextmanager
 async def serving(model_path, workers: int = 1, batch_size: int = 4, ring_slots: int = 8,
-                  batch_timeout_ms: float = 5.0, liveness: Liveness = QUIET, threads: int = 2, processes: int = 0):
+                  batch_timeout_ms: float = 5.0, liveness: Liveness = QUIET, threads: int = 2, processes: int = 0,
+                  fill_timeout_s: float = 30.0):
     """The engine on a real registry; images decoded by `threads` threads, or by `processes`
     preprocessing processes when that is above 0."""
     config = ModelConfig(name="m", path=str(model_path), batch_size=batch_size, batch_timeout_ms=batch_timeout_ms,
@@ -115,7 +117,8 @@ async def serving(model_path, workers: int = 1, batch_size: int = 4, ring_slots:
     os.environ[fake_worker.STARTED_DIR_ENV] = str(started_dir)  # inherited by the spawned workers
     registry = Registry(LoggingSpec("critical", "text"), lambda name, version: lambda size, _: batches.append(size),
                         60.0, liveness, fake_worker.main)
-    preprocessing = ProcessPreprocessing(processes, 1_000_000) if processes else ThreadPreprocessing(threads)
+    preprocessing = (ProcessPreprocessing(processes, 1_000_000, fill_timeout_s) if processes
+                     else ThreadPreprocessing(threads))
     try:
         await registry.apply([prepared], {}, {"m"})
         harness = Harness(InferenceEngine(registry, preprocessing), registry, batches, started_dir)
@@ -402,5 +405,24 @@ def test_killed_preprocessing_process_fails_only_its_own_request_and_is_replaced
             assert survivor in h.preprocessing.pids and victim not in h.preprocessing.pids
             assert h.preprocessing.restarts == 1
             assert (await h.infer((9, 8, 7))).output.tolist() == expected((9, 8, 7))
+
+    asyncio.run(main())
+
+
+def test_a_preprocessing_process_stuck_past_the_fill_timeout_is_killed_and_replaced(model):
+    """A decoder that never returns (here: SIGSTOP) would hold its process forever: after the fill
+    timeout (the request timeout, whose 504 its request has had) it is killed and replaced, and its
+    slot comes back."""
+    async def main():
+        async with serving(model, processes=1, fill_timeout_s=0.5) as h:
+            (stuck,) = h.preprocessing.pids
+            os.kill(stuck, signal.SIGSTOP)
+            with pytest.raises(DeadlineExceeded):
+                await h.infer((5, 6, 7), timeout_s=0.2)
+            assert h.pool.slots_in_use == 1  # ring rule 4: the stopped process might still write
+            await h.until(lambda: h.preprocessing.pids and h.preprocessing.pids != [stuck], "the replacement")
+            await h.settle()
+            assert h.preprocessing.restarts == 1 and not pid_alive(stuck)
+            assert (await h.infer((8, 9, 10))).output.tolist() == expected((8, 9, 10))
 
     asyncio.run(main())

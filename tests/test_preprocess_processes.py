@@ -43,8 +43,8 @@ def server(start_server, tiny_model):
 
 def test_default_placement_is_processes_per_core_on_cuda_and_threads_on_the_cpu():
     async def main():
-        chosen = [start(None, 3, True, 10 ** 6), start(None, 3, False, 10 ** 6), start(0, 3, True, 10 ** 6),
-                  start(2, 3, False, 10 ** 6)]
+        chosen = [start(None, 3, True, 10 ** 6, 10.0), start(None, 3, False, 10 ** 6, 10.0),
+                  start(0, 3, True, 10 ** 6, 10.0), start(2, 3, False, 10 ** 6, 10.0)]
         try:
             return [str(p) for p in chosen]
         finally:
