@@ -216,4 +216,8 @@ def prepare(version: ModelVersion) -> PreparedVersion:
                           f"only batches of {fixed}; got {model.batch_buckets}")
     if spec.description in DEMO_DESCRIPTIONS.values():
         log.warning("model %s is the UNTRAINED DEMO model: its predictions carry no meaning", model.name)
-    return PreparedVersion(version, spec, providers, labels)
+    prepared = PreparedVersion(version, spec, providers, labels)
+    if model.cuda.enable_cuda_graph and "CUDAExecutionProvider" in providers and not prepared.batch_buckets:
+        raise ConfigError(f"{where}.cuda.enable_cuda_graph: CUDA graphs need one input shape per session; "
+                          "batch_buckets [] gives one session every batch size")
+    return prepared

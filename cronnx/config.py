@@ -131,10 +131,18 @@ class CudaConfig(Strict):
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE"
     # The CUDA memory arena's limit in bytes; None: onnxruntime's default (no limit).
     gpu_mem_limit_bytes: PositiveInt | None = None
+    # CUDA graphs: each bucket's session records its kernels once and replays them, saving the
+    # launch of every kernel on each run (small batches gain most). onnxruntime needs the inputs and
+    # outputs at the same device addresses on every run, so each session gets fixed device buffers
+    # (the batch is copied in and out) and batch_buckets must not be [] (one shape per session).
+    # Every node must run on CUDA. Unmeasured on a GPU so far: bench/gpu_check.py compares.
+    enable_cuda_graph: bool = False
 
     def provider_options(self, device_id: int | None) -> dict[str, str]:
         """The CUDAExecutionProvider options, as onnxruntime's Python API takes them (strings)."""
         options = {"use_tf32": "1" if self.use_tf32 else "0", "cudnn_conv_algo_search": self.cudnn_conv_algo_search}
+        if self.enable_cuda_graph:
+            options["enable_cuda_graph"] = "1"
         if device_id is not None:
             options["device_id"] = str(device_id)
         if self.gpu_mem_limit_bytes is not None:

@@ -49,7 +49,9 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     `batch_size` is the effective batch size (a model's fixed batch dimension wins over the
     config); `batch_buckets` the batch sizes its sessions run ([]: one session for any size);
     `batch_timeout_s` the batch window in seconds; `cuda_options` the CUDAExecutionProvider's
-    options (device, TF32, ...), used when that provider is in `providers`."""
+    options (device, TF32, ...), used when that provider is in `providers`; `device_buffers` the
+    device ("cuda") whose memory holds each session's input and output, bound once, with
+    `device_id` (CUDA graphs replay fixed addresses), or None: ring memory is bound at each run."""
 
     model: str
     version: int
@@ -67,6 +69,8 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     solo_intra_op_threads: int | None
     allow_spinning: bool
     logging: LoggingSpec = LoggingSpec()
+    device_buffers: str | None = None
+    device_id: int = 0
 
 
 # A worker whose session fails even on the warm-up input exits with this; the front replaces it.

@@ -57,7 +57,9 @@ class BatchRunner:
     threads, shaped like the smallest bucket) when there is one.
 
     Adjacent slots of a batch that needs no padding form one contiguous [n, C, H, W] block of
-    ring memory, bound as is; other batches are gathered once into a staging buffer.
+    ring memory, bound as is; other batches are gathered once into a staging buffer. With
+    `spec.device_buffers` (CUDA graphs), each session's input and output are instead buffers on
+    that device, bound once: the batch is copied in before the run and out after it.
     """
 
     def __init__(self, spec: WorkerSpec, ring: AttachedRing, new_session: Callable[[int], object]):
@@ -66,13 +68,31 @@ class BatchRunner:
         self.input_name = spec.model_spec.input_name
         self.output_name = spec.model_spec.output_name
         self.buckets = spec.batch_buckets
+        import onnxruntime as ort
+
         sizes = self.buckets or [None]
-        self._sessions = {size: _bound(new_session(spec.intra_op_threads)) for size in sizes}
-        self._solo = _bound(new_session(spec.solo_intra_op_threads)) if spec.solo_intra_op_threads else None
+        device = spec.device_buffers
+        if device is not None and not self.buckets:
+            raise ValueError("device buffers need batch buckets: one input shape per session")
+
+        def bound(threads: int, size: int | None) -> _Bound:
+            session = new_session(threads)
+            binding = session.io_binding()
+            if device is None:
+                return _Bound(session, binding)
+            x = ort.OrtValue.ortvalue_from_shape_and_type([size, *ring.inputs.shape[1:]], ring.inputs.dtype.type,
+                                                          device, spec.device_id)
+            y = ort.OrtValue.ortvalue_from_shape_and_type([size, *ring.outputs.shape[1:]], ring.outputs.dtype.type,
+                                                          device, spec.device_id)
+            binding.bind_ortvalue_input(self.input_name, x)
+            binding.bind_ortvalue_output(self.output_name, y)
+            return _Bound(session, binding, x, y)
+
+        self._sessions = {size: bound(spec.intra_op_threads, size) for size in sizes}
+        self._solo = (bound(spec.solo_intra_op_threads, self.rows_for(1)) if spec.solo_intra_op_threads else None)
         rows = spec.batch_size
         self.stage_in = np.zeros((rows, *ring.inputs.shape[1:]), ring.inputs.dtype)
         self.stage_out = np.zeros((rows, *ring.outputs.shape[1:]), ring.outputs.dtype)
-        import onnxruntime as ort
 
         # A failed run is reported by its exception, which the worker logs as JSON; onnxruntime's
         # own copy of it would be a second, unstructured line on stderr.
@@ -81,8 +101,7 @@ class BatchRunner:
 
     @property
     def providers(self) -> list[str]:
-        session, _ = next(iter(self._sessions.values()))
-        return session.get_providers()
+        return next(iter(self._sessions.values())).session.get_providers()
 
     def rows_for(self, n: int) -> int:
         """The batch dimension a batch of n requests runs with: its bucket, or n without buckets."""
@@ -94,18 +113,15 @@ class BatchRunner:
         """Run the slots' inputs into their outputs; returns the batch dimension it ran with."""
         n = len(slots)
         rows = self.rows_for(n)
-        if solo and self._solo is not None:
-            session, binding = self._solo
-        else:
-            session, binding = self._sessions[rows if self.buckets else None]
+        bound = self._solo if solo and self._solo is not None else self._sessions[rows if self.buckets else None]
         if rows == n and _is_run(slots):
             first = min(slots)
-            self._infer(session, binding, self.ring.inputs[first:first + n], self.ring.outputs[first:first + n])
+            self._infer(bound, self.ring.inputs[first:first + n], self.ring.outputs[first:first + n])
             return rows
         np.take(self.ring.inputs, slots, axis=0, out=self.stage_in[:n])
         if rows > n:
             self.stage_in[n:rows] = 0  # padding rows: each row's result depends on its own input only
-        self._infer(session, binding, self.stage_in[:rows], self.stage_out[:rows])
+        self._infer(bound, self.stage_in[:rows], self.stage_out[:rows])
         self.ring.outputs[slots] = self.stage_out[:n]
         return rows
 
@@ -130,36 +146,50 @@ class BatchRunner:
         """Whether the smallest session still runs a zero input: after a device error (a CUDA
         fault, say) it may fail everything, and only a new process recovers."""
         rows = self.rows_for(1)
-        session, binding = self._sessions[rows if self.buckets else None]
         # The staging rows may still hold the input that just failed: check on zeros.
         self.stage_in[:rows] = 0
         try:
-            self._infer(session, binding, self.stage_in[:rows], self.stage_out[:rows])
+            self._infer(self._sessions[rows if self.buckets else None], self.stage_in[:rows], self.stage_out[:rows])
             return True
         except Exception:
             return False
 
-    def _infer(self, session, binding, inputs: np.ndarray, outputs: np.ndarray) -> None:
-        binding.bind_input(self.input_name, "cpu", 0, inputs.dtype.type, list(inputs.shape), inputs.ctypes.data)
-        binding.bind_output(self.output_name, "cpu", 0, outputs.dtype.type, list(outputs.shape), outputs.ctypes.data)
-        session.run_with_iobinding(binding, self.run_options)
+    def _infer(self, bound: _Bound, inputs: np.ndarray, outputs: np.ndarray) -> None:
+        """Run `inputs` (host memory, [rows, ...]) into `outputs`, on `bound`'s session."""
+        binding = bound.binding
+        if bound.device_input is None:
+            binding.bind_input(self.input_name, "cpu", 0, inputs.dtype.type, list(inputs.shape), inputs.ctypes.data)
+            binding.bind_output(self.output_name, "cpu", 0, outputs.dtype.type, list(outputs.shape),
+                                outputs.ctypes.data)
+            bound.session.run_with_iobinding(binding, self.run_options)
+            return
+        bound.device_input.update_inplace(inputs)  # host -> device, into the address the graph reads
+        bound.session.run_with_iobinding(binding, self.run_options)
+        outputs[...] = bound.device_output.numpy()  # device -> host (on "cpu", a view: copied now)
 
     def warm_up(self) -> None:
         """Runs on zeros (staging memory, not the ring) of every shape a session will see, before
-        the worker says Ready, so that no request pays for a session's first runs."""
+        the worker says Ready, so that no request pays for a session's first runs. Three runs
+        each: onnxruntime captures a CUDA graph on a session's second or third run (by version)."""
         self.stage_in[:] = 0
-        for size, (session, binding) in self._sessions.items():
+        for size, bound in self._sessions.items():
             shapes = [size] if size is not None else [1, len(self.stage_in)]
-            for rows in shapes * 2:
-                self._infer(session, binding, self.stage_in[:rows], self.stage_out[:rows])
+            for rows in shapes * 3:
+                self._infer(bound, self.stage_in[:rows], self.stage_out[:rows])
         if self._solo is not None:
             rows = self.rows_for(1)
-            for _ in range(2):
-                self._infer(*self._solo, self.stage_in[:rows], self.stage_out[:rows])
+            for _ in range(3):
+                self._infer(self._solo, self.stage_in[:rows], self.stage_out[:rows])
 
 
-def _bound(session) -> tuple[object, object]:
-    return session, session.io_binding()
+class _Bound(msgspec.Struct):
+    """A session with its IO binding and, with device buffers, the input and output OrtValues
+    bound to it once."""
+
+    session: object
+    binding: object
+    device_input: object = None
+    device_output: object = None
 
 
 # Enough of onnxruntime's message to say which node failed and why.

@@ -6,12 +6,18 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import uuid
 from collections import Counter
 
+import numpy as np
 import pytest
 import yaml
 
 from cronnx.config import CudaConfig
+from cronnx.contract import WorkerSpec
+from cronnx.model_spec import inspect_model
+from cronnx.ring import SlotRing
+from cronnx.worker import BatchRunner, create_session
 from reference import DirectModel, assert_matches
 from support.client import predict_many
 from support.models import batch_one_only_model, tiny_classifier
@@ -104,6 +110,49 @@ def test_powers_of_two_up_to_the_batch_size_are_the_cuda_default():
     assert powers_of_two_up_to(8) == [1, 2, 4, 8]
     assert powers_of_two_up_to(6) == [1, 2, 4, 6]
     assert powers_of_two_up_to(1) == [1]
+
+
+def device_buffer_runner(model_path, ring, device_buffers):
+    """A worker's BatchRunner on the CPU EP over `ring`, buckets BUCKETS, with a solo session."""
+    spec = inspect_model(str(model_path))
+    worker_spec = WorkerSpec(model="tiny", version=1, index=0, model_path=str(model_path), model_spec=spec,
+                             ring=ring.layout, batch_size=4, batch_buckets=BUCKETS, batch_timeout_s=0.002,
+                             providers=["CPUExecutionProvider"], cuda_options={}, intra_op_threads=1,
+                             inter_op_threads=1, solo_intra_op_threads=2, allow_spinning=False,
+                             device_buffers=device_buffers)
+    runner = BatchRunner(worker_spec, ring, lambda threads: create_session(worker_spec, threads))
+    runner.warm_up()
+    return runner
+
+
+def test_device_buffers_bound_once_give_what_binding_ring_memory_gives(model):
+    """The CUDA graph path (cuda.enable_cuda_graph): each session's input and output are fixed
+    buffers bound once, the batch copied in and out. Run here with the buffers on "cpu": every
+    batch shape (contiguous slots straight from the ring, gathered slots, padded, solo) answers
+    exactly as the ring-bound runner does."""
+    spec = inspect_model(str(model))
+    ring = SlotRing(f"test_{uuid.uuid4().hex[:12]}", 8, spec.input_item_shape, spec.input_dtype,
+                    spec.output_item_shape, spec.output_dtype)
+    try:
+        rng = np.random.default_rng(3)
+        ring.inputs[:] = rng.normal(0, 1, ring.inputs.shape).astype(ring.inputs.dtype)
+        plain, fixed = device_buffer_runner(model, ring, None), device_buffer_runner(model, ring, "cpu")
+        for slots, solo in [([0], True), ([0], False), ([1, 2], False), ([4, 2, 7], False), ([3, 4, 5, 6], False),
+                            ([0, 7, 2, 5], False)]:
+            outputs = []
+            for runner in (plain, fixed):
+                ring.outputs[:] = np.nan
+                assert runner.run(slots, solo) == bucket_for(len(slots))
+                outputs.append(ring.outputs[slots].copy())
+            assert np.isfinite(outputs[1]).all() and np.array_equal(outputs[0], outputs[1]), slots
+        assert not np.array_equal(outputs[1][0], outputs[1][1])  # different inputs, different answers
+    finally:
+        ring.close()
+
+
+def test_enable_cuda_graph_reaches_the_cuda_provider_only_when_asked():
+    assert CudaConfig(enable_cuda_graph=True).provider_options(0)["enable_cuda_graph"] == "1"
+    assert "enable_cuda_graph" not in CudaConfig().provider_options(0)
 
 
 def test_cuda_options_default_to_exact_float32_and_name_the_device():

@@ -36,7 +36,7 @@ def main(spec_bytes: bytes, inbox, outbox, pings) -> None:
 
     run = worker.BatchRunner._infer
 
-    def infer_with_faults(self, session, binding, inputs, outputs) -> None:
+    def infer_with_faults(self, bound, inputs, outputs) -> None:
         markers = set(inputs[:, 0, 0, 0].tolist())
         if HANG in markers or SLOW in markers:
             _mark_started()
@@ -50,7 +50,7 @@ def main(spec_bytes: bytes, inbox, outbox, pings) -> None:
             time.sleep(SLOW_S)
         if JITTER in markers:
             time.sleep(random.random() * 0.003)
-        run(self, session, binding, inputs, outputs)
+        run(self, bound, inputs, outputs)
 
     worker.BatchRunner._infer = infer_with_faults
     worker.worker_main(spec_bytes, inbox, outbox, pings)
