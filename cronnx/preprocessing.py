@@ -39,6 +39,8 @@ _spawn = multiprocessing.get_context("spawn")
 # growing pause (up to RESTART_BACKOFF_MAX_S), so that one that cannot start does not spin.
 YOUNG_DEATH_S = 1.0
 RESTART_BACKOFF_MAX_S = 30.0
+# How often processes are told to unmap the rings of versions that have gone.
+FORGET_INTERVAL_S = 1.0
 
 
 def start(processes: int | None, threads: int, any_on_cuda: bool, max_image_pixels: int,
@@ -147,6 +149,7 @@ class ProcessPreprocessing:
         self._processes: list[_Process | None] = [None] * count
         for index in range(count):
             self._start(index)
+        self._sweeper = self._loop.call_later(FORGET_INTERVAL_S, self._forget_closed_rings)
 
     def __str__(self) -> str:
         return f"{self.count} processes"
@@ -173,20 +176,33 @@ class ProcessPreprocessing:
             return
         job.done.cancel()
 
+    def _forget_closed_rings(self) -> None:
+        """Tell every process to unmap the rings closed since (a replaced or unloaded version's):
+        an unlinked segment's memory, which counts against /dev/shm, is freed only once no process
+        maps it. Runs every FORGET_INTERVAL_S; a busy process reads it after its fill."""
+        for proc in self._processes:
+            if proc is None:
+                continue
+            for name in [n for n, ring in proc.rings.items() if ring.closed]:
+                del proc.rings[name]
+                try:
+                    proc.inbox.send_bytes(encode(Forget(name)))
+                except OSError:
+                    pass  # it died: its mappings went with it
+        self._sweeper = self._loop.call_later(FORGET_INTERVAL_S, self._forget_closed_rings)
+
     def _dispatch(self, proc: _Process, job: _Job) -> None:
         proc.job = job
         proc.watchdog = self._loop.call_later(self._fill_timeout_s, self._overdue, proc, job)
         name = job.ring.layout.input_segment
         try:
-            # Rings closed since this process was last given work: let it unmap them.
-            for closed in [n for n, ring in proc.rings.items() if ring.closed]:
-                del proc.rings[closed]
-                proc.inbox.send_bytes(encode(Forget(closed)))
             setup = None
             if name not in proc.rings:
                 setup = Setup(job.ring.layout, job.preprocessor.config, job.preprocessor.spec)
                 proc.rings[name] = job.ring
             proc.inbox.send_bytes(encode(Fill(job.id, name, job.slot, setup)))
+            # The process is idle, reading: an image above the pipe's 1 MiB blocks the event loop
+            # only while it drains the rest.
             proc.inbox.send_bytes(job.image)
         except OSError:
             pass  # it died: its exit, handled next, answers for this job
@@ -273,6 +289,7 @@ class ProcessPreprocessing:
         """Let started fills finish (they write into ring memory), stop every process (killing one
         that has not exited within `timeout_s`), and fail what is still queued."""
         self._closing = True
+        self._sweeper.cancel()
         while self._queue:
             self._queue.popleft().done.cancel()
         deadline = time.monotonic() + timeout_s

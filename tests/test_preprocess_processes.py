@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
 from reference import DirectModel, assert_matches
 from support.client import TIMEOUT, GoodStream, post, predict_many
@@ -97,6 +98,34 @@ def test_answers_equal_a_direct_run_and_bad_images_get_their_status(server, tiny
     assert good.statuses and set(good.statuses) == {200}
     assert len(preprocessing_pids(server)) == 2 and "preprocessing in 2 processes" in server.log()
     assert RESTARTS in scrape(server.url) and scrape(server.url).get(RESTARTS) == 0
+
+
+def mapped_segments(pid: int) -> set[str]:
+    """The /dev/shm segments a process maps (unlinked ones too)."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return set()
+    return {line.split("/dev/shm/")[1].split()[0] for line in maps.splitlines() if "/dev/shm/cronnx_" in line}
+
+
+def test_a_replaced_versions_rings_are_unmapped_by_the_processes(server):
+    """An unlinked segment's memory (it counts against /dev/shm) is freed only when no process maps
+    it: after a reload replaces the version, idle preprocessing processes let go of its rings."""
+    url = f"{server.url}/predict/tiny"
+    assert [r.status for r in asyncio.run(predict_many(url, PHOTOS * 4))] == [200] * 24
+    pids = preprocessing_pids(server)
+    old = set(shm_segments(server.proc.pid))
+    assert old and all(mapped_segments(pid) & old for pid in pids)  # both filled slots
+    config = yaml.safe_load(server.config_path.read_text())
+    config["models"][0]["batch_timeout_ms"] = 3  # a new fingerprint: the version is replaced
+    server.config_path.write_text(yaml.safe_dump(config))
+    server.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: not old & set(shm_segments(server.proc.pid)), what="the old rings to be unlinked")
+    wait_until(lambda: not any(mapped_segments(pid) & old for pid in pids), timeout_s=10,
+               what="the preprocessing processes to unmap the old rings")
+    assert preprocessing_pids(server) == pids  # the same processes, still serving
+    assert [r.status for r in asyncio.run(predict_many(url, PHOTOS))] == [200] * 6
 
 
 def test_killed_process_is_replaced_and_sigterm_leaves_nothing(server, tiny_model):
