@@ -511,7 +511,8 @@ class Check:
         if unknown:
             raise SystemExit(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
         self.model_paths = {m: REPO / "models" / f"{m}-demo.onnx" for m in self.models}
-        self.seconds = args.seconds or (2.0 if self.quick else 6.0)
+        # 4 s windows hold thousands of images on a GPU, and keep the whole run near 5 minutes.
+        self.seconds = args.seconds or (2.0 if self.quick else 4.0)
         self.shape_seconds = 0.25 if self.quick else 0.5  # each timed measurement of onnxruntime alone
         self.clients = [int(c) for c in (args.clients or ("1,16" if self.quick else "1,256")).split(",")]
         self.procs = args.procs or (2 if self.quick else 4)
@@ -1330,7 +1331,7 @@ def main() -> None:
                         help="seconds per measurement, MobileNetV2 only, 16 clients: a CPU-only smoke run")
     parser.add_argument("--models", default=None, help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--seconds", type=float, default=None,
-                        help="each served window and preprocessing measurement (default 6, --quick 2)")
+                        help="each served window and preprocessing measurement (default 4, --quick 2)")
     parser.add_argument("--clients", default=None, help="closed-loop clients of the served runs (default 1,256)")
     parser.add_argument("--procs", type=int, default=None, help="client processes for more than one client (4)")
     parser.add_argument("--preprocessing", default=None,
