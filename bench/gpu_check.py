@@ -891,9 +891,14 @@ class Check:
                  "ring_slots": min(4096, max(64, 2 * self.batch_size, max(self.clients) + self.batch_size))}
         if self.cuda:
             model["devices"] = [0]
+            if self.args.cuda_graph:
+                model["cuda"] = {"enable_cuda_graph": True}
         server = {"host": "127.0.0.1", "port": port}
-        # With preprocessing processes the front's preprocess_threads are not used.
-        server["preprocess_processes" if placement == "processes" else "preprocess_threads"] = self.cores
+        # Both set explicitly: unset, a model on CUDA would get processes in either placement.
+        if placement == "processes":
+            server["preprocess_processes"] = self.cores
+        else:
+            server.update(preprocess_processes=0, preprocess_threads=self.cores)
         return {"server": server, "models": [model]}
 
     def served(self, name: str) -> dict:
@@ -1336,6 +1341,8 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=None, help="client processes for more than one client (4)")
     parser.add_argument("--preprocessing", default=None,
                         help="where the served runs decode, comma-separated: threads, processes (default both)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="serve with cuda.enable_cuda_graph (CUDA only): to compare with a run without")
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 on CUDA, 4 on the CPU")
     parser.add_argument("--photos", type=Path, default=DEFAULT_OUT, help="folder of photos (bench/photos.py)")
     parser.add_argument("--glob", default="*-1600.jpg", help="which photos of the folder")

@@ -126,7 +126,8 @@ def test_processes_placement_decodes_in_preprocessing_processes(quick_run):
     assert processes["config"]["server"]["preprocess_processes"] == cores
     assert "preprocess_threads" not in processes["config"]["server"]
     assert threads["config"]["server"]["preprocess_threads"] == cores
-    assert "preprocess_processes" not in threads["config"]["server"]
+    # Explicitly 0: unset, a model on CUDA would get processes in the threads placement too.
+    assert threads["config"]["server"]["preprocess_processes"] == 0
     # One process per core under the server from start to end, none replaced; none with threads.
     assert processes["preprocessing"] == {"placement": "processes", "configured": cores, "processes_at_start": cores,
                                           "processes_at_end": cores, "process_restarts": 0}
