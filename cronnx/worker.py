@@ -7,6 +7,7 @@ created here, after the process starts.
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import os
 import signal
@@ -28,14 +29,22 @@ from .scheduling import mark_cpu_bound
 log = logging.getLogger("cronnx.worker")
 
 
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """The CUDA and cuDNN libraries of `pip install 'cronnx[gpu]'` (NVIDIA's wheels, under
+    site-packages/nvidia) are on no loader path: onnxruntime loads them from there (or from the
+    default paths) before its CUDA provider needs them. Once per process; nothing on the CPU build."""
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+
+
 def create_session(spec: WorkerSpec, intra_op_threads: int):
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" in spec.providers and hasattr(ort, "preload_dlls"):
-        # The CUDA and cuDNN libraries of `pip install 'cronnx[gpu]'` (NVIDIA's wheels, under
-        # site-packages/nvidia) are on no loader path: onnxruntime loads them from there (or from
-        # the default paths) before the CUDA provider needs them. A no-op on the CPU build.
-        ort.preload_dlls()
+    if "CUDAExecutionProvider" in spec.providers:
+        _preload_cuda_libraries()
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = spec.inter_op_threads
