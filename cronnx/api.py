@@ -47,6 +47,16 @@ class Health(msgspec.Struct, omit_defaults=True):
     failed: dict[str, str] = {}
 
 
+class PreprocessingStatus(msgspec.Struct):
+    """`/models`' `preprocessing`: where images are decoded ("threads" of the front or
+    "processes"), how many, how many processes were replaced, and their pids (none for threads)."""
+
+    placement: str
+    count: int
+    restarts: int
+    pids: list[int]
+
+
 class WorkerStatus(msgspec.Struct):
     pid: int | None
     live: bool

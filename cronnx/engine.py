@@ -45,7 +45,7 @@ class InferenceEngine:
 
     def __init__(self, registry: Registry, preprocessing: Preprocessing):
         self.registry = registry
-        self._preprocessing = preprocessing
+        self.preprocessing = preprocessing
         # Set when the server begins to shut down: no new request is taken.
         self.draining = False
 
@@ -125,7 +125,7 @@ class InferenceEngine:
         """Decode and normalise straight into the slot's input memory (a thread or a preprocessing
         process). On any failure the slot is released (at once, or when the writer is done: ring
         rule 4)."""
-        job = self._preprocessing.submit(pool.preprocess, ring, slot, image)
+        job = self.preprocessing.submit(pool.preprocess, ring, slot, image)
         try:
             # Shielded: giving up must not cancel `done`, which resolves only once nothing writes.
             await asyncio.shield(job.done)

@@ -18,8 +18,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 # aiohttp's own handler: sends "100 Continue", or 417 for an unknown expectation.
 from aiohttp.web_urldispatcher import _default_expect_handler
 
-from .api import (JSON_TYPE, Health, ImageRequest, Prediction, PredictResponse, Timings, failed_status,
-                  model_status)
+from .api import (JSON_TYPE, Health, ImageRequest, Prediction, PredictResponse, PreprocessingStatus, Timings,
+                  failed_status, model_status)
 from .config import ConfigError, NotInConfig, ServerConfig
 from .engine import InferenceEngine
 from .errors import (BodyTimeout, CronnxError, DeadlineExceeded, ImageTooLarge, InferenceFailed,
@@ -145,7 +145,10 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response({"models": models_status(request.app[STATE].registry)})
+    state = request.app[STATE]
+    p = state.engine.preprocessing
+    return json_response({"models": models_status(state.registry),
+                          "preprocessing": PreprocessingStatus(p.placement, p.count, p.restarts, sorted(p.pids))})
 
 
 def models_status(registry: Registry, only: str | None = None) -> list:

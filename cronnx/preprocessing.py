@@ -68,7 +68,10 @@ class FillJob:
 
 
 class Preprocessing(Protocol):
+    placement: str  # "threads" or "processes"
+    count: int
     restarts: int  # processes replaced after an exit (threads: 0)
+    pids: list[int]  # the live processes' (threads: none)
 
     def submit(self, preprocessor: Preprocessor, ring: SlotRing, slot: int, image: bytes) -> FillJob: ...
 
@@ -78,9 +81,11 @@ class Preprocessing(Protocol):
 class ThreadPreprocessing:
     """Fills in a pool of `threads` threads of the front process."""
 
+    placement = "threads"
+    restarts = 0  # threads are never replaced
+
     def __init__(self, threads: int):
-        self.threads = threads
-        self.restarts = 0  # threads are never replaced
+        self.count = threads
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="cronnx-preprocess", initializer=mark_cpu_bound)
 
     def submit(self, preprocessor: Preprocessor, ring: SlotRing, slot: int, image: bytes) -> FillJob:
@@ -89,8 +94,12 @@ class ThreadPreprocessing:
         # it back before a thread picked it up.
         return FillJob(asyncio.wrap_future(work), work.cancel)
 
+    @property
+    def pids(self) -> list[int]:
+        return []  # threads of the front: no processes of their own
+
     def __str__(self) -> str:
-        return f"{self.threads} threads"
+        return f"{self.count} threads"
 
     async def close(self) -> None:
         """Wait for every started fill (they write into ring memory), then end the threads."""
@@ -135,6 +144,8 @@ class ProcessPreprocessing:
     answered 504 by then) is killed and replaced. Create it on the running event loop; `close()`
     stops the processes. `restarts` counts replacements.
     """
+
+    placement = "processes"
 
     def __init__(self, count: int, max_image_pixels: int, fill_timeout_s: float):
         self.count = count

@@ -58,6 +58,8 @@ def test_default_placement_is_processes_per_core_on_cuda_and_threads_on_the_cpu(
 def test_the_start_up_log_names_the_placement(start_server, tiny_model):
     threads = start_server(server_config(model_entry("tiny", tiny_model)))
     assert "preprocessing in 2 threads" in threads.log()  # server_config's preprocess_threads, on the CPU
+    assert threads.get("/models")[1]["preprocessing"] == {"placement": "threads", "count": 2, "restarts": 0,
+                                                          "pids": []}
 
 
 def preprocessing_pids(server) -> list[int]:
@@ -97,6 +99,8 @@ def test_answers_equal_a_direct_run_and_bad_images_get_their_status(server, tiny
         assert reply.status == status and words.lower() in reply.body["error"].lower(), (case, reply)
     assert good.statuses and set(good.statuses) == {200}
     assert len(preprocessing_pids(server)) == 2 and "preprocessing in 2 processes" in server.log()
+    assert server.get("/models")[1]["preprocessing"] == {"placement": "processes", "count": 2, "restarts": 0,
+                                                         "pids": sorted(preprocessing_pids(server))}
     assert RESTARTS in scrape(server.url) and scrape(server.url).get(RESTARTS) == 0
 
 
@@ -138,6 +142,9 @@ def test_killed_process_is_replaced_and_sigterm_leaves_nothing(server, tiny_mode
     replies = asyncio.run(predict_many(url, PHOTOS * 3))
     assert [r.status for r in replies] == [200] * len(replies)
     assert scrape(server.url).get(RESTARTS) == 1
+    status = server.get("/models")[1]["preprocessing"]
+    assert status["restarts"] == 1 and status["pids"] == sorted(preprocessing_pids(server))
+    assert before[0] not in status["pids"]
 
     processes = preprocessing_pids(server) + server.worker_pids("tiny")
     assert server.stop(signal.SIGTERM) == 0
