@@ -197,14 +197,19 @@ def output_buffer(spec: ModelSpec, rows: int) -> np.ndarray:
     return np.empty((rows, *spec.output_item_shape), spec.output_dtype)
 
 
-def alive_in_group(group: int) -> list[int]:
-    """Processes (not zombies) whose process group is `group`."""
+def _live_processes(field: int, value: int) -> list[int]:
+    """Processes (not zombies) whose /proc stat field `field` (1: parent pid, 2: process group) is `value`."""
     found = []
     for proc in Path("/proc").iterdir():
         fields = _stat_fields(proc / "stat") if proc.name.isdigit() else None
-        if fields is not None and int(fields[2]) == group and fields[0] != "Z":
+        if fields is not None and int(fields[field]) == value and fields[0] != "Z":
             found.append(int(proc.name))
     return found
+
+
+def alive_in_group(group: int) -> list[int]:
+    """Processes (not zombies) whose process group is `group`."""
+    return _live_processes(2, group)
 
 
 def pid_alive(pid: int) -> bool:
@@ -218,12 +223,7 @@ def shm_segments(pid: int) -> list[str]:
 
 def children_of(pid: int) -> list[int]:
     """Live (not zombie) child processes of `pid`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        fields = _stat_fields(proc / "stat") if proc.name.isdigit() else None
-        if fields is not None and int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(proc.name))
-    return found
+    return _live_processes(1, pid)
 
 
 def preprocessing_processes(server: int, workers: set[int]) -> list[int]:
