@@ -57,6 +57,15 @@ class PreprocessingStatus(msgspec.Struct):
     pids: list[int]
 
 
+class FrontProcessesStatus(msgspec.Struct):
+    """`/models`' `front_processes`: how many processes serve HTTP (1: the main process itself, no
+    pids listed), how many were replaced, and the live ones' pids (server.front_processes)."""
+
+    count: int
+    restarts: int
+    pids: list[int]
+
+
 class WorkerStatus(msgspec.Struct):
     pid: int | None
     live: bool

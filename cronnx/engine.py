@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import msgspec
@@ -20,7 +20,7 @@ import numpy as np
 from .channel import SlotReturn
 from .errors import DeadlineExceeded, InferenceFailed, NoLiveWorker, QueueFull, ShuttingDown, WorkerLost
 from .pool import ModelPool
-from .preprocessing import Preprocessing
+from .preprocessing import FillJob, Preprocessing
 from .registry import Registry
 from .ring import SlotRing
 from .supervisor import Worker
@@ -79,8 +79,18 @@ class InferenceEngine:
         path.
         """
         async def preprocess(ring: SlotRing, slot: int) -> None:
-            await self._preprocess(pool, ring, slot, image)
+            await _fill_by(self.preprocessing.submit(pool.preprocess, ring, slot, image), ring, slot)
         return await self._infer(pool, preprocess, request_id, deadline)
+
+    async def infer_filled_by(self, pool: ModelPool, start_fill: Callable[[SlotRing, int], FillJob],
+                              request_id: str, deadline: float) -> InferenceResult:
+        """Run one request whose input another process writes into the slot (a front process,
+        `front_processes.py`, that holds the image): `start_fill(ring, slot)` asks it to and
+        returns the `FillJob` that resolves once it has stopped writing. Raises as `infer` does;
+        `preprocess_s` is the fill's round trip."""
+        async def fill(ring: SlotRing, slot: int) -> None:
+            await _fill_by(start_fill(ring, slot), ring, slot)
+        return await self._infer(pool, fill, request_id, deadline)
 
     async def infer_tensor(self, pool: ModelPool, row: np.ndarray, request_id: str,
                            deadline: float) -> InferenceResult:
@@ -121,24 +131,24 @@ class InferenceEngine:
             raise InferenceFailed(f"inference failed: {returned.error}")
         raise WorkerLost(returned.error or f"worker {worker.name} dropped the request")
 
-    async def _preprocess(self, pool: ModelPool, ring: SlotRing, slot: int, image: bytes) -> None:
-        """Decode and normalise straight into the slot's input memory (a thread or a preprocessing
-        process). On any failure the slot is released (at once, or when the writer is done: ring
-        rule 4)."""
-        job = self.preprocessing.submit(pool.preprocess, ring, slot, image)
-        try:
-            # Shielded: giving up must not cancel `done`, which resolves only once nothing writes.
-            await asyncio.shield(job.done)
-        except asyncio.CancelledError:
-            if job.done.cancelled() or not job.done.done():
-                job.done.add_done_callback(lambda _: ring.release(slot))  # ring rule 4
-                job.withdraw()  # a job not started yet is cancelled at once
-            else:
-                ring.release(slot)  # finished just as the request gave up
-            raise
-        except BaseException:
-            ring.release(slot)  # the writer has returned, with its error
-            raise
+
+async def _fill_by(job: FillJob, ring: SlotRing, slot: int) -> None:
+    """Await a fill of the slot's input memory (a preprocessing thread or process, or a front
+    process). On any failure the slot is released (at once, or when the writer is done: ring
+    rule 4)."""
+    try:
+        # Shielded: giving up must not cancel `done`, which resolves only once nothing writes.
+        await asyncio.shield(job.done)
+    except asyncio.CancelledError:
+        if job.done.cancelled() or not job.done.done():
+            job.done.add_done_callback(lambda _: ring.release(slot))  # ring rule 4
+            job.withdraw()  # a job not started yet is cancelled at once
+        else:
+            ring.release(slot)  # finished just as the request gave up
+        raise
+    except BaseException:
+        ring.release(slot)  # the writer has returned, with its error
+        raise
 
 
 def _acquire(pool: ModelPool) -> tuple[Worker, int]:

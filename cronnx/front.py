@@ -13,13 +13,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import msgspec
+import numpy as np
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 # aiohttp's own handler: sends "100 Continue", or 417 for an unknown expectation.
 from aiohttp.web_urldispatcher import _default_expect_handler
 
-from .api import (JSON_TYPE, Health, ImageRequest, Prediction, PredictResponse, PreprocessingStatus, Timings,
-                  failed_status, model_status)
+from .api import (JSON_TYPE, FrontProcessesStatus, Health, ImageRequest, Prediction, PredictResponse,
+                  PreprocessingStatus, Timings, failed_status, model_status)
 from .config import ConfigError, NotInConfig, ServerConfig
 from .engine import InferenceEngine
 from .errors import (BodyTimeout, CronnxError, DeadlineExceeded, ImageTooLarge, InferenceFailed,
@@ -91,6 +92,8 @@ class ServerState:
         self.registry: Registry = engine.registry
         self.reloader = reloader
         self.metrics = metrics
+        # The front processes (server.front_processes > 1), or None: this process serves HTTP.
+        self.fronts = None
 
     def ready(self) -> bool:
         return not self.engine.draining and self.registry.ready()
@@ -147,8 +150,11 @@ async def ready(request: web.Request) -> web.Response:
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     p = state.engine.preprocessing
+    f = state.fronts
+    fronts = FrontProcessesStatus(1, 0, []) if f is None else FrontProcessesStatus(f.count, f.restarts, sorted(f.pids))
     return json_response({"models": models_status(state.registry),
-                          "preprocessing": PreprocessingStatus(p.placement, p.count, p.restarts, sorted(p.pids))})
+                          "preprocessing": PreprocessingStatus(p.placement, p.count, p.restarts, sorted(p.pids)),
+                          "front_processes": fronts})
 
 
 def models_status(registry: Registry, only: str | None = None) -> list:
@@ -178,6 +184,11 @@ class RequestRecord:
         self.ring_full = False
         self.batch_size = 0
         self.phases: dict[str, float] = {}
+
+    @property
+    def outcome(self) -> str:
+        """The metrics' outcome label: "success", or the status code."""
+        return "success" if self.status == 200 else str(self.status)
 
 
 async def predict(request: web.Request) -> web.Response:
@@ -218,28 +229,42 @@ async def model_request(request: web.Request, api: str, run: ModelHandler) -> we
 
 async def _predict(request: web.Request, state: ServerState, pool: ModelPool, record: RequestRecord,
                    started: float) -> web.Response:
-    k = _top_k_param(request, pool.top_k)
+    k = top_k_param(request) or pool.top_k
     deadline = request_deadline(state, started)
-    image = await _read_image(request, state.config.max_body_bytes, deadline)
+    image = await read_image(request, state.config.max_body_bytes, deadline, state.config.request_timeout_s)
     read_s = time.perf_counter() - started
     result = await state.engine.infer(pool, image, record.request_id, deadline)
+    return predict_response(record, pool.labels, pool.outputs_probabilities, k, result.output, result.batch_size,
+                            started, {"read": read_s, "preprocess": result.preprocess_s, "queue": result.queue_s,
+                                      "inference": result.infer_s})
+
+
+def predict_response(record: RequestRecord, labels: list[str], outputs_probabilities: bool, k: int,
+                     output: np.ndarray, batch_size: int, started: float, phases: dict[str, float]) -> web.Response:
+    """/predict's answer for one request's model `output` (its scores, any shape): the top `k`
+    classes with their labels and probabilities, the batch it ran in and its phases (`phases`:
+    seconds by name; "respond" is added here). Fills in `record`'s batch size and phases.
+    `started` is the request's arrival (perf_counter). Raises NonFiniteOutput."""
     respond_started = time.perf_counter()
-    predictions = [Prediction(i, pool.labels[i], p) for i, p in top_k(result.output, k, pool.outputs_probabilities)]
-    timings = Timings(total=(respond_started - started) * 1000.0, read=read_s * 1000.0,
-                      preprocess=result.preprocess_s * 1000.0, queue=result.queue_s * 1000.0,
-                      inference=result.infer_s * 1000.0)
-    response = json_response(PredictResponse(model=pool.name, version=pool.version, predictions=predictions,
-                                             batch_size=result.batch_size, timings_ms=timings))
-    record.batch_size = result.batch_size
-    record.phases = {"read": read_s, "preprocess": result.preprocess_s, "queue": result.queue_s,
-                     "inference": result.infer_s, "respond": time.perf_counter() - respond_started}
+    predictions = [Prediction(i, labels[i], p) for i, p in top_k(output, k, outputs_probabilities)]
+    timings = Timings(total=(respond_started - started) * 1000.0, read=phases["read"] * 1000.0,
+                      preprocess=phases["preprocess"] * 1000.0, queue=phases["queue"] * 1000.0,
+                      inference=phases["inference"] * 1000.0)
+    response = json_response(PredictResponse(model=record.model, version=int(record.version),
+                                             predictions=predictions, batch_size=batch_size, timings_ms=timings))
+    record.batch_size = batch_size
+    record.phases = {**phases, "respond": time.perf_counter() - respond_started}
     return response
 
 
 def _record(metrics: Metrics, record: RequestRecord, total_s: float) -> None:
-    metrics.record_request(record.model, record.version, record.api,
-                           "success" if record.status == 200 else str(record.status), total_s, record.phases,
+    metrics.record_request(record.model, record.version, record.api, record.outcome, total_s, record.phases,
                            record.ring_full)
+    log_request(record, total_s)
+
+
+def log_request(record: RequestRecord, total_s: float) -> None:
+    """The request's access-log line (logger "cronnx.access")."""
     fields = {"request_id": record.request_id, "api": record.api, "model": record.model, "version": record.version,
               "status": record.status, "total_ms": total_s * 1000.0}
     if record.batch_size:
@@ -251,10 +276,11 @@ def _record(metrics: Metrics, record: RequestRecord, total_s: float) -> None:
     access_log.info("request", extra={"fields": fields})
 
 
-def _top_k_param(request: web.Request, default: int) -> int:
+def top_k_param(request: web.Request) -> int | None:
+    """The `top_k` query parameter, None when absent; InvalidRequest unless a positive integer."""
     raw = request.query.get("top_k")
     if raw is None:
-        return default
+        return None
     try:
         k = int(raw)
     except ValueError:
@@ -274,9 +300,10 @@ def request_deadline(state: ServerState, started: float) -> float:
     return asyncio.get_running_loop().time() + state.config.request_timeout_s - (time.perf_counter() - started)
 
 
-async def read_body(request: web.Request, limit: int, deadline: float) -> bytes:
-    """The whole body (decoded per its Content-Encoding), at most `limit` bytes, by `deadline`.
-    Raises UnsupportedMediaType, RequestTooLarge, UndecodableBody, BodyTimeout."""
+async def read_body(request: web.Request, limit: int, deadline: float, timeout_s: float) -> bytes:
+    """The whole body (decoded per its Content-Encoding), at most `limit` bytes, by `deadline`
+    (the loop's clock; `timeout_s`, the request timeout, is named in the error). Raises
+    UnsupportedMediaType, RequestTooLarge, UndecodableBody, BodyTimeout."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in CONTENT_ENCODINGS:
         raise UnsupportedMediaType(f"unsupported Content-Encoding {encoding!r}; use one of: "
@@ -288,16 +315,17 @@ async def read_body(request: web.Request, limit: int, deadline: float) -> bytes:
         async with asyncio.timeout_at(deadline):
             return await _read_body(request.content, limit, too_large)
     except TimeoutError:
-        raise BodyTimeout("the request body did not arrive within the request timeout "
-                          f"({request.app[STATE].config.request_timeout_s:g}s)") from None
+        raise BodyTimeout(f"the request body did not arrive within the request timeout ({timeout_s:g}s)") from None
 
 
-async def _read_image(request: web.Request, limit: int, deadline: float) -> bytes:
+async def read_image(request: web.Request, limit: int, deadline: float, timeout_s: float) -> bytes:
+    """An image's encoded bytes from a /predict body: raw (an image Content-Type) or JSON with
+    base64. Raises as `read_body` does, and InvalidRequest for an empty or malformed body."""
     content_type = request.content_type
     if content_type != JSON_TYPE and content_type not in RAW_IMAGE_TYPES:
         allowed = ", ".join([JSON_TYPE, *sorted(RAW_IMAGE_TYPES)])
         raise UnsupportedMediaType(f"unsupported Content-Type {content_type!r}; use one of: {allowed}")
-    body = await read_body(request, limit, deadline)
+    body = await read_body(request, limit, deadline, timeout_s)
     if not body:
         raise InvalidRequest("request body is empty")
     if content_type != JSON_TYPE:
@@ -340,7 +368,7 @@ def make_app(state: ServerState) -> web.Application:
     app.router.add_get("/ready", ready)
     app.router.add_get("/models", list_models)
     app.router.add_get("/metrics", metrics)
-    expect = _continue_unless_too_large(state.config.max_body_bytes)
+    expect = continue_unless_too_large(state.config.max_body_bytes)
     app.router.add_post("/predict/{model}", predict, expect_handler=expect)
     app.router.add_post(r"/predict/{model}/versions/{version:\d+}", predict, expect_handler=expect)
     if state.config.admin.enabled:
@@ -348,7 +376,7 @@ def make_app(state: ServerState) -> web.Application:
     return app
 
 
-def _continue_unless_too_large(limit: int):
+def continue_unless_too_large(limit: int):
     """An `Expect: 100-continue` handler: invite the body only if its declared length fits; a body
     already known to be too large gets its 413 from the handler without being sent at all."""
     async def expect(request: web.Request) -> web.Response | None:

@@ -163,7 +163,7 @@ async def infer(request: web.Request) -> web.Response:
 async def _infer(request: web.Request, state: ServerState, pool: ModelPool, record: RequestRecord,
                  started: float) -> web.Response:
     deadline = request_deadline(state, started)
-    body = await read_body(request, state.config.max_body_bytes, deadline)
+    body = await read_body(request, state.config.max_body_bytes, deadline, state.config.request_timeout_s)
     header, binary = _split_body(request, body)
     parsed = _parse_header(header) if header else _raw_binary_request(binary, pool)
     rows = _rows(parsed, binary, pool)

@@ -10,6 +10,7 @@ once, without its request being read, and is counted.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 
 from aiohttp import web
@@ -44,8 +45,32 @@ class CappedProtocolFactory:
 
 
 async def listen(runner: web.AppRunner, host: str, port: int, max_connections: int,
-                 on_refused: Callable[[], None]) -> asyncio.AbstractServer:
+                 on_refused: Callable[[], None], reuse_port: bool = False) -> asyncio.AbstractServer:
     """Start accepting on host:port (0: a free port) for the set-up `runner`; the caller closes the
-    returned server to stop accepting, then cleans up the runner (which finishes open requests)."""
+    returned server to stop accepting, then cleans up the runner (which finishes open requests).
+    `reuse_port`: SO_REUSEPORT, so that several front processes share the port (the kernel
+    spreads new connections over them)."""
     factory = CappedProtocolFactory(runner.server, max_connections, on_refused)
-    return await asyncio.get_running_loop().create_server(factory, host, port, backlog=512)
+    return await asyncio.get_running_loop().create_server(factory, host, port, backlog=512, reuse_port=reuse_port)
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port with SO_REUSEPORT but not listening: it holds the port for the
+    front processes (which bind it the same way) and resolves port 0 to a free one, while no
+    connection is ever queued on it. Raises OSError when the port is taken, by any process: the
+    port is first bound without SO_REUSEPORT, which fails even where the holder shares it (another
+    server of the same user with front processes would otherwise split the traffic with this one)."""
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    if port:
+        with socket.socket(info[0], socket.SOCK_STREAM) as probe:
+            # As asyncio's listeners do: connections of an earlier run in TIME_WAIT do not hold the port.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(info[4])
+    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(info[4])
+    except BaseException:
+        sock.close()
+        raise
+    return sock

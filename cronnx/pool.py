@@ -38,6 +38,7 @@ class ModelPool:
         self.spec = spec
         self.name = model.name
         self.version = model.version
+        self.generation = generation  # unique among the pools of one registry
         self.fingerprint = model.fingerprint()
         self.labels = prepared.labels
         self.top_k = config.top_k

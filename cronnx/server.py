@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import signal
+import tempfile
 
 from aiohttp import web
 
@@ -14,7 +17,8 @@ from .config import Config, ConfigError, NotInConfig, load_config
 from .contract import LoggingSpec
 from .engine import InferenceEngine
 from .front import ServerState, make_app
-from .listener import listen
+from .front_processes import FrontProcesses
+from .listener import listen, reserve_port
 from .metrics import Metrics
 from .preprocess import pil_build, set_max_image_pixels
 from .preprocessing import start as start_preprocessing
@@ -138,12 +142,21 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
     server = config.server
     on_cuda = any("CUDAExecutionProvider" in p.providers for p in prepared) or any(
         _may_use_cuda(v.config.providers) for v in to_build)
-    preprocessing = start_preprocessing(server.preprocess_processes, server.preprocess_threads, on_cuda,
+    processes = server.preprocess_processes
+    if server.front_processes > 1 and processes is None:
+        processes = 0  # /predict's images are decoded in the front processes; threads here for the rest
+    preprocessing = start_preprocessing(processes, server.preprocess_threads, on_cuda,
                                         server.max_image_pixels, server.request_timeout_s)
     log.info("preprocessing in %s", preprocessing)
+    fronts: FrontProcesses | None = None
+
+    def open_connections() -> int:
+        if fronts is not None:
+            return fronts.open_connections
+        return len(runner.server.connections) if runner.server else 0
+
     # Metrics read the registry's pools at each scrape; the registry reports batches to metrics.
-    metrics = Metrics(lambda: registry.pools(), tuple(server.latency_buckets_s),
-                      open_connections=lambda: len(runner.server.connections) if runner.server else 0,
+    metrics = Metrics(lambda: registry.pools(), tuple(server.latency_buckets_s), open_connections=open_connections,
                       preprocessing_restarts=lambda: preprocessing.restarts)
     liveness = Liveness(server.worker_ping_interval_s, server.worker_ping_timeout_s, server.batch_run_timeout_s)
     registry = Registry(LoggingSpec(server.log_level, server.log_format), metrics.batch_recorder,
@@ -170,12 +183,26 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
                                shutdown_timeout=config.server.request_timeout_s + 1.0, lingering_time=1.0,
                                keepalive_timeout=config.server.idle_timeout_s)
         await runner.setup()
-        listening = None
+        listening = reserved = socket_dir = None
         try:
-            listening = await listen(runner, server.host, server.port, server.max_connections,
-                                     metrics.connections_refused.inc)
-            host, port = listening.sockets[0].getsockname()[:2]
-            log.info("serving on http://%s:%d", host, port)
+            if server.front_processes == 1:
+                listening = await listen(runner, server.host, server.port, server.max_connections,
+                                         metrics.connections_refused.inc)
+                host, port = listening.sockets[0].getsockname()[:2]
+                log.info("serving on http://%s:%d", host, port)
+            else:
+                # The fronts serve the port; this process answers them (and every route they pass
+                # on) on a Unix socket of its own.
+                reserved = reserve_port(server.host, server.port)
+                host, port = reserved.getsockname()[:2]
+                socket_dir = tempfile.mkdtemp(prefix="cronnx-")
+                engine_socket = os.path.join(socket_dir, "engine.sock")
+                await web.UnixSite(runner, engine_socket).start()
+                fronts = state.fronts = FrontProcesses(server.front_processes, server, port, engine_socket,
+                                                       LoggingSpec(server.log_level, server.log_format), engine,
+                                                       metrics)
+                await fronts.listening()
+                log.info("serving on http://%s:%d in %s", host, port, fronts)
             in_background(_first_load(registry, prepared, to_build))
             loop.add_signal_handler(signal.SIGHUP, lambda: in_background(reloader.on_sighup()))
             await stop.wait()
@@ -184,9 +211,16 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
             log.info("shutting down: finishing in-flight requests")
         finally:
             loop.remove_signal_handler(signal.SIGHUP)
+            if fronts is not None:
+                # They stop accepting and finish their requests, which this process still serves.
+                await fronts.drain(server.request_timeout_s + 5.0)
+            if reserved is not None:
+                reserved.close()
             if listening is not None:
                 listening.close()  # no new connections; the runner then finishes the open ones
             await runner.cleanup()
+            if socket_dir is not None:
+                shutil.rmtree(socket_dir, ignore_errors=True)
     finally:
         for task in list(background):
             task.cancel()

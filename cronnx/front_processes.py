@@ -1,0 +1,299 @@
+"""The engine process's side of the front processes (`server.front_processes` > 1).
+
+One event loop caps what one process can serve: HTTP parsing, body reading and the answer cost
+about 1 ms of it per /predict request on this project's 2-core machine, so a single front tops
+out near 1,000 requests a second, below what one GPU and 16 cores of decoding can do (issue 10).
+With front processes the HTTP, the body and the decode run in N processes that share one port
+(SO_REUSEPORT: the kernel spreads connections over them), while the main process keeps what has
+one owner: the registry, the rings and their slots, the workers and the metrics. Per request it
+only passes a few small messages (`front_contract.py`) through the same `InferenceEngine` as
+local requests, so ring rules, batching, deadlines and errors are the engine's, unchanged.
+
+A front process that exits fails only what it held: its fills count as finished (nothing writes
+any more: ring rule 4) and its requests in the engine are cancelled (their slots come back by
+ring rule 5); it is replaced, after a growing pause if it dies young.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from .contract import LoggingSpec
+from .engine import InferenceEngine
+from .errors import CronnxError, ImageTooLarge, InvalidImage, PreprocessingLost
+from .config import ServerConfig
+from .front_contract import (Abandon, Answer, Completed, ConnectionStats, Drain, FrontSpec, Infer, Listening,
+                             ModelView, Refused, decode_from_front, encode)
+from .metrics import Metrics
+from .pool import ModelPool
+from .preprocess_process import Fill, Filled, FillFailed, Forget, Setup
+from .preprocessing import FillJob
+from .process import enlarge_pipe
+from .ring import SlotRing
+
+log = logging.getLogger("cronnx.front_processes")
+
+_spawn = multiprocessing.get_context("spawn")
+# A front that dies this soon after its start without serving is restarted after a growing
+# pause (up to RESTART_BACKOFF_MAX_S): one that cannot start (its port taken) must not spin.
+YOUNG_DEATH_S = 2.0
+RESTART_BACKOFF_MAX_S = 30.0
+# How often fronts are told to unmap the rings of versions that have gone.
+FORGET_INTERVAL_S = 1.0
+
+
+@dataclass(eq=False)
+class _Front:
+    """One front process and what the engine holds for it."""
+
+    index: int
+    process: multiprocessing.Process
+    inbox: Connection  # engine -> front
+    outbox: Connection  # front -> engine
+    started_at: float
+    # Its requests in the engine, by the front's number for them.
+    requests: dict[int, asyncio.Task] = field(default_factory=dict)
+    # Fills sent and not answered: resolved by Filled/FillFailed, or by the front's exit.
+    fills: dict[int, asyncio.Future] = field(default_factory=dict)
+    # Rings this front has been given a Setup for (it maps them), by input segment name.
+    rings: dict[str, SlotRing] = field(default_factory=dict)
+    # The pools (by generation) whose ModelView it has been sent.
+    views: set[int] = field(default_factory=set)
+    open_connections: int = 0
+    served: int = 0
+    listening: bool = False
+
+
+class FrontProcesses:
+    """`count` front processes serving HTTP on `port` (already resolved) of `server.host`,
+    running their requests through `engine`; every other route they pass to the engine
+    process's app on the Unix socket `engine_socket`. Create it on the running event loop;
+    `drain()` stops them. `restarts` counts replacements; `pids` lists the live ones."""
+
+    def __init__(self, count: int, server: ServerConfig, port: int, engine_socket: str, logging_spec: LoggingSpec,
+                 engine: InferenceEngine, metrics: Metrics):
+        self.count = count
+        self.restarts = 0
+        self._server = server
+        self._port = port
+        self._engine_socket = engine_socket
+        self._logging = logging_spec
+        self._engine = engine
+        self._metrics = metrics
+        self._loop = asyncio.get_running_loop()
+        self._draining = False
+        self._young_deaths = [0] * count
+        self._fronts: list[_Front | None] = [None] * count
+        self._all_listening = self._loop.create_future()
+        # Each front decodes in its share of the threads and accepts its share of the connections.
+        self._threads = max(1, round(server.preprocess_threads / count))
+        self._max_connections = max(1, server.max_connections // count)
+        for index in range(count):
+            self._start(index)
+        self._sweeper = self._loop.call_later(FORGET_INTERVAL_S, self._forget_closed_rings)
+
+    def __str__(self) -> str:
+        return f"{self.count} front processes, each decoding in {self._threads} thread{'s' * (self._threads != 1)}"
+
+    @property
+    def pids(self) -> list[int]:
+        return [f.process.pid for f in self._fronts if f is not None]
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open in all fronts, as last reported (every STATS_INTERVAL_S)."""
+        return sum(f.open_connections for f in self._fronts if f is not None)
+
+    async def listening(self, timeout_s: float = 60.0) -> None:
+        """Wait until every front accepts connections on the port. Raises RuntimeError when one
+        exits first (the port is taken by a process that does not share it, say) or none has
+        within `timeout_s`."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._all_listening), timeout_s)
+        except TimeoutError:
+            raise RuntimeError(f"the front processes did not all listen within {timeout_s:g}s") from None
+
+    def _start(self, index: int) -> None:
+        inbox_read, inbox_write = _spawn.Pipe(duplex=False)
+        outbox_read, outbox_write = _spawn.Pipe(duplex=False)
+        enlarge_pipe(inbox_write.fileno())
+        enlarge_pipe(outbox_write.fileno())
+        spec = FrontSpec(index, self._server, self._port, self._engine_socket, self._threads,
+                         self._max_connections, self._logging)
+        # Imported here: the front process's module pulls in what only a front needs.
+        from .front_process import run_front_process
+        process = _spawn.Process(target=run_front_process, args=(encode(spec), inbox_read, outbox_write),
+                                 name=f"cronnx-front-{index}", daemon=True)
+        process.start()
+        inbox_read.close()
+        outbox_write.close()
+        front = _Front(index, process, inbox_write, outbox_read, time.monotonic())
+        self._fronts[index] = front
+        self._loop.add_reader(outbox_read.fileno(), self._on_readable, front)
+        self._loop.add_reader(process.sentinel, self._on_exit, front)
+        log.info("front process %d starting (pid %d)", index, process.pid)
+
+    def _send(self, front: _Front, message) -> None:
+        try:
+            front.inbox.send_bytes(encode(message))
+        except OSError:
+            pass  # it died: its exit, handled next, answers for what it held
+
+    def _on_readable(self, front: _Front) -> None:
+        try:
+            while front.outbox.poll():
+                self._on_message(front, decode_from_front(front.outbox.recv_bytes()))
+        except (EOFError, OSError):
+            self._loop.remove_reader(front.outbox.fileno())
+
+    def _on_message(self, front: _Front, message) -> None:
+        kind = type(message)
+        if kind is Infer:
+            task = self._loop.create_task(self._serve(front, message))
+            front.requests[message.request] = task
+            task.add_done_callback(lambda _, r=message.request: front.requests.pop(r, None))
+        elif kind is Filled or kind is FillFailed:
+            done = front.fills.pop(message.job, None)
+            if done is not None and not done.done():
+                if kind is Filled:
+                    done.set_result(None)
+                else:
+                    done.set_exception(_fill_error(message.kind, message.message))
+        elif kind is Abandon:
+            task = front.requests.get(message.request)
+            if task is not None:
+                task.cancel()
+        elif kind is Completed:
+            front.served += 1
+            self._metrics.record_request(message.model, message.version, message.api, message.outcome,
+                                         message.total_s, message.phases, message.ring_full)
+        elif kind is Listening:
+            front.listening = True
+            if all(f is not None and f.listening for f in self._fronts) and not self._all_listening.done():
+                self._all_listening.set_result(None)
+        elif kind is ConnectionStats:
+            front.open_connections = message.open
+            if message.refused:
+                self._metrics.connections_refused.inc(message.refused)
+
+    async def _serve(self, front: _Front, message: Infer) -> None:
+        """Run one of the front's requests through the engine and send it the answer."""
+        loop = self._loop
+        deadline = loop.time() + message.timeout_s
+        self._metrics.in_flight.inc()
+        chosen = ("", "")
+        try:
+            with self._engine.select(message.model, message.version, message.routing_key) as pool:
+                chosen = (pool.name, str(pool.version))
+                result = await self._engine.infer_filled_by(
+                    pool, lambda ring, slot: self._start_fill(front, message.request, pool, ring, slot),
+                    message.request_id, deadline)
+                view = None
+                if pool.generation not in front.views:
+                    front.views.add(pool.generation)
+                    view = ModelView(pool.name, pool.version, pool.top_k, pool.outputs_probabilities, pool.labels)
+                output: np.ndarray = result.output
+                self._send(front, Answer(message.request, output.tobytes(), output.dtype.str, output.shape,
+                                         result.batch_size, result.queue_s, result.infer_s, pool.generation, view))
+        except CronnxError as exc:
+            self._send(front, Refused(message.request, type(exc).__name__, exc.message, *chosen))
+        except asyncio.CancelledError:
+            pass  # abandoned by the front, or the front is gone: nobody reads an answer
+        except Exception as exc:
+            log.exception("request %s from front %d failed", message.request_id, front.index)
+            self._send(front, Refused(message.request, "InternalError", f"{type(exc).__name__}: {exc}", *chosen))
+        finally:
+            self._metrics.in_flight.dec()
+
+    def _start_fill(self, front: _Front, request: int, pool: ModelPool, ring: SlotRing, slot: int) -> FillJob:
+        """Ask the front to decode the image it holds for `request` into `slot`: the job's `done`
+        resolves on its answer (or its exit), which is when nothing writes the slot any more."""
+        done = self._loop.create_future()
+        front.fills[request] = done
+        name = ring.layout.input_segment
+        setup = None
+        if name not in front.rings:
+            setup = Setup(ring.layout, pool.preprocess.config, pool.preprocess.spec)
+            front.rings[name] = ring
+        self._send(front, Fill(request, name, slot, setup))
+        # Nothing to withdraw: the front holds the image and starts at once; its answer ends the job.
+        return FillJob(done, lambda: None)
+
+    def _forget_closed_rings(self) -> None:
+        """Tell every front to unmap the rings closed since (their memory is freed only once no
+        process maps them); runs every FORGET_INTERVAL_S."""
+        for front in self._fronts:
+            if front is None:
+                continue
+            for name in [n for n, ring in front.rings.items() if ring.closed]:
+                del front.rings[name]
+                self._send(front, Forget(name))
+        self._sweeper = self._loop.call_later(FORGET_INTERVAL_S, self._forget_closed_rings)
+
+    def _on_exit(self, front: _Front) -> None:
+        self._loop.remove_reader(front.process.sentinel)
+        self._on_readable(front)  # what it said before it died still counts
+        self._loop.remove_reader(front.outbox.fileno())
+        front.process.join()
+        front.inbox.close()
+        front.outbox.close()
+        self._fronts[front.index] = None
+        # Nothing writes its slots any more (ring rule 4); nobody reads its answers.
+        for done in front.fills.values():
+            if not done.done():
+                done.set_exception(PreprocessingLost("the front process exited while decoding this image"))
+        front.fills.clear()
+        for task in front.requests.values():
+            task.cancel()
+        if self._draining:
+            return
+        if not self._all_listening.done():
+            self._all_listening.set_exception(RuntimeError(
+                f"front process {front.index} exited with code {front.process.exitcode} before it listened "
+                f"on port {self._port} (its log says why)"))
+            return
+        self.restarts += 1
+        young = front.served == 0 and time.monotonic() - front.started_at < YOUNG_DEATH_S
+        self._young_deaths[front.index] = self._young_deaths[front.index] + 1 if young else 0
+        delay = min(RESTART_BACKOFF_MAX_S, 0.5 * 2 ** (self._young_deaths[front.index] - 1)) if young else 0.0
+        log.warning("front process %d (pid %d) exited with code %s; starting another in %.1fs",
+                    front.index, front.process.pid, front.process.exitcode, delay)
+        self._loop.call_later(delay, self._restart, front.index)
+
+    def _restart(self, index: int) -> None:
+        if not self._draining and self._fronts[index] is None:
+            self._start(index)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Tell every front to stop accepting and finish its requests; wait up to `timeout_s` for
+        them to exit, then kill the rest."""
+        self._draining = True
+        self._sweeper.cancel()
+        for front in self._fronts:
+            if front is not None:
+                self._send(front, Drain())
+        deadline = time.monotonic() + timeout_s
+        while any(f is not None for f in self._fronts):
+            if time.monotonic() > deadline:
+                for front in self._fronts:
+                    if front is not None:
+                        log.warning("front process %d did not stop in %.1fs; killing it", front.index, timeout_s)
+                        front.process.kill()
+                deadline = float("inf")
+            await asyncio.sleep(0.01)
+
+
+def _fill_error(kind: str, message: str) -> Exception:
+    if kind == "invalid_image":
+        return InvalidImage(message)
+    if kind == "image_too_large":
+        return ImageTooLarge(message)
+    return RuntimeError(f"preprocessing failed: {message}")
+

@@ -1,0 +1,263 @@
+"""`server.front_processes`: several processes serve HTTP on one port, one engine process behind them.
+
+Served answers equal a direct onnxruntime run whichever front takes the connection; bad requests
+get their status and JSON from a front beside a good stream; every other route is the engine
+process's own answer; the metrics count what the fronts served; a killed front is replaced
+without losing the other's requests or a slot; SIGTERM leaves no process, segment or socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import urllib.error
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+
+from reference import DirectModel, assert_matches
+from support.client import TIMEOUT, GoodStream, post, predict_many
+from support.images import encode, photo_like
+from support.metrics import scrape
+from support.models import tiny_classifier
+from support.server import model_entry, pid_alive, server_config, shm_segments, wait_until
+from test_bad_input import BAD_REQUESTS, BODY_LIMIT
+from cronnx.config import PreprocessConfig
+from cronnx.front import RequestRecord
+from cronnx.front_contract import Abandon, Infer, decode_from_front
+from cronnx.front_contract import encode as encode_message
+from cronnx.front_process import EngineLink
+from cronnx.listener import reserve_port
+from cronnx.model_spec import inspect_model
+from cronnx.preprocess_process import Fill, FillFailed, Setup
+from cronnx.ring import SlotRing
+
+PHOTOS = [encode(photo_like(320 + 16 * i, 240, seed=i), "JPEG", quality=90) for i in range(6)]
+SUCCESS = ("cronnx_requests_total", frozenset({("api", "predict"), ("model", "tiny"), ("outcome", "success"),
+                                               ("version", "1")}))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return tiny_classifier(tmp_path_factory.mktemp("models") / "tiny.onnx")
+
+
+@pytest.fixture
+def server(start_server, tiny_model):
+    config = server_config(model_entry("tiny", tiny_model, workers=1, ring_slots=32), front_processes=2,
+                           max_body_bytes=BODY_LIMIT, max_image_pixels=4_000_000)
+    return start_server(config)
+
+
+def front_pids(server) -> list[int]:
+    return server.get("/models")[1]["front_processes"]["pids"]
+
+
+def access_lines(server) -> list[dict]:
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("logger") == "cronnx.access"]
+
+
+def test_answers_equal_a_direct_run_from_every_front_and_are_counted(server, tiny_model):
+    url = f"{server.url}/predict/tiny"
+    fronts = front_pids(server)
+    assert len(fronts) == 2 and server.proc.pid not in fronts
+    assert "in 2 front processes, each decoding in 1 thread" in server.log()
+    direct = DirectModel(tiny_model)
+    bodies = PHOTOS * 8
+    replies = asyncio.run(predict_many(url, bodies, concurrency=24))
+    for photo, reply in zip(bodies, replies):
+        assert reply.status == 200, reply
+        assert_matches(reply.body, direct.probabilities(photo))
+    assert max(r.body["batch_size"] for r in replies) > 1  # requests from both fronts shared batches
+    # The kernel spread the 24 connections over both fronts, and each logged what it answered.
+    served_by = {line["pid"] for line in access_lines(server) if line["status"] == 200}
+    assert served_by == set(fronts)
+    wait_until(lambda: scrape(server.url).get(SUCCESS) == len(bodies), timeout_s=5,
+               what="every answer counted in the engine process's metrics")
+    assert all(w["slots_in_use"] == 0 for w in server.models()["tiny"]["workers"])
+
+
+def test_bad_requests_get_their_status_from_a_front_beside_good_ones(server):
+    url = f"{server.url}/predict/tiny"
+    good = GoodStream(url, PHOTOS[0])
+
+    async def bad_beside_good():
+        stream = asyncio.create_task(good.run())
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            replies = {case: await post(session, url, body, content_type)
+                       for case, (content_type, body, _, _) in sorted(BAD_REQUESTS.items())}
+            replies["unknown model"] = await post(session, f"{server.url}/predict/nope", PHOTOS[0])
+            replies["bad top_k"] = await post(session, url, PHOTOS[0], params={"top_k": "0"})
+        good.stop()
+        await stream
+        return replies
+
+    replies = asyncio.run(bad_beside_good())
+    expected = {**{case: (status, words) for case, (_, _, status, words) in BAD_REQUESTS.items()},
+                "unknown model": (404, "tiny"), "bad top_k": (400, "top_k")}
+    for case, (status, words) in expected.items():
+        reply = replies[case]
+        assert reply.status == status and words.lower() in reply.body["error"].lower(), (case, reply)
+        assert reply.headers["X-Request-ID"]
+    assert good.statuses and set(good.statuses) == {200}
+    assert all(w["slots_in_use"] == 0 for w in server.models()["tiny"]["workers"])
+    # Every request is counted once. Those refused before a version was chosen (the body unread or
+    # malformed, the top_k, the model unknown) are counted without a model; a bad image, refused
+    # while the version was running it, under that version.
+    metrics = scrape(server.url)
+    counted = {dict(labels)["model"] + " " + dict(labels)["outcome"]: count
+               for (name, labels), count in metrics.items() if name == "cronnx_requests_total"}
+    assert counted.pop("tiny success") == len(good.statuses)
+    assert counted == {"tiny 400": 3, "tiny 413": 2, "_unknown 400": 5, "_unknown 413": 1, "_unknown 415": 1,
+                       "_unknown 404": 1}
+
+
+def test_other_routes_are_the_engine_processs_own_answers(server, tiny_model):
+    async def main():
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            answers = {}
+            for path in ("/health", "/ready", "/models", "/v2/health/ready", "/v2/models/tiny", "/nothing-here"):
+                async with session.get(server.url + path, headers={"X-Request-ID": "abc-123"}) as r:
+                    body = await r.read()  # V2's health answers have no body
+                    answers[path] = (r.status, json.loads(body) if body else None, r.headers["X-Request-ID"])
+            infer = {"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES",
+                                 "data": [base64.b64encode(PHOTOS[1]).decode()]}], "outputs": [{"name": "logits"}]}
+            async with session.post(f"{server.url}/v2/models/tiny/infer", json=infer) as r:
+                answers["infer"] = (r.status, await r.json(), r.headers["X-Request-ID"])
+            return answers
+
+    answers = asyncio.run(main())
+    assert answers["/health"][:2] == (200, {"status": "alive"})
+    assert answers["/ready"][0] == 200 and answers["/ready"][1]["models"] == {"tiny": 1}
+    assert answers["/models"][1]["front_processes"]["count"] == 2
+    assert answers["/v2/health/ready"][:2] == (200, None) and answers["/v2/models/tiny"][1]["name"] == "tiny"
+    assert answers["/nothing-here"][0] == 404 and "error" in answers["/nothing-here"][1]
+    assert all(a[2] == "abc-123" for path, a in answers.items() if path != "infer")  # the client's id, both hops
+    status, body, _ = answers["infer"]
+    assert status == 200, body
+    direct = DirectModel(tiny_model)
+    batch = np.repeat(direct.tensor(PHOTOS[1])[None], direct.spec.fixed_batch or 1, axis=0)
+    logits = direct.session.run(None, {direct.spec.input_name: batch})[0][0].reshape(-1)
+    np.testing.assert_allclose(body["outputs"][0]["data"], logits, rtol=0, atol=1e-5)
+
+
+def test_a_killed_front_is_replaced_without_losing_the_others_requests(server):
+    url = f"{server.url}/predict/tiny"
+    before = front_pids(server)
+    os.kill(before[0], signal.SIGKILL)
+
+    def replaced() -> bool:
+        try:
+            pids = front_pids(server)
+        except (ConnectionError, urllib.error.URLError):
+            return False  # a connection queued at the killed front's listener is reset with it
+        return len(pids) == 2 and before[0] not in pids
+
+    wait_until(replaced, what="a new front process")
+    # Both fronts serve again (a new client's connections reach the new one too).
+    replies = asyncio.run(predict_many(url, PHOTOS * 4, concurrency=24))
+    assert [r.status for r in replies] == [200] * len(replies)
+    status = server.get("/models")[1]["front_processes"]
+    assert status["restarts"] == 1 and before[0] not in status["pids"] and before[1] in status["pids"]
+    assert all(w["slots_in_use"] == 0 for w in server.models()["tiny"]["workers"])
+
+
+def test_clients_that_give_up_leave_no_slot_held(server):
+    url = f"{server.url}/predict/tiny"
+
+    async def give_up():
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.005)) as session:
+            for _ in range(3):
+                await asyncio.gather(*(post(session, url, photo) for photo in PHOTOS * 4), return_exceptions=True)
+
+    asyncio.run(give_up())
+    wait_until(lambda: all(w["slots_in_use"] == 0 for w in server.models()["tiny"]["workers"]), timeout_s=10,
+               what="every slot back")
+    assert [r.status for r in asyncio.run(predict_many(url, PHOTOS))] == [200] * len(PHOTOS)
+
+
+def test_sigterm_stops_every_process_and_leaves_nothing(server):
+    assert [r.status for r in asyncio.run(predict_many(f"{server.url}/predict/tiny", PHOTOS))] == [200] * 6
+    processes = front_pids(server) + server.worker_pids("tiny")
+    sockets = [p for p in Path("/tmp").glob("cronnx-*/engine.sock") if _listening_by(p, server.proc.pid)]
+    assert len(sockets) == 1
+    assert server.stop(signal.SIGTERM) == 0
+    assert not any(pid_alive(pid) for pid in processes)
+    assert shm_segments(server.proc.pid) == []
+    assert not sockets[0].parent.exists()
+
+
+def _listening_by(path: Path, pid: int) -> bool:
+    """Whether the Unix socket at `path` is one of `pid`'s open sockets."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7] == str(path) and fields[6] in inodes:
+            return True
+    return False
+
+
+def test_the_reserved_port_is_held_and_resolves_port_zero():
+    reserved = reserve_port("127.0.0.1", 0)
+    try:
+        port = reserved.getsockname()[1]
+        assert port > 0
+        other = socket.socket()
+        with pytest.raises(OSError):  # a process not sharing the port cannot take it
+            other.bind(("127.0.0.1", port))
+        other.close()
+        with pytest.raises(OSError):  # nor can a second server that would share it
+            reserve_port("127.0.0.1", port)
+        # Nothing queues on it: a connection is refused until a front listens.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        reserved.close()
+
+
+def test_a_fill_for_a_request_given_up_is_still_answered(tiny_model):
+    """The engine frees a slot only on the front's answer to its Fill (ring rule 4): a Fill that
+    reaches a front after its client went away gets FillFailed at once, and nothing is written."""
+    async def main():
+        to_front_read, to_front_write = multiprocessing.Pipe(duplex=False)
+        from_front_read, from_front_write = multiprocessing.Pipe(duplex=False)
+        loop = asyncio.get_running_loop()
+        link = EngineLink(to_front_read, from_front_write, threads=1)
+        spec = inspect_model(str(tiny_model))
+        ring = SlotRing("test_front_fill", 2, spec.input_item_shape, spec.input_dtype, spec.output_item_shape,
+                        spec.output_dtype)
+        try:
+            record = RequestRecord("req-1", "predict", "_unknown", "")
+            request = asyncio.create_task(link.infer(PHOTOS[0], "tiny", None, None, record, loop.time() + 5))
+            infer = decode_from_front(await loop.run_in_executor(None, from_front_read.recv_bytes))
+            assert type(infer) is Infer and infer.request_id == "req-1" and 4 < infer.timeout_s <= 5
+            request.cancel()  # the client went away before the engine's Fill arrived
+            with pytest.raises(asyncio.CancelledError):
+                await request
+            assert decode_from_front(from_front_read.recv_bytes()) == Abandon(infer.request)
+            ring.inputs[0].fill(7.0)
+            setup = Setup(ring.layout, PreprocessConfig(), spec)
+            to_front_write.send_bytes(encode_message(Fill(infer.request, ring.layout.input_segment, 0, setup)))
+            answer = decode_from_front(await loop.run_in_executor(None, from_front_read.recv_bytes))
+            assert type(answer) is FillFailed and answer.job == infer.request and "given up" in answer.message
+            assert (ring.inputs[0] == 7.0).all()
+        finally:
+            link.close()
+            ring.close()
+
+    asyncio.run(main())
