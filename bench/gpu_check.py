@@ -1,9 +1,9 @@
 """GPU check: onnxruntime alone per batch bucket, the preprocessing limit, Cronnx served, parity.
 
 One prepared run, side by side, for a session that has a GPU machine (one NVIDIA H200, 16 cores:
-5 to 8 minutes with the defaults, an estimate: not timed on a GPU yet; --preprocessing processes or
---seconds 4 shorten it), on the seven 1600 px photos of bench/photos.py and the demo
-MobileNetV2 and ResNet-50 (models/<arch>-demo.onnx, built when missing: 15-25 s each):
+about 5 minutes with the defaults, an estimate part by part in bench/README.md, not timed on a GPU
+yet; --preprocessing processes saves about 75 s), on the seven 1600 px photos of bench/photos.py
+and the demo MobileNetV2 and ResNet-50 (models/<arch>-demo.onnx, built when missing: 15-25 s each):
 
   onnxruntime  onnxruntime alone, per batch bucket (powers_of_two_up_to(batch size): 1, 2, 4, ... 64
                on CUDA): for each bucket a session that only ever runs that shape, as a Cronnx worker
@@ -31,8 +31,10 @@ MobileNetV2 and ResNet-50 (models/<arch>-demo.onnx, built when missing: 15-25 s 
                the photos in N threads of one process, and in N processes; N = os.cpu_count().
   served       `cronnx serve` (a generated config: the model, 1 worker, devices [0] on CUDA, the batch
                size and its buckets, ring_slots >= clients) on 127.0.0.1, once per preprocessing
-               placement (--preprocessing): threads (preprocess_threads = cores, in the front) and
-               processes (preprocess_processes = cores); each loaded by `cronnx bench` (closed loop,
+               placement (--preprocessing, default processes,fronts): threads (preprocess_threads =
+               cores, in the front), processes (preprocess_processes = cores) or fronts
+               (front_processes = cores / 4, --fronts, each decoding in its share of cores threads);
+               each loaded by `cronnx bench` (closed loop,
                raw bodies) at 1 and 256 clients (256 spread over --procs client processes): img/s,
                p50, p99, errors, the server's batch sizes and phases as `cronnx bench` reports them,
                the server's CPU use (user + system of its process tree from /proc, in cores: the
@@ -143,7 +145,11 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 MODELS = ("mobilenetv2", "resnet50")
 PARTS = ("setup", "onnxruntime", "preprocess", "served", "gpu", "parity")
-PLACEMENTS = ("threads", "processes")  # where the served runs decode: server.preprocess_threads / _processes
+# Where the served runs decode: threads of the one front (server.preprocess_threads), preprocessing
+# processes (server.preprocess_processes), or front processes, each reading bodies and decoding in
+# its own threads (server.front_processes). The default runs the two that use every core.
+PLACEMENTS = ("threads", "processes", "fronts")
+DEFAULT_PLACEMENTS = ("processes", "fronts")
 NA_CPU = "n/a on CPU (CUDA EP only)"
 SAMPLE_S = 0.5  # nvidia-smi and /proc, during the served runs
 SERVED_PHOTOS = 3  # photos whose served answers are compared with a direct CPU run
@@ -392,6 +398,15 @@ def onnxruntime_pinned_memory_info():
     memory_info(OrtDeviceMemoryType.HOST_ACCESSIBLE), and ortvalue_from_shape_and_type takes
     memory_info= ("allows allocating HOST_ACCESSIBLE memory", its docstring in 1.31.1); whether the
     CUDA EP of a given build lists a device with one is what this finds out.
+
+    The onnxruntime-gpu 1.31.1 wheel lists none: its CUDA EP is the built-in one, and only a
+    registered EP library adds EP devices (the library's CreateEpFactories, cuda_provider_factory.cc,
+    gives each GPU a device with HOST_ACCESSIBLE memory info). Registering it here
+    (ort.register_execution_provider_library) is not done: the 1.31.1 Python binding would then make
+    every later "CUDAExecutionProvider" session through the registered library (it looks one up by
+    name and device_id first: "No registered plugin EP device found for 'CUDAExecutionProvider'",
+    onnxruntime_pybind_state.cc), not as a Cronnx worker makes it, and the rest of the run would
+    measure that instead.
     """
     get_devices, kinds = getattr(ort, "get_ep_devices", None), getattr(ort, "OrtDeviceMemoryType", None)
     if get_devices is None or kinds is None:
@@ -400,8 +415,9 @@ def onnxruntime_pinned_memory_info():
     cuda = [d for d in devices if d.ep_name == CUDA]
     if not cuda:
         raise Unavailable(f"ort.get_ep_devices() lists no {CUDA} device (it lists "
-                          f"{sorted({d.ep_name for d in devices}) or 'none'}): the CUDA EP is not registered "
-                          "as an EP library in this build, so no HOST_ACCESSIBLE memory info to allocate from")
+                          f"{sorted({d.ep_name for d in devices}) or 'none'}): this build's CUDA EP is built in, "
+                          "not registered as an EP library, so there is no HOST_ACCESSIBLE memory info to "
+                          "allocate from (registering it would change how every later CUDA session is made)")
     info = cuda[0].memory_info(kinds.HOST_ACCESSIBLE)
     if info is None:
         raise Unavailable(f"the {CUDA} EP device offers no HOST_ACCESSIBLE memory info")
@@ -511,12 +527,21 @@ class Check:
         if unknown:
             raise SystemExit(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
         self.model_paths = {m: REPO / "models" / f"{m}-demo.onnx" for m in self.models}
-        # 4 s windows hold thousands of images on a GPU, and keep the whole run near 5 minutes.
-        self.seconds = args.seconds or (2.0 if self.quick else 4.0)
-        self.shape_seconds = 0.25 if self.quick else 0.5  # each timed measurement of onnxruntime alone
+        # Sized to the 5 minutes the GPU machine gives this run (an estimate: bench/README.md). The
+        # fixed costs cannot shrink (cuDNN's exhaustive search on every new session and shape, four
+        # server starts, the ResNet-50 build), the windows can: 3 s served still holds hundreds of
+        # images at 1 client and thousands at 256; 0.25 s of onnxruntime alone is still a dozen
+        # runs at batch 64 of ResNet-50 (about 20 ms a batch with its copies), and on CUDA each
+        # bucket of each model times 5 of them and 2 copy windows of half that (14 buckets).
+        self.seconds = args.seconds or (2.0 if self.quick else 3.0)
+        self.shape_seconds = 0.25  # each timed measurement of onnxruntime alone
         self.clients = [int(c) for c in (args.clients or ("1,16" if self.quick else "1,256")).split(",")]
         self.procs = args.procs or (2 if self.quick else 4)
-        self.placements = [p for p in (args.preprocessing or ",".join(PLACEMENTS)).split(",") if p]
+        # --quick (the suite's CPU run) serves every placement, so that each is tested.
+        placements = args.preprocessing or ",".join(PLACEMENTS if self.quick else DEFAULT_PLACEMENTS)
+        self.placements = [p for p in placements.split(",") if p]
+        # One front process per 4 cores: each runs its event loop and 4 decoding threads.
+        self.fronts = args.fronts or max(2, self.cores // 4)
         unknown = sorted(set(self.placements) - set(PLACEMENTS))
         if unknown or not self.placements:
             raise SystemExit(f"unknown preprocessing placements {unknown}; choose from {', '.join(PLACEMENTS)}")
@@ -897,6 +922,8 @@ class Check:
         # Both set explicitly: unset, a model on CUDA would get processes in either placement.
         if placement == "processes":
             server["preprocess_processes"] = self.cores
+        elif placement == "fronts":
+            server.update(front_processes=self.fronts, preprocess_threads=self.cores)
         else:
             server.update(preprocess_processes=0, preprocess_threads=self.cores)
         return {"server": server, "models": [model]}
@@ -915,7 +942,9 @@ class Check:
         return {"placements": placements, "error": "; ".join(errors) or None}
 
     def served_with(self, name: str, placement: str) -> dict:
-        print(f"  {name}, preprocessing in {self.cores} {placement}:", flush=True)
+        where = f"{self.fronts} front processes, {self.cores} threads in all" if placement == "fronts" else \
+            f"{self.cores} {placement}"
+        print(f"  {name}, preprocessing in {where}:", flush=True)
         with tempfile.TemporaryDirectory(prefix="cronnx-gpu-check-") as tmp:
             workdir = Path(tmp)
             port = free_port()
@@ -1336,11 +1365,14 @@ def main() -> None:
                         help="seconds per measurement, MobileNetV2 only, 16 clients: a CPU-only smoke run")
     parser.add_argument("--models", default=None, help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--seconds", type=float, default=None,
-                        help="each served window and preprocessing measurement (default 4, --quick 2)")
+                        help="each served window and preprocessing measurement (default 3, --quick 2)")
     parser.add_argument("--clients", default=None, help="closed-loop clients of the served runs (default 1,256)")
     parser.add_argument("--procs", type=int, default=None, help="client processes for more than one client (4)")
     parser.add_argument("--preprocessing", default=None,
-                        help="where the served runs decode, comma-separated: threads, processes (default both)")
+                        help="where the served runs decode, comma-separated: threads, processes, fronts "
+                             "(default processes,fronts; --quick all three)")
+    parser.add_argument("--fronts", type=int, default=None,
+                        help="front processes of the fronts placement (default cores / 4, at least 2)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="serve with cuda.enable_cuda_graph (CUDA only): to compare with a run without")
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 on CUDA, 4 on the CPU")

@@ -22,7 +22,7 @@ from support.server import REPO, children, pid_alive, shm_segments
 
 SCRIPT = REPO / "bench" / "gpu_check.py"
 PARTS = ("setup", "onnxruntime", "preprocess", "served", "gpu", "parity")
-PLACEMENTS = ("threads", "processes")
+PLACEMENTS = ("threads", "processes", "fronts")
 NA_CPU = "n/a on CPU (CUDA EP only)"
 
 # The first test runs the check (about 20-60 s on 2 cores; the subprocess is stopped at 180 s).
@@ -132,6 +132,12 @@ def test_processes_placement_decodes_in_preprocessing_processes(quick_run):
     assert processes["preprocessing"] == {"placement": "processes", "configured": cores, "processes_at_start": cores,
                                           "processes_at_end": cores, "process_restarts": 0}
     assert threads["preprocessing"]["processes_at_start"] == threads["preprocessing"]["processes_at_end"] == 0
+    # Front processes are the server's children besides its worker: the preprocessing threads are theirs.
+    fronts = placements["fronts"]
+    assert fronts["config"]["server"]["front_processes"] == 2 and fronts["config"]["server"]["preprocess_threads"] == cores
+    assert fronts["preprocessing"]["processes_at_start"] == fronts["preprocessing"]["processes_at_end"] == 2
+    for run in fronts["runs"]:
+        assert run["server_cpu_by_part_cores"]["other child processes"] > 0.1
     # The decoding CPU is in the children with processes, in the front's threads with threads.
     for run in processes["runs"]:
         assert run["server_cpu_by_part_cores"]["other child processes"] > 0.1
@@ -178,7 +184,8 @@ def gpu_check():
 def on_cpu(gpu_check, demo_model):
     """A quick CPU check, the demo model's spec and its bucket-2 session, and two different inputs."""
     args = argparse.Namespace(provider="cpu", quick=True, batch_size=None, models="mobilenetv2", seconds=None,
-                              clients=None, procs=None, preprocessing=None, photos=REPO, glob="*.jpg")
+                              clients=None, procs=None, preprocessing=None, fronts=None, photos=REPO,
+                              glob="*.jpg")
     check = gpu_check.Check(args)
     spec = gpu_check.inspect_model(str(demo_model))
     x = np.random.default_rng(0).random((2, *spec.input_item_shape), dtype=np.float32)
