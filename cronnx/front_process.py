@@ -38,6 +38,7 @@ from .listener import listen
 from .logs import setup_logging
 from .metrics import UNKNOWN_MODEL
 from .preprocess import Preprocessor, set_max_image_pixels
+from .pipe_reader import PipeReader
 from .preprocess_process import Fill, Filled, FillFailed, Forget
 from .ring import AttachedRing
 from .scheduling import mark_cpu_bound
@@ -88,6 +89,7 @@ class EngineLink:
 
     def __init__(self, inbox: Connection, outbox: Connection, threads: int):
         self._inbox, self._outbox = inbox, outbox
+        self._said = PipeReader(inbox)  # what the engine process says
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="cronnx-preprocess", initializer=mark_cpu_bound)
         self._numbers = itertools.count()
@@ -136,10 +138,9 @@ class EngineLink:
         return output, answer, view, request.preprocess_s
 
     def _on_readable(self) -> None:
-        try:
-            while self._inbox.poll():
-                self._on_message(decode_to_front(self._inbox.recv_bytes()))
-        except (EOFError, OSError):
+        for message in self._said.read():
+            self._on_message(decode_to_front(message))
+        if self._said.at_eof:
             self._loop.remove_reader(self._inbox.fileno())
             self._gone()
 

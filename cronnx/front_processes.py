@@ -35,6 +35,7 @@ from .metrics import Metrics
 from .pool import ModelPool
 from .preprocess_process import Fill, Filled, FillFailed, Forget, Setup
 from .preprocessing import FillJob
+from .pipe_reader import PipeReader
 from .process import enlarge_pipe
 from .ring import SlotRing
 
@@ -57,6 +58,7 @@ class _Front:
     process: multiprocessing.Process
     inbox: Connection  # engine -> front
     outbox: Connection  # front -> engine
+    said: PipeReader  # reads `outbox`
     started_at: float
     # Its requests in the engine, by the front's number for them.
     requests: dict[int, asyncio.Task] = field(default_factory=dict)
@@ -134,7 +136,7 @@ class FrontProcesses:
         process.start()
         inbox_read.close()
         outbox_write.close()
-        front = _Front(index, process, inbox_write, outbox_read, time.monotonic())
+        front = _Front(index, process, inbox_write, outbox_read, PipeReader(outbox_read), time.monotonic())
         self._fronts[index] = front
         self._loop.add_reader(outbox_read.fileno(), self._on_readable, front)
         self._loop.add_reader(process.sentinel, self._on_exit, front)
@@ -147,10 +149,9 @@ class FrontProcesses:
             pass  # it died: its exit, handled next, answers for what it held
 
     def _on_readable(self, front: _Front) -> None:
-        try:
-            while front.outbox.poll():
-                self._on_message(front, decode_from_front(front.outbox.recv_bytes()))
-        except (EOFError, OSError):
+        for message in front.said.read():
+            self._on_message(front, decode_from_front(message))
+        if front.said.at_eof:
             self._loop.remove_reader(front.outbox.fileno())
 
     def _on_message(self, front: _Front, message) -> None:

@@ -28,6 +28,7 @@ from .errors import ImageTooLarge, InvalidImage, PreprocessingLost
 from .preprocess import Preprocessor
 from .preprocess_process import (Fill, Filled, Forget, Setup, Stop, decode_from_preprocess, encode,
                                  run_preprocess_process)
+from .pipe_reader import PipeReader
 from .process import enlarge_pipe
 from .ring import SlotRing
 from .scheduling import mark_cpu_bound, usable_cores
@@ -124,6 +125,7 @@ class _Process:
     process: multiprocessing.Process
     inbox: Connection
     outbox: Connection
+    answers: PipeReader  # reads `outbox`
     started_at: float
     job: _Job | None = None
     # Kills the process if `job` runs past the fill timeout; cancelled when it answers.
@@ -236,7 +238,7 @@ class ProcessPreprocessing:
         process.start()
         inbox_read.close()
         outbox_write.close()
-        proc = _Process(index, process, inbox_write, outbox_read, time.monotonic())
+        proc = _Process(index, process, inbox_write, outbox_read, PipeReader(outbox_read), time.monotonic())
         self._processes[index] = proc
         self._loop.add_reader(outbox_read.fileno(), self._on_readable, proc)
         self._loop.add_reader(process.sentinel, self._on_exit, proc)
@@ -246,10 +248,9 @@ class ProcessPreprocessing:
             self._dispatch(proc, self._queue.popleft())
 
     def _on_readable(self, proc: _Process) -> None:
-        try:
-            while proc.outbox.poll():
-                self._answer(proc, decode_from_preprocess(proc.outbox.recv_bytes()))
-        except (EOFError, OSError):
+        for message in proc.answers.read():
+            self._answer(proc, decode_from_preprocess(message))
+        if proc.answers.at_eof:
             self._loop.remove_reader(proc.outbox.fileno())
 
     def _answer(self, proc: _Process, message) -> None:

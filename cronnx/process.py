@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from . import contract
+from .pipe_reader import PipeReader
 
 log = logging.getLogger("cronnx.process")
 
@@ -68,6 +69,7 @@ class WorkerProcess:
         outbox_write.close()
         pings_read.close()
         self._inbox, self._outbox, self._pings = inbox_write, outbox_read, pings_write
+        self._answers = PipeReader(outbox_read)
         self._loop.add_reader(outbox_read.fileno(), self._on_readable)
         self._loop.add_reader(self._process.sentinel, self._on_sentinel)
         log.info("worker %s starting (pid %d)", name, self.pid)
@@ -114,12 +116,10 @@ class WorkerProcess:
             await self.exited.wait()
 
     def _on_readable(self) -> None:
-        outbox = self._outbox
-        try:
-            while outbox.poll():
-                self._on_message(contract.decode_from_worker(outbox.recv_bytes()))
-        except (EOFError, OSError):
-            self._loop.remove_reader(outbox.fileno())
+        for message in self._answers.read():
+            self._on_message(contract.decode_from_worker(message))
+        if self._answers.at_eof:
+            self._loop.remove_reader(self._outbox.fileno())
 
     def _on_sentinel(self) -> None:
         self._loop.remove_reader(self._process.sentinel)
