@@ -21,6 +21,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
+import yaml
 
 from reference import DirectModel, assert_matches
 from support.client import TIMEOUT, GoodStream, post, predict_many
@@ -261,3 +262,33 @@ def test_a_fill_for_a_request_given_up_is_still_answered(tiny_model):
             ring.close()
 
     asyncio.run(main())
+
+
+def mapped_segments(pid: int) -> set[str]:
+    """The /dev/shm segments a process maps (unlinked ones too)."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return set()
+    return {line.split("/dev/shm/")[1].split()[0] for line in maps.splitlines() if "/dev/shm/cronnx_" in line}
+
+
+def test_a_reload_serves_the_new_version_and_the_fronts_unmap_the_old_rings(server):
+    """An unlinked segment's memory (it counts against /dev/shm) is freed only when no process maps
+    it: after a reload replaces the version, the fronts let go of its rings and serve the new one."""
+    url = f"{server.url}/predict/tiny"
+    assert [r.status for r in asyncio.run(predict_many(url, PHOTOS * 4, concurrency=24))] == [200] * 24
+    fronts = front_pids(server)
+    old = set(shm_segments(server.proc.pid))
+    assert old and all(mapped_segments(pid) & old for pid in fronts)  # both filled slots
+    config = yaml.safe_load(server.config_path.read_text())
+    config["models"][0]["batch_timeout_ms"] = 3  # a new fingerprint: the version is replaced
+    server.config_path.write_text(yaml.safe_dump(config))
+    server.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: not old & set(shm_segments(server.proc.pid)), what="the old rings to be unlinked")
+    wait_until(lambda: not any(mapped_segments(pid) & old for pid in fronts), timeout_s=10,
+               what="the front processes to unmap the old rings")
+    assert front_pids(server) == fronts  # the same processes, still serving
+    assert [r.status for r in asyncio.run(predict_many(url, PHOTOS * 4, concurrency=24))] == [200] * 24
+    new = set(shm_segments(server.proc.pid))
+    assert new and not new & old and all(mapped_segments(pid) & new for pid in fronts)
