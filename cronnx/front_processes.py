@@ -19,6 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -37,7 +41,7 @@ from .preprocess_process import Fill, Filled, FillFailed, Forget, Setup
 from .preprocessing import FillJob
 from .pipe_reader import PipeReader
 from .process import enlarge_pipe
-from .ring import SlotRing
+from .ring import SlotRing, pid_alive
 
 log = logging.getLogger("cronnx.front_processes")
 
@@ -48,6 +52,27 @@ YOUNG_DEATH_S = 2.0
 RESTART_BACKOFF_MAX_S = 30.0
 # How often fronts are told to unmap the rings of versions that have gone.
 FORGET_INTERVAL_S = 1.0
+# The folder of the engine process's Unix socket: cronnx-<its pid>-<random> in the temp folder.
+_SOCKET_DIR = re.compile(r"^cronnx-(\d+)-[^/]+$")
+
+
+def make_socket_dir() -> str:
+    """A new folder for the engine process's Unix socket, named for this process, removed by the
+    server on every exit path it has (a SIGKILL leaves it: `remove_stale_socket_dirs`)."""
+    return tempfile.mkdtemp(prefix=f"cronnx-{os.getpid()}-")
+
+
+def remove_stale_socket_dirs() -> list[str]:
+    """Remove the socket folders of engine processes that no longer run (killed); returns them."""
+    removed = []
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        match = _SOCKET_DIR.match(name)
+        path = os.path.join(root, name)
+        if match and os.path.exists(os.path.join(path, "engine.sock")) and not pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 @dataclass(eq=False)

@@ -245,7 +245,7 @@ def remove_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
     pattern = re.compile(rf"^{SEGMENT_PREFIX}_(\d+)_")
     for name in names:
         match = pattern.match(name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             try:
                 os.unlink(os.path.join(shm_dir, name))
                 removed.append(name)
@@ -254,7 +254,8 @@ def remove_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 
 from aiohttp import web
 
@@ -17,7 +16,7 @@ from .config import Config, ConfigError, NotInConfig, load_config
 from .contract import LoggingSpec
 from .engine import InferenceEngine
 from .front import ServerState, make_app
-from .front_processes import FrontProcesses
+from .front_processes import FrontProcesses, make_socket_dir, remove_stale_socket_dirs
 from .listener import listen, reserve_port
 from .metrics import Metrics
 from .preprocess import pil_build, set_max_image_pixels
@@ -45,6 +44,9 @@ def run_server(config: Config, config_path: str) -> int:
     removed = remove_stale_segments()
     if removed:
         log.warning("removed %d shared-memory segments left by a killed run: %s", len(removed), ", ".join(removed))
+    removed = remove_stale_socket_dirs()
+    if removed:
+        log.warning("removed the socket folders of killed runs: %s", ", ".join(removed))
     onnxruntime_build = runtime.describe()
     # At start-up every model must be servable: any problem is a config error (exit 2). A demo
     # model still to be built is built once the port is open, so that /ready answers 503
@@ -147,7 +149,11 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
         processes = 0  # /predict's images are decoded in the front processes; threads here for the rest
     preprocessing = start_preprocessing(processes, server.preprocess_threads, on_cuda,
                                         server.max_image_pixels, server.request_timeout_s)
-    log.info("preprocessing in %s", preprocessing)
+    if server.front_processes > 1:
+        log.info("preprocessing of the requests the front processes pass on (the Open Inference Protocol's) in %s",
+                 preprocessing)
+    else:
+        log.info("preprocessing in %s", preprocessing)
     fronts: FrontProcesses | None = None
 
     def open_connections() -> int:
@@ -195,7 +201,7 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
                 # on) on a Unix socket of its own.
                 reserved = reserve_port(server.host, server.port)
                 host, port = reserved.getsockname()[:2]
-                socket_dir = tempfile.mkdtemp(prefix="cronnx-")
+                socket_dir = make_socket_dir()
                 engine_socket = os.path.join(socket_dir, "engine.sock")
                 await web.UnixSite(runner, engine_socket).start()
                 fronts = state.fronts = FrontProcesses(server.front_processes, server, port, engine_socket,

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import tempfile
 import urllib.error
 from pathlib import Path
 
@@ -292,3 +293,20 @@ def test_a_reload_serves_the_new_version_and_the_fronts_unmap_the_old_rings(serv
     assert [r.status for r in asyncio.run(predict_many(url, PHOTOS * 4, concurrency=24))] == [200] * 24
     new = set(shm_segments(server.proc.pid))
     assert new and not new & old and all(mapped_segments(pid) & new for pid in fronts)
+
+
+def test_after_the_main_process_is_killed_the_fronts_exit_and_the_next_start_tidies_up(start_server, tiny_model):
+    config = server_config(model_entry("tiny", tiny_model, workers=1, ring_slots=32), front_processes=2)
+    first = start_server(config)
+    fronts = front_pids(first)
+    folders = list(Path(tempfile.gettempdir()).glob(f"cronnx-{first.proc.pid}-*"))
+    assert len(folders) == 1 and (folders[0] / "engine.sock").exists()
+    first.proc.kill()
+    first.proc.wait(10)
+    # Their pipe to the engine process closed: they stop serving and exit by themselves.
+    wait_until(lambda: not any(pid_alive(pid) for pid in fronts), timeout_s=20, what="the fronts to exit")
+    assert folders[0].exists()  # nothing ran to remove it
+    second = start_server(config)
+    assert not folders[0].exists()
+    assert f"removed the socket folders of killed runs: {folders[0]}" in second.log()
+    assert [r.status for r in asyncio.run(predict_many(f"{second.url}/predict/tiny", PHOTOS))] == [200] * 6
