@@ -992,7 +992,7 @@ class Check:
                                                                   frozenset()))
             restarts = None if restarts is None else int(restarts)
             return {"preprocessing": {
-                        "placement": placement, "configured": self.cores,
+                        "placement": placement, "configured": self.fronts if placement == "fronts" else self.cores,
                         # Children of the server other than its worker and the resource tracker.
                         "processes_at_start": len(preprocessors), "processes_at_end": len(after),
                         "process_restarts": restarts},

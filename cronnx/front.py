@@ -10,7 +10,8 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 
 import msgspec
 import numpy as np
@@ -208,13 +209,22 @@ async def model_request(request: web.Request, api: str, run: ModelHandler) -> we
     record = RequestRecord(request["request_id"], api, UNKNOWN_MODEL, "")
     state.metrics.in_flight.inc()
     try:
-        version = request.match_info.get("version")
-        with state.engine.select(request.match_info["model"], None if version is None else int(version),
-                                 request.headers.get(ROUTING_KEY_HEADER)) as pool:
+        model, version = request.match_info["model"], request.match_info.get("version")
+        with outcome_into(record), state.engine.select(model, None if version is None else int(version),
+                                                       request.headers.get(ROUTING_KEY_HEADER)) as pool:
             record.model, record.version = pool.name, str(pool.version)
-            response = await run(request, state, pool, record, started)
-        record.status = 200
-        return response
+            return await run(request, state, pool, record, started)
+    finally:
+        state.metrics.in_flight.dec()
+        _record(state.metrics, record, time.perf_counter() - started)
+
+
+@contextmanager
+def outcome_into(record: RequestRecord) -> Iterator[None]:
+    """Sets `record`'s status by how the block ends: 200, the error's status and message (a
+    CronnxError), or 499 when the client went away (nginx's convention). Errors pass through."""
+    try:
+        yield
     except CronnxError as exc:
         record.status, record.error = error_status(exc), exc.message
         record.ring_full = isinstance(exc, QueueFull)
@@ -222,9 +232,7 @@ async def model_request(request: web.Request, api: str, run: ModelHandler) -> we
     except asyncio.CancelledError:
         record.status, record.error = 499, "the client closed the connection"
         raise
-    finally:
-        state.metrics.in_flight.dec()
-        _record(state.metrics, record, time.perf_counter() - started)
+    record.status = 200
 
 
 async def _predict(request: web.Request, state: ServerState, pool: ModelPool, record: RequestRecord,

@@ -28,9 +28,9 @@ from aiohttp import web
 from yarl import URL
 
 from . import errors
-from .errors import CronnxError, ImageTooLarge, InvalidImage, QueueFull, Unavailable
-from .front import (REQUEST_ID_HEADER, ROUTING_KEY_HEADER, RequestRecord, continue_unless_too_large, error_status,
-                    log_request, predict_response, read_body, read_image, request_ids_and_json_errors,
+from .errors import CronnxError, ImageTooLarge, InvalidImage, Unavailable
+from .front import (REQUEST_ID_HEADER, ROUTING_KEY_HEADER, RequestRecord, continue_unless_too_large, log_request,
+                    outcome_into, predict_response, read_body, read_image, request_ids_and_json_errors,
                     top_k_param)
 from .front_contract import (Abandon, Answer, Completed, ConnectionStats, Drain, FrontSpec, Infer, Listening,
                              ModelView, Refused, decode_to_front, encode)
@@ -236,36 +236,31 @@ FRONT = web.AppKey("front", _FrontState)
 async def predict(request: web.Request) -> web.Response:
     """/predict/{model}[/versions/{version}], as the engine process's own front answers it."""
     front = request.app[FRONT]
-    server = front.spec.server
     started = time.perf_counter()
     record = RequestRecord(request["request_id"], "predict", UNKNOWN_MODEL, "")
     try:
-        k = top_k_param(request)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + server.request_timeout_s - (time.perf_counter() - started)
-        image = await read_image(request, server.max_body_bytes, deadline, server.request_timeout_s)
-        read_s = time.perf_counter() - started
-        version = request.match_info.get("version")
-        output, answer, view, preprocess_s = await front.link.infer(
-            image, request.match_info["model"], None if version is None else int(version),
-            request.headers.get(ROUTING_KEY_HEADER), record, deadline)
-        response = predict_response(record, view.labels, view.outputs_probabilities, k or view.top_k, output,
-                                    answer.batch_size, started, {"read": read_s, "preprocess": preprocess_s,
-                                                                 "queue": answer.queue_s, "inference": answer.infer_s})
-        record.status = 200
-        return response
-    except CronnxError as exc:
-        record.status, record.error = error_status(exc), exc.message
-        record.ring_full = isinstance(exc, QueueFull)
-        raise
-    except asyncio.CancelledError:
-        record.status, record.error = 499, "the client closed the connection"
-        raise
+        with outcome_into(record):
+            return await _predict(request, front, record, started)
     finally:
         total_s = time.perf_counter() - started
         front.link.send(Completed(record.api, record.model, record.version, record.outcome, total_s, record.phases,
                                   record.ring_full))
         log_request(record, total_s)
+
+
+async def _predict(request: web.Request, front: _FrontState, record: RequestRecord, started: float) -> web.Response:
+    server = front.spec.server
+    k = top_k_param(request)
+    deadline = asyncio.get_running_loop().time() + server.request_timeout_s - (time.perf_counter() - started)
+    image = await read_image(request, server.max_body_bytes, deadline, server.request_timeout_s)
+    read_s = time.perf_counter() - started
+    version = request.match_info.get("version")
+    output, answer, view, preprocess_s = await front.link.infer(
+        image, request.match_info["model"], None if version is None else int(version),
+        request.headers.get(ROUTING_KEY_HEADER), record, deadline)
+    return predict_response(record, view.labels, view.outputs_probabilities, k or view.top_k, output,
+                            answer.batch_size, started, {"read": read_s, "preprocess": preprocess_s,
+                                                         "queue": answer.queue_s, "inference": answer.infer_s})
 
 
 async def to_engine(request: web.Request) -> web.Response:

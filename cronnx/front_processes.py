@@ -40,16 +40,15 @@ from .pool import ModelPool
 from .preprocess_process import Fill, Filled, FillFailed, Forget, Setup
 from .preprocessing import FillJob
 from .pipe_reader import PipeReader
-from .process import enlarge_pipe
+from .process import enlarge_pipe, restart_delay
 from .ring import SlotRing, pid_alive
 
 log = logging.getLogger("cronnx.front_processes")
 
 _spawn = multiprocessing.get_context("spawn")
-# A front that dies this soon after its start without serving is restarted after a growing
-# pause (up to RESTART_BACKOFF_MAX_S): one that cannot start (its port taken) must not spin.
+# A front that dies this soon after its start without serving failed to start: it is restarted
+# after a growing pause (process.restart_delay).
 YOUNG_DEATH_S = 2.0
-RESTART_BACKOFF_MAX_S = 30.0
 # How often fronts are told to unmap the rings of versions that have gone.
 FORGET_INTERVAL_S = 1.0
 # The folder of the engine process's Unix socket: cronnx-<its pid>-<random> in the temp folder.
@@ -288,7 +287,7 @@ class FrontProcesses:
         self.restarts += 1
         young = front.served == 0 and time.monotonic() - front.started_at < YOUNG_DEATH_S
         self._young_deaths[front.index] = self._young_deaths[front.index] + 1 if young else 0
-        delay = min(RESTART_BACKOFF_MAX_S, 0.5 * 2 ** (self._young_deaths[front.index] - 1)) if young else 0.0
+        delay = restart_delay(self._young_deaths[front.index])
         log.warning("front process %d (pid %d) exited with code %s; starting another in %.1fs",
                     front.index, front.process.pid, front.process.exitcode, delay)
         self._loop.call_later(delay, self._restart, front.index)

@@ -29,17 +29,16 @@ from .preprocess import Preprocessor
 from .preprocess_process import (Fill, Filled, Forget, Setup, Stop, decode_from_preprocess, encode,
                                  run_preprocess_process)
 from .pipe_reader import PipeReader
-from .process import enlarge_pipe
+from .process import enlarge_pipe, restart_delay
 from .ring import SlotRing
 from .scheduling import mark_cpu_bound, usable_cores
 
 log = logging.getLogger("cronnx.preprocessing")
 
 _spawn = multiprocessing.get_context("spawn")
-# A process that dies this soon after its start without filling anything is restarted after a
-# growing pause (up to RESTART_BACKOFF_MAX_S), so that one that cannot start does not spin.
+# A process that dies this soon after its start without filling anything failed to start: it is
+# restarted after a growing pause (process.restart_delay).
 YOUNG_DEATH_S = 1.0
-RESTART_BACKOFF_MAX_S = 30.0
 # How often processes are told to unmap the rings of versions that have gone.
 FORGET_INTERVAL_S = 1.0
 
@@ -288,7 +287,7 @@ class ProcessPreprocessing:
         self.restarts += 1
         young = proc.fills == 0 and time.monotonic() - proc.started_at < YOUNG_DEATH_S
         self._young_deaths[proc.index] = self._young_deaths[proc.index] + 1 if young else 0
-        delay = min(RESTART_BACKOFF_MAX_S, 0.5 * 2 ** (self._young_deaths[proc.index] - 1)) if young else 0.0
+        delay = restart_delay(self._young_deaths[proc.index])
         log.warning("preprocessing process %d (pid %d) exited with code %s; starting another in %.1fs",
                     proc.index, proc.process.pid, proc.process.exitcode, delay)
         self._loop.call_later(delay, self._restart, proc.index)

@@ -24,6 +24,13 @@ PIPE_BYTES = 1 << 20
 WorkerTarget = Callable[..., None]
 
 
+def restart_delay(failed_starts: int, max_s: float = 30.0) -> float:
+    """Seconds to wait before replacing a child process (a worker, a preprocessing or a front
+    process) that has failed to start `failed_starts` times in a row: none after one that had been
+    serving (0), then 0.5 s doubling up to `max_s`, so that one that cannot start does not spin."""
+    return min(max_s, 0.5 * 2 ** (failed_starts - 1)) if failed_starts else 0.0
+
+
 def enlarge_pipe(fd: int) -> None:
     """The front writes to its children's pipes on its event loop: a full pipe would block it. 64 KiB
     holds a few hundred submits; 1 MiB holds far more than a ring can have slots, and most images."""

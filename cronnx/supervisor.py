@@ -31,12 +31,10 @@ import msgspec
 
 from . import contract
 from .channel import RequestChannel
-from .process import WorkerProcess, WorkerTarget
+from .process import WorkerProcess, WorkerTarget, restart_delay
 from .ring import SlotRing
 
 log = logging.getLogger("cronnx.supervisor")
-
-MAX_RESTART_DELAY_S = 30.0
 
 # Called with each batch a worker ran: (requests in it, seconds its oldest request waited).
 BatchObserver = Callable[[int, float], None]
@@ -180,7 +178,7 @@ class Supervisor:
         worker.restarts[cause] += 1
         worker.last_exit = how
         worker.failed_starts = 0 if was_live else worker.failed_starts + 1
-        delay = 0.0 if was_live else min(MAX_RESTART_DELAY_S, 0.5 * 2 ** (worker.failed_starts - 1))
+        delay = restart_delay(worker.failed_starts)
         log.error("worker %s (pid %d) %s; %d in-flight requests failed; restarting in %.1fs",
                   worker.name, process.pid, how, lost, delay,
                   extra={"fields": {"worker": worker.name, "worker_pid": process.pid, "reason": cause,

@@ -29,7 +29,7 @@ from support.client import TIMEOUT, GoodStream, post, predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape
 from support.models import tiny_classifier
-from support.server import model_entry, pid_alive, server_config, shm_segments, wait_until
+from support.server import mapped_segments, model_entry, pid_alive, server_config, shm_segments, wait_until
 from test_bad_input import BAD_REQUESTS, BODY_LIMIT
 from cronnx.config import PreprocessConfig
 from cronnx.front import RequestRecord
@@ -263,15 +263,6 @@ def test_a_fill_for_a_request_given_up_is_still_answered(tiny_model):
             ring.close()
 
     asyncio.run(main())
-
-
-def mapped_segments(pid: int) -> set[str]:
-    """The /dev/shm segments a process maps (unlinked ones too)."""
-    try:
-        maps = Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return set()
-    return {line.split("/dev/shm/")[1].split()[0] for line in maps.splitlines() if "/dev/shm/cronnx_" in line}
 
 
 def test_a_reload_serves_the_new_version_and_the_fronts_unmap_the_old_rings(server):

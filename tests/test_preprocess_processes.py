@@ -19,11 +19,12 @@ import yaml
 from reference import DirectModel, assert_matches
 from support.client import TIMEOUT, GoodStream, post, predict_many
 from support.images import encode, photo_like
-from support.metrics import scrape, value
+from support.metrics import scrape
 from support.models import tiny_classifier
 from cronnx.preprocessing import start
 from cronnx.scheduling import usable_cores
-from support.server import children, model_entry, pid_alive, server_config, shm_segments, wait_until
+from support.server import (children, mapped_segments, model_entry, pid_alive, server_config, shm_segments,
+                            wait_until)
 from test_bad_input import BAD_REQUESTS, BODY_LIMIT
 
 RESTARTS = ("cronnx_preprocess_process_restarts_total", frozenset())
@@ -102,15 +103,6 @@ def test_answers_equal_a_direct_run_and_bad_images_get_their_status(server, tiny
     assert server.get("/models")[1]["preprocessing"] == {"placement": "processes", "count": 2, "restarts": 0,
                                                          "pids": sorted(preprocessing_pids(server))}
     assert RESTARTS in scrape(server.url) and scrape(server.url).get(RESTARTS) == 0
-
-
-def mapped_segments(pid: int) -> set[str]:
-    """The /dev/shm segments a process maps (unlinked ones too)."""
-    try:
-        maps = Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return set()
-    return {line.split("/dev/shm/")[1].split()[0] for line in maps.splitlines() if "/dev/shm/cronnx_" in line}
 
 
 def test_a_replaced_versions_rings_are_unmapped_by_the_processes(server):

@@ -40,6 +40,15 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def mapped_segments(pid: int) -> set[str]:
+    """The /dev/shm segments a process maps (unlinked ones too)."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return set()
+    return {line.split("/dev/shm/")[1].split()[0] for line in maps.splitlines() if "/dev/shm/cronnx_" in line}
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
