@@ -48,8 +48,9 @@ class Health(msgspec.Struct, omit_defaults=True):
 
 
 class PreprocessingStatus(msgspec.Struct):
-    """`/models`' `preprocessing`: where images are decoded ("threads" of the front or
-    "processes"), how many, how many processes were replaced, and their pids (none for threads)."""
+    """`/models`' `preprocessing`: where images are decoded ("threads" of the front, "processes",
+    or "front processes", in their threads), how many (processes, or threads in all), how many
+    processes were replaced, and their pids (none for threads)."""
 
     placement: str
     count: int

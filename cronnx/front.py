@@ -150,11 +150,14 @@ async def ready(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    p = state.engine.preprocessing
-    f = state.fronts
-    fronts = FrontProcessesStatus(1, 0, []) if f is None else FrontProcessesStatus(f.count, f.restarts, sorted(f.pids))
-    return json_response({"models": models_status(state.registry),
-                          "preprocessing": PreprocessingStatus(p.placement, p.count, p.restarts, sorted(p.pids)),
+    p, f = state.engine.preprocessing, state.fronts
+    if f is None:
+        fronts = FrontProcessesStatus(1, 0, [])
+        preprocessing = PreprocessingStatus(p.placement, p.count, p.restarts, sorted(p.pids))
+    else:  # the fronts decode every image, in their threads
+        fronts = FrontProcessesStatus(f.count, f.restarts, sorted(f.pids))
+        preprocessing = PreprocessingStatus("front processes", f.count * f.threads, f.restarts, sorted(f.pids))
+    return json_response({"models": models_status(state.registry), "preprocessing": preprocessing,
                           "front_processes": fronts})
 
 

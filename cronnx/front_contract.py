@@ -25,6 +25,7 @@ import msgspec
 
 from .config import ServerConfig
 from .contract import LoggingSpec
+from .model_spec import ModelSpec
 from .preprocess_process import Fill, Filled, FillFailed, Forget
 
 
@@ -92,13 +93,34 @@ class Drain(msgspec.Struct, tag="drain", array_like=True):
 
 
 class ModelView(msgspec.Struct, frozen=True):
-    """What a front needs to answer for a model version: sent with the first `Answer` of it."""
+    """What a front needs to check a request against a model version and answer it: sent with the
+    first `Answer` or `Chosen` of it. `batch_size` is the most rows one V2 request may hold."""
 
     name: str
     version: int
     top_k: int
     outputs_probabilities: bool
     labels: list[str]
+    spec: ModelSpec
+    batch_size: int
+
+
+class Choose(msgspec.Struct, tag="choose", array_like=True):
+    """Which version would serve `model` (as Infer chooses it): the Open Inference Protocol checks
+    a request's tensors against the version, and runs all its rows on it."""
+
+    request: int
+    model: str
+    version: int | None
+    routing_key: str | None
+
+
+class Chosen(msgspec.Struct, tag="chosen", array_like=True):
+    """The answer to Choose: the version's view key (and the view, the first time)."""
+
+    request: int
+    view_key: int
+    view: ModelView | None = None
 
 
 class Answer(msgspec.Struct, tag="answer", array_like=True):
@@ -130,8 +152,8 @@ class Refused(msgspec.Struct, tag="refused", array_like=True):
     version: str = ""
 
 
-FromFront = Infer | Filled | FillFailed | Abandon | Completed | ConnectionStats | Listening
-ToFront = Fill | Forget | Answer | Refused | Drain
+FromFront = Infer | Choose | Filled | FillFailed | Abandon | Completed | ConnectionStats | Listening
+ToFront = Fill | Forget | Answer | Chosen | Refused | Drain
 
 encode = msgspec.msgpack.Encoder().encode
 decode_from_front = msgspec.msgpack.Decoder(FromFront).decode

@@ -1,10 +1,11 @@
 """A front process (`server.front_processes` > 1): HTTP on the shared port, images decoded here.
 
-It serves /predict itself: reads the body, asks the engine process to run the request
-(`front_contract.Infer`), decodes the image in its own threads straight into the slot the
-engine names (`Fill`), and answers from the output row it gets back. Every other route (health,
-readiness, metrics, models, admin, the Open Inference Protocol) is passed to the engine
-process's own app on a Unix socket, so that each has one owner and every front answers alike.
+It serves /predict and the Open Inference Protocol's infer itself: reads the body, asks the
+engine process to run each row (`front_contract.Infer`; for V2, on the version `Choose` names),
+writes the row in its own threads straight into the slot the engine names (`Fill`: an image
+decoded, or a tensor row copied), and answers from the output rows it gets back. Every other
+route (health, readiness, metrics, models, admin, V2 metadata) is passed to the engine process's
+own app on a Unix socket, so that each has one owner and every front answers alike.
 
 The engine process decides when a front stops (`Drain`, or its pipe closing); SIGINT, SIGTERM and
 SIGHUP are ignored here.
@@ -32,8 +33,10 @@ from .errors import CronnxError, ImageTooLarge, InvalidImage, Unavailable
 from .front import (REQUEST_ID_HEADER, ROUTING_KEY_HEADER, RequestRecord, continue_unless_too_large, log_request,
                     outcome_into, predict_response, read_body, read_image, request_ids_and_json_errors,
                     top_k_param)
-from .front_contract import (Abandon, Answer, Completed, ConnectionStats, Drain, FrontSpec, Infer, Listening,
-                             ModelView, Refused, decode_to_front, encode)
+from .engine import InferenceResult
+from .front_contract import (Abandon, Answer, Choose, Chosen, Completed, ConnectionStats, Drain, FrontSpec, Infer,
+                             Listening, ModelView, Refused, decode_to_front, encode)
+from .inference_protocol import answer_infer
 from .listener import listen
 from .logs import setup_logging
 from .metrics import UNKNOWN_MODEL
@@ -70,10 +73,11 @@ def run_front_process(spec_bytes: bytes, inbox: Connection, outbox: Connection) 
 
 @dataclass(eq=False)
 class _Request:
-    """A request this front has sent to the engine: its image until the fill is over, and the
-    future its handler awaits (an Answer, or the error of a Refused)."""
+    """A request (or one row of one) this front has sent to the engine: its input (encoded image
+    bytes, or a row of the model's input tensor) until the fill is over, and the future its handler
+    awaits (an Answer or a Chosen, or the error of a Refused)."""
 
-    image: bytes
+    row: bytes | np.ndarray
     answer: asyncio.Future
     preprocess_s: float = 0.0
     # The version the engine chose (name, version), once known: for a refusal's metrics.
@@ -106,18 +110,15 @@ class EngineLink:
         except OSError:
             self._gone()
 
-    async def infer(self, image: bytes, model: str, version: int | None, routing_key: str | None,
-                    record: RequestRecord, deadline: float) -> tuple[np.ndarray, Answer, ModelView, float]:
-        """Run `image` (encoded bytes) on the model; `deadline` on this loop's clock. Returns the
-        output row (dtype and shape as the model gives them), the Answer, its version's view and
-        the seconds the decode took here; `record` gets the version that ran it (or refused it).
-        Raises the engine's error (a CronnxError) as its Refused names it; CancelledError when the
-        caller gives up (the engine is told)."""
-        if self.engine_gone:
-            raise Unavailable("the server is shutting down")
-        number = next(self._numbers)
-        request = _Request(image, self._loop.create_future())
-        self._requests[number] = request
+    async def infer(self, row: bytes | np.ndarray, model: str, version: int | None, routing_key: str | None,
+                    record: RequestRecord, deadline: float) -> tuple[InferenceResult, ModelView]:
+        """Run one row on the model: an encoded image (bytes, preprocessed here), or a row of the
+        model's input tensor (its `input_item_shape` and `input_dtype`: the caller checks both).
+        `deadline` is on this loop's clock. Returns the result (its output row as the model gives
+        it; `preprocess_s` the decode or copy here) and the version's view; `record` gets the
+        version that ran it (or refused it). Raises the engine's error (a CronnxError) as its
+        Refused names it; CancelledError when the caller gives up (the engine is told)."""
+        request, number = self._ask(row)
         self.send(Infer(number, record.request_id, model, version, routing_key,
                         max(0.0, deadline - self._loop.time())))
         try:
@@ -135,7 +136,30 @@ class EngineLink:
         view = self._views[answer.view_key]
         record.model, record.version = view.name, str(view.version)
         output = np.frombuffer(answer.output, dtype=answer.dtype).reshape(answer.shape)
-        return output, answer, view, request.preprocess_s
+        return InferenceResult(output, answer.batch_size, request.preprocess_s, answer.queue_s,
+                               answer.infer_s), view
+
+    async def choose(self, model: str, version: int | None, routing_key: str | None,
+                     record: RequestRecord) -> ModelView:
+        """The version that serves `model` now (as a request would get it); `record` gets it.
+        Raises the engine's error (ModelNotFound, ...)."""
+        request, number = self._ask(b"")
+        self.send(Choose(number, model, version, routing_key))
+        try:
+            chosen = await request.answer
+        finally:
+            self._requests.pop(number, None)
+        view = self._views[chosen.view_key]
+        record.model, record.version = view.name, str(view.version)
+        return view
+
+    def _ask(self, row: bytes | np.ndarray) -> tuple[_Request, int]:
+        if self.engine_gone:
+            raise Unavailable("the server is shutting down")
+        number = next(self._numbers)
+        request = _Request(row, self._loop.create_future())
+        self._requests[number] = request
+        return request, number
 
     def _on_readable(self) -> None:
         for message in self._said.read():
@@ -158,7 +182,7 @@ class EngineLink:
         kind = type(message)
         if kind is Fill:
             self._fill(message)
-        elif kind is Answer or kind is Refused:
+        elif kind is Answer or kind is Chosen or kind is Refused:
             request = self._requests.get(message.request)
             if request is None or request.answer.done():
                 return  # given up meanwhile
@@ -177,16 +201,17 @@ class EngineLink:
             self.drained.set()
 
     def _fill(self, fill: Fill) -> None:
-        """Decode the request's image into the slot in a thread; answer Filled or FillFailed when
-        it is done writing (always, even for a request given up: that answer frees the slot)."""
-        if fill.setup is not None and fill.ring not in self._rings:
-            self._rings[fill.ring] = (AttachedRing(fill.setup.ring), Preprocessor(fill.setup.preprocess, fill.setup.spec))
+        """Write the request's row into the slot in a thread; answer Filled or FillFailed when it is
+        done writing (always, even for a request given up: that answer frees the slot)."""
+        setup = fill.setup
+        if setup is not None and fill.ring not in self._rings:
+            self._rings[fill.ring] = (AttachedRing(setup.ring), Preprocessor(setup.preprocess, setup.spec))
         request = self._requests.get(fill.job)
         if request is None:
             self.send(FillFailed(fill.job, "error", "the request was given up before its image was decoded"))
             return
         ring, preprocessor = self._rings[fill.ring]
-        work = self._loop.run_in_executor(self._executor, _decode, preprocessor, request.image, ring.inputs[fill.slot])
+        work = self._loop.run_in_executor(self._executor, _write, preprocessor, request.row, ring.inputs[fill.slot])
         work.add_done_callback(lambda done: self._filled(fill.job, request, done))
 
     def _filled(self, job: int, request: _Request, work: asyncio.Future) -> None:
@@ -208,9 +233,14 @@ class EngineLink:
             ring.close()
 
 
-def _decode(preprocessor: Preprocessor, image: bytes, out: np.ndarray) -> float:
+def _write(preprocessor: Preprocessor, row: bytes | np.ndarray, out: np.ndarray) -> float:
+    """Write a row into a slot's input memory `out`: an image decoded, or a tensor row copied.
+    Returns the seconds it took."""
     started = time.perf_counter()
-    preprocessor(image, out)
+    if isinstance(row, bytes):
+        preprocessor(row, out)
+    else:
+        np.copyto(out, row, casting="no")
     return time.perf_counter() - started
 
 
@@ -235,12 +265,23 @@ FRONT = web.AppKey("front", _FrontState)
 
 async def predict(request: web.Request) -> web.Response:
     """/predict/{model}[/versions/{version}], as the engine process's own front answers it."""
+    return await _recorded(request, "predict", _predict)
+
+
+async def v2_infer(request: web.Request) -> web.Response:
+    """The Open Inference Protocol's infer, as the engine process's own front answers it."""
+    return await _recorded(request, "v2", _v2_infer)
+
+
+async def _recorded(request: web.Request, api: str, handle) -> web.Response:
+    """`handle(request, front, record, started)`, then the request's metrics (sent to the engine
+    process) and its access-log line."""
     front = request.app[FRONT]
     started = time.perf_counter()
-    record = RequestRecord(request["request_id"], "predict", UNKNOWN_MODEL, "")
+    record = RequestRecord(request["request_id"], api, UNKNOWN_MODEL, "")
     try:
         with outcome_into(record):
-            return await _predict(request, front, record, started)
+            return await handle(request, front, record, started)
     finally:
         total_s = time.perf_counter() - started
         front.link.send(Completed(record.api, record.model, record.version, record.outcome, total_s, record.phases,
@@ -255,12 +296,26 @@ async def _predict(request: web.Request, front: _FrontState, record: RequestReco
     image = await read_image(request, server.max_body_bytes, deadline, server.request_timeout_s)
     read_s = time.perf_counter() - started
     version = request.match_info.get("version")
-    output, answer, view, preprocess_s = await front.link.infer(
-        image, request.match_info["model"], None if version is None else int(version),
-        request.headers.get(ROUTING_KEY_HEADER), record, deadline)
-    return predict_response(record, view.labels, view.outputs_probabilities, k or view.top_k, output,
-                            answer.batch_size, started, {"read": read_s, "preprocess": preprocess_s,
-                                                         "queue": answer.queue_s, "inference": answer.infer_s})
+    result, view = await front.link.infer(image, request.match_info["model"], None if version is None else int(version),
+                                          request.headers.get(ROUTING_KEY_HEADER), record, deadline)
+    return predict_response(record, view.labels, view.outputs_probabilities, k or view.top_k, result.output,
+                            result.batch_size, started, {"read": read_s, "preprocess": result.preprocess_s,
+                                                         "queue": result.queue_s, "inference": result.infer_s})
+
+
+async def _v2_infer(request: web.Request, front: _FrontState, record: RequestRecord, started: float) -> web.Response:
+    server = front.spec.server
+    deadline = asyncio.get_running_loop().time() + server.request_timeout_s - (time.perf_counter() - started)
+    body = await read_body(request, server.max_body_bytes, deadline, server.request_timeout_s)
+    version = request.match_info.get("version")
+    # Every row runs on the version chosen here, which its tensors are checked against.
+    view = await front.link.choose(request.match_info["model"], None if version is None else int(version),
+                                   request.headers.get(ROUTING_KEY_HEADER), record)
+
+    async def run_row(row: bytes | np.ndarray) -> InferenceResult:
+        return (await front.link.infer(row, view.name, view.version, None, record, deadline))[0]
+
+    return await answer_infer(request, view, body, run_row, record, started)
 
 
 async def to_engine(request: web.Request) -> web.Response:
@@ -303,6 +358,8 @@ async def _serve(spec: FrontSpec, inbox: Connection, outbox: Connection) -> None
     expect = continue_unless_too_large(server.max_body_bytes)
     app.router.add_post("/predict/{model}", predict, expect_handler=expect)
     app.router.add_post(r"/predict/{model}/versions/{version:\d+}", predict, expect_handler=expect)
+    app.router.add_post("/v2/models/{model}/infer", v2_infer)
+    app.router.add_post(r"/v2/models/{model}/versions/{version:\d+}/infer", v2_infer)
     app.router.add_route("*", "/{tail:.*}", to_engine)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=server.request_timeout_s + 1.0, lingering_time=1.0,

@@ -33,8 +33,8 @@ from .contract import LoggingSpec
 from .engine import InferenceEngine
 from .errors import CronnxError, ImageTooLarge, InvalidImage, PreprocessingLost
 from .config import ServerConfig
-from .front_contract import (Abandon, Answer, Completed, ConnectionStats, Drain, FrontSpec, Infer, Listening,
-                             ModelView, Refused, decode_from_front, encode)
+from .front_contract import (Abandon, Answer, Choose, Chosen, Completed, ConnectionStats, Drain, FrontSpec, Infer,
+                             Listening, ModelView, Refused, decode_from_front, encode)
 from .metrics import Metrics
 from .pool import ModelPool
 from .preprocess_process import Fill, Filled, FillFailed, Forget, Setup
@@ -119,14 +119,14 @@ class FrontProcesses:
         self._fronts: list[_Front | None] = [None] * count
         self._all_listening = self._loop.create_future()
         # Each front decodes in its share of the threads and accepts its share of the connections.
-        self._threads = max(1, round(server.preprocess_threads / count))
+        self.threads = max(1, round(server.preprocess_threads / count))
         self._max_connections = max(1, server.max_connections // count)
         for index in range(count):
             self._start(index)
         self._sweeper = self._loop.call_later(FORGET_INTERVAL_S, self._forget_closed_rings)
 
     def __str__(self) -> str:
-        return f"{self.count} front processes, each decoding in {self._threads} thread{'s' * (self._threads != 1)}"
+        return f"{self.count} front processes, each decoding in {self.threads} thread{'s' * (self.threads != 1)}"
 
     @property
     def pids(self) -> list[int]:
@@ -151,7 +151,7 @@ class FrontProcesses:
         outbox_read, outbox_write = _spawn.Pipe(duplex=False)
         enlarge_pipe(inbox_write.fileno())
         enlarge_pipe(outbox_write.fileno())
-        spec = FrontSpec(index, self._server, self._port, self._engine_socket, self._threads,
+        spec = FrontSpec(index, self._server, self._port, self._engine_socket, self.threads,
                          self._max_connections, self._logging)
         # Imported here: the front process's module pulls in what only a front needs.
         from .front_process import run_front_process
@@ -191,6 +191,12 @@ class FrontProcesses:
                     done.set_result(None)
                 else:
                     done.set_exception(_fill_error(message.kind, message.message))
+        elif kind is Choose:
+            try:
+                with self._engine.select(message.model, message.version, message.routing_key) as pool:
+                    self._send(front, Chosen(message.request, pool.generation, _view_unless_sent(front, pool)))
+            except CronnxError as exc:
+                self._send(front, Refused(message.request, type(exc).__name__, exc.message))
         elif kind is Abandon:
             task = front.requests.get(message.request)
             if task is not None:
@@ -220,13 +226,10 @@ class FrontProcesses:
                 result = await self._engine.infer_filled_by(
                     pool, lambda ring, slot: self._start_fill(front, message.request, pool, ring, slot),
                     message.request_id, deadline)
-                view = None
-                if pool.generation not in front.views:
-                    front.views.add(pool.generation)
-                    view = ModelView(pool.name, pool.version, pool.top_k, pool.outputs_probabilities, pool.labels)
                 output: np.ndarray = result.output
                 self._send(front, Answer(message.request, output.tobytes(), output.dtype.str, output.shape,
-                                         result.batch_size, result.queue_s, result.infer_s, pool.generation, view))
+                                         result.batch_size, result.queue_s, result.infer_s, pool.generation,
+                                         _view_unless_sent(front, pool)))
         except CronnxError as exc:
             self._send(front, Refused(message.request, type(exc).__name__, exc.message, *chosen))
         except asyncio.CancelledError:
@@ -322,3 +325,11 @@ def _fill_error(kind: str, message: str) -> Exception:
         return ImageTooLarge(message)
     return RuntimeError(f"preprocessing failed: {message}")
 
+
+def _view_unless_sent(front: _Front, pool: ModelPool) -> ModelView | None:
+    """The pool's view if the front has not been sent it yet (and it now has), else None."""
+    if pool.generation in front.views:
+        return None
+    front.views.add(pool.generation)
+    return ModelView(pool.name, pool.version, pool.top_k, pool.outputs_probabilities, pool.labels, pool.spec,
+                     pool.batch_size)

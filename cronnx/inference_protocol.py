@@ -21,7 +21,9 @@ import asyncio
 import binascii
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
+from typing import Protocol
 
 import msgspec
 import numpy as np
@@ -30,6 +32,7 @@ from aiohttp import web
 from .engine import InferenceResult
 from .errors import InvalidRequest, ModelNotReady
 from .front import STATE, RequestRecord, ServerState, json_response, model_request, read_body, request_deadline
+from .model_spec import ModelSpec
 from .pool import ModelPool
 from .postprocess import top_k
 
@@ -164,18 +167,43 @@ async def _infer(request: web.Request, state: ServerState, pool: ModelPool, reco
                  started: float) -> web.Response:
     deadline = request_deadline(state, started)
     body = await read_body(request, state.config.max_body_bytes, deadline, state.config.request_timeout_s)
-    header, binary = _split_body(request, body)
-    parsed = _parse_header(header) if header else _raw_binary_request(binary, pool)
-    rows = _rows(parsed, binary, pool)
-    read_s = time.perf_counter() - started
     engine = state.engine
-    if rows.dtype == object:  # encoded images
-        jobs = [engine.infer(pool, image, record.request_id, deadline) for image in rows]
-    else:
-        jobs = [engine.infer_tensor(pool, row, record.request_id, deadline) for row in rows]
-    results = await _all_or_nothing(jobs)
+
+    def run_row(row: bytes | np.ndarray) -> Awaitable[InferenceResult]:
+        if isinstance(row, bytes):  # an encoded image
+            return engine.infer(pool, row, record.request_id, deadline)
+        return engine.infer_tensor(pool, row, record.request_id, deadline)
+
+    return await answer_infer(request, pool, body, run_row, record, started)
+
+
+class ServedModel(Protocol):
+    """What answering an infer request needs of the version that runs it: a `ModelPool` here, a
+    `front_contract.ModelView` in a front process."""
+
+    name: str
+    version: int
+    spec: ModelSpec
+    batch_size: int
+    labels: list[str]
+    outputs_probabilities: bool
+
+
+async def answer_infer(request: web.Request, model: ServedModel, body: bytes,
+                       run_row: Callable[[bytes | np.ndarray], Awaitable[InferenceResult]], record: RequestRecord,
+                       started: float) -> web.Response:
+    """An infer request's answer: its `body` (the JSON header and any binary data) checked against
+    `model`, each row run by `run_row` (an encoded image as bytes, or one row of the model's input
+    tensor), every row's output in the response. Fills in `record`'s batch size and phases
+    (`started`: the request's arrival, perf_counter). Raises InvalidRequest for a malformed
+    request, or the first failing row's error (the other rows are cancelled)."""
+    header, binary = _split_body(request, body)
+    parsed = _parse_header(header) if header else _raw_binary_request(binary, model)
+    rows = _rows(parsed, binary, model)
+    read_s = time.perf_counter() - started
+    results = await _all_or_nothing([run_row(row) for row in rows])
     respond_started = time.perf_counter()
-    response = _response(request, parsed, pool, results)
+    response = _response(request, parsed, model, results)
     record.batch_size = max(r.batch_size for r in results)
     record.phases = {"read": read_s, "preprocess": max(r.preprocess_s for r in results),
                      "queue": max(r.queue_s for r in results), "inference": max(r.infer_s for r in results),
@@ -208,7 +236,7 @@ def _split_body(request: web.Request, body: bytes) -> tuple[bytes, bytes]:
     return body[:length], body[length:]
 
 
-def _raw_binary_request(binary: bytes, pool: ModelPool) -> InferRequest:
+def _raw_binary_request(binary: bytes, pool: ServedModel) -> InferRequest:
     """A body that is all binary data (header length 0): the model's input tensor, N rows of it in
     the model's datatype and layout, N read off the size; the output comes back binary (Triton's
     raw binary request)."""
@@ -232,7 +260,7 @@ def _parse_header(header: bytes) -> InferRequest:
         raise InvalidRequest(f"the inference request is not valid JSON: {exc}") from None
 
 
-def _rows(parsed: InferRequest, binary: bytes, pool: ModelPool) -> np.ndarray:
+def _rows(parsed: InferRequest, binary: bytes, pool: ServedModel) -> np.ndarray:
     """The request's rows: [N, *item] of the model's input dtype, or N encoded images (dtype object)."""
     if len(parsed.inputs) != 1:
         raise InvalidRequest(f"the request has {len(parsed.inputs)} inputs; model {pool.name!r} takes one")
@@ -257,7 +285,7 @@ def _binary_part(tensor: RequestTensor, binary: bytes) -> bytes | None:
     return binary
 
 
-def _tensor_rows(tensor: RequestTensor, binary: bytes, pool: ModelPool) -> np.ndarray:
+def _tensor_rows(tensor: RequestTensor, binary: bytes, pool: ServedModel) -> np.ndarray:
     spec = pool.spec
     expected = DATATYPES[spec.input_dtype]
     if tensor.name != spec.input_name:
@@ -335,7 +363,7 @@ def _serialize_bytes(elements: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
-def _response(request: web.Request, parsed: InferRequest, pool: ModelPool,
+def _response(request: web.Request, parsed: InferRequest, pool: ServedModel,
               results: list[InferenceResult]) -> web.Response:
     spec = pool.spec
     wanted = parsed.outputs or [RequestedOutput(spec.output_name)]

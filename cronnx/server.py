@@ -144,15 +144,12 @@ async def _serve(config: Config, config_path: str, prepared: list[PreparedVersio
     server = config.server
     on_cuda = any("CUDAExecutionProvider" in p.providers for p in prepared) or any(
         _may_use_cuda(v.config.providers) for v in to_build)
-    processes = server.preprocess_processes
-    if server.front_processes > 1 and processes is None:
-        processes = 0  # /predict's images are decoded in the front processes; threads here for the rest
-    preprocessing = start_preprocessing(processes, server.preprocess_threads, on_cuda,
-                                        server.max_image_pixels, server.request_timeout_s)
     if server.front_processes > 1:
-        log.info("preprocessing of the requests the front processes pass on (the Open Inference Protocol's) in %s",
-                 preprocessing)
+        # The fronts decode every image: the engine's own preprocessing (one thread) is not used.
+        preprocessing = start_preprocessing(0, 1, on_cuda, server.max_image_pixels, server.request_timeout_s)
     else:
+        preprocessing = start_preprocessing(server.preprocess_processes, server.preprocess_threads, on_cuda,
+                                            server.max_image_pixels, server.request_timeout_s)
         log.info("preprocessing in %s", preprocessing)
     fronts: FrontProcesses | None = None
 

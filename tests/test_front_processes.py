@@ -72,6 +72,8 @@ def test_answers_equal_a_direct_run_from_every_front_and_are_counted(server, tin
     fronts = front_pids(server)
     assert len(fronts) == 2 and server.proc.pid not in fronts
     assert "in 2 front processes, each decoding in 1 thread" in server.log()
+    assert server.get("/models")[1]["preprocessing"] == {"placement": "front processes", "count": 2, "restarts": 0,
+                                                         "pids": sorted(fronts)}
     direct = DirectModel(tiny_model)
     bodies = PHOTOS * 8
     replies = asyncio.run(predict_many(url, bodies, concurrency=24))
@@ -122,7 +124,7 @@ def test_bad_requests_get_their_status_from_a_front_beside_good_ones(server):
                        "_unknown 404": 1}
 
 
-def test_other_routes_are_the_engine_processs_own_answers(server, tiny_model):
+def test_v2_infer_is_served_by_a_front_and_other_routes_by_the_engine_process(server, tiny_model):
     async def main():
         async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
             answers = {}
@@ -149,6 +151,12 @@ def test_other_routes_are_the_engine_processs_own_answers(server, tiny_model):
     batch = np.repeat(direct.tensor(PHOTOS[1])[None], direct.spec.fixed_batch or 1, axis=0)
     logits = direct.session.run(None, {direct.spec.input_name: batch})[0][0].reshape(-1)
     np.testing.assert_allclose(body["outputs"][0]["data"], logits, rtol=0, atol=1e-5)
+    # The infer was answered (and logged) by a front; the engine process counted it.
+    v2_lines = [line for line in access_lines(server) if line["api"] == "v2"]
+    assert len(v2_lines) == 1 and v2_lines[0]["pid"] in front_pids(server) and v2_lines[0]["model"] == "tiny"
+    v2 = ("cronnx_requests_total", frozenset({("api", "v2"), ("model", "tiny"), ("outcome", "success"),
+                                              ("version", "1")}))
+    wait_until(lambda: scrape(server.url).get(v2) == 1, timeout_s=5, what="the V2 request counted")
 
 
 def test_a_killed_front_is_replaced_without_losing_the_others_requests(server):

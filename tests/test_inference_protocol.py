@@ -33,10 +33,12 @@ def direct(tiny_model):
     return DirectModel(tiny_model)
 
 
-@pytest.fixture
-def server(start_server, tiny_model):
+@pytest.fixture(params=[1, 2], ids=["one process", "two front processes"])
+def server(request, start_server, tiny_model):
+    """The same server answered by its one process, and by two front processes (which serve infer
+    themselves and pass every other route on)."""
     return start_server(server_config(model_entry("tiny", tiny_model, batch_size=8, batch_timeout_ms=30),
-                                      max_body_bytes=BODY_LIMIT))
+                                      max_body_bytes=BODY_LIMIT, front_processes=request.param))
 
 
 def client(server) -> triton.InferenceServerClient:
