@@ -87,9 +87,9 @@ class _Request:
 class EngineLink:
     """This front's pipe pair to the engine process, and the fills it asks for.
 
-    `infer` runs one request: Infer out, then a Fill decoded into ring memory in one of
-    `threads` threads, then the Answer. `drained` is set when the engine process says Drain or
-    goes away."""
+    `infer` runs one row: Infer out, then a Fill written into ring memory (an image decoded, a
+    tensor row copied) in one of `threads` threads, then the Answer. `choose` asks which version
+    serves a model. `drained` is set when the engine process says Drain or goes away."""
 
     def __init__(self, inbox: Connection, outbox: Connection, threads: int):
         self._inbox, self._outbox = inbox, outbox
