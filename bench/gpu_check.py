@@ -1297,8 +1297,9 @@ def markdown(result: dict) -> str:
 
     served = parts.get("served", {})
     lines += ["Served (`cronnx serve`, 1 worker, `cronnx bench` closed loop, raw bodies); preprocessing in the "
-              "front's threads or in preprocessing processes; server CPU in cores: all (event loop thread / "
-              "worker / other children, i.e. preprocessing processes):", ""]
+              "front's threads, in preprocessing processes, or in front processes (their threads); server CPU in "
+              "cores: all (event loop thread of the main process / worker / other children, i.e. preprocessing or "
+              "front processes):", ""]
     lines += _error_line(served)
     lines += ["| model | preprocessing | clients | img/s | p50 ms | p99 ms | ok / sent | errors | mean batch "
               "| batches by size | phases ms (pre / queue / infer) | server CPU cores (loop / worker / children) "
