@@ -59,7 +59,9 @@ def reserve_port(host: str, port: int) -> socket.socket:
     front processes (which bind it the same way) and resolves port 0 to a free one, while no
     connection is ever queued on it. Raises OSError when the port is taken, by any process: the
     port is first bound without SO_REUSEPORT, which fails even where the holder shares it (another
-    server of the same user with front processes would otherwise split the traffic with this one)."""
+    server of the same user with front processes would otherwise split the traffic with this one),
+    though not in the seconds before that server's fronts listen. Both binds pass an earlier run's
+    connections in TIME_WAIT (SO_REUSEADDR), as asyncio's listeners do."""
     info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     if port:
         with socket.socket(info[0], socket.SOCK_STREAM) as probe:
@@ -68,6 +70,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
             probe.bind(info[4])
     sock = socket.socket(info[0], socket.SOCK_STREAM)
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(info[4])
     except BaseException:
