@@ -29,7 +29,7 @@ from aiohttp import web
 from yarl import URL
 
 from . import errors
-from .errors import CronnxError, ImageTooLarge, InvalidImage, Unavailable
+from .errors import CronnxError, Unavailable
 from .front import (REQUEST_ID_HEADER, ROUTING_KEY_HEADER, RequestRecord, continue_unless_too_large, log_request,
                     outcome_into, predict_response, read_body, read_image, request_ids_and_json_errors,
                     top_k_param)
@@ -42,8 +42,7 @@ from .logs import setup_logging
 from .metrics import UNKNOWN_MODEL
 from .preprocess import Preprocessor, set_max_image_pixels
 from .pipe_reader import PipeReader
-from .preprocess_process import Fill, Filled, FillFailed, Forget
-from .ring import AttachedRing
+from .preprocess_process import AttachedRings, Fill, Filled, FillFailed, Forget, fill_failed
 from .scheduling import mark_cpu_bound
 
 log = logging.getLogger("cronnx.front_process")
@@ -98,7 +97,7 @@ class EngineLink:
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="cronnx-preprocess", initializer=mark_cpu_bound)
         self._numbers = itertools.count()
         self._requests: dict[int, _Request] = {}
-        self._rings: dict[str, tuple[AttachedRing, Preprocessor]] = {}
+        self._rings = AttachedRings()
         self._views: dict[int, ModelView] = {}
         self.drained = asyncio.Event()
         self.engine_gone = False
@@ -194,43 +193,30 @@ class EngineLink:
                     self._views[message.view_key] = message.view
                 request.answer.set_result(message)
         elif kind is Forget:
-            attached = self._rings.pop(message.ring, None)
-            if attached is not None:
-                attached[0].close()
+            self._rings.forget(message.ring)
         elif kind is Drain:
             self.drained.set()
 
     def _fill(self, fill: Fill) -> None:
         """Write the request's row into the slot in a thread; answer Filled or FillFailed when it is
         done writing (always, even for a request given up: that answer frees the slot)."""
-        setup = fill.setup
-        if setup is not None and fill.ring not in self._rings:
-            self._rings[fill.ring] = (AttachedRing(setup.ring), Preprocessor(setup.preprocess, setup.spec))
+        out, preprocessor = self._rings.target(fill)  # attached on a ring's first fill, given up or not
         request = self._requests.get(fill.job)
         if request is None:
             self.send(FillFailed(fill.job, "error", "the request was given up before its image was decoded"))
             return
-        ring, preprocessor = self._rings[fill.ring]
-        work = self._loop.run_in_executor(self._executor, _write, preprocessor, request.row, ring.inputs[fill.slot])
+        work = self._loop.run_in_executor(self._executor, _write, preprocessor, request.row, out)
         work.add_done_callback(lambda done: self._filled(fill.job, request, done))
 
     def _filled(self, job: int, request: _Request, work: asyncio.Future) -> None:
         exc = work.exception()
         if exc is None:
             request.preprocess_s = work.result()
-            answer = Filled(job)
-        elif isinstance(exc, InvalidImage):
-            answer = FillFailed(job, "invalid_image", str(exc))
-        elif isinstance(exc, ImageTooLarge):
-            answer = FillFailed(job, "image_too_large", str(exc))
-        else:
-            answer = FillFailed(job, "error", f"{type(exc).__name__}: {exc}")
-        self.send(answer)
+        self.send(Filled(job) if exc is None else fill_failed(job, exc))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)  # threads write into ring memory: finish before unmapping
-        for ring, _ in self._rings.values():
-            ring.close()
+        self._rings.close()
 
 
 def _write(preprocessor: Preprocessor, row: bytes | np.ndarray, out: np.ndarray) -> float:

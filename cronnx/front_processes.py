@@ -31,13 +31,13 @@ import numpy as np
 
 from .contract import LoggingSpec
 from .engine import InferenceEngine
-from .errors import CronnxError, ImageTooLarge, InvalidImage, PreprocessingLost
+from .errors import CronnxError, PreprocessingLost
 from .config import ServerConfig
 from .front_contract import (Abandon, Answer, Choose, Chosen, Completed, ConnectionStats, Drain, FrontSpec, Infer,
                              Listening, ModelView, Refused, decode_from_front, encode)
 from .metrics import Metrics
 from .pool import ModelPool
-from .preprocess_process import Fill, Filled, FillFailed, Forget, Setup
+from .preprocess_process import Fill, Filled, FillFailed, Forget, MappedRings, fill_error
 from .preprocessing import FillJob
 from .pipe_reader import PipeReader
 from .process import enlarge_pipe, restart_delay
@@ -88,8 +88,7 @@ class _Front:
     requests: dict[int, asyncio.Task] = field(default_factory=dict)
     # Fills sent and not answered: resolved by Filled/FillFailed, or by the front's exit.
     fills: dict[int, asyncio.Future] = field(default_factory=dict)
-    # Rings this front has been given a Setup for (it maps them), by input segment name.
-    rings: dict[str, SlotRing] = field(default_factory=dict)
+    rings: MappedRings = field(default_factory=MappedRings)  # what it maps
     # The pools (by generation) whose ModelView it has been sent.
     views: set[int] = field(default_factory=set)
     open_connections: int = 0
@@ -190,7 +189,7 @@ class FrontProcesses:
                 if kind is Filled:
                     done.set_result(None)
                 else:
-                    done.set_exception(_fill_error(message.kind, message.message))
+                    done.set_exception(fill_error(message))
         elif kind is Choose:
             try:
                 with self._engine.select(message.model, message.version, message.routing_key) as pool:
@@ -245,12 +244,7 @@ class FrontProcesses:
         resolves on its answer (or its exit), which is when nothing writes the slot any more."""
         done = self._loop.create_future()
         front.fills[request] = done
-        name = ring.layout.input_segment
-        setup = None
-        if name not in front.rings:
-            setup = Setup(ring.layout, pool.preprocess.config, pool.preprocess.spec)
-            front.rings[name] = ring
-        self._send(front, Fill(request, name, slot, setup))
+        self._send(front, Fill(request, ring.layout.input_segment, slot, front.rings.setup_for(ring, pool.preprocess)))
         # Nothing to withdraw: the front holds the image and starts at once; its answer ends the job.
         return FillJob(done, lambda: None)
 
@@ -260,8 +254,7 @@ class FrontProcesses:
         for front in self._fronts:
             if front is None:
                 continue
-            for name in [n for n, ring in front.rings.items() if ring.closed]:
-                del front.rings[name]
+            for name in front.rings.closed():
                 self._send(front, Forget(name))
         self._sweeper = self._loop.call_later(FORGET_INTERVAL_S, self._forget_closed_rings)
 
@@ -316,14 +309,6 @@ class FrontProcesses:
                         front.process.kill()
                 deadline = float("inf")
             await asyncio.sleep(0.01)
-
-
-def _fill_error(kind: str, message: str) -> Exception:
-    if kind == "invalid_image":
-        return InvalidImage(message)
-    if kind == "image_too_large":
-        return ImageTooLarge(message)
-    return RuntimeError(f"preprocessing failed: {message}")
 
 
 def _view_unless_sent(front: _Front, pool: ModelPool) -> ModelView | None:

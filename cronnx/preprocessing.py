@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Protocol
 
-from .errors import ImageTooLarge, InvalidImage, PreprocessingLost
+from .errors import PreprocessingLost
 from .preprocess import Preprocessor
-from .preprocess_process import (Fill, Filled, Forget, Setup, Stop, decode_from_preprocess, encode,
+from .preprocess_process import (Fill, Filled, Forget, MappedRings, Stop, decode_from_preprocess, encode, fill_error,
                                  run_preprocess_process)
 from .pipe_reader import PipeReader
 from .process import enlarge_pipe, restart_delay
@@ -131,8 +131,7 @@ class _Process:
     watchdog: asyncio.TimerHandle | None = None
     kill_reason: str | None = None
     fills: int = 0
-    # Rings this process has been given a Setup for (it maps them), by input segment name.
-    rings: dict[str, SlotRing] = field(default_factory=dict)
+    rings: MappedRings = field(default_factory=MappedRings)  # what it maps
 
 
 class ProcessPreprocessing:
@@ -195,8 +194,7 @@ class ProcessPreprocessing:
         for proc in self._processes:
             if proc is None:
                 continue
-            for name in [n for n, ring in proc.rings.items() if ring.closed]:
-                del proc.rings[name]
+            for name in proc.rings.closed():
                 try:
                     proc.inbox.send_bytes(encode(Forget(name)))
                 except OSError:
@@ -206,13 +204,9 @@ class ProcessPreprocessing:
     def _dispatch(self, proc: _Process, job: _Job) -> None:
         proc.job = job
         proc.watchdog = self._loop.call_later(self._fill_timeout_s, self._overdue, proc, job)
-        name = job.ring.layout.input_segment
         try:
-            setup = None
-            if name not in proc.rings:
-                setup = Setup(job.ring.layout, job.preprocessor.config, job.preprocessor.spec)
-                proc.rings[name] = job.ring
-            proc.inbox.send_bytes(encode(Fill(job.id, name, job.slot, setup)))
+            setup = proc.rings.setup_for(job.ring, job.preprocessor)
+            proc.inbox.send_bytes(encode(Fill(job.id, job.ring.layout.input_segment, job.slot, setup)))
             # The process is idle, reading: an image above the pipe's 1 MiB blocks the event loop
             # only while it drains the rest.
             proc.inbox.send_bytes(job.image)
@@ -259,12 +253,8 @@ class ProcessPreprocessing:
         if not job.done.done():
             if type(message) is Filled:
                 job.done.set_result(None)
-            elif message.kind == "invalid_image":
-                job.done.set_exception(InvalidImage(message.message))
-            elif message.kind == "image_too_large":
-                job.done.set_exception(ImageTooLarge(message.message))
             else:
-                job.done.set_exception(RuntimeError(f"preprocessing failed: {message.message}"))
+                job.done.set_exception(fill_error(message))
         if self._queue and not self._closing:
             self._dispatch(proc, self._queue.popleft())
 
