@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from .http_protocol import new_connection
+
 _BODY = b'{"error":"the server has as many open connections as it takes (server.max_connections); retry"}'
 REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
            b"Connection: close\r\nContent-Length: " + str(len(_BODY)).encode() + b"\r\n\r\n" + _BODY)
@@ -29,8 +31,9 @@ class _Refuse(asyncio.Protocol):
 
 
 class CappedProtocolFactory:
-    """Hands each new connection to `server` (aiohttp's low-level server, a protocol factory) while
-    it has fewer than `max_connections` open; `on_refused()` is called for each one turned away."""
+    """Hands each new connection to `server` (aiohttp's low-level server) while it has fewer than
+    `max_connections` open, in aiohttp's protocol with Cronnx's error answers (http_protocol.py);
+    `on_refused()` is called for each one turned away."""
 
     def __init__(self, server: web.Server, max_connections: int, on_refused: Callable[[], None]):
         self._server = server
@@ -41,7 +44,7 @@ class CappedProtocolFactory:
         if len(self._server.connections) >= self._max:
             self._on_refused()
             return _Refuse()
-        return self._server()
+        return new_connection(self._server)
 
 
 async def listen(runner: web.AppRunner, host: str, port: int, max_connections: int,
