@@ -17,20 +17,25 @@ the code of another checkout (a git worktree of an earlier commit, say) with the
 --rate compares latency at a fixed open-loop rate instead of throughput at a fixed concurrency.
 
 CPU efficiency (issue 10) is the CPU that preprocessing alone takes per image (Cronnx's
-Preprocessor for the first config's first model, on one thread, on the same photos, measured
-before and after the rounds) over a server's total CPU per request: the share of the cores a
-server uses that decoding and preprocessing would need anyway. With a near-free model
-(bench/near_free_model.py) the rest is the server's own overhead.
+Preprocessor for the first config's first model, on the same photos, measured before and after
+the rounds) over a server's total CPU per request: the share of the cores a server uses that
+decoding and preprocessing would need anyway. With a near-free model (bench/near_free_model.py)
+the rest is the server's own overhead. It is given twice: with preprocessing measured on one
+thread of an idle machine, and with it running on every core at once (one process per core), as
+it must at a served rate that takes all the cores; the second is issue 10's "cores that
+preprocessing alone needs at the served rate".
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +48,7 @@ sys.path.insert(0, str(REPO))
 from cronnx.config import load_config  # noqa: E402
 from cronnx.model_spec import inspect_model  # noqa: E402
 from cronnx.preprocess import Preprocessor  # noqa: E402
+from cronnx.scheduling import usable_cores  # noqa: E402
 
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
@@ -78,9 +84,10 @@ def cpu_by_part(group: int) -> dict[str, float]:
     return out
 
 
-def preprocess_cpu_ms(config: Path, photos: list[Path], passes: int = 3) -> float:
+def preprocess_cpu_ms(config: Path, photos: list[Path], passes: int = 3, seconds: float | None = None) -> float:
     """CPU milliseconds per image that Cronnx's preprocessing of `photos` takes alone, on this
-    thread, for the first model of `config` (relative paths from the repo root)."""
+    thread, for the first model of `config` (relative paths from the repo root): `passes` over the
+    photos, or as many as fit in `seconds`."""
     model = load_config(config).models[0]
     path = Path(model.path) if Path(model.path).is_absolute() else REPO / model.path
     preprocess = Preprocessor(model.preprocess, inspect_model(str(path)))
@@ -88,11 +95,22 @@ def preprocess_cpu_ms(config: Path, photos: list[Path], passes: int = 3) -> floa
     out = np.empty((1, *preprocess.spec.input_item_shape), preprocess.spec.input_dtype)
     for image in data:  # warm the caches and the allocator
         preprocess(image, out[0])
-    started = time.thread_time()
-    for _ in range(passes):
-        for image in data:
-            preprocess(image, out[0])
-    return (time.thread_time() - started) * 1000 / (passes * len(data))
+    started, deadline, done = time.thread_time(), time.monotonic() + (seconds or 0.0), 0
+    while done < passes * len(data) if seconds is None else time.monotonic() < deadline:
+        preprocess(data[done % len(data)], out[0])
+        done += 1
+    return (time.thread_time() - started) * 1000 / done
+
+
+def preprocess_cpu_ms_all_cores(config: Path, photos: list[Path], seconds: float = 3.0) -> float:
+    """The same with every usable core busy: one process per core, each preprocessing the photos
+    for `seconds` at once; the mean of their CPU milliseconds per image. That is what preprocessing
+    alone costs at a rate that needs all the cores (shared caches, memory bandwidth, clocks), as a
+    server's decoding under full load does."""
+    cores = usable_cores()
+    with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return statistics.mean(pool.map(preprocess_cpu_ms, [config] * cores, [photos] * cores, [3] * cores,
+                                        [seconds] * cores))
 
 
 def servers(py: str, configs: list[Path], trees: list[Path], peer: bool,
@@ -127,6 +145,7 @@ def main() -> None:
     configs = args.config or [REPO / "config" / "cronnx.yaml"]
     chosen = servers(sys.executable, configs, args.tree, not args.no_peer, args.model)
     preprocess_ms = [preprocess_cpu_ms(configs[0], photos)]
+    preprocess_all_ms = [preprocess_cpu_ms_all_cores(configs[0], photos)]
     rates: dict[str, list[float]] = {label: [] for label, *_ in chosen}
     cpu: dict[str, list[dict[str, float]]] = {label: [] for label, *_ in chosen}
     latency: dict[str, list[tuple[float, float]]] = {label: [] for label, *_ in chosen}  # (p50, p99) ms
@@ -153,27 +172,32 @@ def main() -> None:
             print(f"round {round_no}: " + ", ".join(f"{label} {rates[label][-1]:.1f}" for label in rates) + " req/s",
                   flush=True)
     preprocess_ms.append(preprocess_cpu_ms(configs[0], photos))
-    print(report(rates, latency, cpu, statistics.mean(preprocess_ms), open_loop=args.rate is not None))
+    preprocess_all_ms.append(preprocess_cpu_ms_all_cores(configs[0], photos))
+    print(report(rates, latency, cpu, statistics.mean(preprocess_ms), statistics.mean(preprocess_all_ms),
+                 open_loop=args.rate is not None))
 
 
 def report(rates: dict[str, list[float]], latency: dict[str, list[tuple[float, float]]],
-           cpu: dict[str, list[dict[str, float]]], preprocess_ms: float, open_loop: bool = False) -> str:
-    """The table of medians (CPU efficiency: `preprocess_ms`, preprocessing's own CPU per image,
-    over the total CPU per request), then the first server against each other one, round by round:
-    its throughput ratio in closed loop, its p99 ratio at the open loop's fixed rate."""
+           cpu: dict[str, list[dict[str, float]]], preprocess_ms: float, preprocess_all_ms: float,
+           open_loop: bool = False) -> str:
+    """The table of medians, then the first server against each other one, round by round: its
+    throughput ratio in closed loop, its p99 ratio at the open loop's fixed rate. CPU efficiency:
+    preprocessing's own CPU per image over the total CPU per request, with preprocessing measured
+    alone on one thread (`preprocess_ms`) and on all cores at once (`preprocess_all_ms`)."""
     med = statistics.median
     labels = list(rates)
     lines = ["| server | req/s | p50 ms | p99 ms | event loop | other threads | child processes | "
-             "total CPU per request | CPU efficiency |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "total CPU per request | CPU efficiency (one thread / all cores) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label in labels:
         parts = {part: med(c[part] for c in cpu[label]) for part in cpu[label][0]}
         total = med(sum(c.values()) for c in cpu[label])
         lines.append(f"| {label} | {med(rates[label]):.1f} | {med(p50 for p50, _ in latency[label]):.1f} | "
                      f"{med(p99 for _, p99 in latency[label]):.1f} | {parts['event loop thread']:.2f} ms | "
                      f"{parts['other threads']:.2f} ms | {parts['child processes']:.2f} ms | {total:.2f} ms | "
-                     f"{preprocess_ms / total:.2f} |")
+                     f"{preprocess_ms / total:.2f} / {preprocess_all_ms / total:.2f} |")
     lines.append(f"(medians of {len(rates[labels[0]])} rounds; preprocessing alone: {preprocess_ms:.2f} ms CPU "
-                 f"per image)")
+                 f"per image on one thread, {preprocess_all_ms:.2f} ms with all {usable_cores()} cores busy)")
     lines.append("")
     first = labels[0]
     for label in labels[1:]:
