@@ -365,16 +365,16 @@ def _descendants(pid: int) -> list[int]:
 # --- Malformed HTTP below the application ------------------------------------------------------
 #
 # Not part of the storm above: each request here breaks HTTP itself, on one connection of its own,
-# with aiohttp's C parser (the default) and with its pure-Python one.
+# with aiohttp's C parser (the default), with its pure-Python one, and through front processes.
 
 HTTP_TIMEOUT_S = 2  # the request timeout of these servers: a hang shows as a 408 after it
 
 
-def _http_server(tmp_path_factory, tiny_model, name: str, env: dict[str, str]):
+def _http_server(tmp_path_factory, tiny_model, name: str, env: dict[str, str], **server):
     from support.server import ServerProcess
 
     process = ServerProcess(tmp_path_factory.mktemp(name), server_config(
-        model_entry("tiny", tiny_model), max_body_bytes=BODY_LIMIT, request_timeout_s=HTTP_TIMEOUT_S))
+        model_entry("tiny", tiny_model), max_body_bytes=BODY_LIMIT, request_timeout_s=HTTP_TIMEOUT_S, **server))
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # the server process inherits this environment
     try:
@@ -393,12 +393,14 @@ def _http_server(tmp_path_factory, tiny_model, name: str, env: dict[str, str]):
 
 @pytest.fixture(scope="module")
 def http_servers(tmp_path_factory, tiny_model):
-    """The same server with aiohttp's C HTTP parser (the default) and with its pure-Python one
-    (what runs where the C extension is not built: AIOHTTP_NO_EXTENSIONS=1)."""
+    """The same server with aiohttp's C HTTP parser (the default), with its pure-Python one (what
+    runs where the C extension is not built: AIOHTTP_NO_EXTENSIONS=1), and with two front
+    processes (C parser), whose connections are theirs, not the main process's."""
     servers = {}
     try:
         servers["c"] = _http_server(tmp_path_factory, tiny_model, "http-c", {})
         servers["python"] = _http_server(tmp_path_factory, tiny_model, "http-python", {"AIOHTTP_NO_EXTENSIONS": "1"})
+        servers["fronts"] = _http_server(tmp_path_factory, tiny_model, "http-fronts", {}, front_processes=2)
         yield servers
     finally:
         for server in servers.values():
@@ -461,7 +463,7 @@ MALFORMED = {
 }
 
 
-@pytest.mark.parametrize("parser", ["c", "python"])
+@pytest.mark.parametrize("parser", ["c", "python", "fronts"])
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_http_gets_a_json_400(http_servers, case, parser):
     server = http_servers[parser]
