@@ -33,7 +33,7 @@ and the demo MobileNetV2 and ResNet-50 (models/<arch>-demo.onnx, built when miss
                size and its buckets, ring_slots >= clients) on 127.0.0.1, once per preprocessing
                placement (--preprocessing, default processes,fronts): threads (preprocess_threads =
                cores, in the front), processes (preprocess_processes = cores) or fronts
-               (front_processes = cores / 4, --fronts, each decoding in its share of cores threads);
+               (front_processes = cores / 2, --fronts, each decoding in its share of cores threads);
                each loaded by `cronnx bench` (closed loop,
                raw bodies) at 1 and 256 clients (256 spread over --procs client processes): img/s,
                p50, p99, errors, the server's batch sizes and phases as `cronnx bench` reports them,
@@ -540,8 +540,12 @@ class Check:
         # --quick (the suite's CPU run) serves every placement, so that each is tested.
         placements = args.preprocessing or ",".join(PLACEMENTS if self.quick else DEFAULT_PLACEMENTS)
         self.placements = [p for p in placements.split(",") if p]
-        # One front process per 4 cores: each runs its event loop and 4 decoding threads.
-        self.fronts = args.fronts or max(2, self.cores // 4)
+        # One front process per 2 cores, each with its event loop and 2 decoding threads. A front
+        # holds its GIL about 1.8 ms per request (HTTP, the GIL-held parts of decoding, the answer:
+        # py-spy --gil, 1600 px photos, bench/README.md), so one caps near 550 requests a second
+        # here; 16 cores feeding a GPU at about 2,000 img/s keep 8 fronts' GILs under half busy,
+        # where 4 would be near saturated.
+        self.fronts = args.fronts or max(2, self.cores // 2)
         unknown = sorted(set(self.placements) - set(PLACEMENTS))
         if unknown or not self.placements:
             raise SystemExit(f"unknown preprocessing placements {unknown}; choose from {', '.join(PLACEMENTS)}")
@@ -1373,7 +1377,7 @@ def main() -> None:
                         help="where the served runs decode, comma-separated: threads, processes, fronts "
                              "(default processes,fronts; --quick all three)")
     parser.add_argument("--fronts", type=int, default=None,
-                        help="front processes of the fronts placement (default cores / 4, at least 2)")
+                        help="front processes of the fronts placement (default cores / 2, at least 2)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="serve with cuda.enable_cuda_graph (CUDA only): to compare with a run without")
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 on CUDA, 4 on the CPU")
