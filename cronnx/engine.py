@@ -58,15 +58,21 @@ class InferenceEngine:
         the model's traffic split, the same `routing_key` always getting the same version.
         Raises ModelNotFound, or ModelNotReady (the version asked for is loading).
         """
-        if version is None:
-            pool = self.registry.route(model).choose(routing_key)
-        else:
-            pool = self.registry.version(model, version)
+        pool = self.choose(model, version, routing_key)
         pool.enter()
         try:
             yield pool
         finally:
             pool.leave()
+
+    def choose(self, model: str, version: int | None = None, routing_key: str | None = None) -> ModelPool:
+        """The version that would serve a request naming `model`, `version` (None: by the traffic
+        split, `routing_key` as in `select`), without counting it in flight: `select`'s choice, and
+        the metrics' labels of a request that a front process refused before asking for one.
+        Raises ModelNotFound or ModelNotReady."""
+        if version is None:
+            return self.registry.route(model).choose(routing_key)
+        return self.registry.version(model, version)
 
     async def infer(self, pool: ModelPool, image: bytes, request_id: str, deadline: float) -> InferenceResult:
         """Preprocess `image` (encoded bytes) into a slot of `pool`, run it, return its output.

@@ -65,7 +65,10 @@ class Abandon(msgspec.Struct, tag="abandon", array_like=True):
 
 class Completed(msgspec.Struct, tag="completed", array_like=True):
     """A request answered by a front: for `cronnx_requests_total` and the latency histograms.
-    `outcome` is "success" or the status code; seconds throughout."""
+    `outcome` is "success" or the status code; seconds throughout. `model` and `version` are the
+    version's that ran it, or metrics.UNKNOWN_MODEL and "" when none was chosen; the model,
+    version and routing key the request named then let the engine process label it as a
+    one-process server does (by the version it would have chosen)."""
 
     api: str
     model: str
@@ -74,6 +77,9 @@ class Completed(msgspec.Struct, tag="completed", array_like=True):
     total_s: float
     phases: dict[str, float]
     ring_full: bool
+    asked_model: str
+    asked_version: int | None
+    routing_key: str | None
 
 
 class ConnectionStats(msgspec.Struct, tag="connections", array_like=True):

@@ -270,8 +270,11 @@ async def _recorded(request: web.Request, api: str, handle) -> web.Response:
             return await handle(request, front, record, started)
     finally:
         total_s = time.perf_counter() - started
+        asked_version = request.match_info.get("version")
         front.link.send(Completed(record.api, record.model, record.version, record.outcome, total_s, record.phases,
-                                  record.ring_full))
+                                  record.ring_full, request.match_info["model"],
+                                  None if asked_version is None else int(asked_version),
+                                  request.headers.get(ROUTING_KEY_HEADER)))
         log_request(record, total_s)
 
 

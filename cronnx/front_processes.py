@@ -17,6 +17,7 @@ ring rule 5); it is replaced, after a growing pause if it dies young.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -35,7 +36,7 @@ from .errors import CronnxError, PreprocessingLost
 from .config import ServerConfig
 from .front_contract import (Abandon, Answer, Choose, Chosen, Completed, ConnectionStats, Drain, FrontSpec, Infer,
                              Listening, ModelView, Refused, decode_from_front, encode)
-from .metrics import Metrics
+from .metrics import UNKNOWN_MODEL, Metrics
 from .pool import ModelPool
 from .preprocess_process import Fill, Filled, FillFailed, Forget, MappedRings, fill_error
 from .preprocessing import FillJob
@@ -202,7 +203,14 @@ class FrontProcesses:
                 task.cancel()
         elif kind is Completed:
             front.served += 1
-            self._metrics.record_request(message.model, message.version, message.api, message.outcome,
+            model, version = message.model, message.version
+            if model == UNKNOWN_MODEL:
+                # Refused before a version was chosen (the body unread, a bad top_k): counted as a
+                # one-process server counts it, which chooses before reading.
+                with contextlib.suppress(CronnxError):
+                    pool = self._engine.choose(message.asked_model, message.asked_version, message.routing_key)
+                    model, version = pool.name, str(pool.version)
+            self._metrics.record_request(model, version, message.api, message.outcome,
                                          message.total_s, message.phases, message.ring_full)
         elif kind is Listening:
             front.listening = True

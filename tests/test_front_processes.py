@@ -113,15 +113,14 @@ def test_bad_requests_get_their_status_from_a_front_beside_good_ones(server):
         assert reply.headers["X-Request-ID"]
     assert good.statuses and set(good.statuses) == {200}
     assert all(w["slots_in_use"] == 0 for w in server.models()["tiny"]["workers"])
-    # Every request is counted once. Those refused before a version was chosen (the body unread or
-    # malformed, the top_k, the model unknown) are counted without a model; a bad image, refused
-    # while the version was running it, under that version.
+    # Every request is counted once, under the version that served its model, as one process
+    # counts it: those a front refused before a version was chosen (the body unread or malformed,
+    # the top_k) too, by the engine process's choice; only the unknown model without one.
     metrics = scrape(server.url)
-    counted = {dict(labels)["model"] + " " + dict(labels)["outcome"]: count
+    counted = {dict(labels)["model"] + " " + dict(labels)["version"] + " " + dict(labels)["outcome"]: count
                for (name, labels), count in metrics.items() if name == "cronnx_requests_total"}
-    assert counted.pop("tiny success") == len(good.statuses)
-    assert counted == {"tiny 400": 3, "tiny 413": 2, "_unknown 400": 5, "_unknown 413": 1, "_unknown 415": 1,
-                       "_unknown 404": 1}
+    assert counted.pop("tiny 1 success") == len(good.statuses)
+    assert counted == {"tiny 1 400": 8, "tiny 1 413": 3, "tiny 1 415": 1, "_unknown  404": 1}
 
 
 def test_v2_infer_is_served_by_a_front_and_other_routes_by_the_engine_process(server, tiny_model):
