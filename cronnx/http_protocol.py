@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
@@ -49,23 +50,24 @@ class JsonErrorRequestHandler(RequestHandler):
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        """The answer to a request the parser refused (status 400, `message` says why) or to an
-        exception no middleware answered (500): {"error": ...} with a new request id, and the
-        connection closed after it, as aiohttp does. Raises ConnectionError when part of a response
-        was already sent (as aiohttp does; the connection is then dropped)."""
+        """The answer to a request the parser refused (status 400, `message` says why) or to what
+        no middleware answered (aiohttp's 500 for an exception, 504 for a timeout; Cronnx's
+        middleware answers both itself): {"error": ...} with a new request id, and the connection
+        closed after it, as aiohttp does. Raises ConnectionError when part of a response was
+        already sent (as aiohttp does; the connection is then dropped)."""
         if request.writer.output_size > 0:
             raise ConnectionError("a response was already started: no error answer can follow it")
         request_id = uuid.uuid4().hex
-        if status == 500:
-            log.error("unexpected error handling a request from %s (request %s)", request.remote, request_id,
-                      exc_info=exc)
-            error = "internal error; see the server log"
-        else:
+        if status == 400:
             # The C parser's first line ends with ':' before the bytes it quotes on the next ones.
             reason = (message or "").strip().splitlines()[:1] or ["refused by the parser"]
             error = f"malformed HTTP request: {reason[0].rstrip(':')[:_MAX_REASON_CHARS]}"
             log.info("malformed HTTP request refused", extra={"fields": {
                 "request_id": request_id, "remote": request.remote, "status": status, "error": error}})
+        else:
+            log.error("unexpected error handling a request from %s (request %s)", request.remote, request_id,
+                      exc_info=exc)
+            error = f"{HTTPStatus(status).phrase.lower()}; see the server log"
         response = json_response({"error": error}, status, {REQUEST_ID_HEADER: request_id})
         response.force_close()
         return response
