@@ -101,7 +101,6 @@ it ran), its seconds, and the raw `cronnx bench` results.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import faulthandler
 import json
 import mmap
@@ -129,6 +128,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path[:0] = [str(REPO), str(BENCH)]  # run from anywhere without installing cronnx
 
+from cronnx import cuda_host  # noqa: E402
 from cronnx.catalog import powers_of_two_up_to  # noqa: E402
 from cronnx.config import CudaConfig, PreprocessConfig  # noqa: E402
 from cronnx.loadgen import server_stats  # noqa: E402
@@ -321,40 +321,24 @@ class Unavailable(Exception):
 
 
 def loaded_cudart():
-    """The CUDA runtime library onnxruntime's CUDA EP loaded into this process (after a CUDA
-    session exists), with cudaHostRegister's signature; Unavailable when there is none."""
-    with open("/proc/self/maps") as maps:
-        paths = sorted({line.split()[-1] for line in maps if "/libcudart.so" in line})
-    if not paths:  # a CUDA EP with the runtime linked in: the loader's own, if it finds one
-        for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
-            try:
-                ctypes.CDLL(name)
-            except OSError:
-                continue
-            paths = [name]
-            break
-    if not paths:
-        raise Unavailable("no libcudart.so is loaded in this process (the CUDA EP loads it with its first "
-                          "session), nor found by the loader (LD_LIBRARY_PATH)")
-    lib = ctypes.CDLL(paths[0])
-    lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
-    lib.cudaHostRegister.restype = ctypes.c_int
-    lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
-    lib.cudaHostUnregister.restype = ctypes.c_int
-    lib.cudaGetErrorString.argtypes = [ctypes.c_int]
-    lib.cudaGetErrorString.restype = ctypes.c_char_p
-    lib.path = paths[0]
+    """The CUDA runtime onnxruntime's CUDA EP loaded (cronnx.cuda_host.loaded_cudart), checked by
+    page-locking one page; Unavailable when there is none or it cannot page-lock (no driver)."""
+    try:
+        lib = cuda_host.loaded_cudart()
+    except cuda_host.CudaHostError as exc:
+        raise Unavailable(str(exc)) from None
     try:
         with Registered(lib, (mmap.PAGESIZE,), "uint8"):  # a runtime without a driver or device fails here
             pass
     except RuntimeError as exc:
-        raise Unavailable(f"{exc} ({paths[0]})") from None
+        raise Unavailable(f"{exc} ({lib.path})") from None
     return lib
 
 
 class Registered:
     """A shared anonymous mapping (page-aligned, shmem-backed: the kind of memory the ring is),
-    page-locked with cudaHostRegister for as long as the `with` lasts; `.array` is its numpy view."""
+    page-locked as a worker page-locks the ring (cronnx.cuda_host.PageLocked) for as long as the
+    `with` lasts; `.array` is its numpy view. RuntimeError (CudaHostError) when CUDA refuses."""
 
     def __init__(self, cudart, shape: tuple[int, ...], dtype: str):
         self.cudart = cudart
@@ -362,24 +346,23 @@ class Registered:
         self.memory = mmap.mmap(-1, self.nbytes)
         self.array = np.frombuffer(self.memory, dtype).reshape(shape)
         self.address = self.array.ctypes.data
-        self.registered = False
+        self.locked = None
 
     def __enter__(self) -> "Registered":
-        code = self.cudart.cudaHostRegister(self.address, self.nbytes, 0)  # cudaHostRegisterDefault
-        if code != 0:
+        try:
+            self.locked = cuda_host.PageLocked({"a shared mapping": self.array}, self.cudart)
+        except BaseException:
             self.close()
-            raise RuntimeError(f"cudaHostRegister of {self.nbytes} bytes failed: error {code} "
-                               f"({self.cudart.cudaGetErrorString(code).decode()})")
-        self.registered = True
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def close(self) -> None:
-        if self.registered:
-            self.cudart.cudaHostUnregister(self.address)
-            self.registered = False
+        if self.locked is not None:
+            self.locked.close()
+            self.locked = None
         self.array = None  # the view must go before the mapping can close
         try:
             self.memory.close()
@@ -920,8 +903,8 @@ class Check:
                  "ring_slots": min(4096, max(64, 2 * self.batch_size, max(self.clients) + self.batch_size))}
         if self.cuda:
             model["devices"] = [0]
-            if self.args.cuda_graph:
-                model["cuda"] = {"enable_cuda_graph": True}
+            cuda = {"enable_cuda_graph": self.args.cuda_graph, "pinned_ring_memory": self.args.pinned_ring_memory}
+            model["cuda"] = {key: True for key, on in cuda.items() if on}
         server = {"host": "127.0.0.1", "port": port}
         # Both set explicitly: unset, a model on CUDA would get processes in either placement.
         if placement == "processes":
@@ -1380,6 +1363,8 @@ def main() -> None:
                         help="front processes of the fronts placement (default cores / 2, at least 2)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="serve with cuda.enable_cuda_graph (CUDA only): to compare with a run without")
+    parser.add_argument("--pinned-ring-memory", action="store_true",
+                        help="serve with cuda.pinned_ring_memory (CUDA only): to compare with a run without")
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 on CUDA, 4 on the CPU")
     parser.add_argument("--photos", type=Path, default=DEFAULT_OUT, help="folder of photos (bench/photos.py)")
     parser.add_argument("--glob", default="*-1600.jpg", help="which photos of the folder")

@@ -142,6 +142,11 @@ class CudaConfig(Strict):
     # (the batch is copied in and out) and batch_buckets must not be [] (one shape per session).
     # Every node must run on CUDA. Unmeasured on a GPU so far: bench/gpu_check.py compares.
     enable_cuda_graph: bool = False
+    # Page-lock the ring's shared segments and the worker's staging buffers (cudaHostRegister), so
+    # that the copies of inputs to the GPU and of outputs back run by DMA straight from them instead
+    # of through the driver's bounce buffer (cronnx/cuda_host.py). Off until bench/gpu_check.py
+    # measures it faster on a GPU.
+    pinned_ring_memory: bool = False
 
     def provider_options(self, device_id: int | None) -> dict[str, str]:
         """The CUDAExecutionProvider options, as onnxruntime's Python API takes them (strings)."""

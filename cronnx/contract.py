@@ -51,7 +51,9 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     `batch_timeout_s` the batch window in seconds; `cuda_options` the CUDAExecutionProvider's
     options (device, TF32, ...), used when that provider is in `providers`; `device_buffers` the
     device ("cuda") whose memory holds each session's input and output, bound once, with
-    `device_id` (CUDA graphs replay fixed addresses), or None: ring memory is bound at each run."""
+    `device_id` (CUDA graphs replay fixed addresses), or None: ring memory is bound at each run;
+    `pinned_host_memory`: the ring's segments and the staging buffers are page-locked
+    (cuda.pinned_ring_memory, on CUDA only)."""
 
     model: str
     version: int
@@ -71,6 +73,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     logging: LoggingSpec = LoggingSpec()
     device_buffers: str | None = None
     device_id: int = 0
+    pinned_host_memory: bool = False
 
 
 # A worker whose session fails even on the warm-up input exits with this; the front replaces it.

@@ -70,13 +70,14 @@ class ModelPool:
     def _worker_spec(self, index: int, ring: SlotRing, providers: list[str], logging: LoggingSpec) -> WorkerSpec:
         c = self.config
         device = c.devices[index] if c.devices else None
-        graphs = c.cuda.enable_cuda_graph and "CUDAExecutionProvider" in providers
+        cuda = "CUDAExecutionProvider" in providers
+        graphs = c.cuda.enable_cuda_graph and cuda
         return WorkerSpec(
             model=self.name, version=self.version, index=index, model_path=str(Path(self.model.path).resolve()),
             model_spec=self.spec, ring=ring.layout, batch_size=self.batch_size, batch_buckets=self.batch_buckets,
             batch_timeout_s=c.batch_timeout_ms / 1000.0, providers=providers,
             cuda_options=c.cuda.provider_options(device), device_buffers="cuda" if graphs else None,
-            device_id=device or 0,
+            device_id=device or 0, pinned_host_memory=c.cuda.pinned_ring_memory and cuda,
             intra_op_threads=c.intra_op_threads, inter_op_threads=c.inter_op_threads,
             solo_intra_op_threads=c.solo_intra_op_threads, allow_spinning=c.allow_spinning, logging=logging)
 

@@ -22,6 +22,7 @@ import numpy as np
 from . import contract
 from .batcher import Batcher
 from .contract import WorkerSpec
+from .cuda_host import PageLocked, page_aligned_zeros
 from .logs import setup_logging
 from .ring import AttachedRing
 from .scheduling import mark_cpu_bound
@@ -68,7 +69,9 @@ class BatchRunner:
     Adjacent slots of a batch that needs no padding form one contiguous [n, C, H, W] block of
     ring memory, bound as is; other batches are gathered once into a staging buffer. With
     `spec.device_buffers` (CUDA graphs), each session's input and output are instead buffers on
-    that device, bound once: the batch is copied in before the run and out after it.
+    that device, bound once: the batch is copied in before the run and out after it. With
+    `spec.pinned_host_memory`, the ring's segments and the staging buffers are page-locked for the
+    runner's life (cuda_host.py); CudaHostError when CUDA refuses, which fails the model's load.
     """
 
     def __init__(self, spec: WorkerSpec, ring: AttachedRing, new_session: Callable[[int], object]):
@@ -100,13 +103,24 @@ class BatchRunner:
         self._sessions = {size: bound(spec.intra_op_threads, size) for size in sizes}
         self._solo = (bound(spec.solo_intra_op_threads, self.rows_for(1)) if spec.solo_intra_op_threads else None)
         rows = spec.batch_size
-        self.stage_in = np.zeros((rows, *ring.inputs.shape[1:]), ring.inputs.dtype)
-        self.stage_out = np.zeros((rows, *ring.outputs.shape[1:]), ring.outputs.dtype)
+        zeros = page_aligned_zeros if spec.pinned_host_memory else np.zeros
+        self.stage_in = zeros((rows, *ring.inputs.shape[1:]), ring.inputs.dtype)
+        self.stage_out = zeros((rows, *ring.outputs.shape[1:]), ring.outputs.dtype)
+        # After the sessions: the CUDA EP has loaded the CUDA runtime by then.
+        self._page_locked = PageLocked({"the ring's inputs": ring.inputs, "the ring's outputs": ring.outputs,
+                                        "the input staging buffer": self.stage_in,
+                                        "the output staging buffer": self.stage_out}) \
+            if spec.pinned_host_memory else None
 
         # A failed run is reported by its exception, which the worker logs as JSON; onnxruntime's
         # own copy of it would be a second, unstructured line on stderr.
         self.run_options = ort.RunOptions()
         self.run_options.log_severity_level = 4
+
+    def close(self) -> None:
+        """Unlocks the page-locked memory, if any (before the ring is unmapped)."""
+        if self._page_locked is not None:
+            self._page_locked.close()
 
     @property
     def providers(self) -> list[str]:
@@ -335,6 +349,7 @@ def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection, pings:
     setup_logging(spec.logging.level, spec.logging.format)
     send = serialised_sender(outbox)
     ring = AttachedRing(spec.ring)
+    runner = None
     try:
         try:
             runner = BatchRunner(spec, ring, lambda threads: create_session(spec, threads))
@@ -349,4 +364,6 @@ def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection, pings:
     except (EOFError, BrokenPipeError):
         pass  # the front is gone: nobody is waiting for answers
     finally:
+        if runner is not None:
+            runner.close()
         ring.close()

@@ -4,6 +4,7 @@ zero rows, and every request gets exactly what onnxruntime computes on it alone.
 from __future__ import annotations
 
 import asyncio
+import mmap
 import subprocess
 import sys
 import uuid
@@ -15,6 +16,7 @@ import yaml
 
 from cronnx.config import CudaConfig
 from cronnx.contract import WorkerSpec
+from cronnx.cuda_host import CudaHostError, page_aligned_zeros
 from cronnx.model_spec import inspect_model
 from cronnx.ring import SlotRing
 from cronnx.worker import BatchRunner, create_session
@@ -112,14 +114,14 @@ def test_powers_of_two_up_to_the_batch_size_are_the_cuda_default():
     assert powers_of_two_up_to(1) == [1]
 
 
-def device_buffer_runner(model_path, ring, device_buffers):
+def device_buffer_runner(model_path, ring, device_buffers, pinned_host_memory=False):
     """A worker's BatchRunner on the CPU EP over `ring`, buckets BUCKETS, with a solo session."""
     spec = inspect_model(str(model_path))
     worker_spec = WorkerSpec(model="tiny", version=1, index=0, model_path=str(model_path), model_spec=spec,
                              ring=ring.layout, batch_size=4, batch_buckets=BUCKETS, batch_timeout_s=0.002,
                              providers=["CPUExecutionProvider"], cuda_options={}, intra_op_threads=1,
                              inter_op_threads=1, solo_intra_op_threads=2, allow_spinning=False,
-                             device_buffers=device_buffers)
+                             device_buffers=device_buffers, pinned_host_memory=pinned_host_memory)
     runner = BatchRunner(worker_spec, ring, lambda threads: create_session(worker_spec, threads))
     runner.warm_up()
     return runner
@@ -160,3 +162,39 @@ def test_cuda_options_default_to_exact_float32_and_name_the_device():
     assert CudaConfig(use_tf32=True, cudnn_conv_algo_search="HEURISTIC", gpu_mem_limit_bytes=1 << 30
                       ).provider_options(1) == {"use_tf32": "1", "cudnn_conv_algo_search": "HEURISTIC",
                                                 "device_id": "1", "gpu_mem_limit": str(1 << 30)}
+
+
+def test_pinned_ring_memory_fails_a_load_with_cudas_reason_where_there_is_no_gpu(model):
+    """cuda.pinned_ring_memory page-locks the ring with the CUDA runtime's cudaHostRegister. Here,
+    with no GPU, CUDA refuses (or no runtime is found), and the runner says so, naming the memory,
+    which a worker reports as its load failure; what was locked before is released."""
+    spec = inspect_model(str(model))
+    ring = SlotRing(f"test_{uuid.uuid4().hex[:12]}", 8, spec.input_item_shape, spec.input_dtype,
+                    spec.output_item_shape, spec.output_dtype)
+    try:
+        try:
+            device_buffer_runner(model, ring, None, pinned_host_memory=True)
+            reason = None
+        except CudaHostError as exc:  # its traceback (holding views of the ring) goes with the block
+            reason = str(exc)
+        assert reason is not None, "a GPU here? the ring was page-locked"
+        assert ("cudaHostRegister of the ring's inputs" in reason and "error" in reason) or \
+            "no CUDA runtime" in reason, reason
+    finally:
+        ring.close()
+
+
+def test_pinned_ring_memory_applies_on_cuda_only(start_server, model, photos):
+    """On the CPU EP the setting changes nothing (as every cuda setting): the model loads and
+    serves what onnxruntime computes."""
+    server = start_server(server_config(model_entry("tiny", model, cuda={"pinned_ring_memory": True})))
+    reply, = asyncio.run(predict_many(f"{server.url}/predict/tiny", [photos[0].read_bytes()]))
+    assert reply.status == 200
+    assert_matches(reply.body, DirectModel(model).probabilities(photos[0].read_bytes()))
+
+
+def test_page_aligned_zeros_share_no_page():
+    a, b = page_aligned_zeros((3, 5), "float32"), page_aligned_zeros((2,), "uint8")
+    assert a.shape == (3, 5) and a.dtype == np.float32 and not a.any() and a.flags.writeable
+    assert a.ctypes.data % mmap.PAGESIZE == 0 and b.ctypes.data % mmap.PAGESIZE == 0
+    assert abs(a.ctypes.data - b.ctypes.data) >= mmap.PAGESIZE
