@@ -149,6 +149,8 @@ PARTS = ("setup", "onnxruntime", "preprocess", "served", "gpu", "parity")
 # processes (server.preprocess_processes), or front processes, each reading bodies and decoding in
 # its own threads (server.front_processes). The default runs the two that use every core.
 PLACEMENTS = ("threads", "processes", "fronts")
+# The parts a run may be limited to (--parts); the models are always set up first.
+PARTS = ("onnxruntime", "preprocess", "served", "gpu", "parity")
 DEFAULT_PLACEMENTS = ("processes", "fronts")
 NA_CPU = "n/a on CPU (CUDA EP only)"
 SAMPLE_S = 0.5  # nvidia-smi and /proc, during the served runs
@@ -523,6 +525,11 @@ class Check:
         # --quick (the suite's CPU run) serves every placement, so that each is tested.
         placements = args.preprocessing or ",".join(PLACEMENTS if self.quick else DEFAULT_PLACEMENTS)
         self.placements = [p for p in placements.split(",") if p]
+        self.parts = set(args.parts.split(",")) if args.parts else set(PARTS)
+        if self.parts - set(PARTS):
+            raise SystemExit(f"unknown parts {sorted(self.parts - set(PARTS))}; choose from {', '.join(PARTS)}")
+        if "served" in self.parts:
+            self.parts.add("gpu")  # the GPU's utilisation during the served runs
         # One front process per 2 cores, each with its event loop and 2 decoding threads. A front
         # holds its GIL about 1.8 ms per request (HTTP, the GIL-held parts of decoding, the answer:
         # py-spy --gil, 1600 px photos, bench/README.md), so one caps near 550 requests a second
@@ -548,7 +555,9 @@ class Check:
                 "cores": self.cores, "batch_size": self.batch_size, "buckets": self.buckets, "models": self.models,
                 "quick": self.quick, "served_seconds": self.seconds, "shape_seconds": self.shape_seconds,
                 "clients": self.clients, "client_procs": self.procs, "preprocessing_placements": self.placements,
-                "nvidia_smi": self.nvidia_smi, "gpu_name": None}
+                "nvidia_smi": self.nvidia_smi, "gpu_name": None, "parts": sorted(self.parts),
+                "served_cuda_settings": [s for s, on in (("enable_cuda_graph", self.args.cuda_graph),
+                                                         ("pinned_ring_memory", self.args.pinned_ring_memory)) if on]}
         if self.nvidia_smi:
             values = query_gpu(self.nvidia_smi, "name,driver_version,memory.total")
             meta["gpu_name"] = ", ".join(values) if values else None
@@ -563,12 +572,14 @@ class Check:
               f"{ort.__version__}, batch {self.batch_size}, buckets {self.buckets}, models {', '.join(self.models)}",
               flush=True)
         try:
-            self.part("setup", self.setup)
-            self.part("onnxruntime", lambda: self.per_model(self.onnxruntime_alone))
-            self.part("preprocess", self.preprocess_limit)
-            self.part("served", lambda: self.per_model(self.served))
-            self.part("gpu", self.gpu)
-            self.part("parity", lambda: self.per_model(self.parity))
+            self.part("setup", self.setup)  # the models: every other part needs them
+            for name, fn in (("onnxruntime", lambda: self.per_model(self.onnxruntime_alone)),
+                             ("preprocess", self.preprocess_limit),
+                             ("served", lambda: self.per_model(self.served)),
+                             ("gpu", self.gpu),
+                             ("parity", lambda: self.per_model(self.parity))):
+                if name in self.parts:
+                    self.part(name, fn)
         finally:
             self.result["leftover_processes"] = self.reap_all()
             self.result["started_pids"] = [pid for pid, _ in self.started]
@@ -1269,83 +1280,89 @@ def markdown(result: dict) -> str:
     meta, parts = result["meta"], result["parts"]
     lines = [f"Provider {meta['provider']} ({meta['gpu_name'] or 'no GPU'}), {meta['cores']} cores, onnxruntime "
              f"{meta['onnxruntime']}, {meta['pil']}, batch size {meta['batch_size']}, buckets {meta['buckets']}"
-             + (", `--quick`" if meta["quick"] else "") + ".", ""]
-    lines += _onnxruntime_tables(meta, parts.get("onnxruntime", {}))
+             + (", `--quick`" if meta["quick"] else "")
+             + "".join(f", served with `cuda.{s}`" for s in meta.get("served_cuda_settings", [])) + ".", ""]
+    if "onnxruntime" in parts:
+        lines += _onnxruntime_tables(meta, parts.get("onnxruntime", {}))
 
-    pre = parts.get("preprocess", {})
-    lines += ["Preprocessing limit (Cronnx's preprocessing of the photos, all cores):", ""]
-    lines += _error_line(pre)
-    lines += ["| how | img/s | ms per image per worker |", "| --- | ---: | ---: |"]
-    for how in ("threads", "processes"):
-        if how in pre:
-            lines.append(f"| {pre['workers']} {how} | {_f(pre[how]['img_per_s'])} | "
-                         f"{_f(pre[how]['ms_per_image_per_worker'], 2)} |")
-    lines.append("")
+    if "preprocess" in parts:
+        pre = parts.get("preprocess", {})
+        lines += ["Preprocessing limit (Cronnx's preprocessing of the photos, all cores):", ""]
+        lines += _error_line(pre)
+        lines += ["| how | img/s | ms per image per worker |", "| --- | ---: | ---: |"]
+        for how in ("threads", "processes"):
+            if how in pre:
+                lines.append(f"| {pre['workers']} {how} | {_f(pre[how]['img_per_s'])} | "
+                             f"{_f(pre[how]['ms_per_image_per_worker'], 2)} |")
+        lines.append("")
 
-    served = parts.get("served", {})
-    lines += ["Served (`cronnx serve`, 1 worker, `cronnx bench` closed loop, raw bodies); preprocessing in the "
-              "front's threads, in preprocessing processes, or in front processes (their threads); server CPU in "
-              "cores: all (event loop thread of the main process / worker / other children, i.e. preprocessing or "
-              "front processes):", ""]
-    lines += _error_line(served)
-    lines += ["| model | preprocessing | clients | img/s | p50 ms | p99 ms | ok / sent | errors | mean batch "
-              "| batches by size | phases ms (pre / queue / infer) | server CPU cores (loop / worker / children) "
-              "| GPU util % mean / max | GPU MiB |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
-    notes = []
-    for name, m in served.get("models", {}).items():
-        for placement, p in m.get("placements", {}).items():
-            pre_info = p.get("preprocessing", {})
-            label = f"{pre_info.get('configured', '')} {placement}".strip()
-            for run in p.get("runs", []):
-                sizes = ", ".join(f"<={float(b):g}: {n}" for b, n in (run["batch_sizes"] or {}).items())
-                ph = run["phases_ms"]
-                phases = " / ".join(_f(ph.get(k), 2) for k in ("preprocess", "queue", "inference"))
-                gpu = run["gpu"] or {}
-                by_part = run.get("server_cpu_by_part_cores") or {}
-                cpu = " / ".join(_f(by_part.get(k), 2) for k in ("event loop thread", "worker processes",
-                                                                  "other child processes"))
-                lines.append(f"| {name} | {label} | {run['clients']} | {_f(run['img_per_s'])} | "
-                             f"{_f(run['p50_ms'], 2)} | {_f(run['p99_ms'], 2)} | {run['ok']} / {run['sent']} | "
-                             f"{run['errors']} | {_f(run['mean_batch'], 2)} | {sizes or '-'} | {phases} | "
-                             f"{_f(run['server_cpu_cores'], 2)} ({cpu}) | "
-                             f"{_f(gpu.get('util_mean_pct'), 0)} / {_f(gpu.get('util_max_pct'), 0)} | "
-                             f"{_f(gpu.get('memory_used_max_mib'), 0)} |")
-            if p.get("error"):
-                lines.append(f"| {name} | {placement} | error: {p['error'][:200]} |")
-            if placement == "processes" and pre_info:
-                notes.append(f"{name}: {pre_info['processes_at_start']} preprocessing processes under the server "
-                             f"at the start, {pre_info['processes_at_end']} at the end, "
-                             f"{_f(pre_info['process_restarts'], 0)} restarted.")
-        if m.get("error") and not m.get("placements"):
-            lines.append(f"| {name} | | error: {m['error'][:200]} |")
-    if notes:
-        lines += [""] + notes
-    gpu_part = parts.get("gpu", {})
-    if gpu_part.get("status") == "n/a":
-        lines += ["", "GPU utilisation: n/a (no nvidia-smi)."]
-    lines.append("")
+    if "served" in parts:
+        served = parts.get("served", {})
+        lines += ["Served (`cronnx serve`, 1 worker, `cronnx bench` closed loop, raw bodies); preprocessing in the "
+                  "front's threads, in preprocessing processes, or in front processes (their threads); server CPU in "
+                  "cores: all (event loop thread of the main process / worker / other children, i.e. preprocessing or "
+                  "front processes):", ""]
+        lines += _error_line(served)
+        lines += ["| model | preprocessing | clients | img/s | p50 ms | p99 ms | ok / sent | errors | mean batch "
+                  "| batches by size | phases ms (pre / queue / infer) | server CPU cores (loop / worker / children) "
+                  "| GPU util % mean / max | GPU MiB |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
+        notes = []
+        for name, m in served.get("models", {}).items():
+            for placement, p in m.get("placements", {}).items():
+                pre_info = p.get("preprocessing", {})
+                label = f"{pre_info.get('configured', '')} {placement}".strip()
+                for run in p.get("runs", []):
+                    sizes = ", ".join(f"<={float(b):g}: {n}" for b, n in (run["batch_sizes"] or {}).items())
+                    ph = run["phases_ms"]
+                    phases = " / ".join(_f(ph.get(k), 2) for k in ("preprocess", "queue", "inference"))
+                    gpu = run["gpu"] or {}
+                    by_part = run.get("server_cpu_by_part_cores") or {}
+                    cpu = " / ".join(_f(by_part.get(k), 2) for k in ("event loop thread", "worker processes",
+                                                                      "other child processes"))
+                    lines.append(f"| {name} | {label} | {run['clients']} | {_f(run['img_per_s'])} | "
+                                 f"{_f(run['p50_ms'], 2)} | {_f(run['p99_ms'], 2)} | {run['ok']} / {run['sent']} | "
+                                 f"{run['errors']} | {_f(run['mean_batch'], 2)} | {sizes or '-'} | {phases} | "
+                                 f"{_f(run['server_cpu_cores'], 2)} ({cpu}) | "
+                                 f"{_f(gpu.get('util_mean_pct'), 0)} / {_f(gpu.get('util_max_pct'), 0)} | "
+                                 f"{_f(gpu.get('memory_used_max_mib'), 0)} |")
+                if p.get("error"):
+                    lines.append(f"| {name} | {placement} | error: {p['error'][:200]} |")
+                if placement == "processes" and pre_info:
+                    notes.append(f"{name}: {pre_info['processes_at_start']} preprocessing processes under the server "
+                                 f"at the start, {pre_info['processes_at_end']} at the end, "
+                                 f"{_f(pre_info['process_restarts'], 0)} restarted.")
+            if m.get("error") and not m.get("placements"):
+                lines.append(f"| {name} | | error: {m['error'][:200]} |")
+        if notes:
+            lines += [""] + notes
+        gpu_part = parts.get("gpu", {})
+        if gpu_part.get("status") == "n/a":
+            lines += ["", "GPU utilisation: n/a (no nvidia-smi)."]
+        lines.append("")
 
-    parity = parts.get("parity", {})
-    lines += ["Parity (softmax probabilities against the CPU EP, batch 1, on the photos):", ""]
-    lines += _error_line(parity)
-    lines += ["| model | provider | max abs diff, batch 1 | max abs diff, batch size | top-1 agree |",
-              "| --- | --- | ---: | ---: | ---: |"]
-    for name, m in parity.get("models", {}).items():
-        for v in m.get("variants", []):
-            batched = next(v[k] for k in v if k.startswith("max_abs_diff_batch") and k != "max_abs_diff_batch1")
-            lines.append(f"| {name} | {v['label']} | {v['max_abs_diff_batch1']:.3g} | {batched:.3g} | "
-                         f"{v['top1_agree']} / {m['photos']} |")
-        for placement, s in (m.get("served") or {}).items():
-            lines.append(f"| {name} | served `/predict` top-5, preprocessing {placement} | "
-                         f"{_g(s['max_abs_diff_top5'])} | | ids match {s['top5_ids_match']} / {s['answers']} |")
+    if "parity" in parts:
+        parity = parts.get("parity", {})
+        lines += ["Parity (softmax probabilities against the CPU EP, batch 1, on the photos):", ""]
+        lines += _error_line(parity)
+        lines += ["| model | provider | max abs diff, batch 1 | max abs diff, batch size | top-1 agree |",
+                  "| --- | --- | ---: | ---: | ---: |"]
+        for name, m in parity.get("models", {}).items():
+            for v in m.get("variants", []):
+                batched = next(v[k] for k in v if k.startswith("max_abs_diff_batch") and k != "max_abs_diff_batch1")
+                lines.append(f"| {name} | {v['label']} | {v['max_abs_diff_batch1']:.3g} | {batched:.3g} | "
+                             f"{v['top1_agree']} / {m['photos']} |")
+            for placement, s in (m.get("served") or {}).items():
+                lines.append(f"| {name} | served `/predict` top-5, preprocessing {placement} | "
+                             f"{_g(s['max_abs_diff_top5'])} | | ids match {s['top5_ids_match']} / {s['answers']} |")
     total = result.get("total_s")
     lines += ["", "Time per part: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["timings_s"].items())
               + (f"; total {total:.1f} s." if total is not None else "; (run not finished).")]
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (`argv`, default sys.argv[1:]) as Check takes it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
                         help="auto: CUDA when onnxruntime lists CUDAExecutionProvider")
@@ -1365,12 +1382,19 @@ def main() -> None:
                         help="serve with cuda.enable_cuda_graph (CUDA only): to compare with a run without")
     parser.add_argument("--pinned-ring-memory", action="store_true",
                         help="serve with cuda.pinned_ring_memory (CUDA only): to compare with a run without")
+    parser.add_argument("--parts", default=None,
+                        help=f"only these parts, comma-separated, of {', '.join(PARTS)} (default all; served "
+                             "brings gpu): a second, shorter run, e.g. --parts served --pinned-ring-memory")
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 on CUDA, 4 on the CPU")
     parser.add_argument("--photos", type=Path, default=DEFAULT_OUT, help="folder of photos (bench/photos.py)")
     parser.add_argument("--glob", default="*-1600.jpg", help="which photos of the folder")
     parser.add_argument("--json", type=Path, help="write everything here (also after every part)")
     parser.add_argument("--markdown", type=Path, help="write the tables here too (also after every part)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     faulthandler.enable()  # a crash in native code still says where, on stderr
     signal.signal(signal.SIGTERM, _terminate)
     check = Check(args)

@@ -7,7 +7,6 @@ those rows as the GPU run would draw it.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -62,6 +61,24 @@ def test_every_part_runs_without_error(quick_run):
     assert quick_run["meta"]["preprocessing_placements"] == list(PLACEMENTS)
     for placement in PLACEMENTS:
         assert f"| mobilenetv2 | {os.cpu_count()} {placement} | 16 |" in quick_run["markdown"]
+
+
+def test_parts_limits_a_run_to_the_parts_named(tmp_path, demo_model):
+    """--parts: a second, shorter run on the GPU machine (say, served again with a CUDA setting
+    on) runs only what it names, after setting up the models, and draws only those tables."""
+    (tmp_path / "photo-1600.jpg").write_bytes(encode(photo_like(1600, 1200, seed=5), "JPEG", quality=92))
+    out = tmp_path / "parts.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--provider", "cpu", "--photos", str(tmp_path),
+                           "--parts", "preprocess", "--seconds", "0.5", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert set(result["parts"]) == {"setup", "preprocess"} and result["meta"]["parts"] == ["preprocess"]
+    assert result["parts"]["preprocess"]["error"] is None and result["parts"]["preprocess"]["threads"]["img_per_s"] > 0
+    assert "Preprocessing limit" in proc.stdout and "Served (" not in proc.stdout and "Parity" not in proc.stdout
+    refused = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--provider", "cpu", "--parts", "servd"],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "unknown parts ['servd']" in refused.stderr
 
 
 def test_onnxruntime_alone_has_a_row_per_bucket(quick_run):
@@ -183,9 +200,8 @@ def gpu_check():
 @pytest.fixture(scope="module")
 def on_cpu(gpu_check, demo_model):
     """A quick CPU check, the demo model's spec and its bucket-2 session, and two different inputs."""
-    args = argparse.Namespace(provider="cpu", quick=True, batch_size=None, models="mobilenetv2", seconds=None,
-                              clients=None, procs=None, preprocessing=None, fronts=None, photos=REPO,
-                              glob="*.jpg")
+    args = gpu_check.parse_args(["--provider", "cpu", "--quick", "--models", "mobilenetv2", "--photos", str(REPO),
+                                 "--glob", "*.jpg"])
     check = gpu_check.Check(args)
     spec = gpu_check.inspect_model(str(demo_model))
     x = np.random.default_rng(0).random((2, *spec.input_item_shape), dtype=np.float32)
