@@ -60,31 +60,17 @@ Run it here (CPU EP; the smoke run, well under a minute on 2 cores):
 
 On the GPU machine. It has Python 3.12, onnxruntime 1.30 (CPU), CUDA 13 libraries (the nvidia-*
 packages of its PyTorch) and the rest of Cronnx's dependencies, but neither msgspec nor
-onnxruntime-gpu, and no network: carry their wheels. onnxruntime-gpu 1.31.1 is built for CUDA 13
-(libcublas.so.13, cuDNN 9 cu13) and only tagged manylinux_2_28, so name that platform. Its wheel
-is 244 MiB and a call carries at most 64 MiB: split it into parts of 60 MiB, one folder a part,
-each carried by its own call while the machine stays warm (it goes back after 30 s idle; a part
-already there stays when a later call does not name it). Here, in the repo's root, once:
+onnxruntime-gpu, and no network. Here, once: bench/gpu_parts.sh (onnxruntime-gpu 1.31.1 and
+msgspec, recompressed and cut into .whl/aa .. .whl/ad, each small enough for one call). There:
+calls with carry [".whl/aa"], [".whl/ab"], [".whl/ac"] (command `true`) while the machine stays
+warm, then the run, with carry [".whl/ad", "bench/photos", "models/mobilenetv2-demo.onnx"] (the
+ResNet-50, 97 MiB, is built there in about 25 s) and timeout_s 600:
 
-    echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl msgspec onnxruntime-gpu==1.31.1
-    W=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
-    (cd .whl && split -b 60M $W $W.part- && rm $W)      # parts aa..ae: 4 x 60 MiB + 4 MiB
-    for p in .whl/$W.part-*; do k=${p##*part-}; mkdir -p .whl/$k && mv $p .whl/$k/; done
-    mv .whl/msgspec-*.whl .whl/ae/
+    bash bench/gpu_device_run.sh --json $OUT/gpu_check.json --markdown $OUT/gpu_check.md
 
-Then calls with carry [".whl/aa"], [".whl/ab"], [".whl/ac"], [".whl/ad"] (command `true`), and
-the last with carry [".whl/ae", "bench/photos", "models/mobilenetv2-demo.onnx"] (the ResNet-50,
-97 MiB, is built there in about 25 s) and timeout_s 600 (what is under $OUT at a timeout still comes back):
-
-    set -e; W=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
-    cat .whl/a?/$W.part-* > /tmp/$W
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/$W .whl/ae/msgspec-*.whl
-    export PYTHONPATH=/tmp/site     # before the image's onnxruntime 1.30 (CPU)
-    SITE=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    export LD_LIBRARY_PATH=$(printf '%s:' "$SITE"/nvidia/*/lib)$LD_LIBRARY_PATH
-    PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --json $OUT/gpu_check.json --markdown $OUT/gpu_check.md
+which checks the parts, installs both packages ahead of the machine's onnxruntime, puts NVIDIA's
+libraries on LD_LIBRARY_PATH and runs this script with those arguments (bench/README.md, "GPU
+check").
 
 With --provider auto (the default) it runs on CUDA when onnxruntime lists CUDAExecutionProvider;
 a CUDA session that comes up without it (a missing library) is an error, not a silent CPU run.
@@ -94,8 +80,9 @@ Outputs: progress and the time of each part on stdout, then the markdown tables 
 it ran), its seconds, and the raw `cronnx bench` results.
 
     python bench/gpu_check.py [--provider auto|cuda|cpu] [--quick] [--models mobilenetv2,resnet50]
-        [--seconds S] [--clients 1,256] [--procs 4] [--preprocessing threads,processes] [--batch-size N]
-        [--photos DIR] [--glob '*-1600.jpg'] [--json FILE] [--markdown FILE]
+        [--seconds S] [--clients 1,256] [--procs 4] [--preprocessing processes,fronts] [--fronts N]
+        [--cuda-graph] [--pinned-ring-memory] [--parts onnxruntime,preprocess,served,gpu,parity]
+        [--batch-size N] [--photos DIR] [--glob '*-1600.jpg'] [--json FILE] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -1174,6 +1161,65 @@ def _error_line(part: dict) -> list[str]:
     return [f"**error**: {part['error']}", ""] if part.get("error") else []
 
 
+def issue10_targets(parts: dict) -> list[dict]:
+    """Issue 10's GPU targets, per model, from this run's parts (all three need the onnxruntime,
+    preprocess and served parts; a target whose figures are missing is left out):
+
+    - throughput: the best placement's img/s at the most clients, at least 0.85 of the bound,
+      min(onnxruntime alone at its best bucket with host input, as the worker binds it; the
+      preprocessing limit, the better of threads and processes on all cores);
+    - latency: each placement's p50 at 1 client at most preprocessing (ms per image per worker,
+      all cores busy) + onnxruntime alone at batch 1 + 1 ms;
+    - GPU time per batch: the served runs' inference ms per batch at the most clients at most 1.2x
+      onnxruntime alone at the bucket that holds their mean batch.
+    Each entry: model, target, placement, measured, limit, met."""
+    ort_part, pre, served = parts.get("onnxruntime", {}), parts.get("preprocess", {}), parts.get("served", {})
+    limits = [pre[how]["img_per_s"] for how in ("threads", "processes") if how in pre]
+    out = []
+    for name, m in served.get("models", {}).items():
+        buckets = {row["batch"]: row["host"] for row in ort_part.get("models", {}).get(name, {}).get("buckets", [])
+                   if "host" in row and not row["host"].get("error")}
+        runs = [(placement, run) for placement, p in m.get("placements", {}).items() for run in p.get("runs", [])]
+        if not buckets or not limits or not runs:
+            continue
+        most = max(run["clients"] for _, run in runs)
+        bound = min(max(row["img_per_s"] for row in buckets.values()), max(limits))
+        placement, best = max(((p, r) for p, r in runs if r["clients"] == most), key=lambda pr: pr[1]["img_per_s"])
+        out.append({"model": name, "target": f"img/s at {most} clients >= 0.85 x {bound:.0f}", "placement": placement,
+                    "measured": best["img_per_s"], "limit": 0.85 * bound, "met": best["img_per_s"] >= 0.85 * bound})
+        if 1 in buckets:
+            budget = pre["threads" if "threads" in pre else "processes"]["ms_per_image_per_worker"] \
+                + buckets[1]["ms_per_batch"] + 1.0
+            for placement, run in runs:
+                if run["clients"] == 1:
+                    out.append({"model": name, "target": "p50 ms at 1 client <= preprocessing + batch 1 + 1 ms",
+                                "placement": placement, "measured": run["p50_ms"], "limit": budget,
+                                "met": run["p50_ms"] <= budget})
+        for placement, run in runs:
+            mean = run.get("mean_batch") or 0
+            bucket = min((b for b in buckets if b >= mean), default=None)
+            inference = (run.get("phases_ms") or {}).get("inference")
+            if run["clients"] == most and bucket is not None and inference is not None:
+                alone = buckets[bucket]["ms_per_batch"]
+                out.append({"model": name, "target": f"inference ms per batch <= 1.2 x alone at bucket {bucket}",
+                            "placement": placement, "measured": inference, "limit": 1.2 * alone,
+                            "met": inference <= 1.2 * alone})
+    return out
+
+
+def _targets_table(meta: dict, parts: dict) -> list[str]:
+    targets = issue10_targets(parts)
+    if not targets:
+        return []
+    on_cpu = "" if meta["provider"] == CUDA else " (set for a GPU: on the CPU EP they only show the arithmetic)"
+    lines = ["", f"Issue 10's targets, from this run (`issue10_targets`){on_cpu}:", "",
+             "| model | target | placement | measured | limit | met |", "| --- | --- | --- | ---: | ---: | --- |"]
+    for t in targets:
+        lines.append(f"| {t['model']} | {t['target']} | {t['placement']} | {t['measured']:.1f} | {t['limit']:.1f} | "
+                     f"{'yes' if t['met'] else '**no**'} |")
+    return lines
+
+
 def _cell_error(cell: dict) -> str:
     return f"error: {cell['error'][:160]}" if cell.get("error") else ""
 
@@ -1355,6 +1401,7 @@ def markdown(result: dict) -> str:
             for placement, s in (m.get("served") or {}).items():
                 lines.append(f"| {name} | served `/predict` top-5, preprocessing {placement} | "
                              f"{_g(s['max_abs_diff_top5'])} | | ids match {s['top5_ids_match']} / {s['answers']} |")
+    lines += _targets_table(meta, parts)
     total = result.get("total_s")
     lines += ["", "Time per part: " + ", ".join(f"{k} {v:.1f} s" for k, v in result["timings_s"].items())
               + (f"; total {total:.1f} s." if total is not None else "; (run not finished).")]

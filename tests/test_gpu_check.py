@@ -176,6 +176,30 @@ def test_parity_on_cpu_is_exact(quick_run):
         assert served["max_abs_diff_top5"] < 1e-5
 
 
+def test_issue10_targets_are_computed_from_the_runs_rows(quick_run, gpu_check):
+    parts = quick_run["parts"]
+    targets = gpu_check.issue10_targets(parts)
+    alone = {row["batch"]: row["host"] for row in parts["onnxruntime"]["models"]["mobilenetv2"]["buckets"]}
+    bound = min(max(r["img_per_s"] for r in alone.values()),
+                max(parts["preprocess"][how]["img_per_s"] for how in ("threads", "processes")))
+    throughput = [t for t in targets if t["target"].startswith("img/s")]
+    runs = [r for p in parts["served"]["models"]["mobilenetv2"]["placements"].values() for r in p["runs"]]
+    assert len(throughput) == 1 and throughput[0]["limit"] == pytest.approx(0.85 * bound)
+    assert throughput[0]["measured"] == max(r["img_per_s"] for r in runs if r["clients"] == 16)
+    latency = {t["placement"]: t for t in targets if t["target"].startswith("p50")}
+    assert set(latency) == set(PLACEMENTS)
+    budget = parts["preprocess"]["threads"]["ms_per_image_per_worker"] + alone[1]["ms_per_batch"] + 1.0
+    assert all(t["limit"] == pytest.approx(budget) and t["met"] == (t["measured"] <= budget) for t in latency.values())
+    per_batch = {t["placement"]: t for t in targets if t["target"].startswith("inference")}
+    assert set(per_batch) == set(PLACEMENTS)
+    for placement, p in parts["served"]["models"]["mobilenetv2"]["placements"].items():
+        run = next(r for r in p["runs"] if r["clients"] == 16)
+        bucket = min(b for b in alone if b >= run["mean_batch"])
+        assert per_batch[placement]["limit"] == pytest.approx(1.2 * alone[bucket]["ms_per_batch"])
+        assert per_batch[placement]["measured"] == run["phases_ms"]["inference"]
+    assert "Issue 10's targets, from this run" in quick_run["markdown"]
+
+
 def test_nothing_is_left_behind(quick_run):
     for placement in quick_run["parts"]["served"]["models"]["mobilenetv2"]["placements"].values():
         assert shm_segments(placement["server_pid"]) == []
