@@ -212,8 +212,7 @@ async def model_request(request: web.Request, api: str, run: ModelHandler) -> we
     record = RequestRecord(request["request_id"], api, UNKNOWN_MODEL, "")
     state.metrics.in_flight.inc()
     try:
-        model, version = request.match_info["model"], request.match_info.get("version")
-        with outcome_into(record), state.engine.select(model, None if version is None else int(version),
+        with outcome_into(record), state.engine.select(request.match_info["model"], requested_version(request),
                                                        request.headers.get(ROUTING_KEY_HEADER)) as pool:
             record.model, record.version = pool.name, str(pool.version)
             return await run(request, state, pool, record, started)
@@ -285,6 +284,25 @@ def log_request(record: RequestRecord, total_s: float) -> None:
     if record.error:
         fields["error"] = record.error
     access_log.info("request", extra={"fields": fields})
+
+
+# Versions are int64 on the way to the engine (msgspec, the pipes' messages): a longer number
+# names no version there can be.
+_MAX_VERSION_DIGITS = len(str(2 ** 63 - 1))
+
+
+def requested_version(request: web.Request) -> int | None:
+    """The version a route names (`.../versions/{version}`, digits), None when it names none.
+    Raises ModelNotFound for a number beyond int64, as for any version not served (it is parsed
+    without converting thousands of digits)."""
+    text = request.match_info.get("version")
+    if text is None:
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > _MAX_VERSION_DIGITS or int(digits) > 2 ** 63 - 1:
+        raise ModelNotFound(f"version {digits[:24]}{'...' if len(digits) > 24 else ''} of model "
+                            f"{request.match_info['model']!r} is not served")
+    return int(digits)
 
 
 def top_k_param(request: web.Request) -> int | None:

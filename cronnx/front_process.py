@@ -32,7 +32,7 @@ from . import errors
 from .errors import CronnxError, Unavailable
 from .front import (REQUEST_ID_HEADER, ROUTING_KEY_HEADER, RequestRecord, continue_unless_too_large, log_request,
                     outcome_into, predict_response, read_body, read_image, request_ids_and_json_errors,
-                    top_k_param)
+                    requested_version, top_k_param)
 from .engine import InferenceResult
 from .front_contract import (Abandon, Answer, Choose, Chosen, Completed, ConnectionStats, Drain, FrontSpec, Infer,
                              Listening, ModelView, Refused, decode_to_front, encode)
@@ -265,15 +265,16 @@ async def _recorded(request: web.Request, api: str, handle) -> web.Response:
     front = request.app[FRONT]
     started = time.perf_counter()
     record = RequestRecord(request["request_id"], api, UNKNOWN_MODEL, "")
+    asked_model, asked_version = "", None  # a version number no version can have names no model
     try:
         with outcome_into(record):
+            asked_version = requested_version(request)
+            asked_model = request.match_info["model"]
             return await handle(request, front, record, started)
     finally:
         total_s = time.perf_counter() - started
-        asked_version = request.match_info.get("version")
         front.link.send(Completed(record.api, record.model, record.version, record.outcome, total_s, record.phases,
-                                  record.ring_full, request.match_info["model"],
-                                  None if asked_version is None else int(asked_version),
+                                  record.ring_full, asked_model, asked_version,
                                   request.headers.get(ROUTING_KEY_HEADER)))
         log_request(record, total_s)
 
@@ -284,8 +285,7 @@ async def _predict(request: web.Request, front: _FrontState, record: RequestReco
     deadline = asyncio.get_running_loop().time() + server.request_timeout_s - (time.perf_counter() - started)
     image = await read_image(request, server.max_body_bytes, deadline, server.request_timeout_s)
     read_s = time.perf_counter() - started
-    version = request.match_info.get("version")
-    result, view = await front.link.infer(image, request.match_info["model"], None if version is None else int(version),
+    result, view = await front.link.infer(image, request.match_info["model"], requested_version(request),
                                           request.headers.get(ROUTING_KEY_HEADER), record, deadline)
     return predict_response(record, view.labels, view.outputs_probabilities, k or view.top_k, result.output,
                             result.batch_size, started, {"read": read_s, "preprocess": result.preprocess_s,
@@ -296,9 +296,8 @@ async def _v2_infer(request: web.Request, front: _FrontState, record: RequestRec
     server = front.spec.server
     deadline = asyncio.get_running_loop().time() + server.request_timeout_s - (time.perf_counter() - started)
     body = await read_body(request, server.max_body_bytes, deadline, server.request_timeout_s)
-    version = request.match_info.get("version")
     # Every row runs on the version chosen here, which its tensors are checked against.
-    view = await front.link.choose(request.match_info["model"], None if version is None else int(version),
+    view = await front.link.choose(request.match_info["model"], requested_version(request),
                                    request.headers.get(ROUTING_KEY_HEADER), record)
 
     async def run_row(row: bytes | np.ndarray) -> InferenceResult:

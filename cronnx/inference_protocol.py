@@ -31,7 +31,8 @@ from aiohttp import web
 
 from .engine import InferenceResult
 from .errors import InvalidRequest, ModelNotReady
-from .front import STATE, RequestRecord, ServerState, json_response, model_request, read_body, request_deadline
+from .front import (STATE, RequestRecord, ServerState, json_response, model_request, read_body, request_deadline,
+                    requested_version)
 from .model_spec import ModelSpec
 from .pool import ModelPool
 from .postprocess import top_k
@@ -101,9 +102,9 @@ def _pool(request: web.Request) -> ModelPool:
     """The version a metadata request names, or else the model's highest ready version (not a
     traffic-split draw: metadata must not change from one call to the next)."""
     registry = request.app[STATE].registry
-    name, version_text = request.match_info["model"], request.match_info.get("version")
-    if version_text is not None:
-        return registry.version(name, int(version_text))
+    name, version = request.match_info["model"], requested_version(request)
+    if version is not None:
+        return registry.version(name, version)
     route = registry.route(name)
     if not route.versions:
         raise ModelNotReady(f"model {name!r} has no ready version (loading)")

@@ -100,13 +100,14 @@ def test_bad_requests_get_their_status_from_a_front_beside_good_ones(server):
                        for case, (content_type, body, _, _) in sorted(BAD_REQUESTS.items())}
             replies["unknown model"] = await post(session, f"{server.url}/predict/nope", PHOTOS[0])
             replies["bad top_k"] = await post(session, url, PHOTOS[0], params={"top_k": "0"})
+            replies["version beyond int64"] = await post(session, f"{url}/versions/{'9' * 25}", PHOTOS[0])
         good.stop()
         await stream
         return replies
 
     replies = asyncio.run(bad_beside_good())
     expected = {**{case: (status, words) for case, (_, _, status, words) in BAD_REQUESTS.items()},
-                "unknown model": (404, "tiny"), "bad top_k": (400, "top_k")}
+                "unknown model": (404, "tiny"), "bad top_k": (400, "top_k"), "version beyond int64": (404, "not served")}
     for case, (status, words) in expected.items():
         reply = replies[case]
         assert reply.status == status and words.lower() in reply.body["error"].lower(), (case, reply)
@@ -120,7 +121,7 @@ def test_bad_requests_get_their_status_from_a_front_beside_good_ones(server):
     counted = {dict(labels)["model"] + " " + dict(labels)["version"] + " " + dict(labels)["outcome"]: count
                for (name, labels), count in metrics.items() if name == "cronnx_requests_total"}
     assert counted.pop("tiny 1 success") == len(good.statuses)
-    assert counted == {"tiny 1 400": 8, "tiny 1 413": 3, "tiny 1 415": 1, "_unknown  404": 1}
+    assert counted == {"tiny 1 400": 8, "tiny 1 413": 3, "tiny 1 415": 1, "_unknown  404": 2}
 
 
 def test_v2_infer_is_served_by_a_front_and_other_routes_by_the_engine_process(server, tiny_model):

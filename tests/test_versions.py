@@ -58,6 +58,13 @@ def test_repository_versions_policy_and_version_routes(start_server, tmp_path):
     assert default[0][1]["predictions"] != pinned[0][1]["predictions"]  # different weights
     (status, body), = asyncio.run(_many(f"{server.url}/predict/clf/versions/1", 1))
     assert status == 404 and "not served" in body["error"]
+    # A number no version can have (beyond int64; thousands of digits) is no served version either.
+    for huge in ("9" * 25, "1" * 5000, "0" * 30 + "2"):
+        (status, body), = asyncio.run(_many(f"{server.url}/predict/clf/versions/{huge}", 1))
+        if huge.endswith("02"):
+            assert status == 200 and body["version"] == 2  # leading zeros name the same version
+        else:
+            assert status == 404 and "not served" in body["error"], (status, body)
 
 
 def test_model_repository_given_on_the_command_line_is_served(start_server, tmp_path):
