@@ -131,7 +131,6 @@ from serving import Served, free_port  # noqa: E402
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 MODELS = ("mobilenetv2", "resnet50")
-PARTS = ("setup", "onnxruntime", "preprocess", "served", "gpu", "parity")
 # Where the served runs decode: threads of the one front (server.preprocess_threads), preprocessing
 # processes (server.preprocess_processes), or front processes, each reading bodies and decoding in
 # its own threads (server.front_processes). The default runs the two that use every core.
@@ -1327,7 +1326,8 @@ def markdown(result: dict) -> str:
     lines = [f"Provider {meta['provider']} ({meta['gpu_name'] or 'no GPU'}), {meta['cores']} cores, onnxruntime "
              f"{meta['onnxruntime']}, {meta['pil']}, batch size {meta['batch_size']}, buckets {meta['buckets']}"
              + (", `--quick`" if meta["quick"] else "")
-             + "".join(f", served with `cuda.{s}`" for s in meta.get("served_cuda_settings", [])) + ".", ""]
+             + "".join(f", served with `cuda.{s}`" + ("" if meta["provider"] == CUDA else " (ignored on the CPU EP)")
+                       for s in meta.get("served_cuda_settings", [])) + ".", ""]
     if "onnxruntime" in parts:
         lines += _onnxruntime_tables(meta, parts.get("onnxruntime", {}))
 

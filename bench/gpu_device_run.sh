@@ -26,6 +26,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .wh
 # the machine's site-packages; worker processes inherit the path.
 export PYTHONPATH=$site
 purelib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-export LD_LIBRARY_PATH=$(printf '%s:' "$purelib"/nvidia/*/lib)${LD_LIBRARY_PATH:-}
+libs=$(printf '%s:' "$purelib"/nvidia/*/lib)
+# No empty entry (it would search the current folder).
+export LD_LIBRARY_PATH=${libs%:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 python3 -c 'import onnxruntime as ort; print("onnxruntime", ort.__version__, ort.get_available_providers())'
 PYTHONUNBUFFERED=1 exec python3 bench/gpu_check.py "$@"

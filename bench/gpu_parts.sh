@@ -7,7 +7,7 @@
 # The GPU machine has Python 3.12 and the CUDA 13 libraries but neither package and no registry.
 # onnxruntime-gpu 1.31.1's wheel is 244 MiB (deflate); unpacked and recompressed with xz -9, less
 # its TensorRT provider (which needs TensorRT, not on that machine), it is 193 MiB: three parts of
-# 60 MiB, each carried alone, and a last one of about 13 MiB that travels with the run itself
+# 60 MiB, each carried alone, and a last one of about 14 MiB (with msgspec) that travels with the run
 # (bench/README.md, "GPU check"). Takes about 2 minutes on 2 cores, nearly all of it xz.
 set -euo pipefail
 cd "$(dirname "$0")/.."

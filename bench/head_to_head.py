@@ -84,10 +84,11 @@ def cpu_by_part(group: int) -> dict[str, float]:
     return out
 
 
-def preprocess_cpu_ms(config: Path, photos: list[Path], passes: int = 3, seconds: float | None = None) -> float:
+def preprocess_cpu_ms(config: Path, photos: list[Path], passes: int = 3, seconds: float | None = None,
+                      start_at: float | None = None) -> float:
     """CPU milliseconds per image that Cronnx's preprocessing of `photos` takes alone, on this
     thread, for the first model of `config` (relative paths from the repo root): `passes` over the
-    photos, or as many as fit in `seconds`."""
+    photos, or as many as fit in `seconds`, from `start_at` (time.time()) when given."""
     model = load_config(config).models[0]
     path = Path(model.path) if Path(model.path).is_absolute() else REPO / model.path
     preprocess = Preprocessor(model.preprocess, inspect_model(str(path)))
@@ -95,6 +96,8 @@ def preprocess_cpu_ms(config: Path, photos: list[Path], passes: int = 3, seconds
     out = np.empty((1, *preprocess.spec.input_item_shape), preprocess.spec.input_dtype)
     for image in data:  # warm the caches and the allocator
         preprocess(image, out[0])
+    if start_at is not None:
+        time.sleep(max(0.0, start_at - time.time()))
     started, deadline, done = time.thread_time(), time.monotonic() + (seconds or 0.0), 0
     while done < passes * len(data) if seconds is None else time.monotonic() < deadline:
         preprocess(data[done % len(data)], out[0])
@@ -108,9 +111,11 @@ def preprocess_cpu_ms_all_cores(config: Path, photos: list[Path], seconds: float
     alone costs at a rate that needs all the cores (shared caches, memory bandwidth, clocks), as a
     server's decoding under full load does."""
     cores = usable_cores()
+    # All begin at once, after their start-up and warm-up (a spawned process imports in about a second).
+    start_at = time.time() + 4.0
     with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("spawn")) as pool:
         return statistics.mean(pool.map(preprocess_cpu_ms, [config] * cores, [photos] * cores, [3] * cores,
-                                        [seconds] * cores))
+                                        [seconds] * cores, [start_at] * cores))
 
 
 def servers(py: str, configs: list[Path], trees: list[Path], peer: bool,

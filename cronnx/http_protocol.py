@@ -44,9 +44,11 @@ class JsonErrorRequestHandler(RequestHandler):
         if request is None or len(self._messages) == queued:
             return
         refused = self._messages[-1][0]
-        if isinstance(refused, _ErrInfo) and not request.content.is_eof():
-            # The C parser's framing error while this request's body is read: end the body with it.
-            request.content.set_exception(refused.exc)
+        content = request.content
+        if isinstance(refused, _ErrInfo) and not content.is_eof() and content.exception() is None:
+            # The C parser's framing error while this request's body is read: end the body with it
+            # (the pure-Python parser has ended it with its own error already).
+            content.set_exception(refused.exc)
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -74,6 +76,7 @@ class JsonErrorRequestHandler(RequestHandler):
 
 
 def new_connection(server: web.Server) -> JsonErrorRequestHandler:
-    """The protocol for one new connection to `server` (aiohttp's low-level server), made as
-    `server()` makes aiohttp's own (web.Server.__call__), with the server's handler settings."""
+    """The protocol for one new connection to `server` (aiohttp's low-level server), with the
+    server's handler settings, as `server()` makes aiohttp's own (web.Server.__call__, less its
+    fallback for settings RequestHandler does not take: Cronnx passes none)."""
     return JsonErrorRequestHandler(server, loop=server._loop, **server._kwargs)
