@@ -41,14 +41,14 @@ from .pool import ModelPool
 from .preprocess_process import Fill, Filled, FillFailed, Forget, MappedRings, fill_error
 from .preprocessing import FillJob
 from .pipe_reader import PipeReader
-from .process import enlarge_pipe, restart_delay
+from .process import Replacements, enlarge_pipe
 from .ring import SlotRing, pid_alive
 
 log = logging.getLogger("cronnx.front_processes")
 
 _spawn = multiprocessing.get_context("spawn")
 # A front that dies this soon after its start without serving failed to start: it is restarted
-# after a growing pause (process.restart_delay).
+# after a growing pause (process.Replacements).
 YOUNG_DEATH_S = 2.0
 # How often fronts are told to unmap the rings of versions that have gone.
 FORGET_INTERVAL_S = 1.0
@@ -106,7 +106,7 @@ class FrontProcesses:
     def __init__(self, count: int, server: ServerConfig, port: int, engine_socket: str, logging_spec: LoggingSpec,
                  engine: InferenceEngine, metrics: Metrics):
         self.count = count
-        self.restarts = 0
+        self._replacements = Replacements(count, "front process", YOUNG_DEATH_S)
         self._server = server
         self._port = port
         self._engine_socket = engine_socket
@@ -115,7 +115,6 @@ class FrontProcesses:
         self._metrics = metrics
         self._loop = asyncio.get_running_loop()
         self._draining = False
-        self._young_deaths = [0] * count
         self._fronts: list[_Front | None] = [None] * count
         self._all_listening = self._loop.create_future()
         # Each front decodes in its share of the threads and accepts its share of the connections.
@@ -127,6 +126,11 @@ class FrontProcesses:
 
     def __str__(self) -> str:
         return f"{self.count} front processes, each decoding in {self.threads} thread{'s' * (self.threads != 1)}"
+
+    @property
+    def restarts(self) -> int:
+        """Processes replaced after an exit."""
+        return self._replacements.restarts
 
     @property
     def pids(self) -> list[int]:
@@ -288,13 +292,7 @@ class FrontProcesses:
                 f"front process {front.index} exited with code {front.process.exitcode} before it listened "
                 f"on port {self._port} (its log says why)"))
             return
-        self.restarts += 1
-        young = front.served == 0 and time.monotonic() - front.started_at < YOUNG_DEATH_S
-        self._young_deaths[front.index] = self._young_deaths[front.index] + 1 if young else 0
-        delay = restart_delay(self._young_deaths[front.index])
-        log.warning("front process %d (pid %d) exited with code %s; starting another in %.1fs",
-                    front.index, front.process.pid, front.process.exitcode, delay)
-        self._loop.call_later(delay, self._restart, front.index)
+        self._replacements.schedule(front.index, front.process, front.started_at, front.served > 0, self._restart)
 
     def _restart(self, index: int) -> None:
         if not self._draining and self._fronts[index] is None:

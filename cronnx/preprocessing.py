@@ -29,7 +29,7 @@ from .preprocess import Preprocessor
 from .preprocess_process import (Fill, Filled, Forget, MappedRings, Stop, decode_from_preprocess, encode, fill_error,
                                  run_preprocess_process)
 from .pipe_reader import PipeReader
-from .process import enlarge_pipe, restart_delay
+from .process import Replacements, enlarge_pipe
 from .ring import SlotRing
 from .scheduling import mark_cpu_bound, usable_cores
 
@@ -37,7 +37,7 @@ log = logging.getLogger("cronnx.preprocessing")
 
 _spawn = multiprocessing.get_context("spawn")
 # A process that dies this soon after its start without filling anything failed to start: it is
-# restarted after a growing pause (process.restart_delay).
+# restarted after a growing pause (process.Replacements).
 YOUNG_DEATH_S = 1.0
 # How often processes are told to unmap the rings of versions that have gone.
 FORGET_INTERVAL_S = 1.0
@@ -150,13 +150,12 @@ class ProcessPreprocessing:
     def __init__(self, count: int, max_image_pixels: int, fill_timeout_s: float):
         self.count = count
         self._fill_timeout_s = fill_timeout_s
-        self.restarts = 0
+        self._replacements = Replacements(count, "preprocessing process", YOUNG_DEATH_S)
         self._max_image_pixels = max_image_pixels
         self._loop = asyncio.get_running_loop()
         self._queue: deque[_Job] = deque()
         self._ids = itertools.count()
         self._closing = False
-        self._young_deaths = [0] * count
         self._processes: list[_Process | None] = [None] * count
         for index in range(count):
             self._start(index)
@@ -164,6 +163,11 @@ class ProcessPreprocessing:
 
     def __str__(self) -> str:
         return f"{self.count} processes"
+
+    @property
+    def restarts(self) -> int:
+        """Processes replaced after an exit."""
+        return self._replacements.restarts
 
     @property
     def pids(self) -> list[int]:
@@ -274,13 +278,7 @@ class ProcessPreprocessing:
             proc.job = None
         if self._closing:
             return
-        self.restarts += 1
-        young = proc.fills == 0 and time.monotonic() - proc.started_at < YOUNG_DEATH_S
-        self._young_deaths[proc.index] = self._young_deaths[proc.index] + 1 if young else 0
-        delay = restart_delay(self._young_deaths[proc.index])
-        log.warning("preprocessing process %d (pid %d) exited with code %s; starting another in %.1fs",
-                    proc.index, proc.process.pid, proc.process.exitcode, delay)
-        self._loop.call_later(delay, self._restart, proc.index)
+        self._replacements.schedule(proc.index, proc.process, proc.started_at, proc.fills > 0, self._restart)
 
     def _restart(self, index: int) -> None:
         if not self._closing and self._processes[index] is None:

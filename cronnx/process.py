@@ -31,6 +31,30 @@ def restart_delay(failed_starts: int, max_s: float = 30.0) -> float:
     return min(max_s, 0.5 * 2 ** (failed_starts - 1)) if failed_starts else 0.0
 
 
+class Replacements:
+    """When to replace each of a fixed set of child processes (preprocessing or front processes)
+    after it exits: at once after one that had been working, after `restart_delay` while they keep
+    dying young (within `young_s` of their start, having done no work). `restarts` counts them."""
+
+    def __init__(self, count: int, what: str, young_s: float):
+        self.restarts = 0
+        self._what = what
+        self._young_s = young_s
+        self._young_deaths = [0] * count
+
+    def schedule(self, index: int, process, started_at: float, worked: bool, restart: Callable[[int], None]) -> None:
+        """Logs the exit of child `index` (`process`: its multiprocessing.Process, started at
+        `started_at` on time.monotonic()) and calls `restart(index)` on the running loop after the
+        pause its record of young deaths gives."""
+        self.restarts += 1
+        young = not worked and time.monotonic() - started_at < self._young_s
+        self._young_deaths[index] = self._young_deaths[index] + 1 if young else 0
+        delay = restart_delay(self._young_deaths[index])
+        log.warning("%s %d (pid %d) exited with code %s; starting another in %.1fs",
+                    self._what, index, process.pid, process.exitcode, delay)
+        asyncio.get_running_loop().call_later(delay, restart, index)
+
+
 def enlarge_pipe(fd: int) -> None:
     """The front writes to its children's pipes on its event loop: a full pipe would block it. 64 KiB
     holds a few hundred submits; 1 MiB holds far more than a ring can have slots, and most images."""
