@@ -132,12 +132,19 @@ def test_v2_rows_are_batched_together(server, direct):
             return client(server).infer("tiny", [tensor]).as_numpy("logits")
         return await asyncio.gather(*(asyncio.to_thread(one) for _ in range(12)))
 
-    for out in asyncio.run(main()):
-        np.testing.assert_allclose(out, logits(direct, batch), rtol=0, atol=1e-5)
-    m = scrape(server.url)
-    batches = value(m, "cronnx_batch_size_count", model="tiny", version=1)
-    assert value(m, "cronnx_batch_size_sum", model="tiny", version=1) == 12 and batches < 12  # some batch > 1
-    assert value(m, "cronnx_requests_total", api="v2", model="tiny", version=1, outcome="success") == 12
+    # Twelve at once usually share batches; on a loaded machine they may arrive one by one (the batch
+    # window closes early when nothing else is coming), so up to three rounds.
+    for rounds in range(1, 4):
+        for out in asyncio.run(main()):
+            np.testing.assert_allclose(out, logits(direct, batch), rtol=0, atol=1e-5)
+        m = scrape(server.url)
+        rows = value(m, "cronnx_batch_size_sum", model="tiny", version=1)
+        assert rows == 12 * rounds  # every row ran once
+        if value(m, "cronnx_batch_size_count", model="tiny", version=1) < rows:
+            break  # some batch held more than one row
+    else:
+        pytest.fail("36 concurrent rows never shared a batch")
+    assert value(m, "cronnx_requests_total", api="v2", model="tiny", version=1, outcome="success") == 12 * rounds
 
 
 def _post(server, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
