@@ -116,12 +116,12 @@ REPO = BENCH.parent
 sys.path[:0] = [str(REPO), str(BENCH)]  # run from anywhere without installing cronnx
 
 from cronnx import cuda_host  # noqa: E402
-from cronnx.catalog import powers_of_two_up_to  # noqa: E402
+from cronnx.models.catalog import powers_of_two_up_to  # noqa: E402
 from cronnx.config import CudaConfig, PreprocessConfig  # noqa: E402
 from cronnx.loadgen import server_stats  # noqa: E402
-from cronnx.model_spec import ModelSpec, inspect_model  # noqa: E402
-from cronnx.preprocess import Preprocessor, pil_build  # noqa: E402
-from cronnx.worker import create_session  # noqa: E402
+from cronnx.models.spec import ModelSpec, inspect_model  # noqa: E402
+from cronnx.preprocessing.transform import Preprocessor, pil_build  # noqa: E402
+from cronnx.workers.child import create_session  # noqa: E402
 
 from head_to_head import TICK_S, _stat_fields  # noqa: E402
 from limit import Bench, ensure_model  # noqa: E402

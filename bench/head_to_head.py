@@ -46,9 +46,9 @@ from serving import REPO, Served, free_port, measure  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from cronnx.config import load_config  # noqa: E402
-from cronnx.model_spec import inspect_model  # noqa: E402
-from cronnx.preprocess import Preprocessor  # noqa: E402
-from cronnx.scheduling import usable_cores  # noqa: E402
+from cronnx.models.spec import inspect_model  # noqa: E402
+from cronnx.preprocessing.transform import Preprocessor  # noqa: E402
+from cronnx.ipc.cpu import usable_cores  # noqa: E402
 
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 

@@ -38,8 +38,8 @@ REPO = BENCH.parent
 sys.path[:0] = [str(REPO), str(BENCH)]  # run from anywhere without installing cronnx
 
 from cronnx.config import PreprocessConfig  # noqa: E402
-from cronnx.model_spec import inspect_model  # noqa: E402
-from cronnx.preprocess import Preprocessor, pil_build  # noqa: E402
+from cronnx.models.spec import inspect_model  # noqa: E402
+from cronnx.preprocessing.transform import Preprocessor, pil_build  # noqa: E402
 
 from photos import DEFAULT_OUT, read_photos  # noqa: E402
 
@@ -54,7 +54,7 @@ WARMUP_RUNS = 3
 def ensure_model(path: Path = MODEL) -> Path:
     """The demo model at `path` (models/<arch>-demo.onnx), built when missing."""
     if not path.exists():
-        from cronnx.demo_model import write_demo_model
+        from cronnx.models.demo import write_demo_model
         print(f"building the demo model at {path}", file=sys.stderr)
         write_demo_model(path, path.name.split("-")[0])
     return path

@@ -1,3 +1,3 @@
-from .cli import main
+from cronnx.cli import main
 
 main()

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 if TYPE_CHECKING:
-    from .pool import ModelPool
+    from cronnx.engine.pool import ModelPool
 
 JSON_TYPE = "application/json"
 

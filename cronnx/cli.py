@@ -9,8 +9,8 @@ from urllib.parse import urlsplit
 
 import click
 
-from .config import ConfigError, load_config
-from .logs import setup_logging
+from cronnx.config import ConfigError, load_config
+from cronnx.observability.logs import setup_logging
 
 DEFAULT_CONFIG = "config/cronnx.yaml"
 DEFAULT_DEMO_PATH = "models/mobilenetv2-demo.onnx"
@@ -40,7 +40,7 @@ def main() -> None:
 def serve(config_path: str, host: str | None, port: int | None, model_repository: str | None,
           log_level: str | None, log_format: str | None) -> None:
     """Serve the models of a config file over HTTP."""
-    from .server import run_server
+    from cronnx.server import run_server
 
     try:
         config = load_config(config_path, host=host, port=port, model_repository=model_repository,
@@ -68,7 +68,7 @@ def models() -> None:
                                              "or models/resnet50-demo.onnx].")
 def demo(arch: str, output: str | None) -> None:
     """Build a deterministic, untrained demo model (no download)."""
-    from .demo_model import write_demo_model
+    from cronnx.models.demo import write_demo_model
 
     setup_logging("info", "text")
     path = write_demo_model(output or (DEFAULT_DEMO_PATH if arch == "mobilenetv2" else f"models/{arch}-demo.onnx"), arch)
@@ -80,7 +80,8 @@ def demo(arch: str, output: str | None) -> None:
 @click.option("--dir", "dest_dir", default="models", show_default=True, help="Folder to download into.")
 def pull(name: str, dest_dir: str) -> None:
     """Download a pretrained model of the ONNX Model Zoo and verify its sha256."""
-    from .zoo import ZOO, PullError, pull as pull_entry, pull_labels
+    from cronnx.models.zoo import ZOO, PullError, pull_labels
+    from cronnx.models.zoo import pull as pull_entry
 
     entry = ZOO.get(name)
     if entry is None:
@@ -98,8 +99,8 @@ def pull(name: str, dest_dir: str) -> None:
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 def inspect(path: str) -> None:
     """Print a model's inputs and outputs and a config entry to serve it."""
-    from .model_inspect import describe
-    from .model_spec import ModelSpecError, inspect_model
+    from cronnx.models.inspect import describe
+    from cronnx.models.spec import ModelSpecError, inspect_model
 
     try:
         spec, dynamic_size = inspect_model(path), False
@@ -133,9 +134,9 @@ def bench(url, model, images, folder, mode, concurrency, rate, arrivals, duratio
     """Load a Cronnx server (or any server with the same API) and report what it sustained."""
     import msgspec
 
-    from .loadgen import bench as loadgen
-    from .loadgen import report
-    from .loadgen.runner import LoadSpec
+    from cronnx.loadgen import bench as loadgen
+    from cronnx.loadgen import report
+    from cronnx.loadgen.runner import LoadSpec
 
     # What an option needs is checked before the run: a run's results are never thrown away.
     if plot_path and importlib.util.find_spec("matplotlib") is None:

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 import msgspec.yaml
 
-from .scheduling import usable_cores
+from cronnx.ipc.cpu import usable_cores
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]

@@ -17,20 +17,44 @@ import msgspec
 import numpy as np
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+
 # aiohttp's own handler: sends "100 Continue", or 417 for an unknown expectation.
 from aiohttp.web_urldispatcher import _default_expect_handler
 
-from .api import (JSON_TYPE, FrontProcessesStatus, Health, ImageRequest, Prediction, PredictResponse,
-                  PreprocessingStatus, Timings, failed_status, model_status)
-from .config import ConfigError, NotInConfig, ServerConfig
-from .engine import InferenceEngine
-from .errors import (BodyTimeout, CronnxError, DeadlineExceeded, ImageTooLarge, InferenceFailed,
-                     InvalidRequest, ModelNotFound, NotAuthenticated, PermissionDenied, QueueFull,
-                     RequestTooLarge, Unavailable, UndecodableBody, UnsupportedMediaType)
-from .metrics import UNKNOWN_MODEL, Metrics
-from .pool import ModelPool
-from .postprocess import top_k
-from .registry import Registry
+from cronnx.api import (
+    JSON_TYPE,
+    FrontProcessesStatus,
+    Health,
+    ImageRequest,
+    Prediction,
+    PredictResponse,
+    PreprocessingStatus,
+    Timings,
+    failed_status,
+    model_status,
+)
+from cronnx.config import ConfigError, NotInConfig, ServerConfig
+from cronnx.engine.inference import InferenceEngine
+from cronnx.engine.pool import ModelPool
+from cronnx.engine.registry import Registry
+from cronnx.errors import (
+    BodyTimeout,
+    CronnxError,
+    DeadlineExceeded,
+    ImageTooLarge,
+    InferenceFailed,
+    InvalidRequest,
+    ModelNotFound,
+    NotAuthenticated,
+    PermissionDenied,
+    QueueFull,
+    RequestTooLarge,
+    Unavailable,
+    UndecodableBody,
+    UnsupportedMediaType,
+)
+from cronnx.models.postprocess import top_k
+from cronnx.observability.metrics import UNKNOWN_MODEL, Metrics
 
 log = logging.getLogger("cronnx.front")
 access_log = logging.getLogger("cronnx.access")

@@ -29,13 +29,21 @@ import msgspec
 import numpy as np
 from aiohttp import web
 
-from .engine import InferenceResult
-from .errors import InvalidRequest, ModelNotReady
-from .front import (STATE, RequestRecord, ServerState, json_response, model_request, read_body, request_deadline,
-                    requested_version)
-from .model_spec import ModelSpec
-from .pool import ModelPool
-from .postprocess import top_k
+from cronnx.engine.inference import InferenceResult
+from cronnx.engine.pool import ModelPool
+from cronnx.errors import InvalidRequest, ModelNotReady
+from cronnx.front import (
+    STATE,
+    RequestRecord,
+    ServerState,
+    json_response,
+    model_request,
+    read_body,
+    request_deadline,
+    requested_version,
+)
+from cronnx.models.postprocess import top_k
+from cronnx.models.spec import ModelSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # numpy dtype name <-> the protocol's datatype names.

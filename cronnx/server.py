@@ -10,20 +10,25 @@ import signal
 
 from aiohttp import web
 
-from . import catalog, inference_protocol, runtime
-from .catalog import ModelVersion, PreparedVersion
-from .config import Config, ConfigError, NotInConfig, load_config
-from .contract import LoggingSpec
-from .engine import InferenceEngine
-from .front import ServerState, make_app
-from .front_processes import FrontProcesses, make_socket_dir, remove_stale_socket_dirs
-from .listener import listen, reserve_port
-from .metrics import Metrics
-from .preprocess import pil_build, set_max_image_pixels
-from .preprocessing import start as start_preprocessing
-from .registry import Registry
-from .ring import remove_stale_segments
-from .supervisor import Liveness
+from cronnx import inference_protocol
+from cronnx.config import Config, ConfigError, NotInConfig, load_config
+from cronnx.engine.inference import InferenceEngine
+from cronnx.engine.registry import Registry
+from cronnx.front import ServerState, make_app
+from cronnx.fronts.manager import (
+    FrontProcesses,
+    make_socket_dir,
+    remove_stale_socket_dirs,
+)
+from cronnx.http.listener import listen, reserve_port
+from cronnx.ipc.ring import remove_stale_segments
+from cronnx.models import catalog, runtime
+from cronnx.models.catalog import ModelVersion, PreparedVersion
+from cronnx.observability.logs import LoggingSpec
+from cronnx.observability.metrics import Metrics
+from cronnx.preprocessing.placement import start as start_preprocessing
+from cronnx.preprocessing.transform import pil_build, set_max_image_pixels
+from cronnx.workers.supervisor import Liveness
 
 log = logging.getLogger("cronnx.server")
 

@@ -34,9 +34,9 @@ def problems(pil_dist: str, build: str) -> list[str]:
     """What is wrong with the running interpreter's environment; empty when nothing is."""
     from PIL import features
 
-    from cronnx import runtime
+    from cronnx.models import runtime
     from cronnx.config import ConfigError
-    from cronnx.preprocess import pil_build
+    from cronnx.preprocessing.transform import pil_build
 
     found = []
     pils = installed("pillow", "pillow-simd")
@@ -67,8 +67,8 @@ def main() -> None:
     found = problems(pil_dist, build)
     if found:
         sys.exit("the image's venv is wrong:\n  " + "\n  ".join(found))
-    from cronnx import runtime
-    from cronnx.preprocess import pil_build
+    from cronnx.models import runtime
+    from cronnx.preprocessing.transform import pil_build
 
     print(f"venv ok: {pil_build()}; {runtime.describe()}")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from cronnx.config import PreprocessConfig
-from cronnx.model_spec import inspect_model
-from cronnx.preprocess import Preprocessor, pil_build
+from cronnx.models.spec import inspect_model
+from cronnx.preprocessing.transform import Preprocessor, pil_build
 
 PHOTOS = Path("/photos")
 MODEL = "/models/mobilenetv2-demo.onnx"

@@ -14,7 +14,7 @@ DEMO_MODEL = REPO / "models" / "mobilenetv2-demo.onnx"
 def demo_model() -> Path:
     """The real default model, built once by the project's own code (cached in models/)."""
     if not DEMO_MODEL.exists():
-        from cronnx.demo_model import write_demo_model
+        from cronnx.models.demo import write_demo_model
 
         write_demo_model(DEMO_MODEL)
     return DEMO_MODEL

@@ -6,8 +6,8 @@ import numpy as np
 import onnxruntime as ort
 
 from cronnx.config import PreprocessConfig
-from cronnx.model_spec import inspect_model
-from cronnx.preprocess import Preprocessor
+from cronnx.models.spec import inspect_model
+from cronnx.preprocessing.transform import Preprocessor
 
 
 class DirectModel:

@@ -1,6 +1,6 @@
 """The batch window: measured from the oldest request, never restarted by later ones."""
 
-from cronnx.batcher import Batcher
+from cronnx.workers.batcher import Batcher
 
 
 def test_full_batch_is_due_at_once():

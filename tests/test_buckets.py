@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from cronnx.config import CudaConfig
-from cronnx.contract import WorkerSpec
-from cronnx.cuda_host import CudaHostError, page_aligned_zeros
-from cronnx.model_spec import inspect_model
-from cronnx.ring import SlotRing
-from cronnx.worker import BatchRunner, create_session
+from cronnx.workers.messages import WorkerSpec
+from cronnx.workers.pinned_memory import CudaHostError, page_aligned_zeros
+from cronnx.models.spec import inspect_model
+from cronnx.ipc.ring import SlotRing
+from cronnx.workers.child import BatchRunner, create_session
 from reference import DirectModel, assert_matches
 from support.client import predict_many
 from support.models import batch_one_only_model, tiny_classifier
@@ -107,7 +107,7 @@ def test_a_model_that_cannot_run_a_bucket_is_refused_with_onnxruntimes_own_words
 
 
 def test_powers_of_two_up_to_the_batch_size_are_the_cuda_default():
-    from cronnx.catalog import powers_of_two_up_to
+    from cronnx.models.catalog import powers_of_two_up_to
 
     assert powers_of_two_up_to(8) == [1, 2, 4, 8]
     assert powers_of_two_up_to(6) == [1, 2, 4, 6]

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from cronnx.scheduling import usable_cores
+from cronnx.ipc.cpu import usable_cores
 from support.models import tiny_classifier, two_input_model, vector_input_model
 from support.server import REPO
 

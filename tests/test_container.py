@@ -264,8 +264,8 @@ PREPROCESS = """
 import io, sys, numpy as np
 from pathlib import Path
 from cronnx.config import PreprocessConfig
-from cronnx.model_spec import inspect_model
-from cronnx.preprocess import Preprocessor
+from cronnx.models.spec import inspect_model
+from cronnx.preprocessing.transform import Preprocessor
 
 preprocess = Preprocessor(PreprocessConfig(), inspect_model(sys.argv[1]))
 tensors = {}

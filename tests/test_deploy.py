@@ -32,7 +32,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from cronnx.config import Config
-from cronnx.model_spec import inspect_model
+from cronnx.models.spec import inspect_model
 from support.server import REPO, ServerProcess, shm_segments
 
 DEPLOY = REPO / "deploy"

@@ -24,15 +24,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cronnx import catalog
-from cronnx.catalog import ModelVersion
+from cronnx.models import catalog
+from cronnx.models.catalog import ModelVersion
 from cronnx.config import ModelConfig, PreprocessConfig
-from cronnx.contract import LoggingSpec
-from cronnx.engine import InferenceEngine
+from cronnx.observability.logs import LoggingSpec
+from cronnx.engine.inference import InferenceEngine
 from cronnx.errors import DeadlineExceeded, InferenceFailed, InvalidImage, PreprocessingLost, QueueFull, WorkerLost
-from cronnx.preprocessing import ProcessPreprocessing, ThreadPreprocessing
-from cronnx.registry import Registry
-from cronnx.supervisor import Liveness
+from cronnx.preprocessing.placement import ProcessPreprocessing, ThreadPreprocessing
+from cronnx.engine.registry import Registry
+from cronnx.workers.supervisor import Liveness
 from support import fake_worker
 from support.fake_worker import DIE, FAIL, HANG, JITTER, SLOW
 from support.models import channel_mean_model

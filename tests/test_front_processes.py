@@ -33,13 +33,13 @@ from support.server import mapped_segments, model_entry, pid_alive, server_confi
 from test_bad_input import BAD_REQUESTS, BODY_LIMIT
 from cronnx.config import PreprocessConfig
 from cronnx.front import RequestRecord
-from cronnx.front_contract import Abandon, Infer, decode_from_front
-from cronnx.front_contract import encode as encode_message
-from cronnx.front_process import EngineLink
-from cronnx.listener import reserve_port
-from cronnx.model_spec import inspect_model
-from cronnx.preprocess_process import Fill, FillFailed, Setup
-from cronnx.ring import SlotRing
+from cronnx.fronts.messages import Abandon, Infer, decode_from_front
+from cronnx.fronts.messages import encode as encode_message
+from cronnx.fronts.child import EngineLink
+from cronnx.http.listener import reserve_port
+from cronnx.models.spec import inspect_model
+from cronnx.preprocessing.messages import Fill, FillFailed, Setup
+from cronnx.ipc.ring import SlotRing
 
 PHOTOS = [encode(photo_like(320 + 16 * i, 240, seed=i), "JPEG", quality=90) for i in range(6)]
 SUCCESS = ("cronnx_requests_total", frozenset({("api", "predict"), ("model", "tiny"), ("outcome", "success"),

@@ -33,8 +33,8 @@ from PIL import Image
 
 from cronnx.config import PreprocessConfig
 from cronnx.errors import ImageTooLarge, InvalidImage
-from cronnx.model_spec import ModelSpec
-from cronnx.preprocess import Preprocessor, set_max_image_pixels
+from cronnx.models.spec import ModelSpec
+from cronnx.preprocessing.transform import Preprocessor, set_max_image_pixels
 from reference import DirectModel, assert_matches
 from support.images import encode, photo_like
 from support.metrics import scrape, total, value

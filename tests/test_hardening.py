@@ -17,10 +17,10 @@ import onnxruntime as ort
 import pytest
 from PIL import Image, ImageOps, PngImagePlugin
 
-from cronnx.catalog import load_labels
+from cronnx.models.catalog import load_labels
 from cronnx.config import ConfigError, PreprocessConfig
-from cronnx.model_spec import ModelSpec, inspect_model
-from cronnx.preprocess import Preprocessor, to_rgb
+from cronnx.models.spec import ModelSpec, inspect_model
+from cronnx.preprocessing.transform import Preprocessor, to_rgb
 from reference import DirectModel, assert_matches
 from support.client import predict_many
 from support.images import encode, exif_block, over_white, photo_like, with_alpha

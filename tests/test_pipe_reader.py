@@ -7,7 +7,7 @@ import os
 import struct
 import threading
 
-from cronnx.pipe_reader import PipeReader
+from cronnx.ipc.pipes import PipeReader
 
 
 def test_messages_come_whole_and_in_order_however_the_bytes_arrive():

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from cronnx.config import PreprocessConfig
-from cronnx.model_spec import ModelSpec
+from cronnx.models.spec import ModelSpec
 from cronnx.errors import ImageTooLarge, InvalidImage
-from cronnx.preprocess import Preprocessor, set_max_image_pixels
+from cronnx.preprocessing.transform import Preprocessor, set_max_image_pixels
 from support.images import encode, jpeg_with_orientation, photo_like
 
 SIZE = 64

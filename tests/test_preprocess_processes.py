@@ -21,8 +21,8 @@ from support.client import TIMEOUT, GoodStream, post, predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape
 from support.models import tiny_classifier
-from cronnx.preprocessing import start
-from cronnx.scheduling import usable_cores
+from cronnx.preprocessing.placement import start
+from cronnx.ipc.cpu import usable_cores
 from support.server import (children, mapped_segments, model_entry, pid_alive, server_config, shm_segments,
                             wait_until)
 from test_bad_input import BAD_REQUESTS, BODY_LIMIT

@@ -14,8 +14,8 @@ import msgspec
 import numpy as np
 import pytest
 
-from cronnx.contract import RingLayout
-from cronnx.ring import AttachedRing, SharedMemoryFull, SlotRing, remove_stale_segments, segment_name
+from cronnx.ipc.ring import RingLayout
+from cronnx.ipc.ring import AttachedRing, SharedMemoryFull, SlotRing, remove_stale_segments, segment_name
 
 SHM = Path("/dev/shm")
 INPUT_ITEM = (3, 4, 4)
@@ -254,8 +254,7 @@ def test_a_worker_process_that_exits_leaves_the_owners_segments_in_place(make_ri
     script = tmp_path / "worker.py"
     script.write_text(
         "import sys, msgspec\n"
-        "from cronnx.contract import RingLayout\n"
-        "from cronnx.ring import AttachedRing\n"
+        "from cronnx.ipc.ring import AttachedRing, RingLayout\n"
         "ring = AttachedRing(msgspec.msgpack.decode(sys.stdin.buffer.read(), type=RingLayout))\n"
         "ring.outputs[1] = float(ring.inputs[1].sum())\n"
         "ring.close()\n")

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from cronnx.zoo import BASE_URL_ENV, PullError, ZooEntry, pull
+from cronnx.models.zoo import BASE_URL_ENV, PullError, ZooEntry, pull
 from support.server import REPO
 
 

@@ -54,8 +54,8 @@ from _bentoml_sdk.io_models import IORootModel  # noqa: E402
 from pydantic import BeforeValidator  # noqa: E402
 from starlette.responses import Response  # noqa: E402
 
-from cronnx.postprocess import top_k  # noqa: E402
-from cronnx.preprocess import ImageError, ImageTooLarge  # noqa: E402
+from cronnx.models.postprocess import top_k  # noqa: E402
+from cronnx.preprocessing.transform import ImageError, ImageTooLarge  # noqa: E402
 from peer_model import open_model  # noqa: E402
 
 MODEL = Path(os.environ.get("CRONNX_PEER_MODEL", "models/mobilenetv2-demo.onnx"))

@@ -47,10 +47,10 @@ import numpy as np  # noqa: E402
 from fastapi import HTTPException  # noqa: E402
 
 import litserve as ls  # noqa: E402
-from cronnx.catalog import load_labels  # noqa: E402
-from cronnx.model_spec import inspect_model  # noqa: E402
-from cronnx.postprocess import top_k  # noqa: E402
-from cronnx.preprocess import ImageError, ImageTooLarge  # noqa: E402
+from cronnx.models.catalog import load_labels  # noqa: E402
+from cronnx.models.spec import inspect_model  # noqa: E402
+from cronnx.models.postprocess import top_k  # noqa: E402
+from cronnx.preprocessing.transform import ImageError, ImageTooLarge  # noqa: E402
 from peer_model import open_model  # noqa: E402
 
 

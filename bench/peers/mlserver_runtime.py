@@ -33,8 +33,8 @@ class OnnxClassifier(MLModel):
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        from cronnx.postprocess import top_k
-        from cronnx.preprocess import ImageError
+        from cronnx.models.postprocess import top_k
+        from cronnx.preprocessing.transform import ImageError
 
         images = payload.inputs[0].data.root
         n = len(images)

@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 
 from cronnx.config import PreprocessConfig
-from cronnx.model_spec import ModelSpec, inspect_model
-from cronnx.preprocess import Preprocessor
+from cronnx.models.spec import ModelSpec, inspect_model
+from cronnx.preprocessing.transform import Preprocessor
 
 
 def open_model(path: str) -> tuple[ort.InferenceSession, ModelSpec, Preprocessor]:

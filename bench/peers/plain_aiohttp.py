@@ -30,7 +30,7 @@ from aiohttp import web
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from cronnx.postprocess import top_k  # noqa: E402
+from cronnx.models.postprocess import top_k  # noqa: E402
 from peer_model import open_model  # noqa: E402
 
 

@@ -51,8 +51,8 @@ def build(model: str, name: str, replicas: int, max_batch: int):
 
         @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=0.002)
         async def run(self, images: list[bytes]) -> list[dict]:
-            from cronnx.postprocess import top_k
-            from cronnx.preprocess import ImageError
+            from cronnx.models.postprocess import top_k
+            from cronnx.preprocessing.transform import ImageError
             n = len(images)
             x = np.zeros((max(self.spec.fixed_batch or n, n), *self.spec.input_item_shape), self.spec.input_dtype)
             errors = []

@@ -32,7 +32,7 @@ def _mark_started() -> None:
 
 
 def main(spec_bytes: bytes, inbox, outbox, pings) -> None:
-    from cronnx import worker
+    from cronnx.workers import child as worker
 
     run = worker.BatchRunner._infer
 

@@ -1,0 +1,211 @@
+"""The inference engine: one call runs one request through a model version, below any protocol.
+
+`InferenceEngine.infer` is the only owner of a request's ring slot (ring rule 6): it acquires the
+slot, places the preprocessing (threads or processes: `preprocessing.py`), hands the slot to the
+worker, awaits the answer, gives up on disconnect or deadline, copies the output out and releases
+the slot on every path. HTTP APIs (`/predict`, and later the Open Inference Protocol) call it and never see a
+worker, a ring or a slot index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import msgspec
+import numpy as np
+
+from cronnx.engine.pool import ModelPool
+from cronnx.engine.registry import Registry
+from cronnx.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    NoLiveWorker,
+    QueueFull,
+    ShuttingDown,
+    WorkerLost,
+)
+from cronnx.ipc.ring import SlotRing
+from cronnx.preprocessing.placement import FillJob, Preprocessing
+from cronnx.workers.channel import SlotReturn
+from cronnx.workers.supervisor import Worker
+
+
+class InferenceResult(msgspec.Struct):
+    """One request's answer: `output` is a copy of the model's output row for it (shape
+    `spec.output_item_shape`, dtype `spec.output_dtype`, scores as the model gives them);
+    `batch_size` the number of requests in the batch it ran in. Seconds: `preprocess_s` decoding
+    into the slot (including any wait for a thread), `queue_s` from the hand-over to the batch's
+    start, `infer_s` the batch's run."""
+
+    output: np.ndarray
+    batch_size: int
+    preprocess_s: float
+    queue_s: float
+    infer_s: float
+
+
+class InferenceEngine:
+    """Runs requests on the model versions of `registry`, decoding images with `preprocessing`."""
+
+    def __init__(self, registry: Registry, preprocessing: Preprocessing):
+        self.registry = registry
+        self.preprocessing = preprocessing
+        # Set when the server begins to shut down: no new request is taken.
+        self.draining = False
+
+    @contextmanager
+    def select(self, model: str, version: int | None = None, routing_key: str | None = None) -> Iterator[ModelPool]:
+        """The version that serves a request, counted as in flight in it until the block ends.
+
+        Chosen once, on arrival: it serves this request even if a reload replaces it meanwhile
+        (a replaced version drains: it finishes what chose it, then stops). `version` None picks by
+        the model's traffic split, the same `routing_key` always getting the same version.
+        Raises ModelNotFound, or ModelNotReady (the version asked for is loading).
+        """
+        pool = self.choose(model, version, routing_key)
+        pool.enter()
+        try:
+            yield pool
+        finally:
+            pool.leave()
+
+    def choose(self, model: str, version: int | None = None, routing_key: str | None = None) -> ModelPool:
+        """The version that would serve a request naming `model`, `version` (None: by the traffic
+        split, `routing_key` as in `select`), without counting it in flight: `select`'s choice, and
+        the metrics' labels of a request that a front process refused before asking for one.
+        Raises ModelNotFound or ModelNotReady."""
+        if version is None:
+            return self.registry.route(model).choose(routing_key)
+        return self.registry.version(model, version)
+
+    async def infer(self, pool: ModelPool, image: bytes, request_id: str, deadline: float) -> InferenceResult:
+        """Preprocess `image` (encoded bytes) into a slot of `pool`, run it, return its output.
+
+        `deadline` is on the event loop's clock (`loop.time()`). Raises ShuttingDown, NoLiveWorker
+        or QueueFull at once (backpressure, nothing waits), InvalidImage or ImageTooLarge from
+        preprocessing, WorkerLost if the worker dies or is killed meanwhile, InferenceFailed if
+        onnxruntime raises on this input, DeadlineExceeded; CancelledError when the caller gives
+        up. The slot is free again, or will be as soon as no thread or worker touches it, on every
+        path.
+        """
+        async def preprocess(ring: SlotRing, slot: int) -> None:
+            await _fill_by(self.preprocessing.submit(pool.preprocess, ring, slot, image), ring, slot)
+        return await self._infer(pool, preprocess, request_id, deadline)
+
+    async def infer_filled_by(self, pool: ModelPool, start_fill: Callable[[SlotRing, int], FillJob],
+                              request_id: str, deadline: float) -> InferenceResult:
+        """Run one request whose input another process writes into the slot (a front process,
+        `front_processes.py`, that holds the image): `start_fill(ring, slot)` asks it to and
+        returns the `FillJob` that resolves once it has stopped writing. Raises as `infer` does;
+        `preprocess_s` is the fill's round trip."""
+        async def fill(ring: SlotRing, slot: int) -> None:
+            await _fill_by(start_fill(ring, slot), ring, slot)
+        return await self._infer(pool, fill, request_id, deadline)
+
+    async def infer_tensor(self, pool: ModelPool, row: np.ndarray, request_id: str,
+                           deadline: float) -> InferenceResult:
+        """Run one row of the model's own input tensor (shape `spec.input_item_shape`, dtype
+        `spec.input_dtype`: the caller checks both), copied into a slot as it is. Raises as `infer`
+        does, less the preprocessing errors; `preprocess_s` is the copy."""
+        async def copy(ring: SlotRing, slot: int) -> None:
+            try:
+                np.copyto(ring.inputs[slot], row, casting="no")
+            except BaseException:
+                ring.release(slot)
+                raise
+        return await self._infer(pool, copy, request_id, deadline)
+
+    async def _infer(self, pool: ModelPool, fill, request_id: str, deadline: float) -> InferenceResult:
+        """Acquire a slot, `await fill(ring, slot)` (which releases the slot itself when it fails:
+        ring rule 4), hand it to the worker, await the answer, copy the output, release."""
+        if self.draining:
+            raise ShuttingDown("server is shutting down")
+        worker, slot = _acquire(pool)
+        ring = worker.ring
+        try:
+            async with asyncio.timeout_at(deadline):
+                started = time.perf_counter()
+                await fill(ring, slot)
+                preprocess_s = time.perf_counter() - started
+                returned = await _run(pool, worker, slot, request_id)  # after the fill: ring rule 1
+        except TimeoutError:
+            raise DeadlineExceeded("request did not complete before its deadline (the request timeout)") from None
+        try:
+            if returned.outcome == "done":
+                output = ring.outputs[slot].copy()  # ring rule 3: before the release below
+        finally:
+            ring.release(slot)
+        if returned.outcome == "done":
+            return InferenceResult(output, returned.batch_size, preprocess_s, returned.queue_s, returned.infer_s)
+        if returned.outcome == "failed":
+            raise InferenceFailed(f"inference failed: {returned.error}")
+        raise WorkerLost(returned.error or f"worker {worker.name} dropped the request")
+
+
+async def _fill_by(job: FillJob, ring: SlotRing, slot: int) -> None:
+    """Await a fill of the slot's input memory (a preprocessing thread or process, or a front
+    process). On any failure the slot is released (at once, or when the writer is done: ring
+    rule 4)."""
+    try:
+        # Shielded: giving up must not cancel `done`, which resolves only once nothing writes.
+        await asyncio.shield(job.done)
+    except asyncio.CancelledError:
+        if job.done.cancelled() or not job.done.done():
+            job.done.add_done_callback(lambda _: ring.release(slot))  # ring rule 4
+            job.withdraw()  # a job not started yet is cancelled at once
+        else:
+            ring.release(slot)  # finished just as the request gave up
+        raise
+    except BaseException:
+        ring.release(slot)  # the writer has returned, with its error
+        raise
+
+
+def _acquire(pool: ModelPool) -> tuple[Worker, int]:
+    """A slot in the live worker with the most free slots; NoLiveWorker or QueueFull at once."""
+    best = None
+    for worker in pool.workers:
+        if worker.live and (best is None or worker.ring.free_count > best.ring.free_count):
+            best = worker
+    if best is None:
+        raise NoLiveWorker(f"model {pool.name!r} has no live worker (starting or restarting)")
+    slot = best.ring.acquire()
+    if slot is None:
+        raise QueueFull(f"model {pool.name!r} is at capacity ({pool.config.ring_slots} queued per worker)")
+    return best, slot
+
+
+async def _run(pool: ModelPool, worker: Worker, slot: int, request_id: str) -> SlotReturn:
+    """Hand the filled slot to its worker and await the worker's answer for it.
+
+    Returns with the slot still held by the caller, who releases it. If the caller gives up
+    first (CancelledError), the slot is released when the worker answers (ring rule 5)."""
+    ring = worker.ring
+    if not worker.live:  # it died, or was killed, while the input was being prepared
+        ring.release(slot)
+        raise WorkerLost(f"worker {worker.name} {worker.last_exit or 'stopped'} before this request was sent; retry")
+    answer = asyncio.get_running_loop().create_future()
+
+    def on_return(returned: SlotReturn) -> None:
+        if answer.done():  # the request gave up: nobody will read the output
+            ring.release(slot)
+        else:
+            answer.set_result(returned)
+
+    try:
+        worker.submit(slot, pool.slots_in_use == 1, request_id, on_return)
+    except OSError:  # its pipe broke: it died and its exit is not handled yet
+        ring.release(slot)
+        raise WorkerLost(f"worker {worker.name} died before this request was sent; retry") from None
+    ring.mark_sent(slot)
+    try:
+        return await answer
+    except asyncio.CancelledError:
+        if answer.cancelled():
+            worker.cancel(slot, on_return)  # on_return frees the slot when the worker answers
+        else:
+            ring.release(slot)  # answered just as the request gave up
+        raise

@@ -1,0 +1,239 @@
+"""Which model versions are served, which take traffic, and swapping them without losing a request.
+
+A new or changed version is loaded and warmed up while the current one keeps serving; only
+when all its workers are ready does it take the current one's place in the route. The replaced
+version stops being chosen at once, finishes the requests that chose it, then its workers exit
+and its shared memory is unlinked. A version that fails to load is recorded with the reason and
+changes nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+from collections.abc import Callable, Iterator
+
+from cronnx.engine.pool import LoadFailed, ModelPool
+from cronnx.errors import ModelNotFound, ModelNotReady
+from cronnx.models.catalog import ModelVersion, PreparedVersion
+from cronnx.observability.logs import LoggingSpec
+from cronnx.workers.entry import run_worker
+from cronnx.workers.process import WorkerTarget
+from cronnx.workers.supervisor import BatchObserver, Liveness
+
+log = logging.getLogger("cronnx.registry")
+
+Key = tuple[str, int]
+
+
+class ModelRoute:
+    """The ready versions of one model name, and how its traffic is split between them."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.versions: dict[int, ModelPool] = {}
+        # version -> weight; None sends everything to the highest ready version.
+        self.traffic: dict[int, float] | None = None
+
+    def choose(self, key: str | None) -> ModelPool:
+        """The version for a request; the same `key` always gets the same version."""
+        if not self.versions:
+            raise ModelNotReady(f"model {self.name!r} has no ready version (loading)")
+        weighted = [(v, w) for v, w in sorted((self.traffic or {}).items()) if w > 0 and v in self.versions]
+        if not weighted:
+            return self.versions[max(self.versions)]
+        total = sum(w for _, w in weighted)
+        point = (_unit_hash(key) if key is not None else random.random()) * total
+        for version, weight in weighted:
+            point -= weight
+            if point < 0:
+                return self.versions[version]
+        return self.versions[weighted[-1][0]]
+
+
+def _unit_hash(key: str) -> float:
+    """A stable number in [0, 1) for a key: the same key lands on the same version in every process."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2 ** 64
+
+
+class Registry:
+    """Every model version the server runs, by name; `on_batch(name, version)` gives the observer
+    of that version's batches (metrics). `liveness` says when a worker counts as hung;
+    `worker_target` is what worker processes run (see `ModelPool`)."""
+
+    def __init__(self, logging_spec: LoggingSpec, on_batch: Callable[[str, str], BatchObserver],
+                 load_timeout_s: float, liveness: Liveness = Liveness(), worker_target: WorkerTarget = run_worker):
+        self.routes: dict[str, ModelRoute] = {}
+        self.loading: dict[Key, ModelPool] = {}
+        self.failed: dict[Key, str] = {}
+        self._draining: set[ModelPool] = set()
+        self._drain_tasks: set[asyncio.Task] = set()
+        self._logging_spec = logging_spec
+        self._on_batch = on_batch
+        self._load_timeout_s = load_timeout_s
+        self._liveness = liveness
+        self._worker_target = worker_target
+        self._lock = asyncio.Lock()
+        self._generation = 0
+        self._loaded_once = False
+
+    def pools(self) -> Iterator[ModelPool]:
+        """Every pool with workers: serving, loading or draining."""
+        for route in self.routes.values():
+            yield from route.versions.values()
+        yield from self.loading.values()
+        yield from self._draining
+
+    def route(self, name: str) -> ModelRoute:
+        route = self.routes.get(name)
+        if route is None:
+            raise ModelNotFound(f"unknown model {name!r}; served models: {sorted(self.routes)}")
+        return route
+
+    def version(self, name: str, version: int) -> ModelPool:
+        route = self.route(name)
+        pool = route.versions.get(version)
+        if pool is not None:
+            return pool
+        if (name, version) in self.loading:
+            raise ModelNotReady(f"version {version} of model {name!r} is loading")
+        raise ModelNotFound(f"version {version} of model {name!r} is not served; served: {sorted(route.versions)}")
+
+    @property
+    def loaded_once(self) -> bool:
+        """The first load has finished (whatever it loaded)."""
+        return self._loaded_once
+
+    def ready(self) -> bool:
+        """Loaded once, and every model that serves has a live worker."""
+        serving = [route for route in self.routes.values() if route.versions]
+        return self._loaded_once and bool(serving) and all(
+            any(pool.live_workers for pool in route.versions.values()) for route in serving)
+
+    async def apply(self, prepared: list[PreparedVersion], failed: dict[Key, str], names: set[str],
+                    force: bool = False) -> None:
+        """Make the served versions of the models in `names` exactly `prepared` (minus `failed`)."""
+        async with self._lock:
+            for name in names:
+                self.routes.setdefault(name, ModelRoute(name))
+            configured = {(p.model.name, p.model.version) for p in prepared} | set(failed)
+            for key in [k for k in self.failed if k[0] in names and k not in configured]:
+                del self.failed[key]  # no longer configured: its old failure is history
+            for key, reason in failed.items():
+                self.failed[key] = reason
+                log.error("model %s version %d not loaded: %s", *key, reason)
+            started: list[ModelPool] = []
+            try:
+                for p in prepared:
+                    if force or self._changed(p.model):
+                        try:
+                            started.append(self._start(p))
+                        except LoadFailed as exc:  # its rings could not be made: the others still load
+                            key = (p.model.name, p.model.version)
+                            self.failed[key] = str(exc)
+                            log.error("model %s version %d failed to load: %s", *key, exc)
+                results = await asyncio.gather(*(self._wait_ready(pool) for pool in started))
+            except BaseException:
+                # Cancelled (the server stops) or a start failed: stop what this call started.
+                for pool in started:
+                    self.loading.pop((pool.name, pool.version), None)
+                    self._drain(pool)
+                self._drop_empty_routes(names)
+                raise
+            for pool, error in zip(started, results):
+                self._promote(pool, error)
+            for name in names:
+                self._retire(name, prepared, configured - set(failed))
+            self._drop_empty_routes(names)
+            self._loaded_once = True
+
+    def _promote(self, pool: ModelPool, error: str | None) -> None:
+        key = (pool.name, pool.version)
+        del self.loading[key]
+        if error is not None:
+            self.failed[key] = error
+            log.error("model %s version %d failed to load: %s; versions serving keep serving", *key, error)
+            self._drain(pool)
+            return
+        self.failed.pop(key, None)
+        route = self.routes[pool.name]
+        previous = route.versions.get(pool.version)
+        route.versions[pool.version] = pool
+        if previous is not None:
+            self._drain(previous)
+        log.info("model %s version %d is serving", *key)
+
+    def _retire(self, name: str, prepared: list[PreparedVersion], wanted: set[Key]) -> None:
+        """Drain the versions of `name` no longer configured, and set its traffic split."""
+        route = self.routes[name]
+        configs = [p.model.config for p in prepared if p.model.name == name]
+        route.traffic = configs[0].traffic if configs else None
+        if any(key[0] == name for key in self.failed):
+            return  # a version meant to replace others did not load: the others keep serving
+        for version in [v for v in route.versions if (name, v) not in wanted]:
+            log.info("model %s version %d is no longer configured: draining", name, version)
+            self._drain(route.versions.pop(version))
+
+    def _drop_empty_routes(self, names: set[str]) -> None:
+        """A model with no version serving is unknown (its failures stay visible in /models)."""
+        for name in names:
+            route = self.routes.get(name)
+            if route is not None and not route.versions:
+                del self.routes[name]
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            route = self.route(name)
+            del self.routes[name]
+            for pool in route.versions.values():
+                self._drain(pool)
+            log.info("model %s unloaded: draining %d version(s)", name, len(route.versions))
+
+    async def close(self) -> None:
+        """Stop everything (the HTTP front has already finished its requests)."""
+        for route in self.routes.values():
+            for pool in route.versions.values():
+                self._drain(pool)
+        self.routes.clear()
+        for pool in self.loading.values():
+            self._drain(pool)
+        if self._drain_tasks:
+            await asyncio.gather(*self._drain_tasks)
+
+    def _changed(self, model: ModelVersion) -> bool:
+        route = self.routes.get(model.name)
+        current = route.versions.get(model.version) if route else None
+        return current is None or current.fingerprint != model.fingerprint()
+
+    def _start(self, prepared: PreparedVersion) -> ModelPool:
+        self._generation += 1
+        model = prepared.model
+        pool = ModelPool(prepared, self._generation, self._logging_spec,
+                         self._on_batch(model.name, str(model.version)), self._liveness,
+                         self._worker_target)
+        self.loading[(model.name, model.version)] = pool
+        pool.start()
+        return pool
+
+    async def _wait_ready(self, pool: ModelPool) -> str | None:
+        try:
+            await pool.wait_ready(self._load_timeout_s)
+        except LoadFailed as exc:
+            return str(exc)
+        return None
+
+    def _drain(self, pool: ModelPool) -> None:
+        self._draining.add(pool)
+        task = asyncio.get_running_loop().create_task(self._finish(pool))
+        self._drain_tasks.add(task)
+        task.add_done_callback(self._drain_tasks.discard)
+
+    async def _finish(self, pool: ModelPool) -> None:
+        try:
+            await pool.drain()
+        finally:
+            self._draining.discard(pool)
+            log.info("model %s version %d stopped", pool.name, pool.version)

@@ -1,0 +1,341 @@
+"""The engine process's side of the front processes (`server.front_processes` > 1).
+
+One event loop caps what one process can serve: HTTP parsing, body reading and the answer cost
+about 1 ms of it per /predict request on this project's 2-core machine, so a single front tops
+out near 1,000 requests a second, below what one GPU and 16 cores of decoding can do (issue 10).
+With front processes the HTTP, the body and the decode run in N processes that share one port
+(SO_REUSEPORT: the kernel spreads connections over them), while the main process keeps what has
+one owner: the registry, the rings and their slots, the workers and the metrics. Per request it
+only passes a few small messages (`front_contract.py`) through the same `InferenceEngine` as
+local requests, so ring rules, batching, deadlines and errors are the engine's, unchanged.
+
+A front process that exits fails only what it held: its fills count as finished (nothing writes
+any more: ring rule 4) and its requests in the engine are cancelled (their slots come back by
+ring rule 5); it is replaced, after a growing pause if it dies young.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from cronnx.config import ServerConfig
+from cronnx.engine.inference import InferenceEngine
+from cronnx.engine.pool import ModelPool
+from cronnx.errors import CronnxError, PreprocessingLost
+from cronnx.fronts.messages import (
+    Abandon,
+    Answer,
+    Choose,
+    Chosen,
+    Completed,
+    ConnectionStats,
+    Drain,
+    FrontSpec,
+    Infer,
+    Listening,
+    ModelView,
+    Refused,
+    decode_from_front,
+    encode,
+)
+from cronnx.ipc.pipes import PipeReader, enlarge_pipe
+from cronnx.ipc.restarts import Replacements
+from cronnx.ipc.ring import SlotRing, pid_alive
+from cronnx.observability.logs import LoggingSpec
+from cronnx.observability.metrics import UNKNOWN_MODEL, Metrics
+from cronnx.preprocessing.messages import Fill, Filled, FillFailed, Forget, fill_error
+from cronnx.preprocessing.placement import FillJob
+from cronnx.preprocessing.rings import MappedRings
+
+log = logging.getLogger("cronnx.front_processes")
+
+_spawn = multiprocessing.get_context("spawn")
+# A front that dies this soon after its start without serving failed to start: it is restarted
+# after a growing pause (process.Replacements).
+YOUNG_DEATH_S = 2.0
+# How often fronts are told to unmap the rings of versions that have gone.
+FORGET_INTERVAL_S = 1.0
+# The folder of the engine process's Unix socket: cronnx-<its pid>-<random> in the temp folder.
+_SOCKET_DIR = re.compile(r"^cronnx-(\d+)-[^/]+$")
+
+
+def make_socket_dir() -> str:
+    """A new folder for the engine process's Unix socket, named for this process, removed by the
+    server on every exit path it has (a SIGKILL leaves it: `remove_stale_socket_dirs`)."""
+    return tempfile.mkdtemp(prefix=f"cronnx-{os.getpid()}-")
+
+
+def remove_stale_socket_dirs() -> list[str]:
+    """Remove the socket folders of engine processes that no longer run (killed); returns them."""
+    removed = []
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        match = _SOCKET_DIR.match(name)
+        path = os.path.join(root, name)
+        if match and os.path.exists(os.path.join(path, "engine.sock")) and not pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+@dataclass(eq=False)
+class _Front:
+    """One front process and what the engine holds for it."""
+
+    index: int
+    process: multiprocessing.Process
+    inbox: Connection  # engine -> front
+    outbox: Connection  # front -> engine
+    said: PipeReader  # reads `outbox`
+    started_at: float
+    # Its requests in the engine, by the front's number for them.
+    requests: dict[int, asyncio.Task] = field(default_factory=dict)
+    # Fills sent and not answered: resolved by Filled/FillFailed, or by the front's exit.
+    fills: dict[int, asyncio.Future] = field(default_factory=dict)
+    rings: MappedRings = field(default_factory=MappedRings)  # what it maps
+    # The pools (by generation) whose ModelView it has been sent.
+    views: set[int] = field(default_factory=set)
+    open_connections: int = 0
+    served: int = 0
+    listening: bool = False
+
+
+class FrontProcesses:
+    """`count` front processes serving HTTP on `port` (already resolved) of `server.host`,
+    running their requests through `engine`; every other route they pass to the engine
+    process's app on the Unix socket `engine_socket`. Create it on the running event loop;
+    `drain()` stops them. `restarts` counts replacements; `pids` lists the live ones."""
+
+    def __init__(self, count: int, server: ServerConfig, port: int, engine_socket: str, logging_spec: LoggingSpec,
+                 engine: InferenceEngine, metrics: Metrics):
+        self.count = count
+        self._replacements = Replacements(count, "front process", YOUNG_DEATH_S)
+        self._server = server
+        self._port = port
+        self._engine_socket = engine_socket
+        self._logging = logging_spec
+        self._engine = engine
+        self._metrics = metrics
+        self._loop = asyncio.get_running_loop()
+        self._draining = False
+        self._fronts: list[_Front | None] = [None] * count
+        self._all_listening = self._loop.create_future()
+        # Each front decodes in its share of the threads and accepts its share of the connections.
+        self.threads = max(1, round(server.preprocess_threads / count))
+        self._max_connections = max(1, server.max_connections // count)
+        for index in range(count):
+            self._start(index)
+        self._sweeper = self._loop.call_later(FORGET_INTERVAL_S, self._forget_closed_rings)
+
+    def __str__(self) -> str:
+        return f"{self.count} front processes, each decoding in {self.threads} thread{'s' * (self.threads != 1)}"
+
+    @property
+    def restarts(self) -> int:
+        """Processes replaced after an exit."""
+        return self._replacements.restarts
+
+    @property
+    def pids(self) -> list[int]:
+        return [f.process.pid for f in self._fronts if f is not None]
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open in all fronts, as last reported (every STATS_INTERVAL_S)."""
+        return sum(f.open_connections for f in self._fronts if f is not None)
+
+    async def listening(self, timeout_s: float = 60.0) -> None:
+        """Wait until every front accepts connections on the port. Raises RuntimeError when one
+        exits first (the port is taken by a process that does not share it, say) or none has
+        within `timeout_s`."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._all_listening), timeout_s)
+        except TimeoutError:
+            raise RuntimeError(f"the front processes did not all listen within {timeout_s:g}s") from None
+
+    def _start(self, index: int) -> None:
+        inbox_read, inbox_write = _spawn.Pipe(duplex=False)
+        outbox_read, outbox_write = _spawn.Pipe(duplex=False)
+        enlarge_pipe(inbox_write.fileno())
+        enlarge_pipe(outbox_write.fileno())
+        spec = FrontSpec(index, self._server, self._port, self._engine_socket, self.threads,
+                         self._max_connections, self._logging)
+        # Imported here: the front process's module pulls in what only a front needs.
+        from cronnx.fronts.child import run_front_process
+        process = _spawn.Process(target=run_front_process, args=(encode(spec), inbox_read, outbox_write),
+                                 name=f"cronnx-front-{index}", daemon=True)
+        process.start()
+        inbox_read.close()
+        outbox_write.close()
+        front = _Front(index, process, inbox_write, outbox_read, PipeReader(outbox_read), time.monotonic())
+        self._fronts[index] = front
+        self._loop.add_reader(outbox_read.fileno(), self._on_readable, front)
+        self._loop.add_reader(process.sentinel, self._on_exit, front)
+        log.info("front process %d starting (pid %d)", index, process.pid)
+
+    def _send(self, front: _Front, message) -> None:
+        try:
+            front.inbox.send_bytes(encode(message))
+        except OSError:
+            pass  # it died: its exit, handled next, answers for what it held
+
+    def _on_readable(self, front: _Front) -> None:
+        for message in front.said.read():
+            self._on_message(front, decode_from_front(message))
+        if front.said.at_eof:
+            self._loop.remove_reader(front.outbox.fileno())
+
+    def _on_message(self, front: _Front, message) -> None:
+        kind = type(message)
+        if kind is Infer:
+            task = self._loop.create_task(self._serve(front, message))
+            front.requests[message.request] = task
+            task.add_done_callback(lambda _, r=message.request: front.requests.pop(r, None))
+        elif kind is Filled or kind is FillFailed:
+            done = front.fills.pop(message.job, None)
+            if done is not None and not done.done():
+                if kind is Filled:
+                    done.set_result(None)
+                else:
+                    done.set_exception(fill_error(message))
+        elif kind is Choose:
+            try:
+                with self._engine.select(message.model, message.version, message.routing_key) as pool:
+                    self._send(front, Chosen(message.request, pool.generation, _view_unless_sent(front, pool)))
+            except CronnxError as exc:
+                self._send(front, Refused(message.request, type(exc).__name__, exc.message))
+        elif kind is Abandon:
+            task = front.requests.get(message.request)
+            if task is not None:
+                task.cancel()
+        elif kind is Completed:
+            front.served += 1
+            model, version = message.model, message.version
+            if model == UNKNOWN_MODEL:
+                # Refused before a version was chosen (the body unread, a bad top_k): counted as a
+                # one-process server counts it, which chooses before reading.
+                with contextlib.suppress(CronnxError):
+                    pool = self._engine.choose(message.asked_model, message.asked_version, message.routing_key)
+                    model, version = pool.name, str(pool.version)
+            self._metrics.record_request(model, version, message.api, message.outcome,
+                                         message.total_s, message.phases, message.ring_full)
+        elif kind is Listening:
+            front.listening = True
+            if all(f is not None and f.listening for f in self._fronts) and not self._all_listening.done():
+                self._all_listening.set_result(None)
+        elif kind is ConnectionStats:
+            front.open_connections = message.open
+            if message.refused:
+                self._metrics.connections_refused.inc(message.refused)
+
+    async def _serve(self, front: _Front, message: Infer) -> None:
+        """Run one of the front's requests through the engine and send it the answer."""
+        loop = self._loop
+        deadline = loop.time() + message.timeout_s
+        self._metrics.in_flight.inc()
+        chosen = ("", "")
+        try:
+            with self._engine.select(message.model, message.version, message.routing_key) as pool:
+                chosen = (pool.name, str(pool.version))
+                result = await self._engine.infer_filled_by(
+                    pool, lambda ring, slot: self._start_fill(front, message.request, pool, ring, slot),
+                    message.request_id, deadline)
+                output: np.ndarray = result.output
+                self._send(front, Answer(message.request, output.tobytes(), output.dtype.str, output.shape,
+                                         result.batch_size, result.queue_s, result.infer_s, pool.generation,
+                                         _view_unless_sent(front, pool)))
+        except CronnxError as exc:
+            self._send(front, Refused(message.request, type(exc).__name__, exc.message, *chosen))
+        except asyncio.CancelledError:
+            pass  # abandoned by the front, or the front is gone: nobody reads an answer
+        except Exception as exc:
+            log.exception("request %s from front %d failed", message.request_id, front.index)
+            self._send(front, Refused(message.request, "InternalError", f"{type(exc).__name__}: {exc}", *chosen))
+        finally:
+            self._metrics.in_flight.dec()
+
+    def _start_fill(self, front: _Front, request: int, pool: ModelPool, ring: SlotRing, slot: int) -> FillJob:
+        """Ask the front to decode the image it holds for `request` into `slot`: the job's `done`
+        resolves on its answer (or its exit), which is when nothing writes the slot any more."""
+        done = self._loop.create_future()
+        front.fills[request] = done
+        self._send(front, Fill(request, ring.layout.input_segment, slot, front.rings.setup_for(ring, pool.preprocess)))
+        # Nothing to withdraw: the front holds the image and starts at once; its answer ends the job.
+        return FillJob(done, lambda: None)
+
+    def _forget_closed_rings(self) -> None:
+        """Tell every front to unmap the rings closed since (their memory is freed only once no
+        process maps them); runs every FORGET_INTERVAL_S."""
+        for front in self._fronts:
+            if front is None:
+                continue
+            for name in front.rings.closed():
+                self._send(front, Forget(name))
+        self._sweeper = self._loop.call_later(FORGET_INTERVAL_S, self._forget_closed_rings)
+
+    def _on_exit(self, front: _Front) -> None:
+        self._loop.remove_reader(front.process.sentinel)
+        self._on_readable(front)  # what it said before it died still counts
+        self._loop.remove_reader(front.outbox.fileno())
+        front.process.join()
+        front.inbox.close()
+        front.outbox.close()
+        self._fronts[front.index] = None
+        # Nothing writes its slots any more (ring rule 4); nobody reads its answers.
+        for done in front.fills.values():
+            if not done.done():
+                done.set_exception(PreprocessingLost("the front process exited while decoding this image"))
+        front.fills.clear()
+        for task in front.requests.values():
+            task.cancel()
+        if self._draining:
+            return
+        if not self._all_listening.done():
+            self._all_listening.set_exception(RuntimeError(
+                f"front process {front.index} exited with code {front.process.exitcode} before it listened "
+                f"on port {self._port} (its log says why)"))
+            return
+        self._replacements.schedule(front.index, front.process, front.started_at, front.served > 0, self._restart)
+
+    def _restart(self, index: int) -> None:
+        if not self._draining and self._fronts[index] is None:
+            self._start(index)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Tell every front to stop accepting and finish its requests; wait up to `timeout_s` for
+        them to exit, then kill the rest."""
+        self._draining = True
+        self._sweeper.cancel()
+        for front in self._fronts:
+            if front is not None:
+                self._send(front, Drain())
+        deadline = time.monotonic() + timeout_s
+        while any(f is not None for f in self._fronts):
+            if time.monotonic() > deadline:
+                for front in self._fronts:
+                    if front is not None:
+                        log.warning("front process %d did not stop in %.1fs; killing it", front.index, timeout_s)
+                        front.process.kill()
+                deadline = float("inf")
+            await asyncio.sleep(0.01)
+
+
+def _view_unless_sent(front: _Front, pool: ModelPool) -> ModelView | None:
+    """The pool's view if the front has not been sent it yet (and it now has), else None."""
+    if pool.generation in front.views:
+        return None
+    front.views.add(pool.generation)
+    return ModelView(pool.name, pool.version, pool.top_k, pool.outputs_probabilities, pool.labels, pool.spec,
+                     pool.batch_size)

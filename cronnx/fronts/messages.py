@@ -1,0 +1,166 @@
+"""What a front process and the engine process (the main one) say to each other, and nothing else.
+
+With `server.front_processes` > 1 the HTTP is served by that many front processes on one port
+(SO_REUSEPORT); each reads a /predict request's body and keeps the encoded image, and the engine
+process runs the request through its `InferenceEngine` (`front_processes.py`). Per request, on the
+front's pipe pair:
+
+    front  -> engine   Infer         choose the version, take a slot in a ring
+    engine -> front    Fill          decode the image you hold into this slot (Setup the first
+                                     time a ring is named to this front, as for a preprocessing
+                                     process: `preprocess_process.py`)
+    front  -> engine   Filled / FillFailed   the slot's input is written, or nothing more will be
+    engine -> front    Answer / Refused      the output row, or the error, by its class's name
+    front  -> engine   Completed     the answer's status and phases, for the metrics
+
+`Abandon` (the client went away) may come at any point after `Infer`; a `Fill` is always answered
+(it is what tells the engine that the writing is over: ring rule 4), even for a request the
+front has given up. The slot stays the engine's (ring rule 6): a front process only writes a
+slot's input while a `Fill` of it is unanswered.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from cronnx.config import ServerConfig
+from cronnx.models.spec import ModelSpec
+from cronnx.observability.logs import LoggingSpec
+from cronnx.preprocessing.messages import Fill, Filled, FillFailed, Forget
+
+
+class FrontSpec(msgspec.Struct, frozen=True):
+    """What a front process is started with. `port` is the resolved port (never 0: every front
+    binds the same one); `engine_socket` the Unix socket where the engine process answers every
+    route a front does not serve itself; `preprocess_threads` this front's decoding threads;
+    `max_connections` this front's share of server.max_connections."""
+
+    index: int
+    server: ServerConfig
+    port: int
+    engine_socket: str
+    preprocess_threads: int
+    max_connections: int
+    logging: LoggingSpec
+
+
+class Infer(msgspec.Struct, tag="infer", array_like=True):
+    """Run request `request` (the front's number for it) on `model` (`version` None: the route
+    chooses, by `routing_key` when traffic is split). `timeout_s`: what is left of its request
+    timeout; `request_id` goes into the worker's logs."""
+
+    request: int
+    request_id: str
+    model: str
+    version: int | None
+    routing_key: str | None
+    timeout_s: float
+
+
+class Abandon(msgspec.Struct, tag="abandon", array_like=True):
+    """The front gave up on `request` (its client went away): nothing will read its answer."""
+
+    request: int
+
+
+class Completed(msgspec.Struct, tag="completed", array_like=True):
+    """A request answered by a front: for `cronnx_requests_total` and the latency histograms.
+    `outcome` is "success" or the status code; seconds throughout. `model` and `version` are the
+    version's that ran it, or metrics.UNKNOWN_MODEL and "" when none was chosen; the model,
+    version and routing key the request named then let the engine process label it as a
+    one-process server does (by the version it would have chosen)."""
+
+    api: str
+    model: str
+    version: str
+    outcome: str
+    total_s: float
+    phases: dict[str, float]
+    ring_full: bool
+    asked_model: str
+    asked_version: int | None
+    routing_key: str | None
+
+
+class ConnectionStats(msgspec.Struct, tag="connections", array_like=True):
+    """The front's open connections now, and how many it has refused since its last report
+    (sent every STATS_INTERVAL_S)."""
+
+    open: int
+    refused: int
+
+
+class Listening(msgspec.Struct, tag="listening", array_like=True):
+    """The front accepts connections on the port (sent once, after its start)."""
+
+
+class Drain(msgspec.Struct, tag="drain", array_like=True):
+    """Stop accepting connections, finish the requests in progress, and exit."""
+
+
+class ModelView(msgspec.Struct, frozen=True):
+    """What a front needs to check a request against a model version and answer it: sent with the
+    first `Answer` or `Chosen` of it. `batch_size` is the most rows one V2 request may hold."""
+
+    name: str
+    version: int
+    top_k: int
+    outputs_probabilities: bool
+    labels: list[str]
+    spec: ModelSpec
+    batch_size: int
+
+
+class Choose(msgspec.Struct, tag="choose", array_like=True):
+    """Which version would serve `model` (as Infer chooses it): the Open Inference Protocol checks
+    a request's tensors against the version, and runs all its rows on it."""
+
+    request: int
+    model: str
+    version: int | None
+    routing_key: str | None
+
+
+class Chosen(msgspec.Struct, tag="chosen", array_like=True):
+    """The answer to Choose: the version's view key (and the view, the first time)."""
+
+    request: int
+    view_key: int
+    view: ModelView | None = None
+
+
+class Answer(msgspec.Struct, tag="answer", array_like=True):
+    """Request `request` ran: `output` is its output row's bytes (dtype `dtype`, shape `shape`),
+    `batch_size` the batch it ran in, seconds `queue_s` and `infer_s` as in InferenceResult.
+    `view_key` names its version's ModelView; `view` is that view when the front has not been
+    sent it yet."""
+
+    request: int
+    output: bytes
+    dtype: str
+    shape: tuple[int, ...]
+    batch_size: int
+    queue_s: float
+    infer_s: float
+    view_key: int
+    view: ModelView | None = None
+
+
+class Refused(msgspec.Struct, tag="refused", array_like=True):
+    """Request `request` failed: `error` is the name of its class in `errors.py` (the front raises
+    the same), `message` what the client is told; `model` and `version` the version it was
+    running on, when one had been chosen ("" otherwise), for its metrics and log line."""
+
+    request: int
+    error: str
+    message: str
+    model: str = ""
+    version: str = ""
+
+
+FromFront = Infer | Choose | Filled | FillFailed | Abandon | Completed | ConnectionStats | Listening
+ToFront = Fill | Forget | Answer | Chosen | Refused | Drain
+
+encode = msgspec.msgpack.Encoder().encode
+decode_from_front = msgspec.msgpack.Decoder(FromFront).decode
+decode_to_front = msgspec.msgpack.Decoder(ToFront).decode

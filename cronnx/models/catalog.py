@@ -1,0 +1,223 @@
+"""From the config to the exact set of model versions to serve, each checked before it starts.
+
+A version is one model file under one name: a `models[]` entry with `path` is one version; an
+entry with `repository`, or a folder of `server.model_repository`, holds `<version>/model.onnx`
+folders, of which the version policy picks some.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+from pathlib import Path
+
+import msgspec
+import msgspec.yaml
+
+from cronnx.config import Config, ConfigError, ModelConfig
+from cronnx.models.demo import DEMO_DESCRIPTIONS, write_demo_model
+from cronnx.models.spec import ModelSpec, ModelSpecError, inspect_model
+
+log = logging.getLogger("cronnx.catalog")
+
+MODEL_FILE = "model.onnx"
+MODEL_SETTINGS_FILE = "config.yaml"
+
+
+class ModelVersion(msgspec.Struct, frozen=True):
+    name: str
+    version: int
+    path: str
+    config: ModelConfig
+    # Where it came from, for error messages: "config.yaml: models[0] (resnet)".
+    where: str
+
+    def fingerprint(self) -> tuple:
+        """Changes when the file or its settings change: a reload then replaces the version."""
+        try:
+            stat = os.stat(self.path)
+            file_id = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            file_id = None
+        return (file_id, msgspec.msgpack.encode(self.config))
+
+
+class PreparedVersion(msgspec.Struct, frozen=True):
+    model: ModelVersion
+    spec: ModelSpec
+    providers: list[str]
+    labels: list[str]
+
+    @property
+    def batch_size(self) -> int:
+        """The most requests one batch runs: a fixed batch dimension in the model wins over the
+        config (that many rows run, padded with zeros when fewer requests wait)."""
+        return self.spec.fixed_batch or self.model.config.batch_size
+
+    @property
+    def batch_buckets(self) -> list[int]:
+        """The batch sizes the worker's sessions run, one session each ([]: one session for any
+        size). A fixed batch dimension is the only bucket; unset, CUDA gets powers of two up to
+        the batch size (a CUDA session is slow at every change of its input shape) and the CPU
+        gets [] (see bench/README.md, "Batch buckets on the CPU")."""
+        if self.spec.fixed_batch:
+            return [self.spec.fixed_batch]
+        configured = self.model.config.batch_buckets
+        if configured is not None:
+            return configured
+        if "CUDAExecutionProvider" in self.providers:
+            return powers_of_two_up_to(self.batch_size)
+        return []
+
+
+def powers_of_two_up_to(size: int) -> list[int]:
+    """1, 2, 4, ... below `size`, then `size` itself: [1, 2, 4, 8] for 8, [1, 2, 4, 6] for 6."""
+    buckets = []
+    bucket = 1
+    while bucket < size:
+        buckets.append(bucket)
+        bucket *= 2
+    return [*buckets, size]
+
+
+def model_configs(config: Config, config_path: str) -> list[tuple[ModelConfig, str]]:
+    """The configured models with where each came from: explicit entries, then repository folders."""
+    found = [(m, f"{config_path}: models[{i}] ({m.name})") for i, m in enumerate(config.models)]
+    root = config.server.model_repository
+    if root is None:
+        return found
+    explicit = {m.name for m in config.models}
+    try:
+        folders = sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name not in explicit)
+    except OSError as exc:
+        raise ConfigError(f"{config_path}: server.model_repository: cannot read {root!r}: {exc.strerror}") from None
+    for folder in folders:
+        where = f"{folder / MODEL_SETTINGS_FILE}"
+        settings_file = folder / MODEL_SETTINGS_FILE
+        try:
+            settings = msgspec.yaml.decode(settings_file.read_bytes()) if settings_file.exists() else {}
+            settings = {**(settings or {}), "name": folder.name, "repository": str(folder)}
+            found.append((msgspec.convert(settings, ModelConfig), f"{where} ({folder.name})"))
+        except (msgspec.ValidationError, msgspec.DecodeError, OSError, TypeError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return found
+
+
+def versions_of(model: ModelConfig, where: str) -> list[ModelVersion]:
+    if model.path is not None:
+        return [ModelVersion(model.name, model.version, model.path, model, where)]
+    root = Path(model.repository)
+    try:
+        available = sorted(int(p.name) for p in root.iterdir()
+                           if p.name.isascii() and p.name.isdigit() and (p / MODEL_FILE).is_file())
+    except OSError as exc:
+        raise ConfigError(f"{where}.repository: cannot read {str(root)!r}: {exc.strerror}") from None
+    policy = model.version_policy
+    if policy.specific is not None:
+        missing = sorted(set(policy.specific) - set(available))
+        if missing:
+            raise ConfigError(f"{where}.version_policy: versions {missing} have no {root}/<version>/{MODEL_FILE}")
+        chosen = sorted(policy.specific)
+    elif policy.latest is not None:
+        chosen = available[-policy.latest:]
+    else:
+        chosen = available
+    if not chosen:
+        raise ConfigError(f"{where}.repository: no {root}/<version>/{MODEL_FILE} found")
+    if model.traffic:
+        unserved = sorted(set(model.traffic) - set(chosen))
+        if unserved:
+            raise ConfigError(f"{where}.traffic: versions {unserved} are not served (served: {chosen})")
+    return [ModelVersion(model.name, v, str(root / str(v) / MODEL_FILE), model, where) for v in chosen]
+
+
+def all_versions(config: Config, config_path: str) -> list[ModelVersion]:
+    versions = [v for model, where in model_configs(config, config_path) for v in versions_of(model, where)]
+    if not versions:
+        raise ConfigError(f"{config_path}: no models to serve")
+    return versions
+
+
+def resolve_providers(requested: list[str] | str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested == "auto":
+        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    missing = [p for p in requested if p not in available]
+    if missing:
+        raise ConfigError(f"providers {missing} are not available in this onnxruntime build; available: {available}")
+    return list(requested)
+
+
+def load_labels(path: str | None, num_classes: int, default_prefix: str) -> list[str]:
+    """One label per line, class 0 first.
+
+    Labels files are saved by every editor and tool there is, so none of what they add is part of
+    a label: a byte-order mark (UTF-8 ones from Windows editors; UTF-16 and UTF-32 ones, which also
+    say the encoding, from Notepad's "Unicode"), CRLF or CR line endings, blank lines (at the end,
+    mostly) and spaces around a label. Without a byte-order mark the file is UTF-8.
+    """
+    if path is None:
+        return [f"{default_prefix}{i}" for i in range(num_classes)]
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"labels file {path}: {exc.strerror}") from None
+    # UTF-32's marks start with UTF-16's, so they are looked for first.
+    boms = [(codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+            (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")]
+    encoding = next((name for bom, name in boms if data.startswith(bom)), "utf-8")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError:
+        raise ConfigError(f"labels file {path} is not UTF-8 text (nor UTF-16 or UTF-32 with a byte-order mark)") from None
+    if "\0" in text:
+        # UTF-16 without a byte-order mark decodes as UTF-8 with a NUL in every other character.
+        raise ConfigError(f"labels file {path} holds NUL characters: UTF-16 without a byte-order mark? "
+                          "Save it as UTF-8")
+    # Only CRLF, CR and LF end a line (str.splitlines would also split on form feeds, U+2028, ...);
+    # a mark left in the middle of the file (files joined with `cat`) is stripped like a space.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    labels = [label for line in lines if (label := line.strip().strip("\ufeff").strip())]
+    if len(labels) != num_classes:
+        raise ConfigError(f"labels file {path} has {len(labels)} labels; the model has {num_classes} classes")
+    return labels
+
+
+def needs_demo_build(version: ModelVersion) -> bool:
+    """A demo model whose file is still to be built (about 15 s for the MobileNetV2)."""
+    return version.config.demo and not Path(version.path).is_file()
+
+
+def prepare(version: ModelVersion) -> PreparedVersion:
+    """Open the model and check everything about it; ConfigError names what is wrong."""
+    model = version.config
+    where = version.where
+    path = Path(version.path)
+    if not path.is_file():
+        if not model.demo:
+            raise ConfigError(f"{where}.path: model file {str(path)!r} does not exist")
+        log.warning("building the demo model at %s (untrained, deterministic; takes a few seconds)", path)
+        write_demo_model(path)
+    try:
+        spec = inspect_model(str(path), model.preprocess.size)
+    except ModelSpecError as exc:
+        raise ConfigError(f"{where}.path: {exc}") from None
+    try:
+        providers = resolve_providers(model.providers)
+        labels = load_labels(model.labels, spec.num_classes, "demo_class_" if model.demo else "class_")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    fixed = spec.fixed_batch
+    if fixed and model.batch_buckets and model.batch_buckets != [fixed]:
+        raise ConfigError(f"{where}.batch_buckets: the model's batch dimension is fixed at {fixed}, so it runs "
+                          f"only batches of {fixed}; got {model.batch_buckets}")
+    if spec.description in DEMO_DESCRIPTIONS.values():
+        log.warning("model %s is the UNTRAINED DEMO model: its predictions carry no meaning", model.name)
+    prepared = PreparedVersion(version, spec, providers, labels)
+    if model.cuda.enable_cuda_graph and "CUDAExecutionProvider" in providers and not prepared.batch_buckets:
+        raise ConfigError(f"{where}.cuda.enable_cuda_graph: CUDA graphs need one input shape per session; "
+                          "batch_buckets [] gives one session every batch size")
+    return prepared

@@ -1,0 +1,52 @@
+"""A preprocessing process: decodes images straight into ring slots, outside the server process's
+GIL, one `Fill` at a time (the messages: `preprocessing/messages.py`)."""
+
+from __future__ import annotations
+
+import signal
+from multiprocessing.connection import Connection
+
+from cronnx.preprocessing.messages import (
+    Filled,
+    Forget,
+    Stop,
+    decode_to_preprocess,
+    encode,
+    fill_failed,
+)
+from cronnx.preprocessing.rings import AttachedRings
+
+
+def run_preprocess_process(max_image_pixels: int, inbox: Connection, outbox: Connection) -> None:
+    """Entry point of a preprocessing process: fill slots until `Stop` or the front's pipe closes."""
+    from cronnx.ipc.cpu import mark_cpu_bound
+    from cronnx.preprocessing.transform import set_max_image_pixels
+
+    # The front decides when this process stops (Ctrl-C and SIGTERM reach the whole group).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    mark_cpu_bound()
+    set_max_image_pixels(max_image_pixels)
+    rings = AttachedRings()
+    try:
+        while True:
+            message = decode_to_preprocess(inbox.recv_bytes())
+            if type(message) is Stop:
+                return
+            if type(message) is Forget:
+                rings.forget(message.ring)
+                continue
+            image = inbox.recv_bytes()
+            out, preprocessor = rings.target(message)
+            try:
+                preprocessor(image, out)
+            except Exception as exc:  # noqa: BLE001 - a bug must fail its request, not this process
+                answer = fill_failed(message.job, exc)
+            else:
+                answer = Filled(message.job)
+            del out  # a view still held would keep the ring mapped past its Forget (AttachedRing.close)
+            outbox.send_bytes(encode(answer))
+    except (EOFError, BrokenPipeError):
+        pass  # the front is gone
+    finally:
+        rings.close()
