@@ -115,12 +115,12 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path[:0] = [str(REPO), str(BENCH)]  # run from anywhere without installing cronnx
 
-from cronnx import cuda_host  # noqa: E402
 from cronnx.models.catalog import powers_of_two_up_to  # noqa: E402
 from cronnx.config import CudaConfig, PreprocessConfig  # noqa: E402
 from cronnx.loadgen import server_stats  # noqa: E402
 from cronnx.models.spec import ModelSpec, inspect_model  # noqa: E402
 from cronnx.preprocessing.transform import Preprocessor, pil_build  # noqa: E402
+from cronnx.workers import pinned_memory  # noqa: E402
 from cronnx.workers.child import create_session  # noqa: E402
 
 from head_to_head import TICK_S, _stat_fields  # noqa: E402
@@ -309,11 +309,11 @@ class Unavailable(Exception):
 
 
 def loaded_cudart():
-    """The CUDA runtime onnxruntime's CUDA EP loaded (cronnx.cuda_host.loaded_cudart), checked by
+    """The CUDA runtime onnxruntime's CUDA EP loaded (cronnx.workers.pinned_memory.loaded_cudart), checked by
     page-locking one page; Unavailable when there is none or it cannot page-lock (no driver)."""
     try:
-        lib = cuda_host.loaded_cudart()
-    except cuda_host.CudaHostError as exc:
+        lib = pinned_memory.loaded_cudart()
+    except pinned_memory.CudaHostError as exc:
         raise Unavailable(str(exc)) from None
     try:
         with Registered(lib, (mmap.PAGESIZE,), "uint8"):  # a runtime without a driver or device fails here
@@ -325,7 +325,7 @@ def loaded_cudart():
 
 class Registered:
     """A shared anonymous mapping (page-aligned, shmem-backed: the kind of memory the ring is),
-    page-locked as a worker page-locks the ring (cronnx.cuda_host.PageLocked) for as long as the
+    page-locked as a worker page-locks the ring (cronnx.workers.pinned_memory.PageLocked) for as long as the
     `with` lasts; `.array` is its numpy view. RuntimeError (CudaHostError) when CUDA refuses."""
 
     def __init__(self, cudart, shape: tuple[int, ...], dtype: str):
@@ -338,7 +338,7 @@ class Registered:
 
     def __enter__(self) -> "Registered":
         try:
-            self.locked = cuda_host.PageLocked({"a shared mapping": self.array}, self.cudart)
+            self.locked = pinned_memory.PageLocked({"a shared mapping": self.array}, self.cudart)
         except BaseException:
             self.close()
             raise
