@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine, in the last device call (the one that carries the last part of .whl, the
 # photos and the MobileNetV2): put onnxruntime-gpu and msgspec together from bench/gpu_parts.sh's
-# parts, then run bench/gpu_check.py with the arguments given.
+# parts, then run the GPU check (python3 -m bench.gpu_check, from the repo root) with the arguments
+# given.
 #
 #   bash bench/gpu_device_run.sh --json $OUT/gpu_check.json --markdown $OUT/gpu_check.md
 #
@@ -30,4 +31,4 @@ libs=$(printf '%s:' "$purelib"/nvidia/*/lib)
 # No empty entry (it would search the current folder).
 export LD_LIBRARY_PATH=${libs%:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 python3 -c 'import onnxruntime as ort; print("onnxruntime", ort.__version__, ort.get_available_providers())'
-PYTHONUNBUFFERED=1 exec python3 bench/gpu_check.py "$@"
+PYTHONUNBUFFERED=1 exec python3 -m bench.gpu_check "$@"

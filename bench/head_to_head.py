@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import multiprocessing
-import os
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photos import DEFAULT_OUT, write_photos  # noqa: E402
+from processes import group_cpu  # noqa: E402
 from serving import REPO, Served, free_port, measure  # noqa: E402
 
 sys.path.insert(0, str(REPO))
@@ -50,38 +50,12 @@ from cronnx.models.spec import inspect_model  # noqa: E402
 from cronnx.preprocessing.transform import Preprocessor  # noqa: E402
 from cronnx.ipc.cpu import usable_cores  # noqa: E402
 
-TICK_S = 1 / os.sysconf("SC_CLK_TCK")
-
-
-def _stat_fields(path: Path) -> list[str] | None:
-    try:
-        text = path.read_text()
-    except OSError:  # gone between listing and reading
-        return None
-    # The thread name may hold spaces and parentheses: the fields start after the last ')'.
-    return text[text.rindex(")") + 2:].split()
-
-
 def cpu_by_part(group: int) -> dict[str, float]:
     """CPU seconds so far of a server's process group: its event loop (main) thread, its other
     threads, and its child processes."""
-    out = {"event loop thread": 0.0, "other threads": 0.0, "child processes": 0.0}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        fields = _stat_fields(proc / "stat")
-        if fields is None or int(fields[2]) != group:  # fields[2]: the process group
-            continue
-        for task in (proc / "task").iterdir():
-            t = _stat_fields(task / "stat")
-            if t is None:
-                continue
-            if int(proc.name) != group:
-                part = "child processes"
-            else:
-                part = "event loop thread" if task.name == proc.name else "other threads"
-            out[part] += (int(t[11]) + int(t[12])) * TICK_S  # utime, stime
-    return out
+    parts = group_cpu(group)
+    return {"event loop thread": parts["event loop thread"], "other threads": parts["other threads"],
+            "child processes": parts["worker processes"] + parts["other child processes"]}
 
 
 def preprocess_cpu_ms(config: Path, photos: list[Path], passes: int = 3, seconds: float | None = None,

@@ -18,7 +18,6 @@ import asyncio
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
@@ -28,6 +27,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photos import DEFAULT_OUT, write_photos  # noqa: E402
+from processes import children_of  # noqa: E402
 from serving import REPO, Served, free_port  # noqa: E402
 
 # (content type, body maker, expected status)
@@ -50,9 +50,8 @@ def rss_kib(pid: int) -> int:
 
 
 def tree(pid: int) -> list[int]:
-    """The server and its worker processes."""
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [pid, *(int(p) for p in out.split())]
+    """The server and its child processes."""
+    return [pid, *children_of(pid)]
 
 
 async def one(session: aiohttp.ClientSession, url: str, kind: str, photo: bytes, counts: dict) -> None:

@@ -1,4 +1,4 @@
-"""bench/gpu_check.py --quick --provider cpu: every part runs, its numbers hold up, nothing is left behind.
+"""python -m bench.gpu_check --quick --provider cpu: every part runs, its numbers hold up, nothing is left behind.
 
 The CUDA-only rows (CUDA graphs, pinned host memory) are "n/a on CPU" in that run; their procedures
 are checked here by calling them with device "cpu" on the CPU EP, and their table is drawn from
@@ -7,19 +7,22 @@ those rows as the GPU run would draw it.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
+from cronnx.models.spec import inspect_model
 from support.images import encode, photo_like
 from support.server import REPO, children, pid_alive, shm_segments
 
-SCRIPT = REPO / "bench" / "gpu_check.py"
+CHECK = [sys.executable, "-m", "bench.gpu_check"]  # from the repo root, as bench/gpu_device_run.sh runs it
 PARTS = ("setup", "onnxruntime", "preprocess", "served", "gpu", "parity")
 PLACEMENTS = ("threads", "processes", "fronts")
 NA_CPU = "n/a on CPU (CUDA EP only)"
@@ -41,7 +44,7 @@ def quick_run(tmp_path_factory, demo_model) -> dict:
     # Other tests may have left long-lived children of this process (multiprocessing's resource
     # tracker): only what the check starts must be gone when it ends.
     before = set(children(os.getpid()))
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--provider", "cpu", "--photos", str(photos),
+    proc = subprocess.run([*CHECK, "--quick", "--provider", "cpu", "--photos", str(photos),
                            "--json", str(out), "--markdown", str(tmp / "gpu_check.md")],
                           cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -68,7 +71,7 @@ def test_parts_limits_a_run_to_the_parts_named(tmp_path, demo_model):
     on) runs only what it names, after setting up the models, and draws only those tables."""
     (tmp_path / "photo-1600.jpg").write_bytes(encode(photo_like(1600, 1200, seed=5), "JPEG", quality=92))
     out = tmp_path / "parts.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--provider", "cpu", "--photos", str(tmp_path),
+    proc = subprocess.run([*CHECK, "--quick", "--provider", "cpu", "--photos", str(tmp_path),
                            "--parts", "preprocess", "--seconds", "0.5", "--json", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -76,7 +79,7 @@ def test_parts_limits_a_run_to_the_parts_named(tmp_path, demo_model):
     assert set(result["parts"]) == {"setup", "preprocess"} and result["meta"]["parts"] == ["preprocess"]
     assert result["parts"]["preprocess"]["error"] is None and result["parts"]["preprocess"]["threads"]["img_per_s"] > 0
     assert "Preprocessing limit" in proc.stdout and "Served (" not in proc.stdout and "Parity" not in proc.stdout
-    refused = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--provider", "cpu", "--parts", "servd"],
+    refused = subprocess.run([*CHECK, "--quick", "--provider", "cpu", "--parts", "servd"],
                              cwd=REPO, capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "unknown parts ['servd']" in refused.stderr
 
@@ -176,9 +179,9 @@ def test_parity_on_cpu_is_exact(quick_run):
         assert served["max_abs_diff_top5"] < 1e-5
 
 
-def test_issue10_targets_are_computed_from_the_runs_rows(quick_run, gpu_check):
+def test_gpu_targets_are_computed_from_the_runs_rows(quick_run, gpu_check):
     parts = quick_run["parts"]
-    targets = gpu_check.issue10_targets(parts)
+    targets = gpu_check.targets.gpu_targets(parts)
     alone = {row["batch"]: row["host"] for row in parts["onnxruntime"]["models"]["mobilenetv2"]["buckets"]}
     bound = min(max(r["img_per_s"] for r in alone.values()),
                 max(parts["preprocess"][how]["img_per_s"] for how in ("threads", "processes")))
@@ -197,7 +200,7 @@ def test_issue10_targets_are_computed_from_the_runs_rows(quick_run, gpu_check):
         bucket = min(b for b in alone if b >= run["mean_batch"])
         assert per_batch[placement]["limit"] == pytest.approx(1.2 * alone[bucket]["ms_per_batch"])
         assert per_batch[placement]["measured"] == run["phases_ms"]["inference"]
-    assert "Issue 10's targets, from this run" in quick_run["markdown"]
+    assert "The GPU targets, from this run (`gpu_targets`)" in quick_run["markdown"]
 
 
 def test_nothing_is_left_behind(quick_run):
@@ -210,31 +213,35 @@ def test_nothing_is_left_behind(quick_run):
 
 # --- the CUDA-only procedures, run on the CPU EP -------------------------------------------------
 
+MODULES = ("cli", "cuda_graph", "host_memory", "onnxruntime_alone", "plan", "report", "sessions", "targets")
+
+
 @pytest.fixture(scope="module")
 def gpu_check():
-    """The script as a module (it puts the repo and bench/ on sys.path; that is undone after)."""
+    """The package's modules (imported with the repo root on sys.path, as `python -m` from there
+    has it; bench's scripts put the repo and bench/ on it too: all that is undone after)."""
     saved = list(sys.path)
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.path[:] = saved
-    return module
+    sys.path.insert(0, str(REPO))
+    try:
+        return SimpleNamespace(**{name: importlib.import_module(f"bench.gpu_check.{name}") for name in MODULES})
+    finally:
+        sys.path[:] = saved
 
 
 @pytest.fixture(scope="module")
 def on_cpu(gpu_check, demo_model):
-    """A quick CPU check, the demo model's spec and its bucket-2 session, and two different inputs."""
-    args = gpu_check.parse_args(["--provider", "cpu", "--quick", "--models", "mobilenetv2", "--photos", str(REPO),
-                                 "--glob", "*.jpg"])
-    check = gpu_check.Check(args)
-    spec = gpu_check.inspect_model(str(demo_model))
+    """A quick CPU plan, the demo model's spec and its bucket-2 session, and two different inputs."""
+    args = gpu_check.cli.parse_args(["--provider", "cpu", "--quick", "--models", "mobilenetv2", "--photos",
+                                     str(REPO), "--glob", "*.jpg"])
+    plan = gpu_check.plan.Plan(args)
+    spec = inspect_model(str(demo_model))
     x = np.random.default_rng(0).random((2, *spec.input_item_shape), dtype=np.float32)
-    return check, spec, check.session(demo_model), x
+    return plan, spec, gpu_check.sessions.make_session(demo_model, plan.provider), x
 
 
 def test_cuda_graph_procedure_reads_each_new_input(gpu_check, on_cpu, demo_model):
-    check, spec, session, x = on_cpu
-    row = check.cuda_graph_row(demo_model, spec, x, 2, session, device="cpu")
+    plan, spec, session, x = on_cpu
+    row = gpu_check.cuda_graph.graph_row(plan, demo_model, spec, x, 2, session, device="cpu")
     for timed in (row["graph"], row["no_graph"]):
         assert timed["runs"] >= 3 and timed["img_per_s"] > 0
         assert timed["copy_in_ms"] > 0 and timed["run_ms"] > 0 and timed["copy_out_ms"] > 0
@@ -246,44 +253,47 @@ def test_cuda_graph_procedure_reads_each_new_input(gpu_check, on_cpu, demo_model
 
 def test_cuda_graph_check_catches_an_input_that_is_not_copied_in(gpu_check, on_cpu, demo_model, monkeypatch):
     """Negative control: with update_inplace doing nothing, every run sees the same (stale) input."""
-    check, spec, session, x = on_cpu
-    monkeypatch.setattr(gpu_check.ort.OrtValue, "update_inplace", lambda self, data: None)
+    plan, spec, session, x = on_cpu
+    monkeypatch.setattr(ort.OrtValue, "update_inplace", lambda self, data: None)
     with np.errstate(all="ignore"):
-        row = check.cuda_graph_row(demo_model, spec, x, 2, session, device="cpu")
+        row = gpu_check.cuda_graph.graph_row(plan, demo_model, spec, x, 2, session, device="cpu")
     assert row["output_follows_input"] is False
 
 
 def test_host_memory_row_says_why_pinned_memory_is_not_measurable_here(gpu_check, on_cpu):
-    check, spec, session, x = on_cpu
+    plan, spec, session, x = on_cpu
     pageable = {"ms_per_batch": 10.0, "img_per_s": 200.0, "runs": 5}
-    row = check.host_memory_row(session, spec, x, 2, pageable, device="cpu")
+    sources = gpu_check.host_memory.PinnedSources()
+    row = gpu_check.host_memory.host_memory_row(plan, sources, session, spec, x, 2, pageable, device="cpu")
     assert row["pageable"]["run"] == pageable and row["pageable"]["copy_in_ms"] > 0
     # This build lists no CUDA EP device, and no CUDA runtime is loaded: both ways say so, nothing is faked.
     assert row["onnxruntime_pinned"]["status"].startswith("not measurable from Python: ")
     assert "CUDAExecutionProvider" in row["onnxruntime_pinned"]["status"]
     assert row["cuda_host_register"]["status"].startswith("not measurable from Python: ")
-    assert set(check.pinned_sources()) == {"onnxruntime_pinned", "cuda_host_register"}
+    assert set(sources.status()) == {"onnxruntime_pinned", "cuda_host_register"}
 
 
 def test_cuda_tables_are_drawn_from_rows_and_errors(gpu_check, on_cpu, demo_model):
     """The markdown of a CUDA run, drawn from rows the procedures above produce: a failed row shows
     its error and the other rows still show."""
-    check, spec, session, x = on_cpu
+    plan, spec, session, x = on_cpu
     host = {"ms_per_batch": 10.0, "img_per_s": 200.0, "runs": 5}
+    sources = gpu_check.host_memory.PinnedSources()
     good = {"batch": 2, "host": host, "device": {"ms_per_batch": 9.0, "img_per_s": 222.0, "runs": 5},
-            "cuda_graph": check.cuda_graph_row(demo_model, spec, x, 2, session, device="cpu"),
-            "host_memory": check.host_memory_row(session, spec, x, 2, host, device="cpu")}
+            "cuda_graph": gpu_check.cuda_graph.graph_row(plan, demo_model, spec, x, 2, session, device="cpu"),
+            "host_memory": gpu_check.host_memory.host_memory_row(plan, sources, session, spec, x, 2, host,
+                                                                 device="cpu")}
     failed = {"batch": 4, "host": host, "device": {"error": "RuntimeError: no device"},
               "cuda_graph": {"error": "Fail: This session cannot use the graph capture feature"},
               "host_memory": {"error": "RuntimeError: cudaHostRegister failed"}}
     rows = [good, failed]
-    model = {"buckets": rows, "alternating": {"rows": []},
-             "cuda_graph": check.row_status(rows, "cuda_graph"),
-             "host_memory": {**check.row_status(rows, "host_memory"), "sources": check.pinned_sources()}}
+    row_status = gpu_check.onnxruntime_alone.row_status
+    model = {"buckets": rows, "alternating": {"rows": []}, "cuda_graph": row_status(rows, "cuda_graph"),
+             "host_memory": {**row_status(rows, "host_memory"), "sources": sources.status()}}
     assert model["cuda_graph"]["status"] == "failed in 1 of 2 buckets"
-    result = {"meta": {**check.result["meta"], "provider": "CUDAExecutionProvider"}, "timings_s": {},
+    result = {"meta": {**plan.meta(), "provider": "CUDAExecutionProvider"}, "timings_s": {},
               "parts": {"onnxruntime": {"error": None, "models": {"mobilenetv2": model}}}}
-    table = gpu_check.markdown(result)
+    table = gpu_check.report.markdown(result)
     assert "| mobilenetv2 | 2 | 10.00 | 200.0 | 9.00 | 222.0 |" in table
     assert "| mobilenetv2 | 4 | 10.00 | 200.0 | error: RuntimeError: no device |" in table
     assert f"| mobilenetv2 | 2 | {row_cells(good['cuda_graph'])}" in table
