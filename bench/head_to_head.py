@@ -16,14 +16,14 @@ processes and threads (its event loop thread, its other threads, its child proce
 the code of another checkout (a git worktree of an earlier commit, say) with the first config.
 --rate compares latency at a fixed open-loop rate instead of throughput at a fixed concurrency.
 
-CPU efficiency (issue 10) is the CPU that preprocessing alone takes per image (Cronnx's
-Preprocessor for the first config's first model, on the same photos, measured before and after
-the rounds) over a server's total CPU per request: the share of the cores a server uses that
-decoding and preprocessing would need anyway. With a near-free model (bench/near_free_model.py)
-the rest is the server's own overhead. It is given twice: with preprocessing measured on one
-thread of an idle machine, and with it running on every core at once (one process per core), as
-it must at a served rate that takes all the cores; the second is issue 10's "cores that
-preprocessing alone needs at the served rate".
+CPU efficiency is the CPU that preprocessing alone takes per image (Cronnx's Preprocessor for the
+first config's first model, on the same photos, measured before and after the rounds) over a
+server's total CPU per request: the share of the cores a server uses that decoding and preprocessing
+would need anyway. With a near-free model (bench/near_free_model.py) the rest is the server's own
+overhead. It is given twice: with preprocessing measured on one thread of an idle machine, and with
+it running on every core at once (one process per core), as it must at a served rate that takes all
+the cores; the second is what the CPU-efficiency target calls "cores that preprocessing alone needs
+at the served rate".
 """
 
 from __future__ import annotations

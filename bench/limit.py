@@ -1,7 +1,7 @@
 """The in-process limit: what this machine can do with no server, no IPC and no HTTP.
 
-Same preprocessing as the server (cronnx.preprocess.Preprocessor, default PreprocessConfig,
-224 x 224) and the same demo model. Measures:
+Same preprocessing as the server (cronnx.preprocessing.transform.Preprocessor, default
+PreprocessConfig, 224 x 224) and the same demo model. Measures:
 
   infer      onnxruntime alone on ready tensors, batch 1/2/4/8, intra-op threads = cores
   threads    full path (decode + preprocess + infer), T threads each with its own session

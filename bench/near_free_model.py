@@ -2,7 +2,7 @@
 
 Input [N, 3, 224, 224] float32 (what Cronnx's default preprocessing makes), output [N, 1000]
 probabilities. Inference costs microseconds, so nearly all the CPU a server spends serving it goes
-to decoding, preprocessing and the server's own work (issue 10's CPU-efficiency target).
+to decoding, preprocessing and the server's own work (what the CPU-efficiency target measures).
 
     python bench/near_free_model.py [--output models/nearfree.onnx]
 """

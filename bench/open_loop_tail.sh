@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 3's tail target, measured right after the peak it is relative to: for each config, start
-# `cronnx serve`, measure the closed-loop peak (32 clients), then open loop at 80% of that peak,
-# and print p50, p99 and their ratio. Rounds alternate the configs; each serves its first model.
+# The tail target (at 80% of the peak rate in open loop, p99 <= 3x p50), measured right after the
+# peak it is relative to: for each config, start `cronnx serve`, measure the closed-loop peak (32
+# clients), then open loop at 80% of that peak, and print p50, p99 and their ratio. Rounds alternate the configs; each serves its first model.
 # Usage: bench/open_loop_tail.sh ROUNDS CONFIG...   (e.g. bench/open_loop_tail.sh 2 config/cronnx.yaml)
 set -euo pipefail
 cd "$(dirname "$0")/.."

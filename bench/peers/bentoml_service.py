@@ -12,9 +12,10 @@ POST /predict with {"image": "<base64 of a JPEG>"} answers
 GET /readyz answers 200 once the worker processes have started and run `__init__` (model loaded);
 /livez and /healthz answer 200 as soon as the HTTP server is up (BentoML's own routes).
 
-What is the same as Cronnx: `cronnx.preprocess.Preprocessor` with the default `PreprocessConfig`,
-`cronnx.postprocess.top_k` (softmax over logits unless the model already outputs probabilities),
-one single-threaded onnxruntime session per worker on CPUExecutionProvider with spinning off.
+What is the same as Cronnx: `cronnx.preprocessing.transform.Preprocessor` with the default
+`PreprocessConfig`, `cronnx.models.postprocess.top_k` (softmax over logits unless the model already
+outputs probabilities), one single-threaded onnxruntime session per worker on CPUExecutionProvider
+with spinning off.
 
 What is BentoML's (bentoml 1.4.40, the "new" service API): `workers` processes, each a uvicorn
 server sharing the listening socket, each with its own copy of the service and of the adaptive

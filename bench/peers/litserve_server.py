@@ -7,10 +7,11 @@ POST /predict with {"image": "<base64 of a JPEG>"} answers
 {"model": ..., "predictions": [{"class_id", "label", "confidence"} x top-k], "batch_size": n}.
 GET /health answers 200 "ok" once every inference worker has run `setup` (LitServe's own route).
 
-What is the same as Cronnx: `cronnx.preprocess.Preprocessor` with the default `PreprocessConfig`
-(decode, resize, crop, normalise into a float32 (3, 224, 224) array), `cronnx.postprocess.top_k`
-(softmax over the logits unless the model already outputs probabilities), and one
-single-threaded onnxruntime session per worker on CPUExecutionProvider with spinning off.
+What is the same as Cronnx: `cronnx.preprocessing.transform.Preprocessor` with the default
+`PreprocessConfig` (decode, resize, crop, normalise into a float32 (3, 224, 224) array),
+`cronnx.models.postprocess.top_k` (softmax over the logits unless the model already outputs
+probabilities), and one single-threaded onnxruntime session per worker on CPUExecutionProvider with
+spinning off.
 
 What is LitServe's (litserve 0.2.19): the HTTP front (uvicorn + FastAPI, `num_api_servers` processes,
 by default one per inference worker), the request queue (multiprocessing.Manager queue, or ZMQ

@@ -1,7 +1,7 @@
 """The peer to beat on two cores: one aiohttp process, onnxruntime in run_in_executor, no batching.
 
-Same model and the same preprocessing as Cronnx (cronnx.preprocess), one onnxruntime session
-with one intra-op thread shared by a thread pool of one thread per core: each request is
+Same model and the same preprocessing as Cronnx (cronnx.preprocessing.transform), one onnxruntime
+session with one intra-op thread shared by a thread pool of one thread per core: each request is
 decoded, preprocessed and run in a pool thread, the shape that measured best in-process.
 
     python bench/peers/plain_aiohttp.py --port 3100 [--model models/mobilenetv2-demo.onnx] [--threads 2] [--textbook]

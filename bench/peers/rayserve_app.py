@@ -8,12 +8,13 @@ POST /predict with the image bytes answers {"model", "predictions": [{"class_id"
 "confidence"} x 5], "batch_size"}; GET /predict answers 200 once a replica has loaded the model.
 Stop with SIGTERM/SIGINT (the Ray cluster this starts goes with it).
 
-What is the same as Cronnx: `cronnx.preprocess.Preprocessor` (default `PreprocessConfig`),
-`cronnx.postprocess.top_k`, one single-threaded onnxruntime session per replica with spinning
-off (bench/peers/peer_model.py). What is Ray Serve's: a local Ray cluster limited to the
-machine's cores, its HTTP proxy actor in front, `replicas` replica actors, and `@serve.batch`
-(max_batch_size, batch_wait_timeout_s = 2 ms as Cronnx's window) in each replica. Preprocessing
-runs in the batched method, in series with inference, as in the LitServe and BentoML peers.
+What is the same as Cronnx: `cronnx.preprocessing.transform.Preprocessor` (default
+`PreprocessConfig`), `cronnx.models.postprocess.top_k`, one single-threaded onnxruntime session per
+replica with spinning off (bench/peers/peer_model.py). What is Ray Serve's: a local Ray cluster
+limited to the machine's cores, its HTTP proxy actor in front, `replicas` replica actors, and
+`@serve.batch` (max_batch_size, batch_wait_timeout_s = 2 ms as Cronnx's window) in each replica.
+Preprocessing runs in the batched method, in series with inference, as in the LitServe and BentoML
+peers.
 """
 
 from __future__ import annotations
