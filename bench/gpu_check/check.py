@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from pathlib import Path
 
 import onnxruntime as ort
 
@@ -24,7 +25,7 @@ from .served import ServedPart
 class Check:
     def __init__(self, plan: Plan):
         self.plan = plan
-        self.photo_paths = []
+        self.photo_paths: list[Path] = []  # set by setup
         self.started = StartedProcesses()
         self.pinned = PinnedSources()
         self.served = ServedPart(plan, self.started)
