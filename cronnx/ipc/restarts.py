@@ -7,6 +7,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cronnx.ipc.child import ChildProcess
 
 log = logging.getLogger("cronnx.process")
 
@@ -29,14 +33,14 @@ class Replacements:
         self._young_s = young_s
         self._young_deaths = [0] * count
 
-    def schedule(self, index: int, process, started_at: float, worked: bool, restart: Callable[[int], None]) -> None:
-        """Logs the exit of child `index` (`process`: its multiprocessing.Process, started at
-        `started_at` on time.monotonic()) and calls `restart(index)` on the running loop after the
-        pause its record of young deaths gives."""
+    def schedule(self, index: int, process: ChildProcess, worked: bool, restart: Callable[[int], None]) -> None:
+        """Logs the exit of child `index` (`process`, which has exited; `worked`: it did some work)
+        and calls `restart(index)` on the running loop after the pause its record of young deaths
+        gives."""
         self.restarts += 1
-        young = not worked and time.monotonic() - started_at < self._young_s
+        young = not worked and time.monotonic() - process.started_at < self._young_s
         self._young_deaths[index] = self._young_deaths[index] + 1 if young else 0
         delay = restart_delay(self._young_deaths[index])
-        log.warning("%s %d (pid %d) exited with code %s; starting another in %.1fs",
-                    self._what, index, process.pid, process.exitcode, delay)
+        log.warning("%s %d (pid %d) %s; starting another in %.1fs",
+                    self._what, index, process.pid, process.exit_reason, delay)
         asyncio.get_running_loop().call_later(delay, restart, index)
