@@ -44,11 +44,12 @@ BatchObserver = Callable[[int, float], None]
 
 
 class Liveness(msgspec.Struct, frozen=True):
-    """When a live worker counts as hung. Seconds."""
+    """When a live worker counts as hung, in seconds: server.worker_ping_interval_s,
+    server.worker_ping_timeout_s and server.batch_run_timeout_s (their defaults are the config's)."""
 
-    ping_interval_s: float = 1.0
-    ping_timeout_s: float = 5.0
-    batch_run_timeout_s: float = 60.0
+    ping_interval_s: float
+    ping_timeout_s: float
+    batch_run_timeout_s: float
 
 
 class Worker:
