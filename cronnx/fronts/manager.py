@@ -49,7 +49,7 @@ from cronnx.fronts.messages import (
     encode,
 )
 from cronnx.ipc.child import ChildProcess
-from cronnx.ipc.restarts import Replacements
+from cronnx.ipc.restarts import ChildSet
 from cronnx.ipc.ring import SlotRing, pid_alive
 from cronnx.observability.logs import LoggingSpec
 from cronnx.observability.metrics import UNKNOWN_MODEL, Metrics
@@ -60,7 +60,7 @@ from cronnx.preprocessing.rings import ClosedRingSweeper, MappedRings
 log = logging.getLogger("cronnx.front_processes")
 
 # A front that dies this soon after its start without serving failed to start: it is restarted
-# after a growing pause (ipc.restarts.Replacements).
+# after a growing pause (ipc.restarts.ChildSet).
 YOUNG_DEATH_S = 2.0
 # The folder of the engine process's Unix socket: cronnx-<its pid>-<random> in the temp folder.
 _SOCKET_DIR = re.compile(r"^cronnx-(\d+)-[^/]+$")
@@ -103,7 +103,7 @@ class _Front:
     listening: bool = False
 
 
-class FrontProcesses:
+class FrontProcesses(ChildSet[_Front]):
     """`count` front processes serving HTTP on `port` (already resolved) of `server.host`,
     running their requests through `engine`; every other route they pass to the engine
     process's app on the Unix socket `engine_socket`. Create it on the running event loop;
@@ -111,8 +111,7 @@ class FrontProcesses:
 
     def __init__(self, count: int, server: ServerConfig, port: int, engine_socket: str, logging_spec: LoggingSpec,
                  engine: InferenceEngine, metrics: Metrics):
-        self.count = count
-        self._replacements = Replacements(count, "front process", YOUNG_DEATH_S)
+        super().__init__(count, "front process", YOUNG_DEATH_S)
         self._server = server
         self._port = port
         self._engine_socket = engine_socket
@@ -120,32 +119,21 @@ class FrontProcesses:
         self._engine = engine
         self._metrics = metrics
         self._loop = asyncio.get_running_loop()
-        self._draining = False
-        self._fronts: list[_Front | None] = [None] * count
         self._all_listening = self._loop.create_future()
         # Each front decodes in its share of the threads and accepts its share of the connections.
         self.threads = max(1, round(server.preprocess_threads / count))
         self._max_connections = max(1, server.max_connections // count)
         for index in range(count):
             self._start(index)
-        self._sweeper = ClosedRingSweeper(lambda: ((f.rings, f.process) for f in self._fronts if f is not None))
+        self._sweeper = ClosedRingSweeper(lambda: ((f.rings, f.process) for f in self._children if f is not None))
 
     def __str__(self) -> str:
         return f"{self.count} front processes, each decoding in {self.threads} thread{'s' * (self.threads != 1)}"
 
     @property
-    def restarts(self) -> int:
-        """Processes replaced after an exit."""
-        return self._replacements.restarts
-
-    @property
-    def pids(self) -> list[int]:
-        return [f.process.pid for f in self._fronts if f is not None]
-
-    @property
     def open_connections(self) -> int:
         """Connections open in all fronts, as last reported (every STATS_INTERVAL_S)."""
-        return sum(f.open_connections for f in self._fronts if f is not None)
+        return sum(f.open_connections for f in self._children if f is not None)
 
     async def listening(self, timeout_s: float = 60.0) -> None:
         """Wait until every front accepts connections on the port. Raises RuntimeError when one
@@ -166,7 +154,7 @@ class FrontProcesses:
                                      (encode(spec),), encode, decode_from_front,
                                      functools.partial(self._on_message, front),
                                      functools.partial(self._on_exit, front), log, enlarge_outbox=True)
-        self._fronts[index] = front
+        self._children[index] = front
         log.info("front process %d starting (pid %d)", index, front.process.pid)
 
     def _send(self, front: _Front, message) -> None:
@@ -211,7 +199,7 @@ class FrontProcesses:
                                          message.total_s, message.phases, message.ring_full)
         elif kind is Listening:
             front.listening = True
-            if all(f is not None and f.listening for f in self._fronts) and not self._all_listening.done():
+            if all(f is not None and f.listening for f in self._children) and not self._all_listening.done():
                 self._all_listening.set_result(None)
         elif kind is ConnectionStats:
             front.open_connections = message.open
@@ -255,7 +243,7 @@ class FrontProcesses:
 
     def _on_exit(self, front: _Front, process: ChildProcess) -> None:
         # What it said before it died has been delivered (`_on_message`).
-        self._fronts[front.index] = None
+        self._children[front.index] = None
         # Nothing writes its slots any more (ring rule 4); nobody reads its answers.
         for done in front.fills.values():
             if not done.done():
@@ -263,25 +251,21 @@ class FrontProcesses:
         front.fills.clear()
         for task in front.requests.values():
             task.cancel()
-        if self._draining:
+        if self._stopping:
             return
         if not self._all_listening.done():
             self._all_listening.set_exception(RuntimeError(
                 f"front process {front.index} {process.exit_reason} before it listened "
                 f"on port {self._port} (its log says why)"))
             return
-        self._replacements.schedule(front.index, process, front.served > 0, self._restart)
-
-    def _restart(self, index: int) -> None:
-        if not self._draining and self._fronts[index] is None:
-            self._start(index)
+        self._replace(front.index, process, front.served > 0)
 
     async def drain(self, timeout_s: float) -> None:
         """Tell every front to stop accepting and finish its requests; wait up to `timeout_s` for
         them to exit, then kill the rest."""
-        self._draining = True
+        self._stopping = True
         self._sweeper.cancel()
-        await asyncio.gather(*(f.process.stop(Drain(), timeout_s) for f in self._fronts if f is not None))
+        await asyncio.gather(*(f.process.stop(Drain(), timeout_s) for f in self._children if f is not None))
 
 
 def _view_unless_sent(front: _Front, pool: ModelPool) -> ModelView | None:

@@ -26,7 +26,7 @@ from typing import Protocol
 from cronnx.errors import PreprocessingLost
 from cronnx.ipc.child import ChildProcess
 from cronnx.ipc.cpu import mark_cpu_bound, usable_cores
-from cronnx.ipc.restarts import Replacements
+from cronnx.ipc.restarts import ChildSet
 from cronnx.ipc.ring import SlotRing
 from cronnx.preprocessing.child import run_preprocess_process
 from cronnx.preprocessing.messages import Fill, Filled, Stop, decode_from_preprocess, encode, fill_error
@@ -36,7 +36,7 @@ from cronnx.preprocessing.transform import Preprocessor
 log = logging.getLogger("cronnx.preprocessing")
 
 # A process that dies this soon after its start without filling anything failed to start: it is
-# restarted after a growing pause (ipc.restarts.Replacements).
+# restarted after a growing pause (ipc.restarts.ChildSet).
 YOUNG_DEATH_S = 1.0
 
 
@@ -126,7 +126,7 @@ class _Process:
     rings: MappedRings = field(default_factory=MappedRings)  # what it maps
 
 
-class ProcessPreprocessing:
+class ProcessPreprocessing(ChildSet[_Process]):
     """Fills in `count` preprocessing processes (`preprocessing/child.py`), each given one image at
     a time: an image waits in the front's queue, not in a pipe, so a process that dies takes only
     its own image with it (that request gets PreprocessingLost, 503) and is replaced.
@@ -134,41 +134,28 @@ class ProcessPreprocessing:
     `max_image_pixels` is Pillow's decompression-bomb limit (server.max_image_pixels). A process
     still on one image after `fill_timeout_s` (server.request_timeout_s: its request has been
     answered 504 by then) is killed and replaced. Create it on the running event loop; `close()`
-    stops the processes. `restarts` counts replacements.
+    stops the processes. `restarts` counts replacements, `pids` lists the live processes.
     """
 
     placement = "processes"
 
     def __init__(self, count: int, max_image_pixels: int, fill_timeout_s: float):
-        self.count = count
+        super().__init__(count, "preprocessing process", YOUNG_DEATH_S)
         self._fill_timeout_s = fill_timeout_s
-        self._replacements = Replacements(count, "preprocessing process", YOUNG_DEATH_S)
         self._max_image_pixels = max_image_pixels
         self._loop = asyncio.get_running_loop()
         self._queue: deque[_Job] = deque()
         self._ids = itertools.count()
-        self._closing = False
-        self._processes: list[_Process | None] = [None] * count
         for index in range(count):
             self._start(index)
-        self._sweeper = ClosedRingSweeper(lambda: ((p.rings, p.process) for p in self._processes if p is not None))
+        self._sweeper = ClosedRingSweeper(lambda: ((p.rings, p.process) for p in self._children if p is not None))
 
     def __str__(self) -> str:
         return f"{self.count} processes"
 
-    @property
-    def restarts(self) -> int:
-        """Processes replaced after an exit."""
-        return self._replacements.restarts
-
-    @property
-    def pids(self) -> list[int]:
-        """Process ids of the live processes (for tests and `/models`)."""
-        return [p.process.pid for p in self._processes if p is not None]
-
     def submit(self, preprocessor: Preprocessor, ring: SlotRing, slot: int, image: bytes) -> FillJob:
         job = _Job(next(self._ids), preprocessor, ring, slot, image, self._loop.create_future())
-        idle = next((p for p in self._processes if p is not None and p.job is None), None)
+        idle = next((p for p in self._children if p is not None and p.job is None), None)
         if idle is None:
             self._queue.append(job)
         else:
@@ -209,7 +196,7 @@ class ProcessPreprocessing:
         proc.process = ChildProcess(f"cronnx-preprocess-{index}", f"preprocessing process {index}",
                                     run_preprocess_process, (self._max_image_pixels,), encode, decode_from_preprocess,
                                     functools.partial(self._answer, proc), functools.partial(self._on_exit, proc), log)
-        self._processes[index] = proc
+        self._children[index] = proc
         log.debug("preprocessing process %d started (pid %d)", index, proc.process.pid)
         # Work that queued while no process was free (or alive) starts here.
         if self._queue:
@@ -224,34 +211,29 @@ class ProcessPreprocessing:
                 job.done.set_result(None)
             else:
                 job.done.set_exception(fill_error(message))
-        if self._queue and not self._closing:
+        if self._queue and not self._stopping:
             self._dispatch(proc, self._queue.popleft())
 
     def _on_exit(self, proc: _Process, process: ChildProcess) -> None:
         # Its answers sent before it died have been delivered (`_answer`).
-        self._processes[proc.index] = None
+        self._children[proc.index] = None
         if proc.job is not None:
             proc.watchdog.cancel()
             proc.job.done.set_exception(PreprocessingLost(
                 f"the preprocessing process {process.exit_reason} while decoding this image"))
             proc.job = None
-        if self._closing:
-            return
-        self._replacements.schedule(proc.index, process, proc.fills > 0, self._restart)
-
-    def _restart(self, index: int) -> None:
-        if not self._closing and self._processes[index] is None:
-            self._start(index)
+        if not self._stopping:
+            self._replace(proc.index, process, proc.fills > 0)
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Let started fills finish (they write into ring memory), stop every process (killing one
         that has not exited within `timeout_s`), and fail what is still queued."""
-        self._closing = True
+        self._stopping = True
         self._sweeper.cancel()
         while self._queue:
             self._queue.popleft().done.cancel()
         deadline = time.monotonic() + timeout_s
-        while any(p is not None and p.job is not None for p in self._processes) and time.monotonic() < deadline:
+        while any(p is not None and p.job is not None for p in self._children) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         left_s = max(0.0, deadline - time.monotonic())
-        await asyncio.gather(*(p.process.stop(Stop(), left_s) for p in self._processes if p is not None))
+        await asyncio.gather(*(p.process.stop(Stop(), left_s) for p in self._children if p is not None))
