@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from cronnx.config import CudaConfig
+from cronnx.observability.logs import LoggingSpec
 from cronnx.workers.messages import WorkerSpec
 from cronnx.workers.pinned_memory import CudaHostError, page_aligned_zeros
 from cronnx.models.spec import inspect_model
@@ -121,7 +122,7 @@ def device_buffer_runner(model_path, ring, device_buffers, pinned_host_memory=Fa
                              ring=ring.layout, batch_size=4, batch_buckets=BUCKETS, batch_timeout_s=0.002,
                              providers=["CPUExecutionProvider"], cuda_options={}, intra_op_threads=1,
                              inter_op_threads=1, solo_intra_op_threads=2, allow_spinning=False,
-                             device_buffers=device_buffers, pinned_host_memory=pinned_host_memory)
+                             logging=LoggingSpec("critical", "text"), device_buffers=device_buffers, pinned_host_memory=pinned_host_memory)
     runner = BatchRunner(worker_spec, ring, lambda threads: create_session(worker_spec, threads))
     runner.warm_up()
     return runner

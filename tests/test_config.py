@@ -102,3 +102,13 @@ def test_usable_cores_is_the_affinity_capped_by_the_cgroup_quota(tmp_path, files
         (tmp_path / name).write_text(text)
     affinity = len(os.sched_getaffinity(0))
     assert usable_cores(str(tmp_path)) == (min(cores, affinity) if cores else affinity)
+
+
+@pytest.mark.parametrize("spec", ["cronnx.workers.supervisor:Liveness", "cronnx.observability.logs:LoggingSpec"])
+def test_liveness_and_logging_have_no_defaults_beside_the_configs(spec):
+    """Their values come from the server section (worker_ping_*, batch_run_timeout_s, log_*), whose
+    defaults are the only ones: building one without them is an error."""
+    module, name = spec.split(":")
+    cls = getattr(__import__(module, fromlist=[name]), name)
+    with pytest.raises(TypeError, match="Missing required argument"):
+        cls()

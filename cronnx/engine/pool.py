@@ -31,7 +31,7 @@ class ModelPool:
     """
 
     def __init__(self, prepared: PreparedVersion, generation: int, logging: LoggingSpec, on_batch: BatchObserver,
-                 liveness: Liveness = Liveness(), worker_target: WorkerTarget = run_worker):
+                 liveness: Liveness, worker_target: WorkerTarget = run_worker):
         model = prepared.model
         config = model.config
         spec = prepared.spec

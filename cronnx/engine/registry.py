@@ -65,7 +65,7 @@ class Registry:
     `worker_target` is what worker processes run (see `ModelPool`)."""
 
     def __init__(self, logging_spec: LoggingSpec, on_batch: Callable[[str, str], BatchObserver],
-                 load_timeout_s: float, liveness: Liveness = Liveness(), worker_target: WorkerTarget = run_worker):
+                 load_timeout_s: float, liveness: Liveness, worker_target: WorkerTarget = run_worker):
         self.routes: dict[str, ModelRoute] = {}
         self.loading: dict[Key, ModelPool] = {}
         self.failed: dict[Key, str] = {}

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import multiprocessing
 import os
 import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 
 import numpy as np
 
@@ -50,23 +48,20 @@ from cronnx.fronts.messages import (
     decode_from_front,
     encode,
 )
-from cronnx.ipc.pipes import PipeReader, enlarge_pipe
-from cronnx.ipc.restarts import Replacements
+from cronnx.ipc.child import ChildProcess
+from cronnx.ipc.restarts import ChildSet
 from cronnx.ipc.ring import SlotRing, pid_alive
 from cronnx.observability.logs import LoggingSpec
 from cronnx.observability.metrics import UNKNOWN_MODEL, Metrics
-from cronnx.preprocessing.messages import Fill, Filled, FillFailed, Forget, fill_error
+from cronnx.preprocessing.messages import Fill, Filled, FillFailed, fill_error
 from cronnx.preprocessing.placement import FillJob
-from cronnx.preprocessing.rings import MappedRings
+from cronnx.preprocessing.rings import ClosedRingSweeper, MappedRings
 
 log = logging.getLogger("cronnx.front_processes")
 
-_spawn = multiprocessing.get_context("spawn")
 # A front that dies this soon after its start without serving failed to start: it is restarted
-# after a growing pause (process.Replacements).
+# after a growing pause (ipc.restarts.ChildSet).
 YOUNG_DEATH_S = 2.0
-# How often fronts are told to unmap the rings of versions that have gone.
-FORGET_INTERVAL_S = 1.0
 # The folder of the engine process's Unix socket: cronnx-<its pid>-<random> in the temp folder.
 _SOCKET_DIR = re.compile(r"^cronnx-(\d+)-[^/]+$")
 
@@ -95,11 +90,7 @@ class _Front:
     """One front process and what the engine holds for it."""
 
     index: int
-    process: multiprocessing.Process
-    inbox: Connection  # engine -> front
-    outbox: Connection  # front -> engine
-    said: PipeReader  # reads `outbox`
-    started_at: float
+    process: ChildProcess = field(init=False)
     # Its requests in the engine, by the front's number for them.
     requests: dict[int, asyncio.Task] = field(default_factory=dict)
     # Fills sent and not answered: resolved by Filled/FillFailed, or by the front's exit.
@@ -112,7 +103,7 @@ class _Front:
     listening: bool = False
 
 
-class FrontProcesses:
+class FrontProcesses(ChildSet[_Front]):
     """`count` front processes serving HTTP on `port` (already resolved) of `server.host`,
     running their requests through `engine`; every other route they pass to the engine
     process's app on the Unix socket `engine_socket`. Create it on the running event loop;
@@ -120,8 +111,7 @@ class FrontProcesses:
 
     def __init__(self, count: int, server: ServerConfig, port: int, engine_socket: str, logging_spec: LoggingSpec,
                  engine: InferenceEngine, metrics: Metrics):
-        self.count = count
-        self._replacements = Replacements(count, "front process", YOUNG_DEATH_S)
+        super().__init__(count, "front process", YOUNG_DEATH_S)
         self._server = server
         self._port = port
         self._engine_socket = engine_socket
@@ -129,32 +119,21 @@ class FrontProcesses:
         self._engine = engine
         self._metrics = metrics
         self._loop = asyncio.get_running_loop()
-        self._draining = False
-        self._fronts: list[_Front | None] = [None] * count
         self._all_listening = self._loop.create_future()
         # Each front decodes in its share of the threads and accepts its share of the connections.
         self.threads = max(1, round(server.preprocess_threads / count))
         self._max_connections = max(1, server.max_connections // count)
         for index in range(count):
             self._start(index)
-        self._sweeper = self._loop.call_later(FORGET_INTERVAL_S, self._forget_closed_rings)
+        self._sweeper = ClosedRingSweeper(lambda: ((f.rings, f.process) for f in self._children if f is not None))
 
     def __str__(self) -> str:
         return f"{self.count} front processes, each decoding in {self.threads} thread{'s' * (self.threads != 1)}"
 
     @property
-    def restarts(self) -> int:
-        """Processes replaced after an exit."""
-        return self._replacements.restarts
-
-    @property
-    def pids(self) -> list[int]:
-        return [f.process.pid for f in self._fronts if f is not None]
-
-    @property
     def open_connections(self) -> int:
         """Connections open in all fronts, as last reported (every STATS_INTERVAL_S)."""
-        return sum(f.open_connections for f in self._fronts if f is not None)
+        return sum(f.open_connections for f in self._children if f is not None)
 
     async def listening(self, timeout_s: float = 60.0) -> None:
         """Wait until every front accepts connections on the port. Raises RuntimeError when one
@@ -166,36 +145,23 @@ class FrontProcesses:
             raise RuntimeError(f"the front processes did not all listen within {timeout_s:g}s") from None
 
     def _start(self, index: int) -> None:
-        inbox_read, inbox_write = _spawn.Pipe(duplex=False)
-        outbox_read, outbox_write = _spawn.Pipe(duplex=False)
-        enlarge_pipe(inbox_write.fileno())
-        enlarge_pipe(outbox_write.fileno())
         spec = FrontSpec(index, self._server, self._port, self._engine_socket, self.threads,
                          self._max_connections, self._logging)
         # Imported here: the front process's module pulls in what only a front needs.
         from cronnx.fronts.child import run_front_process
-        process = _spawn.Process(target=run_front_process, args=(encode(spec), inbox_read, outbox_write),
-                                 name=f"cronnx-front-{index}", daemon=True)
-        process.start()
-        inbox_read.close()
-        outbox_write.close()
-        front = _Front(index, process, inbox_write, outbox_read, PipeReader(outbox_read), time.monotonic())
-        self._fronts[index] = front
-        self._loop.add_reader(outbox_read.fileno(), self._on_readable, front)
-        self._loop.add_reader(process.sentinel, self._on_exit, front)
-        log.info("front process %d starting (pid %d)", index, process.pid)
+        front = _Front(index)
+        front.process = ChildProcess(f"cronnx-front-{index}", f"front process {index}", run_front_process,
+                                     (encode(spec),), encode, decode_from_front,
+                                     functools.partial(self._on_message, front),
+                                     functools.partial(self._on_exit, front), log, enlarge_outbox=True)
+        self._children[index] = front
+        log.info("front process %d starting (pid %d)", index, front.process.pid)
 
     def _send(self, front: _Front, message) -> None:
         try:
-            front.inbox.send_bytes(encode(message))
+            front.process.send(message)
         except OSError:
             pass  # it died: its exit, handled next, answers for what it held
-
-    def _on_readable(self, front: _Front) -> None:
-        for message in front.said.read():
-            self._on_message(front, decode_from_front(message))
-        if front.said.at_eof:
-            self._loop.remove_reader(front.outbox.fileno())
 
     def _on_message(self, front: _Front, message) -> None:
         kind = type(message)
@@ -233,7 +199,7 @@ class FrontProcesses:
                                          message.total_s, message.phases, message.ring_full)
         elif kind is Listening:
             front.listening = True
-            if all(f is not None and f.listening for f in self._fronts) and not self._all_listening.done():
+            if all(f is not None and f.listening for f in self._children) and not self._all_listening.done():
                 self._all_listening.set_result(None)
         elif kind is ConnectionStats:
             front.open_connections = message.open
@@ -275,24 +241,9 @@ class FrontProcesses:
         # Nothing to withdraw: the front holds the image and starts at once; its answer ends the job.
         return FillJob(done, lambda: None)
 
-    def _forget_closed_rings(self) -> None:
-        """Tell every front to unmap the rings closed since (their memory is freed only once no
-        process maps them); runs every FORGET_INTERVAL_S."""
-        for front in self._fronts:
-            if front is None:
-                continue
-            for name in front.rings.closed():
-                self._send(front, Forget(name))
-        self._sweeper = self._loop.call_later(FORGET_INTERVAL_S, self._forget_closed_rings)
-
-    def _on_exit(self, front: _Front) -> None:
-        self._loop.remove_reader(front.process.sentinel)
-        self._on_readable(front)  # what it said before it died still counts
-        self._loop.remove_reader(front.outbox.fileno())
-        front.process.join()
-        front.inbox.close()
-        front.outbox.close()
-        self._fronts[front.index] = None
+    def _on_exit(self, front: _Front, process: ChildProcess) -> None:
+        # What it said before it died has been delivered (`_on_message`).
+        self._children[front.index] = None
         # Nothing writes its slots any more (ring rule 4); nobody reads its answers.
         for done in front.fills.values():
             if not done.done():
@@ -300,36 +251,21 @@ class FrontProcesses:
         front.fills.clear()
         for task in front.requests.values():
             task.cancel()
-        if self._draining:
+        if self._stopping:
             return
         if not self._all_listening.done():
             self._all_listening.set_exception(RuntimeError(
-                f"front process {front.index} exited with code {front.process.exitcode} before it listened "
+                f"front process {front.index} {process.exit_reason} before it listened "
                 f"on port {self._port} (its log says why)"))
             return
-        self._replacements.schedule(front.index, front.process, front.started_at, front.served > 0, self._restart)
-
-    def _restart(self, index: int) -> None:
-        if not self._draining and self._fronts[index] is None:
-            self._start(index)
+        self._replace(front.index, process, front.served > 0)
 
     async def drain(self, timeout_s: float) -> None:
         """Tell every front to stop accepting and finish its requests; wait up to `timeout_s` for
         them to exit, then kill the rest."""
-        self._draining = True
+        self._stopping = True
         self._sweeper.cancel()
-        for front in self._fronts:
-            if front is not None:
-                self._send(front, Drain())
-        deadline = time.monotonic() + timeout_s
-        while any(f is not None for f in self._fronts):
-            if time.monotonic() > deadline:
-                for front in self._fronts:
-                    if front is not None:
-                        log.warning("front process %d did not stop in %.1fs; killing it", front.index, timeout_s)
-                        front.process.kill()
-                deadline = float("inf")
-            await asyncio.sleep(0.01)
+        await asyncio.gather(*(f.process.stop(Drain(), timeout_s) for f in self._children if f is not None))
 
 
 def _view_unless_sent(front: _Front, pool: ModelPool) -> ModelView | None:

@@ -14,8 +14,10 @@ import msgspec
 
 
 class LoggingSpec(msgspec.Struct, frozen=True):
-    level: str = "info"
-    format: str = "json"
+    """How every process logs: server.log_level and server.log_format (their defaults are the config's)."""
+
+    level: str
+    format: str
 
 
 _json = msgspec.json.Encoder()

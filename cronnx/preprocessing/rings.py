@@ -1,13 +1,24 @@
 """Both sides' bookkeeping of the rings a filling child (a preprocessing or front process) maps:
-`MappedRings` is the owner's record of what a child maps, `AttachedRings` the child's mappings."""
+`MappedRings` is the owner's record of what a child maps, `ClosedRingSweeper` tells children to
+let go of the closed ones, `AttachedRings` is the child's mappings."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cronnx.ipc.ring import AttachedRing, SlotRing
-from cronnx.preprocessing.messages import Fill, Setup
+from cronnx.preprocessing.messages import Fill, Forget, Setup
 from cronnx.preprocessing.transform import Preprocessor
+
+if TYPE_CHECKING:
+    from cronnx.ipc.child import ChildProcess
+
+# How often filling children are told to unmap the rings of versions that have gone.
+FORGET_INTERVAL_S = 1.0
 
 
 class MappedRings:
@@ -31,6 +42,31 @@ class MappedRings:
         for name in names:
             del self._rings[name]
         return names
+
+
+class ClosedRingSweeper:
+    """Every FORGET_INTERVAL_S seconds, tells each filling child to unmap the rings closed since
+    the last sweep (`Forget`): an unlinked segment's memory, which counts against /dev/shm, is
+    freed only once no process maps it. `children()` gives each live child's record of what it
+    maps and its process; a busy child reads its Forget after its current fill. Create it on the
+    running event loop; `cancel()` ends the sweeps."""
+
+    def __init__(self, children: Callable[[], Iterable[tuple[MappedRings, ChildProcess]]]):
+        self._children = children
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(FORGET_INTERVAL_S, self._sweep)
+
+    def _sweep(self) -> None:
+        for rings, process in self._children():
+            for name in rings.closed():
+                try:
+                    process.send(Forget(name))
+                except OSError:
+                    pass  # it died: its mappings went with it
+        self._timer = self._loop.call_later(FORGET_INTERVAL_S, self._sweep)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 class AttachedRings:

@@ -45,7 +45,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     inter_op_threads: int
     solo_intra_op_threads: int | None
     allow_spinning: bool
-    logging: LoggingSpec = LoggingSpec()
+    logging: LoggingSpec
     device_buffers: str | None = None
     device_id: int = 0
     pinned_host_memory: bool = False

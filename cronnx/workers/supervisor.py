@@ -22,6 +22,7 @@ reason: "exited", "session_broken", "load_failed", "ping_timeout", "batch_timeou
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
@@ -29,11 +30,12 @@ from collections.abc import Callable
 
 import msgspec
 
+from cronnx.ipc.child import ChildProcess
 from cronnx.ipc.restarts import restart_delay
 from cronnx.ipc.ring import SlotRing
 from cronnx.workers import messages
 from cronnx.workers.channel import RequestChannel
-from cronnx.workers.process import WorkerProcess, WorkerTarget
+from cronnx.workers.process import PINGS, WorkerTarget, start_worker
 
 log = logging.getLogger("cronnx.supervisor")
 
@@ -42,11 +44,12 @@ BatchObserver = Callable[[int, float], None]
 
 
 class Liveness(msgspec.Struct, frozen=True):
-    """When a live worker counts as hung. Seconds."""
+    """When a live worker counts as hung, in seconds: server.worker_ping_interval_s,
+    server.worker_ping_timeout_s and server.batch_run_timeout_s (their defaults are the config's)."""
 
-    ping_interval_s: float = 1.0
-    ping_timeout_s: float = 5.0
-    batch_run_timeout_s: float = 60.0
+    ping_interval_s: float
+    ping_timeout_s: float
+    batch_run_timeout_s: float
 
 
 class Worker:
@@ -56,10 +59,14 @@ class Worker:
         self.spec = spec
         self.ring = ring
         self.name = f"{spec.model}:v{spec.version}#{spec.index}"
-        self.process: WorkerProcess | None = None
+        self.process: ChildProcess | None = None
         self.channel: RequestChannel | None = None
+        # The current process said Ready: loaded and warmed up.
+        self.ready = False
         # Takes submits: Ready came and it has not exited nor been killed since.
         self.live = False
+        # Why the supervisor killed the current process, as a restart reason ("ping_timeout"), or None.
+        self.kill_cause: str | None = None
         self.providers: list[str] = []
         # Seconds the last start took until the worker was ready (session created, warmed up).
         self.load_seconds = 0.0
@@ -106,13 +113,13 @@ class Worker:
             self.channel.cancel(slot, on_return)
 
 
-def _exit_reason(process: WorkerProcess, load_error: str | None) -> tuple[str, str]:
+def _exit_reason(worker: Worker, process: ChildProcess) -> tuple[str, str]:
     """Why a worker process ended: the restart reason (a metric label) and a sentence for people."""
-    if process.kill_cause is not None:
-        return process.kill_cause, f"was killed: {process.kill_cause}: {process.kill_reason}"
-    if not process.ready:
-        if load_error is not None:
-            return "load_failed", f"failed to load: {load_error}"
+    if worker.kill_cause is not None:
+        return worker.kill_cause, process.exit_reason
+    if not worker.ready:
+        if worker.load_error is not None:
+            return "load_failed", f"failed to load: {worker.load_error}"
         return "load_failed", f"died with exit code {process.exitcode} while loading"
     if process.exitcode == messages.EXIT_SESSION_BROKEN:
         return "session_broken", f"died with exit code {process.exitcode}"
@@ -138,10 +145,12 @@ class Supervisor:
         self._watch = self._loop.call_later(self._liveness.ping_interval_s, self._check_liveness)
 
     def _start(self, worker: Worker) -> None:
-        process = WorkerProcess(worker.name, self._target, msgspec.msgpack.encode(worker.spec),
-                                lambda msg: self._on_message(worker, msg), lambda p: self._on_exit(worker, p))
+        process = start_worker(worker.name, self._target, msgspec.msgpack.encode(worker.spec),
+                               functools.partial(self._on_message, worker), functools.partial(self._on_exit, worker))
         worker.process = process
         worker.channel = RequestChannel(process.send)
+        worker.ready = False
+        worker.kill_cause = None
         worker.ping_sent = None
         worker.load_error = None
 
@@ -163,16 +172,16 @@ class Supervisor:
             worker.load_error = msg.error
             log.error("worker %s could not load: %s", worker.name, msg.error)
         elif kind is messages.Ready:
-            worker.process.ready = worker.live = True
+            worker.ready = worker.live = True
             worker.failed_starts = 0
             worker.load_seconds = time.monotonic() - worker.process.started_at
             worker.providers = msg.providers
             log.info("worker %s ready (pid %d, providers %s)", worker.name, msg.pid, ",".join(msg.providers))
 
-    def _on_exit(self, worker: Worker, process: WorkerProcess) -> None:
-        was_live = process.ready
+    def _on_exit(self, worker: Worker, process: ChildProcess) -> None:
+        was_live = worker.ready
         worker.live = False
-        cause, how = _exit_reason(process, worker.load_error)
+        cause, how = _exit_reason(worker, process)
         lost = worker.close_channel(f"worker {worker.name} (pid {process.pid}) {how} while running this request; retry")
         if self._stopping:
             return
@@ -202,14 +211,19 @@ class Supervisor:
                 continue
             worker.ping_seq += 1
             worker.ping_sent = now
-            worker.process.ping(worker.ping_seq)
+            try:
+                worker.process.send(messages.Ping(worker.ping_seq), PINGS)
+            except OSError:
+                pass  # it died: its exit is being handled
         self._watch = self._loop.call_later(liveness.ping_interval_s, self._check_liveness)
 
     def _kill(self, worker: Worker, cause: str, reason: str) -> None:
         # No more submits from now on; the exit handler fails what it holds.
         worker.live = False
         log.error("worker %s (pid %d) is unresponsive (%s: %s); killing it", worker.name, worker.pid, cause, reason)
-        worker.process.kill(cause, reason)
+        if worker.process.exitcode is None:
+            worker.kill_cause = cause
+            worker.process.kill(f"was killed: {cause}: {reason}")
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         """Stop every worker (the front has stopped sending); kill any that will not stop."""
@@ -219,4 +233,4 @@ class Supervisor:
         for worker in self.workers:
             worker.live = False
             if worker.process is not None:
-                await worker.process.stop(timeout_s)
+                await worker.process.stop(messages.Stop(), timeout_s)
