@@ -271,7 +271,7 @@ def test_a_fill_for_a_request_given_up_is_still_answered(tiny_model):
             setup = Setup(ring.layout, PreprocessConfig(), spec)
             to_front_write.send_bytes(encode_message(Fill(infer.request, ring.layout.input_segment, 0, setup)))
             answer = decode_from_front(await loop.run_in_executor(None, from_front_read.recv_bytes))
-            assert type(answer) is FillFailed and answer.job == infer.request and "given up" in answer.message
+            assert type(answer) is FillFailed and answer.job == infer.request and "given up" in answer.error.message
             assert (ring.inputs[0] == 7.0).all()
         finally:
             link.close()

@@ -28,9 +28,8 @@ import numpy as np
 from aiohttp import web
 from yarl import URL
 
-from cronnx import errors
 from cronnx.engine.inference import InferenceResult
-from cronnx.errors import CronnxError, Unavailable
+from cronnx.errors import CronnxError, Unavailable, from_wire
 from cronnx.front import (
     REQUEST_ID_HEADER,
     ROUTING_KEY_HEADER,
@@ -67,7 +66,7 @@ from cronnx.ipc.cpu import mark_cpu_bound
 from cronnx.ipc.pipes import PipeReader
 from cronnx.observability.logs import setup_logging
 from cronnx.observability.metrics import UNKNOWN_MODEL
-from cronnx.preprocessing.messages import Fill, Filled, FillFailed, Forget, fill_failed
+from cronnx.preprocessing.messages import Fill, Filled, Forget, fill_failed
 from cronnx.preprocessing.rings import AttachedRings
 from cronnx.preprocessing.transform import Preprocessor, set_max_image_pixels
 
@@ -213,7 +212,7 @@ class EngineLink:
                 return  # given up meanwhile
             if kind is Refused:
                 request.chosen = (message.model, message.version)
-                request.answer.set_exception(_error(message.error, message.message))
+                request.answer.set_exception(from_wire(message.error))
             else:
                 if message.view is not None:
                     self._views[message.view_key] = message.view
@@ -229,7 +228,7 @@ class EngineLink:
         out, preprocessor = self._rings.target(fill)  # attached on a ring's first fill, given up or not
         request = self._requests.get(fill.job)
         if request is None:
-            self.send(FillFailed(fill.job, "error", "the request was given up before its image was decoded"))
+            self.send(fill_failed(fill.job, RuntimeError("the request was given up before its image was decoded")))
             return
         work = self._loop.run_in_executor(self._executor, _write, preprocessor, request.row, out)
         work.add_done_callback(lambda done: self._filled(fill.job, request, done))
@@ -254,15 +253,6 @@ def _write(preprocessor: Preprocessor, row: bytes | np.ndarray, out: np.ndarray)
     else:
         np.copyto(out, row, casting="no")
     return time.perf_counter() - started
-
-
-def _error(name: str, message: str) -> Exception:
-    """The error a Refused names: its class in `errors.py` (an unexpected failure in the engine
-    process, "InternalError", is a RuntimeError: 500)."""
-    cls = getattr(errors, name, None)
-    if isinstance(cls, type) and issubclass(cls, CronnxError):
-        return cls(message)
-    return RuntimeError(message)
 
 
 @dataclass(eq=False)

@@ -33,7 +33,7 @@ import numpy as np
 from cronnx.config import ServerConfig
 from cronnx.engine.inference import InferenceEngine
 from cronnx.engine.pool import ModelPool
-from cronnx.errors import CronnxError, PreprocessingLost
+from cronnx.errors import CronnxError, PreprocessingLost, to_wire
 from cronnx.fronts.messages import (
     Abandon,
     Answer,
@@ -215,7 +215,7 @@ class FrontProcesses:
                 with self._engine.select(message.model, message.version, message.routing_key) as pool:
                     self._send(front, Chosen(message.request, pool.generation, _view_unless_sent(front, pool)))
             except CronnxError as exc:
-                self._send(front, Refused(message.request, type(exc).__name__, exc.message))
+                self._send(front, Refused(message.request, to_wire(exc)))
         elif kind is Abandon:
             task = front.requests.get(message.request)
             if task is not None:
@@ -257,12 +257,12 @@ class FrontProcesses:
                                          result.batch_size, result.queue_s, result.infer_s, pool.generation,
                                          _view_unless_sent(front, pool)))
         except CronnxError as exc:
-            self._send(front, Refused(message.request, type(exc).__name__, exc.message, *chosen))
+            self._send(front, Refused(message.request, to_wire(exc), *chosen))
         except asyncio.CancelledError:
             pass  # abandoned by the front, or the front is gone: nobody reads an answer
         except Exception as exc:
             log.exception("request %s from front %d failed", message.request_id, front.index)
-            self._send(front, Refused(message.request, "InternalError", f"{type(exc).__name__}: {exc}", *chosen))
+            self._send(front, Refused(message.request, to_wire(exc), *chosen))
         finally:
             self._metrics.in_flight.dec()
 

@@ -10,7 +10,7 @@ front's pipe pair:
                                      time a ring is named to this front, as for a preprocessing
                                      process: `preprocess_process.py`)
     front  -> engine   Filled / FillFailed   the slot's input is written, or nothing more will be
-    engine -> front    Answer / Refused      the output row, or the error, by its class's name
+    engine -> front    Answer / Refused      the output row, or the error (`errors.to_wire`)
     front  -> engine   Completed     the answer's status and phases, for the metrics
 
 `Abandon` (the client went away) may come at any point after `Infer`; a `Fill` is always answered
@@ -24,6 +24,7 @@ from __future__ import annotations
 import msgspec
 
 from cronnx.config import ServerConfig
+from cronnx.errors import WireError
 from cronnx.models.spec import ModelSpec
 from cronnx.observability.logs import LoggingSpec
 from cronnx.preprocessing.messages import Fill, Filled, FillFailed, Forget
@@ -147,13 +148,12 @@ class Answer(msgspec.Struct, tag="answer", array_like=True):
 
 
 class Refused(msgspec.Struct, tag="refused", array_like=True):
-    """Request `request` failed: `error` is the name of its class in `errors.py` (the front raises
-    the same), `message` what the client is told; `model` and `version` the version it was
-    running on, when one had been chosen ("" otherwise), for its metrics and log line."""
+    """Request `request` failed: `error` is its wire form (the front raises the same,
+    `errors.from_wire`); `model` and `version` the version it was running on, when one had been
+    chosen ("" otherwise), for its metrics and log line."""
 
     request: int
-    error: str
-    message: str
+    error: WireError
     model: str = ""
     version: str = ""
 
