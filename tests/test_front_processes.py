@@ -32,10 +32,9 @@ from support.models import tiny_classifier
 from support.server import mapped_segments, model_entry, pid_alive, server_config, shm_segments, wait_until
 from test_bad_input import BAD_REQUESTS, BODY_LIMIT
 from cronnx.config import PreprocessConfig
-from cronnx.front import RequestRecord
 from cronnx.fronts.messages import Abandon, Infer, decode_from_front
 from cronnx.fronts.messages import encode as encode_message
-from cronnx.fronts.child import EngineLink
+from cronnx.fronts.link import EngineLink
 from cronnx.http.listener import reserve_port
 from cronnx.models.spec import inspect_model
 from cronnx.preprocessing.messages import Fill, FillFailed, Setup
@@ -259,8 +258,8 @@ def test_a_fill_for_a_request_given_up_is_still_answered(tiny_model):
         ring = SlotRing("test_front_fill", 2, spec.input_item_shape, spec.input_dtype, spec.output_item_shape,
                         spec.output_dtype)
         try:
-            record = RequestRecord("req-1", "predict", "_unknown", "")
-            request = asyncio.create_task(link.infer(PHOTOS[0], "tiny", None, None, record, loop.time() + 5))
+            choice = link.select("tiny", None, None)
+            request = asyncio.create_task(link.infer(choice, PHOTOS[0], "req-1", loop.time() + 5))
             infer = decode_from_front(await loop.run_in_executor(None, from_front_read.recv_bytes))
             assert type(infer) is Infer and infer.request_id == "req-1" and 4 < infer.timeout_s <= 5
             request.cancel()  # the client went away before the engine's Fill arrived

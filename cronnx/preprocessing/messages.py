@@ -8,7 +8,7 @@ tells the front that the writing is over (ring rule 4).
 
 Rings are attached on first use (`Fill.setup` carries the layout and the preprocessing recipe the
 first time a ring is named to this process) and detached when the front says `Forget`. The same
-messages serve front processes (`fronts/child.py`), which hold their images themselves; the
+messages serve front processes (`fronts/link.py`), which hold their images themselves; the
 helpers below are both sides' bookkeeping of them: `MappedRings` (the owner's record of what a
 child maps), `AttachedRings` (the child's mappings), `fill_failed` and `fill_error` (an error
 there, its wire form on the pipe, the error again here).
