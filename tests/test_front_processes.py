@@ -1,8 +1,7 @@
 """`server.front_processes`: several processes serve HTTP on one port, one engine process behind them.
 
-Served answers equal a direct onnxruntime run whichever front takes the connection; bad requests
-get their status and JSON from a front beside a good stream; every other route is the engine
-process's own answer; the metrics count what the fronts served; a killed front is replaced
+Served answers equal a direct onnxruntime run whichever front takes the connection; every other
+route is the server process's own answer (bad requests, as in one process: test_bad_input.py); the metrics count what the fronts served; a killed front is replaced
 without losing the other's requests or a slot; SIGTERM leaves no process, segment or socket.
 """
 
@@ -25,12 +24,12 @@ import pytest
 import yaml
 
 from reference import DirectModel, assert_matches
-from support.client import TIMEOUT, GoodStream, post, predict_many
+from support.client import TIMEOUT, post, predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape
 from support.models import tiny_classifier
 from support.server import mapped_segments, model_entry, pid_alive, server_config, shm_segments, wait_until
-from test_bad_input import BAD_REQUESTS, BODY_LIMIT
+from test_bad_input import BODY_LIMIT
 from cronnx.config import PreprocessConfig
 from cronnx.fronts.messages import Abandon, Infer, decode_from_front
 from cronnx.fronts.messages import encode as encode_message
@@ -86,41 +85,6 @@ def test_answers_equal_a_direct_run_from_every_front_and_are_counted(server, tin
     wait_until(lambda: scrape(server.url).get(SUCCESS) == len(bodies), timeout_s=5,
                what="every answer counted in the engine process's metrics")
     assert all(w["slots_in_use"] == 0 for w in server.models()["tiny"]["workers"])
-
-
-def test_bad_requests_get_their_status_from_a_front_beside_good_ones(server):
-    url = f"{server.url}/predict/tiny"
-    good = GoodStream(url, PHOTOS[0])
-
-    async def bad_beside_good():
-        stream = asyncio.create_task(good.run())
-        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-            replies = {case: await post(session, url, body, content_type)
-                       for case, (content_type, body, _, _) in sorted(BAD_REQUESTS.items())}
-            replies["unknown model"] = await post(session, f"{server.url}/predict/nope", PHOTOS[0])
-            replies["bad top_k"] = await post(session, url, PHOTOS[0], params={"top_k": "0"})
-            replies["version beyond int64"] = await post(session, f"{url}/versions/{'9' * 25}", PHOTOS[0])
-        good.stop()
-        await stream
-        return replies
-
-    replies = asyncio.run(bad_beside_good())
-    expected = {**{case: (status, words) for case, (_, _, status, words) in BAD_REQUESTS.items()},
-                "unknown model": (404, "tiny"), "bad top_k": (400, "top_k"), "version beyond int64": (404, "not served")}
-    for case, (status, words) in expected.items():
-        reply = replies[case]
-        assert reply.status == status and words.lower() in reply.body["error"].lower(), (case, reply)
-        assert reply.headers["X-Request-ID"]
-    assert good.statuses and set(good.statuses) == {200}
-    assert all(w["slots_in_use"] == 0 for w in server.models()["tiny"]["workers"])
-    # Every request is counted once, under the version that served its model, as one process
-    # counts it: those a front refused before a version was chosen (the body unread or malformed,
-    # the top_k) too, by the engine process's choice; only the unknown model without one.
-    metrics = scrape(server.url)
-    counted = {dict(labels)["model"] + " " + dict(labels)["version"] + " " + dict(labels)["outcome"]: count
-               for (name, labels), count in metrics.items() if name == "cronnx_requests_total"}
-    assert counted.pop("tiny 1 success") == len(good.statuses)
-    assert counted == {"tiny 1 400": 8, "tiny 1 413": 3, "tiny 1 415": 1, "_unknown  404": 2}
 
 
 def test_v2_infer_is_served_by_a_front_and_other_routes_by_the_engine_process(server, tiny_model):
