@@ -40,7 +40,7 @@ def main() -> None:
 def serve(config_path: str, host: str | None, port: int | None, model_repository: str | None,
           log_level: str | None, log_format: str | None) -> None:
     """Serve the models of a config file over HTTP."""
-    from cronnx.server import run_server
+    from cronnx.server.main import run_server
 
     try:
         config = load_config(config_path, host=host, port=port, model_repository=model_repository,

@@ -83,7 +83,7 @@ class ServerConfig(Strict):
     preprocess_threads: PositiveInt = msgspec.field(default_factory=usable_cores)
     # Processes serving HTTP on the port. 1: this process. N > 1: N front processes share the port
     # (SO_REUSEPORT), each reading bodies and decoding images in preprocess_threads / N threads,
-    # while this process keeps the models, rings and workers (cronnx/front_processes.py): one
+    # while this process keeps the models, rings and workers (cronnx/fronts/): one
     # event loop caps near 1,000 /predict requests a second (bench/README.md, "Front processes").
     front_processes: PositiveInt = 1
     # Pillow refuses images above this many pixels (decompression bombs).

@@ -1,9 +1,14 @@
 """What can go wrong with a request, below any protocol: the engine, the registry and the
-preprocessing raise these; each HTTP API maps them to its status codes in one table
-(`front.ERROR_STATUS`). The message is what the client is told.
+preprocessing raise these; HTTP maps them to status codes in one table
+(`http.middleware.ERROR_STATUS`). The message is what the client is told.
+
+An error crosses a pipe one way (`to_wire`, `from_wire`): as its class's name here and its
+message; any other exception (a bug) crosses as an `InternalError`.
 """
 
 from __future__ import annotations
+
+import msgspec
 
 
 class CronnxError(Exception):
@@ -96,3 +101,33 @@ class InferenceFailed(CronnxError):
 class NonFiniteOutput(InferenceFailed):
     """The model's scores for this request hold NaN or infinity (an fp16 overflow, say): there
     is no ranking or probability to answer with."""
+
+
+class InternalError(RuntimeError):
+    """A bug in another process (not a CronnxError): answered as any unexpected error, 500 with
+    the details in the server log only. The message is the original's type and text."""
+
+
+class WireError(msgspec.Struct, frozen=True, array_like=True):
+    """An error as it crosses a pipe: `name`, its class in this module ("InternalError" for a
+    bug), and `message`, what the client is told (or, for a bug, what the log says)."""
+
+    name: str
+    message: str
+
+
+def to_wire(exc: BaseException) -> WireError:
+    """`exc`'s wire form: a CronnxError of this module by its class; anything else as InternalError."""
+    if isinstance(exc, CronnxError) and _BY_NAME.get(type(exc).__name__) is type(exc):
+        return WireError(type(exc).__name__, exc.message)
+    return WireError("InternalError", f"{type(exc).__name__}: {exc}")
+
+
+def from_wire(wire: WireError) -> Exception:
+    """The error `wire` stands for: its CronnxError class here, or InternalError for any other name."""
+    cls = _BY_NAME.get(wire.name)
+    return cls(wire.message) if cls is not None else InternalError(wire.message)
+
+
+_BY_NAME: dict[str, type[CronnxError]] = {
+    name: cls for name, cls in list(globals().items()) if isinstance(cls, type) and issubclass(cls, CronnxError)}

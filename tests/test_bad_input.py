@@ -15,7 +15,7 @@ from support.client import TIMEOUT, GoodStream, Reply, post, predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape, value
 from support.models import failing_on_bright_images, tiny_classifier
-from support.server import model_entry, server_config
+from support.server import model_entry, server_config, wait_until
 
 BODY_LIMIT = 256 * 1024
 
@@ -80,6 +80,54 @@ def test_bad_input_gets_its_status_while_good_requests_succeed(server, case):
         assert words.lower() in reply.body["error"].lower(), reply.body
     assert good.statuses and set(good.statuses) == {200}
     assert all(w["slots_in_use"] == 0 for w in server.models()["tiny"]["workers"])
+
+
+@pytest.mark.parametrize("front_processes", [1, 2], ids=["one process", "two front processes"])
+def test_every_bad_request_beside_good_ones_is_answered_and_counted_under_its_version(start_server, tiny_model,
+                                                                                      front_processes):
+    """All the bad requests in a row, beside a good stream, in either placement: each gets its
+    status and JSON, and is counted once under the version that serves its model (those refused
+    before their body was read or their image decoded too); only a model or version that is not
+    served is counted without one."""
+    server = start_server(server_config(model_entry("tiny", tiny_model, workers=1, ring_slots=32),
+                                        front_processes=front_processes, max_body_bytes=BODY_LIMIT,
+                                        max_image_pixels=4_000_000))
+    url = f"{server.url}/predict/tiny"
+    photo = encode(photo_like(320, 240, seed=1), "JPEG")
+    good = GoodStream(url, photo)
+
+    async def bad_beside_good():
+        stream = asyncio.create_task(good.run())
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            replies = {case: await post(session, url, body, content_type)
+                       for case, (content_type, body, _, _) in sorted(BAD_REQUESTS.items())}
+            replies["unknown model"] = await post(session, f"{server.url}/predict/nope", photo)
+            replies["bad top_k"] = await post(session, url, photo, params={"top_k": "0"})
+            replies["version beyond int64"] = await post(session, f"{url}/versions/{'9' * 25}", photo)
+        good.stop()
+        await stream
+        return replies
+
+    replies = asyncio.run(bad_beside_good())
+    expected = {**{case: (status, words) for case, (_, _, status, words) in BAD_REQUESTS.items()},
+                "unknown model": (404, "tiny"), "bad top_k": (400, "top_k"), "version beyond int64": (404, "not served")}
+    for case, (status, words) in expected.items():
+        reply = replies[case]
+        assert reply.status == status and words.lower() in reply.body["error"].lower(), (case, reply)
+        assert reply.headers["X-Request-ID"]
+    assert good.statuses and set(good.statuses) == {200}
+    assert all(w["slots_in_use"] == 0 for w in server.models()["tiny"]["workers"])
+
+    def counted() -> dict[str, float]:
+        return {dict(labels)["model"] + " " + dict(labels)["version"] + " " + dict(labels)["outcome"]: count
+                for (name, labels), count in scrape(server.url).items() if name == "cronnx_requests_total"}
+
+    # A front process reports each request over its pipe: wait until all are in.
+    wait_until(lambda: sum(counted().values()) == len(expected) + len(good.statuses), timeout_s=10,
+               what="every request counted")
+    counts = counted()
+    assert counts.pop("tiny 1 success") == len(good.statuses)
+    assert counts == {"tiny 1 400": 8, "tiny 1 413": 3, "tiny 1 415": 1, "_unknown  404": 2}
 
 
 def test_unknown_model_is_404_with_the_served_names(server):

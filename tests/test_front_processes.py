@@ -1,8 +1,7 @@
 """`server.front_processes`: several processes serve HTTP on one port, one engine process behind them.
 
-Served answers equal a direct onnxruntime run whichever front takes the connection; bad requests
-get their status and JSON from a front beside a good stream; every other route is the engine
-process's own answer; the metrics count what the fronts served; a killed front is replaced
+Served answers equal a direct onnxruntime run whichever front takes the connection; every other
+route is the server process's own answer (bad requests, as in one process: test_bad_input.py); the metrics count what the fronts served; a killed front is replaced
 without losing the other's requests or a slot; SIGTERM leaves no process, segment or socket.
 """
 
@@ -25,17 +24,16 @@ import pytest
 import yaml
 
 from reference import DirectModel, assert_matches
-from support.client import TIMEOUT, GoodStream, post, predict_many
+from support.client import TIMEOUT, post, predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape
 from support.models import tiny_classifier
 from support.server import mapped_segments, model_entry, pid_alive, server_config, shm_segments, wait_until
-from test_bad_input import BAD_REQUESTS, BODY_LIMIT
+from test_bad_input import BODY_LIMIT
 from cronnx.config import PreprocessConfig
-from cronnx.front import RequestRecord
 from cronnx.fronts.messages import Abandon, Infer, decode_from_front
 from cronnx.fronts.messages import encode as encode_message
-from cronnx.fronts.child import EngineLink
+from cronnx.fronts.link import EngineLink
 from cronnx.http.listener import reserve_port
 from cronnx.models.spec import inspect_model
 from cronnx.preprocessing.messages import Fill, FillFailed, Setup
@@ -87,41 +85,6 @@ def test_answers_equal_a_direct_run_from_every_front_and_are_counted(server, tin
     wait_until(lambda: scrape(server.url).get(SUCCESS) == len(bodies), timeout_s=5,
                what="every answer counted in the engine process's metrics")
     assert all(w["slots_in_use"] == 0 for w in server.models()["tiny"]["workers"])
-
-
-def test_bad_requests_get_their_status_from_a_front_beside_good_ones(server):
-    url = f"{server.url}/predict/tiny"
-    good = GoodStream(url, PHOTOS[0])
-
-    async def bad_beside_good():
-        stream = asyncio.create_task(good.run())
-        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-            replies = {case: await post(session, url, body, content_type)
-                       for case, (content_type, body, _, _) in sorted(BAD_REQUESTS.items())}
-            replies["unknown model"] = await post(session, f"{server.url}/predict/nope", PHOTOS[0])
-            replies["bad top_k"] = await post(session, url, PHOTOS[0], params={"top_k": "0"})
-            replies["version beyond int64"] = await post(session, f"{url}/versions/{'9' * 25}", PHOTOS[0])
-        good.stop()
-        await stream
-        return replies
-
-    replies = asyncio.run(bad_beside_good())
-    expected = {**{case: (status, words) for case, (_, _, status, words) in BAD_REQUESTS.items()},
-                "unknown model": (404, "tiny"), "bad top_k": (400, "top_k"), "version beyond int64": (404, "not served")}
-    for case, (status, words) in expected.items():
-        reply = replies[case]
-        assert reply.status == status and words.lower() in reply.body["error"].lower(), (case, reply)
-        assert reply.headers["X-Request-ID"]
-    assert good.statuses and set(good.statuses) == {200}
-    assert all(w["slots_in_use"] == 0 for w in server.models()["tiny"]["workers"])
-    # Every request is counted once, under the version that served its model, as one process
-    # counts it: those a front refused before a version was chosen (the body unread or malformed,
-    # the top_k) too, by the engine process's choice; only the unknown model without one.
-    metrics = scrape(server.url)
-    counted = {dict(labels)["model"] + " " + dict(labels)["version"] + " " + dict(labels)["outcome"]: count
-               for (name, labels), count in metrics.items() if name == "cronnx_requests_total"}
-    assert counted.pop("tiny 1 success") == len(good.statuses)
-    assert counted == {"tiny 1 400": 8, "tiny 1 413": 3, "tiny 1 415": 1, "_unknown  404": 2}
 
 
 def test_v2_infer_is_served_by_a_front_and_other_routes_by_the_engine_process(server, tiny_model):
@@ -259,8 +222,8 @@ def test_a_fill_for_a_request_given_up_is_still_answered(tiny_model):
         ring = SlotRing("test_front_fill", 2, spec.input_item_shape, spec.input_dtype, spec.output_item_shape,
                         spec.output_dtype)
         try:
-            record = RequestRecord("req-1", "predict", "_unknown", "")
-            request = asyncio.create_task(link.infer(PHOTOS[0], "tiny", None, None, record, loop.time() + 5))
+            choice = link.select("tiny", None, None)
+            request = asyncio.create_task(link.infer(choice, PHOTOS[0], "req-1", loop.time() + 5))
             infer = decode_from_front(await loop.run_in_executor(None, from_front_read.recv_bytes))
             assert type(infer) is Infer and infer.request_id == "req-1" and 4 < infer.timeout_s <= 5
             request.cancel()  # the client went away before the engine's Fill arrived
@@ -271,7 +234,7 @@ def test_a_fill_for_a_request_given_up_is_still_answered(tiny_model):
             setup = Setup(ring.layout, PreprocessConfig(), spec)
             to_front_write.send_bytes(encode_message(Fill(infer.request, ring.layout.input_segment, 0, setup)))
             answer = decode_from_front(await loop.run_in_executor(None, from_front_read.recv_bytes))
-            assert type(answer) is FillFailed and answer.job == infer.request and "given up" in answer.message
+            assert type(answer) is FillFailed and answer.job == infer.request and "given up" in answer.error.message
             assert (ring.inputs[0] == 7.0).all()
         finally:
             link.close()

@@ -3,8 +3,8 @@
 `InferenceEngine.infer` is the only owner of a request's ring slot (ring rule 6): it acquires the
 slot, places the preprocessing (threads or processes: `preprocessing.py`), hands the slot to the
 worker, awaits the answer, gives up on disconnect or deadline, copies the output out and releases
-the slot on every path. HTTP APIs (`/predict`, and later the Open Inference Protocol) call it and never see a
-worker, a ring or a slot index.
+the slot on every path. Protocol handlers reach it through an `InferenceClient` (`client.py`,
+`local.py`) and never see a worker, a ring or a slot index.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import msgspec
 import numpy as np
 
+from cronnx.engine.client import InferenceResult
 from cronnx.engine.pool import ModelPool
 from cronnx.engine.registry import Registry
 from cronnx.errors import (
@@ -31,20 +31,6 @@ from cronnx.ipc.ring import SlotRing
 from cronnx.preprocessing.placement import FillJob, Preprocessing
 from cronnx.workers.channel import SlotReturn
 from cronnx.workers.supervisor import Worker
-
-
-class InferenceResult(msgspec.Struct):
-    """One request's answer: `output` is a copy of the model's output row for it (shape
-    `spec.output_item_shape`, dtype `spec.output_dtype`, scores as the model gives them);
-    `batch_size` the number of requests in the batch it ran in. Seconds: `preprocess_s` decoding
-    into the slot (including any wait for a thread), `queue_s` from the hand-over to the batch's
-    start, `infer_s` the batch's run."""
-
-    output: np.ndarray
-    batch_size: int
-    preprocess_s: float
-    queue_s: float
-    infer_s: float
 
 
 class InferenceEngine:
@@ -98,7 +84,7 @@ class InferenceEngine:
     async def infer_filled_by(self, pool: ModelPool, start_fill: Callable[[SlotRing, int], FillJob],
                               request_id: str, deadline: float) -> InferenceResult:
         """Run one request whose input another process writes into the slot (a front process,
-        `front_processes.py`, that holds the image): `start_fill(ring, slot)` asks it to and
+        `fronts/manager.py`, that holds the image): `start_fill(ring, slot)` asks it to and
         returns the `FillJob` that resolves once it has stopped writing. Raises as `infer` does;
         `preprocess_s` is the fill's round trip."""
         async def fill(ring: SlotRing, slot: int) -> None:

@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cronnx.engine.client import ModelView
 from cronnx.ipc.ring import SharedMemoryFull, SlotRing
 from cronnx.observability.logs import LoggingSpec
 from cronnx.preprocessing.transform import Preprocessor
@@ -49,6 +50,9 @@ class ModelPool:
         self.outputs_probabilities = (spec.outputs_probabilities if config.outputs == "auto"
                                       else config.outputs == "probabilities")
         self.preprocess = Preprocessor(config.preprocess, spec)
+        # What protocol handlers read of it (the `Selection` a request gets in this process).
+        self.view = ModelView(self.name, self.version, self.top_k, self.outputs_probabilities, self.labels, spec,
+                              self.batch_size)
         # Requests that chose this version and have not answered yet; a draining pool stops
         # once it reaches zero.
         self.in_flight = 0

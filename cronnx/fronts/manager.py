@@ -6,7 +6,7 @@ out near 1,000 requests a second, below what one GPU and 16 cores of decoding ca
 With front processes the HTTP, the body and the decode run in N processes that share one port
 (SO_REUSEPORT: the kernel spreads connections over them), while the main process keeps what has
 one owner: the registry, the rings and their slots, the workers and the metrics. Per request it
-only passes a few small messages (`front_contract.py`) through the same `InferenceEngine` as
+only passes a few small messages (`messages.py`) through the same `InferenceEngine` as
 local requests, so ring rules, batching, deadlines and errors are the engine's, unchanged.
 
 A front process that exits fails only what it held: its fills count as finished (nothing writes
@@ -17,7 +17,6 @@ ring rule 5); it is replaced, after a growing pause if it dies young.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
@@ -29,9 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cronnx.config import ServerConfig
+from cronnx.engine.client import ModelView
 from cronnx.engine.inference import InferenceEngine
 from cronnx.engine.pool import ModelPool
-from cronnx.errors import CronnxError, PreprocessingLost
+from cronnx.errors import CronnxError, PreprocessingLost, to_wire
 from cronnx.fronts.messages import (
     Abandon,
     Answer,
@@ -43,16 +43,16 @@ from cronnx.fronts.messages import (
     FrontSpec,
     Infer,
     Listening,
-    ModelView,
     Refused,
     decode_from_front,
     encode,
 )
+from cronnx.http.context import HttpSettings
 from cronnx.ipc.child import ChildProcess
 from cronnx.ipc.restarts import ChildSet
 from cronnx.ipc.ring import SlotRing, pid_alive
 from cronnx.observability.logs import LoggingSpec
-from cronnx.observability.metrics import UNKNOWN_MODEL, Metrics
+from cronnx.observability.metrics import Metrics
 from cronnx.preprocessing.messages import Fill, Filled, FillFailed, fill_error
 from cronnx.preprocessing.placement import FillJob
 from cronnx.preprocessing.rings import ClosedRingSweeper, MappedRings
@@ -145,8 +145,8 @@ class FrontProcesses(ChildSet[_Front]):
             raise RuntimeError(f"the front processes did not all listen within {timeout_s:g}s") from None
 
     def _start(self, index: int) -> None:
-        spec = FrontSpec(index, self._server, self._port, self._engine_socket, self.threads,
-                         self._max_connections, self._logging)
+        spec = FrontSpec(index, HttpSettings.of(self._server), self._server.max_image_pixels, self._port,
+                         self._engine_socket, self.threads, self._max_connections, self._logging)
         # Imported here: the front process's module pulls in what only a front needs.
         from cronnx.fronts.child import run_front_process
         front = _Front(index)
@@ -178,24 +178,18 @@ class FrontProcesses(ChildSet[_Front]):
                     done.set_exception(fill_error(message))
         elif kind is Choose:
             try:
-                with self._engine.select(message.model, message.version, message.routing_key) as pool:
-                    self._send(front, Chosen(message.request, pool.generation, _view_unless_sent(front, pool)))
+                pool = self._engine.choose(message.model, message.version, message.routing_key)
             except CronnxError as exc:
-                self._send(front, Refused(message.request, type(exc).__name__, exc.message))
+                self._send(front, Refused(message.request, to_wire(exc)))
+            else:
+                self._send(front, Chosen(message.request, pool.generation, _view_unless_sent(front, pool)))
         elif kind is Abandon:
             task = front.requests.get(message.request)
             if task is not None:
                 task.cancel()
         elif kind is Completed:
             front.served += 1
-            model, version = message.model, message.version
-            if model == UNKNOWN_MODEL:
-                # Refused before a version was chosen (the body unread, a bad top_k): counted as a
-                # one-process server counts it, which chooses before reading.
-                with contextlib.suppress(CronnxError):
-                    pool = self._engine.choose(message.asked_model, message.asked_version, message.routing_key)
-                    model, version = pool.name, str(pool.version)
-            self._metrics.record_request(model, version, message.api, message.outcome,
+            self._metrics.record_request(message.model, message.version, message.api, message.outcome,
                                          message.total_s, message.phases, message.ring_full)
         elif kind is Listening:
             front.listening = True
@@ -211,10 +205,9 @@ class FrontProcesses(ChildSet[_Front]):
         loop = self._loop
         deadline = loop.time() + message.timeout_s
         self._metrics.in_flight.inc()
-        chosen = ("", "")
+        pool = None
         try:
             with self._engine.select(message.model, message.version, message.routing_key) as pool:
-                chosen = (pool.name, str(pool.version))
                 result = await self._engine.infer_filled_by(
                     pool, lambda ring, slot: self._start_fill(front, message.request, pool, ring, slot),
                     message.request_id, deadline)
@@ -222,13 +215,12 @@ class FrontProcesses(ChildSet[_Front]):
                 self._send(front, Answer(message.request, output.tobytes(), output.dtype.str, output.shape,
                                          result.batch_size, result.queue_s, result.infer_s, pool.generation,
                                          _view_unless_sent(front, pool)))
-        except CronnxError as exc:
-            self._send(front, Refused(message.request, type(exc).__name__, exc.message, *chosen))
         except asyncio.CancelledError:
             pass  # abandoned by the front, or the front is gone: nobody reads an answer
         except Exception as exc:
-            log.exception("request %s from front %d failed", message.request_id, front.index)
-            self._send(front, Refused(message.request, "InternalError", f"{type(exc).__name__}: {exc}", *chosen))
+            if not isinstance(exc, CronnxError):
+                log.exception("request %s from front %d failed", message.request_id, front.index)
+            self._send(front, _refusal(front, message.request, exc, pool))
         finally:
             self._metrics.in_flight.dec()
 
@@ -273,5 +265,11 @@ def _view_unless_sent(front: _Front, pool: ModelPool) -> ModelView | None:
     if pool.generation in front.views:
         return None
     front.views.add(pool.generation)
-    return ModelView(pool.name, pool.version, pool.top_k, pool.outputs_probabilities, pool.labels, pool.spec,
-                     pool.batch_size)
+    return pool.view
+
+
+def _refusal(front: _Front, request: int, exc: Exception, pool: ModelPool | None) -> Refused:
+    """The Refused for `request`, naming the version chosen for it (`pool`) if one was."""
+    if pool is None:
+        return Refused(request, to_wire(exc))
+    return Refused(request, to_wire(exc), pool.generation, _view_unless_sent(front, pool))

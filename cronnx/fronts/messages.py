@@ -1,44 +1,49 @@
-"""What a front process and the engine process (the main one) say to each other, and nothing else.
+"""What a front process and the server process say to each other, and nothing else.
 
 With `server.front_processes` > 1 the HTTP is served by that many front processes on one port
-(SO_REUSEPORT); each reads a /predict request's body and keeps the encoded image, and the engine
-process runs the request through its `InferenceEngine` (`front_processes.py`). Per request, on the
-front's pipe pair:
+(SO_REUSEPORT); each reads a request's body and keeps its rows (encoded images, or tensor rows),
+and the server process runs each row through its `InferenceEngine` (`manager.py`). Per row, on
+the front's pipe pair:
 
-    front  -> engine   Infer         choose the version, take a slot in a ring
-    engine -> front    Fill          decode the image you hold into this slot (Setup the first
-                                     time a ring is named to this front, as for a preprocessing
-                                     process: `preprocess_process.py`)
-    front  -> engine   Filled / FillFailed   the slot's input is written, or nothing more will be
-    engine -> front    Answer / Refused      the output row, or the error, by its class's name
-    front  -> engine   Completed     the answer's status and phases, for the metrics
+    front  -> server   Infer         choose the version (or run on the one named), take a slot
+    server -> front    Fill          write the row you hold into this slot (Setup the first time
+                                     a ring is named to this front, as for a preprocessing
+                                     process: `preprocessing/messages.py`)
+    front  -> server   Filled / FillFailed   the slot's input is written, or nothing more will be
+    server -> front    Answer / Refused      the output row, or the error (`errors.to_wire`)
+    front  -> server   Completed     the request's status and phases, for the metrics (once per request)
 
-`Abandon` (the client went away) may come at any point after `Infer`; a `Fill` is always answered
-(it is what tells the engine that the writing is over: ring rule 4), even for a request the
-front has given up. The slot stays the engine's (ring rule 6): a front process only writes a
-slot's input while a `Fill` of it is unanswered.
+`Choose` / `Chosen` ask which version serves a request before its rows run (V2 checks the
+request's tensors against it). `Abandon` (the client went away) may come at any point after
+`Infer`; a `Fill` is always answered (it is what tells the server process that the writing is
+over: ring rule 4), even for a request the front has given up. The slot stays the server
+process's (ring rule 6): a front process only writes a slot's input while a `Fill` of it is
+unanswered.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-from cronnx.config import ServerConfig
-from cronnx.models.spec import ModelSpec
+from cronnx.engine.client import ModelView
+from cronnx.errors import WireError
+from cronnx.http.context import HttpSettings
 from cronnx.observability.logs import LoggingSpec
 from cronnx.preprocessing.messages import Fill, Filled, FillFailed, Forget
 
 
 class FrontSpec(msgspec.Struct, frozen=True):
-    """What a front process is started with. `port` is the resolved port (never 0: every front
-    binds the same one); `engine_socket` the Unix socket where the engine process answers every
-    route a front does not serve itself; `preprocess_threads` this front's decoding threads;
-    `max_connections` this front's share of server.max_connections."""
+    """What a front process is started with, and all it is given of the config: `http`, the
+    settings it serves with; `max_image_pixels`, the decoder's limit; `port` the resolved port
+    (never 0: every front binds the same one); `server_socket` the Unix socket where the server
+    process answers every route a front does not serve itself; `preprocess_threads` this front's
+    decoding threads; `max_connections` this front's share of server.max_connections."""
 
     index: int
-    server: ServerConfig
+    http: HttpSettings
+    max_image_pixels: int
     port: int
-    engine_socket: str
+    server_socket: str
     preprocess_threads: int
     max_connections: int
     logging: LoggingSpec
@@ -65,10 +70,8 @@ class Abandon(msgspec.Struct, tag="abandon", array_like=True):
 
 class Completed(msgspec.Struct, tag="completed", array_like=True):
     """A request answered by a front: for `cronnx_requests_total` and the latency histograms.
-    `outcome` is "success" or the status code; seconds throughout. `model` and `version` are the
-    version's that ran it, or metrics.UNKNOWN_MODEL and "" when none was chosen; the model,
-    version and routing key the request named then let the engine process label it as a
-    one-process server does (by the version it would have chosen)."""
+    `outcome` is "success" or the status code; seconds throughout. `model` and `version` label
+    the version chosen for it, or engine.client.UNKNOWN_MODEL and "" when none was."""
 
     api: str
     model: str
@@ -77,9 +80,6 @@ class Completed(msgspec.Struct, tag="completed", array_like=True):
     total_s: float
     phases: dict[str, float]
     ring_full: bool
-    asked_model: str
-    asked_version: int | None
-    routing_key: str | None
 
 
 class ConnectionStats(msgspec.Struct, tag="connections", array_like=True):
@@ -96,19 +96,6 @@ class Listening(msgspec.Struct, tag="listening", array_like=True):
 
 class Drain(msgspec.Struct, tag="drain", array_like=True):
     """Stop accepting connections, finish the requests in progress, and exit."""
-
-
-class ModelView(msgspec.Struct, frozen=True):
-    """What a front needs to check a request against a model version and answer it: sent with the
-    first `Answer` or `Chosen` of it. `batch_size` is the most rows one V2 request may hold."""
-
-    name: str
-    version: int
-    top_k: int
-    outputs_probabilities: bool
-    labels: list[str]
-    spec: ModelSpec
-    batch_size: int
 
 
 class Choose(msgspec.Struct, tag="choose", array_like=True):
@@ -147,15 +134,15 @@ class Answer(msgspec.Struct, tag="answer", array_like=True):
 
 
 class Refused(msgspec.Struct, tag="refused", array_like=True):
-    """Request `request` failed: `error` is the name of its class in `errors.py` (the front raises
-    the same), `message` what the client is told; `model` and `version` the version it was
-    running on, when one had been chosen ("" otherwise), for its metrics and log line."""
+    """Request `request` failed: `error` is its wire form (the front raises the same,
+    `errors.from_wire`). `view_key` names the version chosen for it (None when none was), for
+    its metrics and log line; `view` is that version's view when the front has not been sent it
+    yet."""
 
     request: int
-    error: str
-    message: str
-    model: str = ""
-    version: str = ""
+    error: WireError
+    view_key: int | None = None
+    view: ModelView | None = None
 
 
 FromFront = Infer | Choose | Filled | FillFailed | Abandon | Completed | ConnectionStats | Listening

@@ -25,7 +25,7 @@ from http import HTTPStatus
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from cronnx.front import REQUEST_ID_HEADER, json_response
+from cronnx.http.middleware import REQUEST_ID_HEADER, json_response
 
 log = logging.getLogger("cronnx.http")
 

@@ -32,7 +32,7 @@ class _Refuse(asyncio.Protocol):
 
 class CappedProtocolFactory:
     """Hands each new connection to `server` (aiohttp's low-level server) while it has fewer than
-    `max_connections` open, in aiohttp's protocol with Cronnx's error answers (http_protocol.py);
+    `max_connections` open, in aiohttp's protocol with Cronnx's error answers (connection.py);
     `on_refused()` is called for each one turned away."""
 
     def __init__(self, server: web.Server, max_connections: int, on_refused: Callable[[], None]):

@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 
 # A `_created` series per counter and histogram doubles the output and no dashboard reads it.
 disable_created_metrics()
-# Requests for a model that does not exist share one label value: a client must not be able
-# to create a time series per name it makes up.
-UNKNOWN_MODEL = "_unknown"
 
 
 class Metrics:

@@ -2,16 +2,16 @@
 
 The front (`preprocessing.ProcessPreprocessing`) sends one `Fill` at a time, followed by the
 image's encoded bytes as a second pipe message (bytes, never pickled), and reads one answer per
-fill: `Filled`, or `FillFailed` naming the error's kind. A fill's slot is the front's (ring rule
-6): this process only writes its input, and its answer is what tells the front that the writing
-is over (ring rule 4).
+fill: `Filled`, or `FillFailed` with the error in its wire form (`errors.to_wire`). A fill's
+slot is the front's (ring rule 6): this process only writes its input, and its answer is what
+tells the front that the writing is over (ring rule 4).
 
 Rings are attached on first use (`Fill.setup` carries the layout and the preprocessing recipe the
 first time a ring is named to this process) and detached when the front says `Forget`. The same
-messages serve front processes (`front_process.py`), which hold their images themselves; the
+messages serve front processes (`fronts/link.py`), which hold their images themselves; the
 helpers below are both sides' bookkeeping of them: `MappedRings` (the owner's record of what a
 child maps), `AttachedRings` (the child's mappings), `fill_failed` and `fill_error` (an error
-there, its kind on the pipe, the error again here).
+there, its wire form on the pipe, the error again here).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import msgspec
 
 from cronnx.config import PreprocessConfig
-from cronnx.errors import ImageTooLarge, InvalidImage
+from cronnx.errors import WireError, from_wire, to_wire
 from cronnx.ipc.ring import RingLayout
 from cronnx.models.spec import ModelSpec
 
@@ -59,12 +59,11 @@ class Filled(msgspec.Struct, tag="filled", array_like=True):
 
 
 class FillFailed(msgspec.Struct, tag="fill_failed", array_like=True):
-    """Fill `job` failed and wrote nothing more. `kind`: "invalid_image" (400),
-    "image_too_large" (413) or "error" (a bug: 500); `message` is for the client."""
+    """Fill `job` failed and wrote nothing more: `error` is why (InvalidImage, 400; ImageTooLarge,
+    413; InternalError for a bug, 500)."""
 
     job: int
-    kind: str
-    message: str
+    error: WireError
 
 
 ToPreprocess = Fill | Forget | Stop
@@ -76,20 +75,10 @@ decode_from_preprocess = msgspec.msgpack.Decoder(FromPreprocess).decode
 
 
 def fill_failed(job: int, exc: BaseException) -> FillFailed:
-    """The answer for fill `job` that raised `exc`, its kind by the error's class."""
-    if isinstance(exc, InvalidImage):
-        return FillFailed(job, "invalid_image", str(exc))
-    if isinstance(exc, ImageTooLarge):
-        return FillFailed(job, "image_too_large", str(exc))
-    return FillFailed(job, "error", f"{type(exc).__name__}: {exc}")
+    """The answer for fill `job` that raised `exc`."""
+    return FillFailed(job, to_wire(exc))
 
 
 def fill_error(answer: FillFailed) -> Exception:
-    """The error a FillFailed stands for: InvalidImage (400), ImageTooLarge (413) or a RuntimeError (500)."""
-    if answer.kind == "invalid_image":
-        return InvalidImage(answer.message)
-    if answer.kind == "image_too_large":
-        return ImageTooLarge(answer.message)
-    return RuntimeError(f"preprocessing failed: {answer.message}")
-
-
+    """The error a FillFailed stands for (`errors.from_wire`)."""
+    return from_wire(answer.error)

@@ -1,18 +1,18 @@
-"""The Open Inference Protocol (KServe V2; Triton's HTTP/REST API) over the inference engine.
-
-Health, server and model metadata, Triton's model configuration, and `infer` with JSON tensors
-or the binary tensor data extension, and the classification extension. Every row of a request
-goes into a ring slot of its own, so V2 rows and `/predict` requests of the same model are
-batched together. Inputs are either
+"""The Open Inference Protocol's infer (KServe V2; Triton's HTTP/REST API): one request of N rows,
+answered with N rows per output, as JSON tensors or with Triton's binary tensor data extension,
+and its classification extension. Every row of a request goes into a ring slot of its own, so V2
+rows and `/predict` requests of the same model are batched together. Inputs are either
 
 - the model's own input tensor (its datatype, shape `[N, ...]` in the model's layout), copied
   into the slots as it is; or
 - encoded images as a `BYTES` tensor `[N]` (or `[N, 1]`), preprocessed exactly as `/predict`
   does (in JSON each element is the image's base64; with the binary extension, its bytes).
 
-Errors are `{"error": "..."}` with the status of `front.ERROR_STATUS`, as for `/predict`; each
-infer request is counted and logged like a `/predict` request. Reference: the KServe V2 REST
-protocol and Triton's binary data and classification extensions (their field names are used).
+Errors are `{"error": "..."}` with the status of `middleware.ERROR_STATUS`, as for `/predict`;
+each infer request is counted and logged like a `/predict` request. The protocol's other routes
+(health, metadata, configuration) are the server process's (`server/metadata.py`). Reference: the
+KServe V2 REST protocol and Triton's binary data and classification extensions (their field
+names are used).
 """
 
 from __future__ import annotations
@@ -21,29 +21,18 @@ import asyncio
 import binascii
 import struct
 import time
-from collections.abc import Awaitable, Callable
-from importlib.metadata import PackageNotFoundError, version
-from typing import Protocol
 
 import msgspec
 import numpy as np
 from aiohttp import web
 
-from cronnx.engine.inference import InferenceResult
-from cronnx.engine.pool import ModelPool
-from cronnx.errors import InvalidRequest, ModelNotReady
-from cronnx.front import (
-    STATE,
-    RequestRecord,
-    ServerState,
-    json_response,
-    model_request,
-    read_body,
-    request_deadline,
-    requested_version,
-)
+from cronnx.engine.client import InferenceClient, InferenceResult, ModelView, Selection
+from cronnx.errors import InvalidRequest
+from cronnx.http.body import read_body, request_deadline
+from cronnx.http.context import SETTINGS
+from cronnx.http.middleware import json_response
+from cronnx.http.record import RequestRecord, model_request
 from cronnx.models.postprocess import top_k
-from cronnx.models.spec import ModelSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # numpy dtype name <-> the protocol's datatype names.
@@ -74,145 +63,29 @@ class InferRequest(msgspec.Struct):
 _infer_request = msgspec.json.Decoder(InferRequest)
 
 
-def _server_version() -> str:
-    try:
-        return version("cronnx")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-async def repository_index(request: web.Request) -> web.Response:
-    """Every model version with workers or a load failure, and its state (Triton's repository index)."""
-    registry = request.app[STATE].registry
-    index = [{"name": pool.name, "version": str(pool.version), "state": pool.state.upper()}
-             for pool in registry.pools()]
-    index += [{"name": name, "version": str(version), "state": "UNAVAILABLE", "reason": reason}
-              for (name, version), reason in registry.failed.items()]
-    return json_response(sorted(index, key=lambda entry: (entry["name"], entry["version"])))
-
-
-async def server_metadata(request: web.Request) -> web.Response:
-    """`GET /v2`: name, version and the protocol extensions supported."""
-    return json_response({"name": "cronnx", "version": _server_version(), "extensions": EXTENSIONS})
-
-
-async def server_live(request: web.Request) -> web.Response:
-    """`GET /v2/health/live`: 200 while the process answers."""
-    return web.Response(status=200)
-
-
-async def server_ready(request: web.Request) -> web.Response:
-    """`GET /v2/health/ready`: 200 when `/ready` would be, else 503."""
-    return web.Response(status=200 if request.app[STATE].ready() else 503)
-
-
-def _pool(request: web.Request) -> ModelPool:
-    """The version a metadata request names, or else the model's highest ready version (not a
-    traffic-split draw: metadata must not change from one call to the next)."""
-    registry = request.app[STATE].registry
-    name, version = request.match_info["model"], requested_version(request)
-    if version is not None:
-        return registry.version(name, version)
-    route = registry.route(name)
-    if not route.versions:
-        raise ModelNotReady(f"model {name!r} has no ready version (loading)")
-    return route.versions[max(route.versions)]
-
-
-async def model_metadata(request: web.Request) -> web.Response:
-    """`GET /v2/models/{m}[/versions/{v}]`: the input and output tensors, -1 for a dynamic batch.
-    404 for an unknown model or version, 503 while it loads."""
-    pool = _pool(request)
-    spec = pool.spec
-    route = request.app[STATE].registry.routes.get(pool.name)
-    return json_response({
-        "name": pool.name,
-        "versions": [str(v) for v in sorted(route.versions)] if route else [str(pool.version)],
-        "platform": "onnxruntime_onnx",
-        "inputs": [{"name": spec.input_name, "datatype": DATATYPES[spec.input_dtype],
-                    "shape": [spec.fixed_batch or -1, *spec.input_item_shape]}],
-        "outputs": [{"name": spec.output_name, "datatype": DATATYPES[spec.output_dtype],
-                     "shape": [spec.fixed_batch or -1, *spec.output_item_shape]}],
-    })
-
-
-async def model_ready(request: web.Request) -> web.Response:
-    """`GET .../ready`: 200 when the version has a live worker, 503 otherwise (404 if unknown)."""
-    try:
-        pool = _pool(request)
-    except ModelNotReady:
-        return web.Response(status=503)
-    return web.Response(status=200 if pool.live_workers else 503)
-
-
-async def model_config(request: web.Request) -> web.Response:
-    """Triton's model configuration, as its clients read it (`max_batch_size`: the dims exclude the batch)."""
-    pool = _pool(request)
-    spec = pool.spec
-    config = pool.config
-    return json_response({
-        "name": pool.name,
-        "platform": "onnxruntime_onnx",
-        "backend": "onnxruntime",
-        "max_batch_size": pool.batch_size,
-        "input": [{"name": spec.input_name, "data_type": f"TYPE_{DATATYPES[spec.input_dtype]}",
-                   "format": f"FORMAT_{spec.layout}", "dims": list(spec.input_item_shape)}],
-        "output": [{"name": spec.output_name, "data_type": f"TYPE_{DATATYPES[spec.output_dtype]}",
-                    "dims": list(spec.output_item_shape)}],
-        "dynamic_batching": {"max_queue_delay_microseconds": int(config.batch_timeout_ms * 1000),
-                             "preferred_batch_size": pool.batch_buckets or [pool.batch_size]},
-        "instance_group": [{"count": config.worker_count,
-                            "kind": "KIND_GPU" if config.devices else "KIND_CPU",
-                            **({"gpus": list(config.devices)} if config.devices else {})}],
-    })
-
-
 async def infer(request: web.Request) -> web.Response:
-    """`POST .../infer`: one inference request of N rows; the answer holds N rows per output."""
+    """`POST /v2/models/{m}[/versions/{v}]/infer`: one inference request of N rows; the answer
+    holds N rows per output."""
     return await model_request(request, "v2", _infer)
 
 
-async def _infer(request: web.Request, state: ServerState, pool: ModelPool, record: RequestRecord,
+async def _infer(request: web.Request, client: InferenceClient, selection: Selection, record: RequestRecord,
                  started: float) -> web.Response:
-    deadline = request_deadline(state, started)
-    body = await read_body(request, state.config.max_body_bytes, deadline, state.config.request_timeout_s)
-    engine = state.engine
-
-    def run_row(row: bytes | np.ndarray) -> Awaitable[InferenceResult]:
-        if isinstance(row, bytes):  # an encoded image
-            return engine.infer(pool, row, record.request_id, deadline)
-        return engine.infer_tensor(pool, row, record.request_id, deadline)
-
-    return await answer_infer(request, pool, body, run_row, record, started)
-
-
-class ServedModel(Protocol):
-    """What answering an infer request needs of the version that runs it: a `ModelPool` here, a
-    `front_contract.ModelView` in a front process."""
-
-    name: str
-    version: int
-    spec: ModelSpec
-    batch_size: int
-    labels: list[str]
-    outputs_probabilities: bool
-
-
-async def answer_infer(request: web.Request, model: ServedModel, body: bytes,
-                       run_row: Callable[[bytes | np.ndarray], Awaitable[InferenceResult]], record: RequestRecord,
-                       started: float) -> web.Response:
-    """An infer request's answer: its `body` (the JSON header and any binary data) checked against
-    `model`, each row run by `run_row` (an encoded image as bytes, or one row of the model's input
-    tensor), every row's output in the response. Fills in `record`'s batch size and phases
-    (`started`: the request's arrival, perf_counter). Raises InvalidRequest for a malformed
-    request, or the first failing row's error (the other rows are cancelled)."""
+    """The request's body (the JSON header and any binary data) checked against the chosen
+    version, each row run on it, every row's output in the answer. Raises InvalidRequest for a
+    malformed request, or the first failing row's error (the other rows are cancelled)."""
+    settings = request.app[SETTINGS]
+    deadline = request_deadline(settings, started)
+    body = await read_body(request, settings, deadline)
+    # Every row runs on the version chosen here, which its tensors are checked against.
+    model = await client.view(selection)
     header, binary = _split_body(request, body)
     parsed = _parse_header(header) if header else _raw_binary_request(binary, model)
     rows = _rows(parsed, binary, model)
     read_s = time.perf_counter() - started
-    results = await _all_or_nothing([run_row(row) for row in rows])
+    results = await _all_or_nothing([client.infer(selection, row, record.request_id, deadline) for row in rows])
     respond_started = time.perf_counter()
-    response = _response(request, parsed, model, results)
+    response = _response(parsed, model, results)
     record.batch_size = max(r.batch_size for r in results)
     record.phases = {"read": read_s, "preprocess": max(r.preprocess_s for r in results),
                      "queue": max(r.queue_s for r in results), "inference": max(r.infer_s for r in results),
@@ -245,11 +118,11 @@ def _split_body(request: web.Request, body: bytes) -> tuple[bytes, bytes]:
     return body[:length], body[length:]
 
 
-def _raw_binary_request(binary: bytes, pool: ServedModel) -> InferRequest:
+def _raw_binary_request(binary: bytes, model: ModelView) -> InferRequest:
     """A body that is all binary data (header length 0): the model's input tensor, N rows of it in
     the model's datatype and layout, N read off the size; the output comes back binary (Triton's
     raw binary request)."""
-    spec = pool.spec
+    spec = model.spec
     row_bytes = int(np.prod(spec.input_item_shape)) * np.dtype(spec.input_dtype).itemsize
     if not binary or len(binary) % row_bytes:
         raise InvalidRequest(f"a raw binary request holds whole rows of the model's input ({row_bytes} bytes of "
@@ -269,18 +142,18 @@ def _parse_header(header: bytes) -> InferRequest:
         raise InvalidRequest(f"the inference request is not valid JSON: {exc}") from None
 
 
-def _rows(parsed: InferRequest, binary: bytes, pool: ServedModel) -> np.ndarray:
+def _rows(parsed: InferRequest, binary: bytes, model: ModelView) -> np.ndarray:
     """The request's rows: [N, *item] of the model's input dtype, or N encoded images (dtype object)."""
     if len(parsed.inputs) != 1:
-        raise InvalidRequest(f"the request has {len(parsed.inputs)} inputs; model {pool.name!r} takes one")
+        raise InvalidRequest(f"the request has {len(parsed.inputs)} inputs; model {model.name!r} takes one")
     tensor = parsed.inputs[0]
     if tensor.datatype == "BYTES":
         rows = _bytes_rows(tensor, binary)
     else:
-        rows = _tensor_rows(tensor, binary, pool)
-    if not 1 <= len(rows) <= pool.batch_size:
-        raise InvalidRequest(f"input {tensor.name!r} has {len(rows)} rows; model {pool.name!r} takes 1 to "
-                             f"{pool.batch_size} (max_batch_size) per request")
+        rows = _tensor_rows(tensor, binary, model)
+    if not 1 <= len(rows) <= model.batch_size:
+        raise InvalidRequest(f"input {tensor.name!r} has {len(rows)} rows; model {model.name!r} takes 1 to "
+                             f"{model.batch_size} (max_batch_size) per request")
     return rows
 
 
@@ -294,11 +167,11 @@ def _binary_part(tensor: RequestTensor, binary: bytes) -> bytes | None:
     return binary
 
 
-def _tensor_rows(tensor: RequestTensor, binary: bytes, pool: ServedModel) -> np.ndarray:
-    spec = pool.spec
+def _tensor_rows(tensor: RequestTensor, binary: bytes, model: ModelView) -> np.ndarray:
+    spec = model.spec
     expected = DATATYPES[spec.input_dtype]
     if tensor.name != spec.input_name:
-        raise InvalidRequest(f"unknown input {tensor.name!r}; model {pool.name!r} takes {spec.input_name!r} "
+        raise InvalidRequest(f"unknown input {tensor.name!r}; model {model.name!r} takes {spec.input_name!r} "
                              f"({expected}) or encoded images as a BYTES tensor")
     if tensor.datatype != expected:
         raise InvalidRequest(f"input {tensor.name!r} is {tensor.datatype}; the model takes {expected} "
@@ -372,24 +245,24 @@ def _serialize_bytes(elements: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
-def _response(request: web.Request, parsed: InferRequest, pool: ServedModel,
+def _response(parsed: InferRequest, model: ModelView,
               results: list[InferenceResult]) -> web.Response:
-    spec = pool.spec
+    spec = model.spec
     wanted = parsed.outputs or [RequestedOutput(spec.output_name)]
     binary_default = bool(parsed.parameters.get("binary_data_output", False))
     outputs, binary_parts = [], []
     for output in wanted:
         if output.name != spec.output_name:
-            raise InvalidRequest(f"unknown output {output.name!r}; model {pool.name!r} gives {spec.output_name!r}")
+            raise InvalidRequest(f"unknown output {output.name!r}; model {model.name!r} gives {spec.output_name!r}")
         classes = output.parameters.get("classification")
         as_binary = bool(output.parameters.get("binary_data", binary_default))
         if classes is not None:
             if not isinstance(classes, int) or classes < 1:
                 raise InvalidRequest(f"output {output.name!r}: classification must be a positive integer, got "
                                      f"{classes!r}")
-            labels = pool.labels
+            labels = model.labels
             rows = [[f"{score}:{index}:{labels[index]}"
-                     for index, score in top_k(r.output, classes, pool.outputs_probabilities)] for r in results]
+                     for index, score in top_k(r.output, classes, model.outputs_probabilities)] for r in results]
             k = len(rows[0])
             entry = {"name": output.name, "datatype": "BYTES", "shape": [len(rows), k]}
             if as_binary:
@@ -407,7 +280,7 @@ def _response(request: web.Request, parsed: InferRequest, pool: ServedModel,
             entry["parameters"] = {"binary_data_size": len(blob)}
             binary_parts.append(blob)
         outputs.append(entry)
-    body = {"model_name": pool.name, "model_version": str(pool.version), "outputs": outputs}
+    body = {"model_name": model.name, "model_version": str(model.version), "outputs": outputs}
     if parsed.id is not None:
         body["id"] = parsed.id
     if not binary_parts:
@@ -417,16 +290,7 @@ def _response(request: web.Request, parsed: InferRequest, pool: ServedModel,
                         headers={HEADER_LENGTH: str(len(header))})
 
 
-def add_routes(app: web.Application) -> None:
-    """The V2 routes, beside `/predict` on the same application (same middleware, errors, limits)."""
-    router = app.router
-    router.add_get("/v2", server_metadata)
-    router.add_get("/v2/health/live", server_live)
-    router.add_get("/v2/health/ready", server_ready)
-    router.add_post("/v2/repository/index", repository_index)
-    for base in ("/v2/models/{model}", r"/v2/models/{model}/versions/{version:\d+}"):
-        router.add_get(base, model_metadata)
-        router.add_get(base + "/ready", model_ready)
-        router.add_get(base + "/config", model_config)
-        router.add_post(base + "/infer", infer)
-
+def add_infer_routes(app: web.Application) -> None:
+    """The V2 infer routes (with and without a version)."""
+    app.router.add_post("/v2/models/{model}/infer", infer)
+    app.router.add_post(r"/v2/models/{model}/versions/{version:\d+}/infer", infer)

@@ -1,4 +1,4 @@
-"""The JSON the HTTP API reads and writes, as typed msgspec structs."""
+"""The JSON of the server process's own routes (`/ready`, `/models`, admin), as typed msgspec structs."""
 
 from __future__ import annotations
 
@@ -8,34 +8,6 @@ import msgspec
 
 if TYPE_CHECKING:
     from cronnx.engine.pool import ModelPool
-
-JSON_TYPE = "application/json"
-
-
-class ImageRequest(msgspec.Struct):
-    image: str
-
-
-class Prediction(msgspec.Struct):
-    class_id: int
-    label: str
-    confidence: float
-
-
-class Timings(msgspec.Struct):
-    total: float
-    read: float
-    preprocess: float
-    queue: float
-    inference: float
-
-
-class PredictResponse(msgspec.Struct):
-    model: str
-    version: int
-    predictions: list[Prediction]
-    batch_size: int
-    timings_ms: Timings
 
 
 class Health(msgspec.Struct, omit_defaults=True):

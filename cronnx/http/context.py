@@ -1,0 +1,29 @@
+"""What every HTTP handler is given, whichever process serves it: the HTTP settings and the
+inference client, as keys of the aiohttp application."""
+
+from __future__ import annotations
+
+import msgspec
+from aiohttp import web
+
+from cronnx.config import ServerConfig
+from cronnx.engine.client import InferenceClient
+
+
+class HttpSettings(msgspec.Struct, frozen=True):
+    """The part of `server` in the config that serving HTTP reads (all that a front process is
+    given of it): where to listen (`host`), the body limit in bytes, the request timeout (from
+    arrival to answer) and the idle timeout of a connection without a request, in seconds."""
+
+    host: str
+    max_body_bytes: int
+    request_timeout_s: float
+    idle_timeout_s: float
+
+    @classmethod
+    def of(cls, server: ServerConfig) -> HttpSettings:
+        return cls(server.host, server.max_body_bytes, server.request_timeout_s, server.idle_timeout_s)
+
+
+SETTINGS = web.AppKey("settings", HttpSettings)
+CLIENT = web.AppKey("client", InferenceClient)

@@ -1,0 +1,128 @@
+"""What every request for a model goes through, whichever protocol it speaks: its version chosen,
+its outcome recorded, one metrics record (through the inference client) and one access-log line
+(logger "cronnx.access")."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+
+from aiohttp import web
+
+from cronnx.engine.client import UNKNOWN_MODEL, InferenceClient, ModelView, Selection
+from cronnx.errors import CronnxError, ModelNotFound, QueueFull
+from cronnx.http.context import CLIENT
+from cronnx.http.middleware import error_status
+
+access_log = logging.getLogger("cronnx.access")
+
+# Requests with the same key get the same version of a model whose traffic is split.
+ROUTING_KEY_HEADER = "X-Cronnx-Key"
+# Versions are int64 on the way to the engine (msgspec, the pipes' messages): a longer number
+# names no version there can be.
+_MAX_VERSION_DIGITS = len(str(2 ** 63 - 1))
+
+
+class RequestRecord:
+    """What one request for a model did, for its metrics and its log line: the API it came by,
+    the version's labels (UNKNOWN_MODEL and "" until one is chosen), its status and error, and
+    for an answer its batch size and phases (seconds by name)."""
+
+    def __init__(self, request_id: str, api: str, model: str, version: str):
+        self.request_id, self.api, self.model, self.version = request_id, api, model, version
+        # 499: the client closed the connection first (nginx's convention).
+        self.status = 500
+        self.error = ""
+        self.ring_full = False
+        self.batch_size = 0
+        self.phases: dict[str, float] = {}
+
+    @property
+    def outcome(self) -> str:
+        """The metrics' outcome label: "success", or the status code."""
+        return "success" if self.status == 200 else str(self.status)
+
+
+# A protocol's work once its request has a selection: (request, client, selection, record,
+# started: the arrival, perf_counter) -> the answer. It fills in the record's batch size and phases.
+ModelHandler = Callable[[web.Request, InferenceClient, Selection, RequestRecord, float], Awaitable[web.Response]]
+
+
+async def model_request(request: web.Request, api: str, handle: ModelHandler) -> web.Response:
+    """Serve a request for the model its route names (`api`: "predict", "v2"): the version
+    selected, `handle`, then the request reported to the client and logged."""
+    started = time.perf_counter()
+    client = request.app[CLIENT]
+    record = RequestRecord(request["request_id"], api, UNKNOWN_MODEL, "")
+    selection = None
+    try:
+        with outcome_into(record):
+            selection = client.select(request.match_info["model"], requested_version(request),
+                                      request.headers.get(ROUTING_KEY_HEADER))
+            return await handle(request, client, selection, record, started)
+    finally:
+        total_s = time.perf_counter() - started
+        if selection is not None:
+            view = selection.view
+            if view is None:
+                view = await _chosen(client, selection)
+            if view is not None:
+                record.model, record.version = view.name, str(view.version)
+        client.finished(selection, record, total_s)
+        log_request(record, total_s)
+
+
+async def _chosen(client: InferenceClient, selection: Selection) -> ModelView | None:
+    """The version a request refused before its first row was chosen for (a front process
+    chooses with the first row): its labels are the version's, as where the choice comes first.
+    None when no version would serve it."""
+    try:
+        return await client.view(selection)
+    except CronnxError:
+        return None
+
+
+@contextmanager
+def outcome_into(record: RequestRecord) -> Iterator[None]:
+    """Sets `record`'s status by how the block ends: 200, the error's status and message (a
+    CronnxError), or 499 when the client went away (nginx's convention). Errors pass through."""
+    try:
+        yield
+    except CronnxError as exc:
+        record.status, record.error = error_status(exc), exc.message
+        record.ring_full = isinstance(exc, QueueFull)
+        raise
+    except asyncio.CancelledError:
+        record.status, record.error = 499, "the client closed the connection"
+        raise
+    record.status = 200
+
+
+def log_request(record: RequestRecord, total_s: float) -> None:
+    """The request's access-log line (logger "cronnx.access")."""
+    fields = {"request_id": record.request_id, "api": record.api, "model": record.model, "version": record.version,
+              "status": record.status, "total_ms": total_s * 1000.0}
+    if record.batch_size:
+        fields["batch_size"] = record.batch_size
+    if record.phases:
+        fields["phases_ms"] = {phase: seconds * 1000.0 for phase, seconds in record.phases.items()}
+    if record.error:
+        fields["error"] = record.error
+    access_log.info("request", extra={"fields": fields})
+
+
+def requested_version(request: web.Request) -> int | None:
+    """The version a route names (`.../versions/{version}`, digits), None when it names none.
+    Raises ModelNotFound for a number beyond int64, as for any version not served (it is parsed
+    without converting thousands of digits)."""
+    text = request.match_info.get("version")
+    if text is None:
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > _MAX_VERSION_DIGITS or int(digits) > 2 ** 63 - 1:
+        raise ModelNotFound(f"version {digits[:24]}{'...' if len(digits) > 24 else ''} of model "
+                            f"{request.match_info['model']!r} is not served")
+    return int(digits)

@@ -1,0 +1,247 @@
+"""`cronnx serve`: check every model, start the server process's parts in order, serve until
+SIGTERM or SIGINT, reload on SIGHUP, and stop the parts in reverse order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+from collections.abc import Iterator
+
+from aiohttp import web
+
+from cronnx.config import Config, ConfigError, ServerConfig
+from cronnx.engine.inference import InferenceEngine
+from cronnx.engine.local import LocalClient
+from cronnx.engine.pool import ModelPool
+from cronnx.engine.registry import Registry
+from cronnx.fronts.manager import FrontProcesses, make_socket_dir, remove_stale_socket_dirs
+from cronnx.http.app import make_app, make_runner
+from cronnx.http.context import HttpSettings
+from cronnx.http.listener import listen, reserve_port
+from cronnx.ipc.ring import remove_stale_segments
+from cronnx.models import catalog, runtime
+from cronnx.models.catalog import ModelVersion, PreparedVersion
+from cronnx.observability.logs import LoggingSpec
+from cronnx.observability.metrics import Metrics
+from cronnx.preprocessing.placement import Preprocessing
+from cronnx.preprocessing.placement import start as start_preprocessing
+from cronnx.preprocessing.transform import pil_build, set_max_image_pixels
+from cronnx.server.reload import Reloader
+from cronnx.server.routes import add_server_routes
+from cronnx.server.state import ServerState
+from cronnx.workers.supervisor import Liveness
+
+log = logging.getLogger("cronnx.server")
+
+
+def _stop_starting(signum, frame) -> None:
+    raise SystemExit(0)
+
+
+def run_server(config: Config, config_path: str) -> int:
+    # A SIGHUP before the server can reload would end the process: ignore it until then.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGTERM and SIGINT before the event loop takes them over (to drain) end the start-up: nothing
+    # is served yet. As a container's PID 1 a signal without a handler would be dropped by the
+    # kernel, and `docker stop` would wait out its timeout and kill.
+    signal.signal(signal.SIGTERM, _stop_starting)
+    signal.signal(signal.SIGINT, _stop_starting)
+    set_max_image_pixels(config.server.max_image_pixels)
+    removed = remove_stale_segments()
+    if removed:
+        log.warning("removed %d shared-memory segments left by a killed run: %s", len(removed), ", ".join(removed))
+    removed = remove_stale_socket_dirs()
+    if removed:
+        log.warning("removed the socket folders of killed runs: %s", ", ".join(removed))
+    onnxruntime_build = runtime.describe()
+    # At start-up every model must be servable: any problem is a config error (exit 2). A demo
+    # model still to be built is built once the port is open, so that /ready answers 503
+    # ("loading") meanwhile instead of the port being closed.
+    versions = catalog.all_versions(config, config_path)
+    to_build = [v for v in versions if catalog.needs_demo_build(v)]
+    prepared = [catalog.prepare(v) for v in versions if not catalog.needs_demo_build(v)]
+    log.info("config %s; %s; %s", config_path, pil_build(), onnxruntime_build)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(_serve(config.server, config_path, prepared, to_build))
+    else:
+        uvloop.run(_serve(config.server, config_path, prepared, to_build))
+    return 0
+
+
+async def _first_load(registry: Registry, prepared: list[PreparedVersion], to_build: list[ModelVersion]) -> None:
+    """Build the demo models still missing, then load every model; /ready answers 503 until done."""
+    failed: dict[tuple[str, int], str] = {}
+    for version in to_build:
+        try:
+            prepared.append(await asyncio.to_thread(catalog.prepare, version))
+        except ConfigError as exc:
+            failed[(version.name, version.version)] = str(exc)
+    for p in prepared:
+        c = p.model.config
+        log.info("model %s v%d: %s, input %s %s %s %s, batch %d / %.1f ms, %d worker(s), providers %s",
+                 p.model.name, p.model.version, p.model.path, p.spec.input_name, p.spec.layout,
+                 p.spec.input_dtype, list(p.spec.input_item_shape), p.batch_size,
+                 c.batch_timeout_ms, c.worker_count, ",".join(p.providers))
+    await registry.apply(prepared, failed, {p.model.name for p in prepared} | {name for name, _ in failed})
+
+
+def _may_use_cuda(providers: list[str] | str) -> bool:
+    """A model still to be built will run on CUDA (its providers are resolved when it is built)."""
+    try:
+        return "CUDAExecutionProvider" in catalog.resolve_providers(providers)
+    except ConfigError:
+        return False  # its load will fail and say why
+
+
+async def _serve(server: ServerConfig, config_path: str, prepared: list[PreparedVersion],
+                 to_build: list[ModelVersion]) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    on_cuda = any("CUDAExecutionProvider" in p.providers for p in prepared) or any(
+        _may_use_cuda(v.config.providers) for v in to_build)
+    parts = ServerProcess(server, config_path)
+    try:
+        parts.start_preprocessing(on_cuda)
+        parts.start_engine()
+        await parts.listen()
+        parts.load(prepared, to_build)
+        await stop.wait()
+        parts.drain()
+    finally:
+        await parts.stop()
+
+
+class ServerProcess:
+    """The server process's parts, each started by one step, in this order: preprocessing, the
+    engine (metrics, registry, reloader), the listener (this process's port, or the front
+    processes and the Unix socket they pass routes to), the models' first load. `stop` undoes
+    whichever steps ran, in reverse order."""
+
+    def __init__(self, server: ServerConfig, config_path: str):
+        self.server = server
+        self.config_path = config_path
+        self.loop = asyncio.get_running_loop()
+        self.preprocessing: Preprocessing | None = None
+        self.metrics: Metrics | None = None
+        self.registry: Registry | None = None
+        self.reloader: Reloader | None = None
+        self.engine: InferenceEngine | None = None
+        self.state: ServerState | None = None
+        self.runner: web.AppRunner | None = None
+        # This process listens on the port (`listening`), or front processes do (`fronts`) on
+        # the port `reserved` holds for them, and pass other routes on to a socket in `socket_dir`.
+        self.listening: asyncio.AbstractServer | None = None
+        self.fronts: FrontProcesses | None = None
+        self.reserved: socket.socket | None = None
+        self.socket_dir: str | None = None
+        self._background: set[asyncio.Task] = set()
+
+    def start_preprocessing(self, on_cuda: bool) -> None:
+        server = self.server
+        if server.front_processes > 1:
+            # The fronts decode every image: the engine's own preprocessing (one thread) is not used.
+            self.preprocessing = start_preprocessing(0, 1, on_cuda, server.max_image_pixels, server.request_timeout_s)
+        else:
+            self.preprocessing = start_preprocessing(server.preprocess_processes, server.preprocess_threads, on_cuda,
+                                                     server.max_image_pixels, server.request_timeout_s)
+            log.info("preprocessing in %s", self.preprocessing)
+
+    def start_engine(self) -> None:
+        """The metrics, the registry (no model yet), the reloader and the engine over them."""
+        server = self.server
+        # Metrics read the registry's pools at each scrape; the registry reports batches to metrics.
+        self.metrics = Metrics(self._pools, tuple(server.latency_buckets_s), open_connections=self._open_connections,
+                               preprocessing_restarts=lambda: self.preprocessing.restarts)
+        liveness = Liveness(server.worker_ping_interval_s, server.worker_ping_timeout_s, server.batch_run_timeout_s)
+        self.registry = Registry(self._logging(), self.metrics.batch_recorder, server.model_load_timeout_s, liveness)
+        self.reloader = Reloader(self.registry, self.config_path)
+        self.engine = InferenceEngine(self.registry, self.preprocessing)
+        self.state = ServerState(server, self.engine, self.reloader, self.metrics)
+
+    async def listen(self) -> None:
+        """Serve HTTP: on the port from this process, or from the front processes (started here,
+        and awaited until they all listen)."""
+        server = self.server
+        settings = HttpSettings.of(server)
+        app = make_app(LocalClient(self.engine, self.metrics), settings)
+        add_server_routes(app, self.state)
+        self.runner = make_runner(app, settings)
+        await self.runner.setup()
+        if server.front_processes == 1:
+            self.listening = await listen(self.runner, server.host, server.port, server.max_connections,
+                                          self.metrics.connections_refused.inc)
+            host, port = self.listening.sockets[0].getsockname()[:2]
+            log.info("serving on http://%s:%d", host, port)
+            return
+        # The fronts serve the port; this process answers them (and every route they pass on) on
+        # a Unix socket of its own.
+        self.reserved = reserve_port(server.host, server.port)
+        host, port = self.reserved.getsockname()[:2]
+        self.socket_dir = make_socket_dir()
+        server_socket = os.path.join(self.socket_dir, "engine.sock")
+        await web.UnixSite(self.runner, server_socket).start()
+        self.fronts = self.state.fronts = FrontProcesses(server.front_processes, server, port, server_socket,
+                                                         self._logging(), self.engine, self.metrics)
+        await self.fronts.listening()
+        log.info("serving on http://%s:%d in %s", host, port, self.fronts)
+
+    def load(self, prepared: list[PreparedVersion], to_build: list[ModelVersion]) -> None:
+        """Load the models (in the background: /ready answers 503 meanwhile); reload on SIGHUP from now on."""
+        self._in_background(_first_load(self.registry, prepared, to_build))
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: self._in_background(self.reloader.on_sighup()))
+
+    def drain(self) -> None:
+        """/ready answers 503 from here on, and no new request is taken."""
+        self.engine.draining = True
+        log.info("shutting down: finishing in-flight requests")
+
+    async def stop(self) -> None:
+        """Stop what runs, in reverse order: requests in progress finish first (those of front
+        processes too, which this process still serves), then the listener, the models and the
+        preprocessing."""
+        self.loop.remove_signal_handler(signal.SIGHUP)
+        try:
+            if self.fronts is not None:
+                # They stop accepting and finish their requests, which this process still serves.
+                await self.fronts.drain(self.server.request_timeout_s + 5.0)
+            if self.reserved is not None:
+                self.reserved.close()
+            if self.listening is not None:
+                self.listening.close()  # no new connections; the runner then finishes the open ones
+            if self.runner is not None:
+                await self.runner.cleanup()
+            if self.socket_dir is not None:
+                shutil.rmtree(self.socket_dir, ignore_errors=True)
+        finally:
+            for task in list(self._background):
+                task.cancel()
+            # Preprocessing writes into ring memory: let started fills finish before the rings go.
+            if self.preprocessing is not None:
+                await self.preprocessing.close()
+            if self.registry is not None:
+                await self.registry.close()
+            log.info("stopped")
+
+    def _logging(self) -> LoggingSpec:
+        return LoggingSpec(self.server.log_level, self.server.log_format)
+
+    def _pools(self) -> Iterator[ModelPool]:
+        return self.registry.pools()
+
+    def _open_connections(self) -> int:
+        if self.fronts is not None:
+            return self.fronts.open_connections
+        return len(self.runner.server.connections) if self.runner is not None and self.runner.server else 0
+
+    def _in_background(self, coro) -> None:
+        task = self.loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

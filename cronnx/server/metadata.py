@@ -1,0 +1,122 @@
+"""The Open Inference Protocol's routes the server process answers (KServe V2; Triton's HTTP/REST
+API): server metadata and health, the repository index, and each model's metadata, readiness and
+Triton's model configuration. Infer is `http/v2.py`'s."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from aiohttp import web
+
+from cronnx.engine.pool import ModelPool
+from cronnx.errors import ModelNotReady
+from cronnx.http.middleware import json_response
+from cronnx.http.record import requested_version
+from cronnx.http.v2 import DATATYPES, EXTENSIONS
+from cronnx.server.state import STATE
+
+
+def _server_version() -> str:
+    try:
+        return version("cronnx")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+async def repository_index(request: web.Request) -> web.Response:
+    """Every model version with workers or a load failure, and its state (Triton's repository index)."""
+    registry = request.app[STATE].registry
+    index = [{"name": pool.name, "version": str(pool.version), "state": pool.state.upper()}
+             for pool in registry.pools()]
+    index += [{"name": name, "version": str(version), "state": "UNAVAILABLE", "reason": reason}
+              for (name, version), reason in registry.failed.items()]
+    return json_response(sorted(index, key=lambda entry: (entry["name"], entry["version"])))
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    """`GET /v2`: name, version and the protocol extensions supported."""
+    return json_response({"name": "cronnx", "version": _server_version(), "extensions": EXTENSIONS})
+
+
+async def server_live(request: web.Request) -> web.Response:
+    """`GET /v2/health/live`: 200 while the process answers."""
+    return web.Response(status=200)
+
+
+async def server_ready(request: web.Request) -> web.Response:
+    """`GET /v2/health/ready`: 200 when `/ready` would be, else 503."""
+    return web.Response(status=200 if request.app[STATE].ready() else 503)
+
+
+def _pool(request: web.Request) -> ModelPool:
+    """The version a metadata request names, or else the model's highest ready version (not a
+    traffic-split draw: metadata must not change from one call to the next)."""
+    registry = request.app[STATE].registry
+    name, version = request.match_info["model"], requested_version(request)
+    if version is not None:
+        return registry.version(name, version)
+    route = registry.route(name)
+    if not route.versions:
+        raise ModelNotReady(f"model {name!r} has no ready version (loading)")
+    return route.versions[max(route.versions)]
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    """`GET /v2/models/{m}[/versions/{v}]`: the input and output tensors, -1 for a dynamic batch.
+    404 for an unknown model or version, 503 while it loads."""
+    pool = _pool(request)
+    spec = pool.spec
+    route = request.app[STATE].registry.routes.get(pool.name)
+    return json_response({
+        "name": pool.name,
+        "versions": [str(v) for v in sorted(route.versions)] if route else [str(pool.version)],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": spec.input_name, "datatype": DATATYPES[spec.input_dtype],
+                    "shape": [spec.fixed_batch or -1, *spec.input_item_shape]}],
+        "outputs": [{"name": spec.output_name, "datatype": DATATYPES[spec.output_dtype],
+                     "shape": [spec.fixed_batch or -1, *spec.output_item_shape]}],
+    })
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    """`GET .../ready`: 200 when the version has a live worker, 503 otherwise (404 if unknown)."""
+    try:
+        pool = _pool(request)
+    except ModelNotReady:
+        return web.Response(status=503)
+    return web.Response(status=200 if pool.live_workers else 503)
+
+
+async def model_config(request: web.Request) -> web.Response:
+    """Triton's model configuration, as its clients read it (`max_batch_size`: the dims exclude the batch)."""
+    pool = _pool(request)
+    spec = pool.spec
+    config = pool.config
+    return json_response({
+        "name": pool.name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "max_batch_size": pool.batch_size,
+        "input": [{"name": spec.input_name, "data_type": f"TYPE_{DATATYPES[spec.input_dtype]}",
+                   "format": f"FORMAT_{spec.layout}", "dims": list(spec.input_item_shape)}],
+        "output": [{"name": spec.output_name, "data_type": f"TYPE_{DATATYPES[spec.output_dtype]}",
+                    "dims": list(spec.output_item_shape)}],
+        "dynamic_batching": {"max_queue_delay_microseconds": int(config.batch_timeout_ms * 1000),
+                             "preferred_batch_size": pool.batch_buckets or [pool.batch_size]},
+        "instance_group": [{"count": config.worker_count,
+                            "kind": "KIND_GPU" if config.devices else "KIND_CPU",
+                            **({"gpus": list(config.devices)} if config.devices else {})}],
+    })
+
+
+def add_metadata_routes(app: web.Application) -> None:
+    """The V2 routes of this module, beside infer on the same application."""
+    router = app.router
+    router.add_get("/v2", server_metadata)
+    router.add_get("/v2/health/live", server_live)
+    router.add_get("/v2/health/ready", server_ready)
+    router.add_post("/v2/repository/index", repository_index)
+    for base in ("/v2/models/{model}", r"/v2/models/{model}/versions/{version:\d+}"):
+        router.add_get(base, model_metadata)
+        router.add_get(base + "/ready", model_ready)
+        router.add_get(base + "/config", model_config)

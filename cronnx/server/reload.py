@@ -1,0 +1,59 @@
+"""Reloading the config while serving: on SIGHUP, and for the admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from cronnx.config import ConfigError, NotInConfig, load_config
+from cronnx.engine.registry import Registry
+from cronnx.models import catalog
+from cronnx.models.catalog import PreparedVersion
+
+log = logging.getLogger("cronnx.server")
+
+
+class Reloader:
+    """Re-reads the config and applies it to the registry: on SIGHUP, and for the admin API."""
+
+    def __init__(self, registry: Registry, config_path: str):
+        self.registry = registry
+        self.config_path = config_path
+
+    async def reload(self, only: str | None = None, force: bool = False) -> None:
+        """Serve what the config file says now (for one model, or all). Raises ConfigError when the
+        file is unusable; a model that fails is recorded in the registry and changes nothing else."""
+        config = await asyncio.to_thread(load_config, self.config_path)
+        models = await asyncio.to_thread(catalog.model_configs, config, self.config_path)
+        if only is not None:
+            models = [(m, where) for m, where in models if m.name == only]
+            if not models:
+                raise NotInConfig(f"{self.config_path}: model {only!r} is not in the config")
+        prepared: list[PreparedVersion] = []
+        failed: dict[tuple[str, int], str] = {}
+        for model, where in models:
+            try:
+                versions = catalog.versions_of(model, where)
+            except ConfigError as exc:
+                failed[(model.name, model.version)] = str(exc)
+                continue
+            for version in versions:
+                try:
+                    # Opening a model (or building the demo) takes a while: not on the event loop.
+                    prepared.append(await asyncio.to_thread(catalog.prepare, version))
+                except ConfigError as exc:
+                    failed[(version.name, version.version)] = str(exc)
+        names = {m.name for m, _ in models}
+        if only is None:
+            # Models gone from the file are unloaded, and their old load failures forgotten.
+            names |= set(self.registry.routes) | {name for name, _ in self.registry.failed}
+        await self.registry.apply(prepared, failed, names, force=force)
+
+    async def on_sighup(self) -> None:
+        log.info("SIGHUP: reloading %s", self.config_path)
+        try:
+            await self.reload()
+        except ConfigError as exc:
+            log.error("reload failed, keeping the models served now: %s", exc)
+        except Exception:
+            log.exception("reload failed, keeping the models served now")
