@@ -111,14 +111,14 @@ def main() -> None:
             memory = {pid: rss_kib(pid) for pid in pids}
             in_use = slots_in_use(base)
             rows.append((number, memory[served.process.pid], sum(memory.values()) - memory[served.process.pid], in_use))
-            print(f"round {number}: {time.monotonic() - started:5.1f} s, front {rows[-1][1] / 1024:7.1f} MiB, "
+            print(f"round {number}: {time.monotonic() - started:5.1f} s, server {rows[-1][1] / 1024:7.1f} MiB, "
                   f"workers {rows[-1][2] / 1024:7.1f} MiB, slots in use {in_use}", flush=True)
     settled = rows[len(rows) // 4:]  # after warm-up: arenas and caches grown to their working size
     first, last = settled[: max(1, len(settled) // 4)], settled[-max(1, len(settled) // 4):]
     front_growth = statistics.median(r[1] for r in last) - statistics.median(r[1] for r in first)
     worker_growth = statistics.median(r[2] for r in last) - statistics.median(r[2] for r in first)
     print(f"\n{args.rounds * args.per_round} requests: {dict(sorted(counts.items()))}")
-    print(f"memory after warm-up, first quarter -> last quarter: front {front_growth / 1024:+.1f} MiB, "
+    print(f"memory after warm-up, first quarter -> last quarter: server {front_growth / 1024:+.1f} MiB, "
           f"workers {worker_growth / 1024:+.1f} MiB; slots in use at the end: {rows[-1][3]}")
 
 

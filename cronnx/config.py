@@ -74,9 +74,10 @@ class ServerConfig(Strict):
     worker_ping_interval_s: PositiveFloat = 1.0
     worker_ping_timeout_s: PositiveFloat = 5.0
     batch_run_timeout_s: PositiveFloat = 60.0
-    # Where images are decoded and resized (cronnx/preprocessing.py). preprocess_processes > 0:
-    # that many preprocessing processes, outside the front's GIL; 0: preprocess_threads threads of
-    # the front (decode and resize release the GIL, the rest of a fill and the event loop do not).
+    # Where images are decoded and resized (cronnx/preprocessing/). preprocess_processes > 0:
+    # that many preprocessing processes, outside the server process's GIL; 0: preprocess_threads
+    # threads of the server process (decode and resize release the GIL, the rest of a fill and the
+    # event loop do not).
     # None: the usable cores when a model runs on CUDA (decoding is then the ceiling), else 0
     # (inference shares the cores): see bench/README.md, "Preprocessing processes".
     preprocess_processes: Annotated[int, msgspec.Meta(ge=0)] | None = None
@@ -128,7 +129,8 @@ class CudaConfig(Strict):
 
     TF32 is off by default, unlike onnxruntime's own default: with it on, the demo ResNet-50's
     probabilities differed from the CPU EP's by up to 0.11, with it off by 2.5e-5 (measured on an
-    H200, onnxruntime-gpu 1.31.1; issue 10). Turn it on for speed when that difference is fine.
+    H200, onnxruntime-gpu 1.31.1, when the GPU targets were set). Turn it on for speed when that
+    difference is fine.
     """
 
     use_tf32: bool = False
@@ -140,12 +142,12 @@ class CudaConfig(Strict):
     # launch of every kernel on each run (small batches gain most). onnxruntime needs the inputs and
     # outputs at the same device addresses on every run, so each session gets fixed device buffers
     # (the batch is copied in and out) and batch_buckets must not be [] (one shape per session).
-    # Every node must run on CUDA. Unmeasured on a GPU so far: bench/gpu_check.py compares.
+    # Every node must run on CUDA. Unmeasured on a GPU so far: python -m bench.gpu_check compares.
     enable_cuda_graph: bool = False
     # Page-lock the ring's shared segments and the worker's staging buffers (cudaHostRegister), so
     # that the copies of inputs to the GPU and of outputs back run by DMA straight from them instead
-    # of through the driver's bounce buffer (cronnx/cuda_host.py). Off until bench/gpu_check.py
-    # measures it faster on a GPU.
+    # of through the driver's bounce buffer (cronnx/workers/pinned_memory.py). Off until the GPU
+    # check (python -m bench.gpu_check) measures it faster on a GPU.
     pinned_ring_memory: bool = False
 
     def provider_options(self, device_id: int | None) -> dict[str, str]:
@@ -198,7 +200,8 @@ class ModelConfig(Strict):
     # A second session with this many threads runs a request that is alone in the model (no
     # other request in flight): lowest latency when idle, one thread per worker under load.
     solo_intra_op_threads: PositiveInt | None = None
-    # onnxruntime's idle threads spin by default and steal CPU from the front.
+    # onnxruntime's idle threads spin by default and steal CPU from the server process and the
+    # preprocessing.
     allow_spinning: bool = False
     # Slots per worker ring: requests beyond this are answered 503 at once.
     ring_slots: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64

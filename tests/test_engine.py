@@ -1,5 +1,5 @@
 """The inference engine below HTTP: every request gets the answer for its own input, and every
-ring slot comes back on every path (ring rules 1-6 in cronnx/ring.py).
+ring slot comes back on every path (ring rules 1-6 in cronnx/ipc/ring.py).
 
 Real registry, supervisor, rings, pipes and worker processes running onnxruntime; faults are
 injected by the input (tests/support/fake_worker.py). After each test no slot is in use and no
@@ -365,7 +365,7 @@ def test_cancel_during_a_process_fill_frees_the_slot_only_when_the_process_answe
             os.kill(pid, signal.SIGSTOP)
             try:
                 task = asyncio.create_task(h.infer((10, 20, 30)))
-                queued = asyncio.create_task(h.infer((70, 80, 90)))  # waits in the front's queue
+                queued = asyncio.create_task(h.infer((70, 80, 90)))  # waits in ProcessPreprocessing's queue
                 await h.until(lambda: h.pool.slots_in_use == 2, "both requests to take slots")
                 task.cancel()
                 queued.cancel()

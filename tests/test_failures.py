@@ -71,8 +71,8 @@ def test_ready_states_the_failure_when_the_only_model_cannot_load(start_server, 
 
 def test_rings_larger_than_dev_shm_fail_their_model_with_the_reason_and_the_others_serve(start_server, tmp_path,
                                                                                         good_model):
-    """Reserved when made (cronnx/ring.py): a ring /dev/shm cannot hold fails its model's load with
-    the sizes and the fix, instead of a SIGBUS under load."""
+    """Reserved when made (cronnx/ipc/ring.py): a ring /dev/shm cannot hold fails its model's load
+    with the sizes and the fix, instead of a SIGBUS under load."""
     stat = os.statvfs("/dev/shm")
     slots = 4096  # the most a ring may have: its input is made large enough not to fit
     size = math.isqrt(stat.f_bavail * stat.f_frsize // (slots * 3 * 4)) + 1

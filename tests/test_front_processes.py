@@ -1,4 +1,4 @@
-"""`server.front_processes`: several processes serve HTTP on one port, one engine process behind them.
+"""`server.front_processes`: several processes serve HTTP on one port, one server process behind them.
 
 Served answers equal a direct onnxruntime run whichever front takes the connection; every other
 route is the server process's own answer (bad requests, as in one process: test_bad_input.py); the metrics count what the fronts served; a killed front is replaced
@@ -83,7 +83,7 @@ def test_answers_equal_a_direct_run_from_every_front_and_are_counted(server, tin
     served_by = {line["pid"] for line in access_lines(server) if line["status"] == 200}
     assert served_by == set(fronts)
     wait_until(lambda: scrape(server.url).get(SUCCESS) == len(bodies), timeout_s=5,
-               what="every answer counted in the engine process's metrics")
+               what="every answer counted in the server process's metrics")
     assert all(w["slots_in_use"] == 0 for w in server.models()["tiny"]["workers"])
 
 
@@ -114,7 +114,7 @@ def test_v2_infer_is_served_by_a_front_and_other_routes_by_the_engine_process(se
     batch = np.repeat(direct.tensor(PHOTOS[1])[None], direct.spec.fixed_batch or 1, axis=0)
     logits = direct.session.run(None, {direct.spec.input_name: batch})[0][0].reshape(-1)
     np.testing.assert_allclose(body["outputs"][0]["data"], logits, rtol=0, atol=1e-5)
-    # The infer was answered (and logged) by a front; the engine process counted it.
+    # The infer was answered (and logged) by a front; the server process counted it.
     v2_lines = [line for line in access_lines(server) if line["api"] == "v2"]
     assert len(v2_lines) == 1 and v2_lines[0]["pid"] in front_pids(server) and v2_lines[0]["model"] == "tiny"
     v2 = ("cronnx_requests_total", frozenset({("api", "v2"), ("model", "tiny"), ("outcome", "success"),
@@ -272,7 +272,7 @@ def test_after_the_main_process_is_killed_the_fronts_exit_and_the_next_start_tid
     assert len(folders) == 1 and (folders[0] / "engine.sock").exists()
     first.proc.kill()
     first.proc.wait(10)
-    # Their pipe to the engine process closed: they stop serving and exit by themselves.
+    # Their pipe to the server process closed: they stop serving and exit by themselves.
     wait_until(lambda: not any(pid_alive(pid) for pid in fronts), timeout_s=20, what="the fronts to exit")
     assert folders[0].exists()  # nothing ran to remove it
     second = start_server(config)

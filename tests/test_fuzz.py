@@ -48,8 +48,9 @@ CALL_LIMIT_S = 10.0  # one decode of a small file taking longer is a hang
 pytestmark = [
     # The corrupt EXIF and tags of mutated files make Pillow warn; that is not what is tested.
     pytest.mark.filterwarnings("ignore::UserWarning"),
-    # cronnx.preprocess turns this warning into an error for the whole process at import, as it is
-    # in the server; pytest sets each test's warning filters afresh, so the same is set here.
+    # cronnx.preprocessing.transform turns this warning into an error for the whole process at
+    # import, as it is in the server; pytest sets each test's warning filters afresh, so the same
+    # is set here.
     pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning"),
 ]
 

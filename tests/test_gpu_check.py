@@ -158,7 +158,8 @@ def test_processes_placement_decodes_in_preprocessing_processes(quick_run):
     assert fronts["preprocessing"]["processes_at_start"] == fronts["preprocessing"]["processes_at_end"] == 2
     for run in fronts["runs"]:
         assert run["server_cpu_by_part_cores"]["other child processes"] > 0.1
-    # The decoding CPU is in the children with processes, in the front's threads with threads.
+    # The decoding CPU is in the children with processes, in the server process's threads with
+    # threads.
     for run in processes["runs"]:
         assert run["server_cpu_by_part_cores"]["other child processes"] > 0.1
     for run in threads["runs"]:

@@ -1,4 +1,4 @@
-"""Issue 11: what real files bring that the happy path never sees.
+"""Hardening against real files: what they bring that the happy path never sees.
 
 EXIF that Pillow cannot write back or cannot read, probabilities followed by nodes that keep
 them probabilities, labels files from any editor, and transparency.
@@ -59,19 +59,19 @@ def upright(stored: Image.Image, orientation: int) -> Image.Image:
 
 
 def camera_exif(orientation: int, big_endian: bool = False) -> bytes:
-    """The EXIF of issue 11: an orientation, and resolutions a phone wrote as a signed rational
+    """The reported phone EXIF: an orientation, and resolutions a phone wrote as a signed rational
     -1/0 and a rational 0/0, which Pillow reads but cannot write back (struct.error)."""
     return exif_block([(ORIENTATION, SHORT, [orientation]), (X_RESOLUTION, SRATIONAL, [(-1, 0)]),
                        (Y_RESOLUTION, RATIONAL, [(0, 0)]), (RESOLUTION_UNIT, SHORT, [2])], big_endian)
 
 
-STORED = photo_like(64, 48, seed=31)  # the issue's 64x48 JPEG
+STORED = photo_like(64, 48, seed=31)  # a 64x48 JPEG, as reported
 
 # Pillow warns (UserWarning) of the corrupt EXIF these tests are made of.
 corrupt_exif = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-# --- 1. EXIF ---------------------------------------------------------------------------------
+# --- EXIF ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("big_endian", [False, True], ids=["intel", "motorola"])
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -146,7 +146,7 @@ def test_jpeg_draft_of_a_turned_picture_keeps_enough_pixels_for_a_stretched_mode
     assert served[0].std() > reference[0].std() / 2
 
 
-# --- 14. Transparency ------------------------------------------------------------------------
+# --- Transparency ----------------------------------------------------------------------------
 
 def _alpha_ramp(height: int, width: int) -> np.ndarray:
     """Every alpha from fully transparent to opaque, half-transparent in the middle."""
@@ -208,7 +208,7 @@ def test_webp_alpha_and_premultiplied_alpha_are_composited_over_white():
     assert np.abs(np.asarray(premultiplied).astype(int) - expected).max() <= 2
 
 
-# --- 2. Probabilities followed by nodes that keep them probabilities -------------------------
+# --- Probabilities followed by nodes that keep them probabilities ----------------------------
 
 PROBABILITY_TAILS = {
     "identity": ("Softmax", "Identity"),
@@ -280,7 +280,7 @@ def test_served_answers_are_the_models_probabilities_with_no_second_softmax(star
             assert reply.status == 200, (name, reply.body)
             assert_matches(reply.body, direct.probabilities(image), top_k=10, tolerance=1e-5)
             assert abs(sum(p["confidence"] for p in reply.body["predictions"]) - 1) < 2e-3
-    # The issue's case, by value: the top class's confidence is onnxruntime's own probability.
+    # The reported case, by value: the top class's confidence is onnxruntime's own probability.
     raw = DirectModel(tail_models["identity"], probabilities=True).probabilities(images[0])
     (reply,) = asyncio.run(predict_many(f"{server.url}/predict/identity", images[:1]))
     assert abs(reply.body["predictions"][0]["confidence"] - raw.max()) < 1e-6
@@ -296,7 +296,7 @@ def test_models_inspect_names_probabilities_through_the_tail(tail_models, name, 
     assert f"output: scores float32 [batch, 10], {words}" in result.stdout.splitlines(), result.stdout
 
 
-# --- 8. Labels files -------------------------------------------------------------------------
+# --- Labels files ----------------------------------------------------------------------------
 
 NAMES = ["tench", "goldfish", "great white shark", "Bügeleisen", "東京", "tiger shark", "hammerhead",
          "electric ray", "stingray", "cock"]
@@ -349,7 +349,7 @@ def test_served_odd_exif_bom_labels_and_transparency(start_server, tmp_path):
         model_entry("photo", photo_model, labels=str(labels), top_k=10),
         model_entry("means", means_model, outputs="probabilities", top_k=3, preprocess=identity)))
 
-    # The issue's JPEG: 200, and the answer of the same pixels turned by hand.
+    # The reported JPEG: 200, and the answer of the same pixels turned by hand.
     odd = encode(STORED, "JPEG", quality=92, exif=camera_exif(6))
     by_hand = encode(decoded(odd).transpose(Image.Transpose.ROTATE_270), "PNG")
     unturned = encode(decoded(odd), "PNG")

@@ -1,6 +1,6 @@
-"""Packaging: Cronnx depends on no onnxruntime build of its own (cronnx/runtime.py). Installed
-without the `cpu` or `gpu` extra, `cronnx serve` refuses at start-up (exit 2) and says what to
-install, rather than failing on an import somewhere later. A real environment is built: a fresh
+"""Packaging: Cronnx depends on no onnxruntime build of its own (cronnx/models/runtime.py).
+Installed without the `cpu` or `gpu` extra, `cronnx serve` refuses at start-up (exit 2) and says
+what to install, rather than failing on an import somewhere later. A real environment is built: a fresh
 venv and `pip install` of this checkout (about a minute, from pip's cache)."""
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ def test_the_start_up_log_names_the_placement(start_server, tiny_model):
 
 
 def preprocessing_pids(server) -> list[int]:
-    """The front's children that are neither workers nor multiprocessing's resource tracker."""
+    """The server process's children that are neither workers nor multiprocessing's resource
+    tracker."""
     workers = set(server.worker_pids("tiny"))
     found = []
     for pid in children(server.proc.pid):

@@ -1,5 +1,5 @@
-"""Issue 11's standing guard: a storm of malformed and hostile requests, all kinds at once and
-interleaved, beside a stream of good requests to the same server.
+"""The hardening's standing guard: a storm of malformed and hostile requests, all kinds at once
+and interleaved, beside a stream of good requests to the same server.
 
 Every hostile request gets its documented status and a JSON error naming what was wrong; every
 odd but valid image gets 200 with the answer of a direct onnxruntime run; every good request
@@ -184,8 +184,8 @@ def storm_kinds() -> dict[str, Kind]:
         "animated gif": Kind("image/gif", gif, 200),
         "rgba png": Kind("image/png", _rgba_png(), 200),
         "1x1 png": Kind("image/png", one_pixel, 200),
-        # Nothing in the README or preprocess.py refuses an elongated picture: crop mode takes the
-        # centre of the short side (here a fraction of one pixel), so it is answered.
+        # Nothing in the README or preprocessing/transform.py refuses an elongated picture: crop
+        # mode takes the centre of the short side (here a fraction of one pixel), so it is answered.
         "4000x1 png": Kind("image/png", wide, 200),
         "1x4000 jpeg": Kind("image/jpeg", tall, 200),
         "base64 with newlines": Kind("application/json", _json({"image": _wrapped_base64(png, "\n")}), 200, image=png),
@@ -395,7 +395,7 @@ def _http_server(tmp_path_factory, tiny_model, name: str, env: dict[str, str], *
 def http_servers(tmp_path_factory, tiny_model):
     """The same server with aiohttp's C HTTP parser (the default), with its pure-Python one (what
     runs where the C extension is not built: AIOHTTP_NO_EXTENSIONS=1), and with two front
-    processes (C parser), whose connections are theirs, not the main process's."""
+    processes (C parser), whose connections are theirs, not the server process's."""
     servers = {}
     try:
         servers["c"] = _http_server(tmp_path_factory, tiny_model, "http-c", {})
@@ -443,9 +443,9 @@ def _answer_size(answer: bytes) -> int:
 HEAD = b"POST /predict/tiny HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
 CHUNKED = HEAD + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
 # name: the request in parts, sent 0.3 s apart. The first seven are refused by aiohttp's parser
-# before any handler runs (cronnx/http_protocol.py answers them); in the next two the framing
+# before any handler runs (cronnx/http/connection.py answers them); in the next two the framing
 # breaks while the handler reads the body (with the C parser that body was never ended: a 408
-# after the request timeout, before http_protocol.py ended it with the parser's error).
+# after the request timeout, before http/connection.py ended it with the parser's error).
 MALFORMED = {
     "content-length not a number": [HEAD + b"Content-Length: abc\r\n\r\nabc"],
     "two content-lengths": [HEAD + b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"],

@@ -21,9 +21,9 @@ from .gpu import gpu_name
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 MODELS = ("mobilenetv2", "resnet50")
-# Where the served runs decode: threads of the one front (server.preprocess_threads), preprocessing
-# processes (server.preprocess_processes), or front processes, each reading bodies and decoding in
-# its own threads (server.front_processes). The default runs the two that use every core.
+# Where the served runs decode: threads of the server process (server.preprocess_threads),
+# preprocessing processes (server.preprocess_processes), or front processes, each reading bodies and
+# decoding in its own threads (server.front_processes). The default runs the two that use every core.
 PLACEMENTS = ("threads", "processes", "fronts")
 DEFAULT_PLACEMENTS = ("processes", "fronts")
 # The parts a run may be limited to (--parts); the models are always set up first.

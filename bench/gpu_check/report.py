@@ -166,9 +166,9 @@ def markdown(result: dict) -> str:
     if "served" in parts:
         served = parts.get("served", {})
         lines += ["Served (`cronnx serve`, 1 worker, `cronnx bench` closed loop, raw bodies); preprocessing in the "
-                  "front's threads, in preprocessing processes, or in front processes (their threads); server CPU in "
-                  "cores: all (event loop thread of the main process / worker / other children, i.e. preprocessing or "
-                  "front processes):", ""]
+                  "server process's threads, in preprocessing processes, or in front processes (their threads); server "
+                  "CPU in cores: all (event loop thread of the server process / worker / other children, i.e. "
+                  "preprocessing or front processes):", ""]
         lines += _error_line(served)
         lines += ["| model | preprocessing | clients | img/s | p50 ms | p99 ms | ok / sent | errors | mean batch "
                   "| batches by size | phases ms (pre / queue / infer) | server CPU cores (loop / worker / children) "

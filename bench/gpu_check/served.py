@@ -2,7 +2,7 @@
 `cronnx bench`.
 
 The config: the model, 1 worker, devices [0] on CUDA, the batch size and its buckets, ring_slots
->= clients, on 127.0.0.1; decoding in threads (preprocess_threads = cores, in the one front),
+>= clients, on 127.0.0.1; decoding in threads (preprocess_threads = cores, in the server process),
 processes (preprocess_processes = cores) or fronts (front_processes = --fronts, each decoding in
 its share of cores threads). Each placement is loaded by `cronnx bench` (closed loop, raw bodies)
 at each --clients (more than one spread over --procs client processes): img/s, p50 and p99 in ms,

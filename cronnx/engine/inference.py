@@ -1,10 +1,10 @@
 """The inference engine: one call runs one request through a model version, below any protocol.
 
 `InferenceEngine.infer` is the only owner of a request's ring slot (ring rule 6): it acquires the
-slot, places the preprocessing (threads or processes: `preprocessing.py`), hands the slot to the
-worker, awaits the answer, gives up on disconnect or deadline, copies the output out and releases
-the slot on every path. Protocol handlers reach it through an `InferenceClient` (`client.py`,
-`local.py`) and never see a worker, a ring or a slot index.
+slot, places the preprocessing (threads or processes: `preprocessing/placement.py`), hands the
+slot to the worker, awaits the answer, gives up on disconnect or deadline, copies the output out
+and releases the slot on every path. Protocol handlers reach it through an `InferenceClient`
+(`client.py`, `local.py`) and never see a worker, a ring or a slot index.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ class LoadFailed(Exception):
 class ModelPool:
     """One version of one model: its rings and workers, and the requests it is serving.
 
-    `worker_target` is the function each worker process runs (`contract.run_worker`: the real
+    `worker_target` is the function each worker process runs (`workers.entry.run_worker`: the real
     worker; tests start a worker with faults injected).
     """
 

@@ -193,7 +193,7 @@ class Registry:
             log.info("model %s unloaded: draining %d version(s)", name, len(route.versions))
 
     async def close(self) -> None:
-        """Stop everything (the HTTP front has already finished its requests)."""
+        """Stop everything (the HTTP side has already finished its requests)."""
         for route in self.routes.values():
             for pool in route.versions.values():
                 self._drain(pool)

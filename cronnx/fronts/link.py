@@ -155,7 +155,7 @@ class EngineLink:
         self.server_gone = True
         for request in self._requests.values():
             if not request.answer.done():
-                request.answer.set_exception(Unavailable("the server's engine process has gone; retry"))
+                request.answer.set_exception(Unavailable("the server process has gone; retry"))
         self.drained.set()
 
     def _on_message(self, message) -> None:

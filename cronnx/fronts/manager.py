@@ -1,10 +1,11 @@
-"""The engine process's side of the front processes (`server.front_processes` > 1).
+"""The server process's side of the front processes (`server.front_processes` > 1).
 
 One event loop caps what one process can serve: HTTP parsing, body reading and the answer cost
-about 1 ms of it per /predict request on this project's 2-core machine, so a single front tops
-out near 1,000 requests a second, below what one GPU and 16 cores of decoding can do (issue 10).
+about 1 ms of it per /predict request on this project's 2-core machine, so one process serving
+HTTP tops out near 1,000 requests a second, below what one GPU and 16 cores of decoding can do
+(the GPU targets; bench/README.md, "Front processes").
 With front processes the HTTP, the body and the decode run in N processes that share one port
-(SO_REUSEPORT: the kernel spreads connections over them), while the main process keeps what has
+(SO_REUSEPORT: the kernel spreads connections over them), while the server process keeps what has
 one owner: the registry, the rings and their slots, the workers and the metrics. Per request it
 only passes a few small messages (`messages.py`) through the same `InferenceEngine` as
 local requests, so ring rules, batching, deadlines and errors are the engine's, unchanged.
@@ -62,18 +63,18 @@ log = logging.getLogger("cronnx.front_processes")
 # A front that dies this soon after its start without serving failed to start: it is restarted
 # after a growing pause (ipc.restarts.ChildSet).
 YOUNG_DEATH_S = 2.0
-# The folder of the engine process's Unix socket: cronnx-<its pid>-<random> in the temp folder.
+# The folder of the server process's Unix socket: cronnx-<its pid>-<random> in the temp folder.
 _SOCKET_DIR = re.compile(r"^cronnx-(\d+)-[^/]+$")
 
 
 def make_socket_dir() -> str:
-    """A new folder for the engine process's Unix socket, named for this process, removed by the
+    """A new folder for the server process's Unix socket, named for this process, removed by the
     server on every exit path it has (a SIGKILL leaves it: `remove_stale_socket_dirs`)."""
     return tempfile.mkdtemp(prefix=f"cronnx-{os.getpid()}-")
 
 
 def remove_stale_socket_dirs() -> list[str]:
-    """Remove the socket folders of engine processes that no longer run (killed); returns them."""
+    """Remove the socket folders of server processes that no longer run (killed); returns them."""
     removed = []
     root = tempfile.gettempdir()
     for name in os.listdir(root):
@@ -105,7 +106,7 @@ class _Front:
 
 class FrontProcesses(ChildSet[_Front]):
     """`count` front processes serving HTTP on `port` (already resolved) of `server.host`,
-    running their requests through `engine`; every other route they pass to the engine
+    running their requests through `engine`; every other route they pass to the server
     process's app on the Unix socket `engine_socket`. Create it on the running event loop;
     `drain()` stops them. `restarts` counts replacements; `pids` lists the live ones."""
 

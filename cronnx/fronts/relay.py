@@ -49,4 +49,4 @@ async def relay(request: web.Request) -> web.Response:
             return web.Response(status=answer.status, body=payload,
                                 headers={k: v for k, v in answer.headers.items() if k.lower() not in _NOT_FORWARDED})
     except aiohttp.ClientError as exc:
-        raise Unavailable(f"the server's engine process did not answer: {exc}") from None
+        raise Unavailable(f"the server process did not answer: {exc}") from None

@@ -1,4 +1,4 @@
-"""aiohttp's per-connection protocol, with Cronnx's error contract kept below the application.
+"""aiohttp's handler of each connection, with Cronnx's error contract kept below the application.
 
 Two answers come from aiohttp's HTTP parser itself, before any handler or middleware runs:
 
@@ -76,7 +76,7 @@ class JsonErrorRequestHandler(RequestHandler):
 
 
 def new_connection(server: web.Server) -> JsonErrorRequestHandler:
-    """The protocol for one new connection to `server` (aiohttp's low-level server), with the
+    """The handler of one new connection to `server` (aiohttp's low-level server), with the
     server's handler settings, as `server()` makes aiohttp's own (web.Server.__call__, less its
     fallback for settings RequestHandler does not take: Cronnx passes none)."""
     return JsonErrorRequestHandler(server, loop=server._loop, **server._kwargs)

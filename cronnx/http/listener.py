@@ -2,9 +2,9 @@
 
 aiohttp has no limit on connections: a flood of clients that connect and send nothing (or trickle)
 would hold a socket each until its idle timeout, and past the process's file-descriptor limit new
-connections fail for everyone. Here each accepted connection goes to aiohttp's own protocol while
-fewer than `max_connections` are open; past that it gets a 503 with `Retry-After` and is closed at
-once, without its request being read, and is counted.
+connections fail for everyone. Here each accepted connection goes to aiohttp's own connection
+handler while fewer than `max_connections` are open; past that it gets a 503 with `Retry-After`
+and is closed at once, without its request being read, and is counted.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ class _Refuse(asyncio.Protocol):
 
 class CappedProtocolFactory:
     """Hands each new connection to `server` (aiohttp's low-level server) while it has fewer than
-    `max_connections` open, in aiohttp's protocol with Cronnx's error answers (connection.py);
-    `on_refused()` is called for each one turned away."""
+    `max_connections` open, to aiohttp's connection handler with Cronnx's error answers
+    (connection.py); `on_refused()` is called for each one turned away."""
 
     def __init__(self, server: web.Server, max_connections: int, on_refused: Callable[[], None]):
         self._server = server

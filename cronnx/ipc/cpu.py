@@ -1,11 +1,12 @@
 """CPU scheduling hints for the threads that compute (preprocessing threads and workers), and how
 many cores this process may use.
 
-Under load the front's preprocessing threads and the workers are always runnable, more of them
-than there are cores, and with the default policy every wake-up of one may preempt another
-mid-inference. SCHED_BATCH tells Linux they are CPU-bound: same share of the CPU (the nice value
-is unchanged), but their wake-ups do not preempt, so each runs longer between switches. The
-event loop thread keeps the default policy and still preempts them as soon as I/O arrives.
+Under load the preprocessing threads (of the server process or of each front process) and the
+workers are always runnable, more of them than there are cores, and with the default policy
+every wake-up of one may preempt another mid-inference. SCHED_BATCH tells Linux they are
+CPU-bound: same share of the CPU (the nice value is unchanged), but their wake-ups do not
+preempt, so each runs longer between switches. The event loop thread keeps the default policy
+and still preempts them as soon as I/O arrives.
 Measured on 2 cores at 32 clients (bench/README.md): workers preempted about 165 instead of 270
 times a second, 1-2% more throughput.
 """

@@ -1,8 +1,8 @@
 """Whole messages from a child's pipe, read on the event loop without a selector per message.
 
 `Connection.poll()` builds a selector, registers the fd and polls it on every call, and a reader
-loop calls it once per message and once more to find the pipe empty. In the main process of a
-server with front processes every request takes three messages from its front and the worker's
+loop calls it once per message and once more to find the pipe empty. In the server process of
+a server with front processes every request takes three messages from its front and the worker's
 answers: py-spy put those polls at a third of that event loop's time (bench/README.md, "Front
 processes"). Here the read end is made non-blocking and drained with `os.read`, and the bytes are
 split into the messages `Connection.send_bytes` framed (CPython's multiprocessing.connection: a
@@ -18,8 +18,9 @@ PIPE_BYTES = 1 << 20
 
 
 def enlarge_pipe(fd: int) -> None:
-    """The front writes to its children's pipes on its event loop: a full pipe would block it. 64 KiB
-    holds a few hundred submits; 1 MiB holds far more than a ring can have slots, and most images."""
+    """A process writes to its children's pipes (and a front process to the server process's) on
+    its event loop: a full pipe would block it. 64 KiB holds a few hundred submits; 1 MiB holds
+    far more than a ring can have slots, and most images."""
     try:
         import fcntl
 

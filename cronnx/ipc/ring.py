@@ -1,12 +1,13 @@
 """A ring of fixed-size slots in shared memory: one input and one output tensor per slot.
 
-The front process owns the segments (creates and unlinks them) and allocates slots; a worker
+The server process owns the segments (creates and unlinks them) and allocates slots; a worker
 attaches to them, reads the inputs of slots it is told about and writes their outputs.
-Slot lifecycle: free -> filling (a preprocessing thread writes the input) -> sent (the worker
-owns it until it answers) -> free. Only the front changes a slot's state, so the states live
-in the front's memory; no flag lives in shared memory, and the pipes order every hand-over.
+Slot lifecycle: free -> filling (a preprocessing thread or process, or a front process, writes
+the input) -> sent (the worker owns it until it answers) -> free. Only the server process
+changes a slot's state, so the states live in its memory; no flag lives in shared memory, and
+the pipes order every hand-over.
 
-The hand-over rules. A slot is never reused while a preprocessing thread or a worker may still
+The hand-over rules. A slot is never reused while whatever fills it or a worker may still
 touch it, or one request would get another's answer. Each place that depends on a rule cites it
 as "ring rule N".
 
@@ -14,13 +15,13 @@ as "ring rule N".
    after the preprocessing job for the slot has returned.
 2. A worker writes a slot's output completely before it sends the Done naming the slot; it
    touches only slots it was sent, and only until its answer for them (Done, Failed, Dropped).
-3. The front copies a slot's output before the slot is released.
-4. A fill that is abandoned (client gone, deadline) frees the slot only when its preprocessing
-   thread has finished: the thread may still be writing.
+3. The server process (the engine) copies a slot's output before the slot is released.
+4. A fill that is abandoned (client gone, deadline) frees the slot only when whatever fills it
+   (a preprocessing thread or process, a front process) has finished: it may still be writing.
 5. A slot that was sent is freed only on the worker's answer for it (Done, Failed, Dropped) or
    on the worker's death; never when a Cancel is sent, since the worker may be running it.
-6. One owner: the engine (`engine.py`) acquires and releases every slot; `release` of a slot
-   that is already free is a bug and raises.
+6. One owner: the engine (`cronnx/engine/inference.py`) acquires and releases every slot;
+   `release` of a slot that is already free is a bug and raises.
 """
 
 from __future__ import annotations

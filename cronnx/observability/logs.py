@@ -1,4 +1,5 @@
-"""Log set-up shared by the front and the workers: JSON lines (default) or readable text.
+"""Log set-up shared by the server process, the front processes and the workers: JSON lines
+(default) or readable text.
 
 Structured fields travel in a log record's `fields` attribute (`log.info(msg, extra={"fields": {...}})`)
 and become top-level keys of the JSON line, or `key=value` pairs after the text message.

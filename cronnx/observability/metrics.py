@@ -1,6 +1,6 @@
-"""Prometheus metrics, all recorded in the front process.
+"""Prometheus metrics, all recorded in the server process.
 
-Workers report each batch through their pipe, and the front records it here (through the
+Workers report each batch through their pipe, and the server process records it here (through the
 observer `batch_recorder` gives each model version), so `/metrics` is one view in which every
 request is counted exactly once, and there are no multiprocess files that a previous run could
 leave behind. Values that
@@ -58,7 +58,7 @@ class Metrics:
                                     labels, buckets=latency_buckets_s, registry=registry)
         self.ring_full = Counter("cronnx_ring_full_rejections", "Requests refused with 503 because the ring was full",
                                  labels, registry=registry)
-        self.in_flight = Gauge("cronnx_in_flight_requests", "Requests being handled by the front", registry=registry)
+        self.in_flight = Gauge("cronnx_in_flight_requests", "Requests being handled by the server", registry=registry)
         connections = Gauge("cronnx_open_connections", "HTTP connections open now", registry=registry)
         connections.set_function(open_connections)
         self.connections_refused = Counter("cronnx_connections_refused",

@@ -18,11 +18,13 @@ from cronnx.preprocessing.rings import AttachedRings
 
 
 def run_preprocess_process(max_image_pixels: int, inbox: Connection, outbox: Connection) -> None:
-    """Entry point of a preprocessing process: fill slots until `Stop` or the front's pipe closes."""
+    """Entry point of a preprocessing process: fill slots until `Stop` or the server process's pipe
+    closes."""
     from cronnx.ipc.cpu import mark_cpu_bound
     from cronnx.preprocessing.transform import set_max_image_pixels
 
-    # The front decides when this process stops (Ctrl-C and SIGTERM reach the whole group).
+    # The server process decides when this process stops (Ctrl-C and SIGTERM reach the whole
+    # group).
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     mark_cpu_bound()
@@ -47,6 +49,6 @@ def run_preprocess_process(max_image_pixels: int, inbox: Connection, outbox: Con
             del out  # a view still held would keep the ring mapped past its Forget (AttachedRing.close)
             outbox.send_bytes(encode(answer))
     except (EOFError, BrokenPipeError):
-        pass  # the front is gone
+        pass  # the server process is gone
     finally:
         rings.close()

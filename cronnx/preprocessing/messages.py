@@ -1,15 +1,16 @@
-"""A preprocessing process: decodes images straight into ring slots, outside the front's GIL.
+"""What a preprocessing process and the server process say to each other: images decoded
+straight into ring slots, outside the server process's GIL.
 
-The front (`preprocessing.ProcessPreprocessing`) sends one `Fill` at a time, followed by the
+The server process (`placement.ProcessPreprocessing`) sends one `Fill` at a time, followed by the
 image's encoded bytes as a second pipe message (bytes, never pickled), and reads one answer per
 fill: `Filled`, or `FillFailed` with the error in its wire form (`errors.to_wire`). A fill's
-slot is the front's (ring rule 6): this process only writes its input, and its answer is what
-tells the front that the writing is over (ring rule 4).
+slot is the server process's (ring rule 6): the preprocessing process only writes its input, and
+its answer is what tells the server process that the writing is over (ring rule 4).
 
 Rings are attached on first use (`Fill.setup` carries the layout and the preprocessing recipe the
-first time a ring is named to this process) and detached when the front says `Forget`. The same
-messages serve front processes (`fronts/link.py`), which hold their images themselves; the
-helpers below are both sides' bookkeeping of them: `MappedRings` (the owner's record of what a
+first time a ring is named to a process) and detached when the server process says `Forget`.
+The same messages serve front processes (`fronts/link.py`), which hold their images themselves;
+the helpers below are both sides' bookkeeping of them: `MappedRings` (the owner's record of what a
 child maps), `AttachedRings` (the child's mappings), `fill_failed` and `fill_error` (an error
 there, its wire form on the pipe, the error again here).
 """

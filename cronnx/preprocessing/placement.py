@@ -1,13 +1,15 @@
-"""Where images are decoded into ring slots: threads of the front, or preprocessing processes.
+"""Where images are decoded into ring slots: threads of the server process, or preprocessing
+processes.
 
 Both give the engine the same thing: `submit(preprocessor, ring, slot, image) -> FillJob`. A
 `FillJob.done` future resolves only once nothing writes the slot any more (ring rule 4): with
 None (the input is complete), with the fill's error, or cancelled when `withdraw()` took the job
 back before any writing began. The engine alone releases the slot (ring rule 6).
 
-Threads share the front's GIL: Pillow's decode and resize and numpy's arithmetic release it, the
-rest of each fill does not, and neither does the event loop. Processes decode outside it, at the
-price of one pipe round trip per image and the encoded bytes copied once through the pipe.
+Threads share the server process's GIL: Pillow's decode and resize and numpy's arithmetic release
+it, the rest of each fill does not, and neither does the event loop. Processes decode outside
+it, at the price of one pipe round trip per image and the encoded bytes copied once through the
+pipe.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def start(processes: int | None, threads: int, any_on_cuda: bool, max_image_pixe
     CUDA, threads otherwise. Measured on 2 cores (bench/README.md, "Preprocessing processes"):
     processes served 1.08x threads when decoding is all the CPU does (a near-free model, as when
     a GPU infers), threads 1.02x processes when onnxruntime shares the cores (the demo MobileNetV2
-    on the CPU); on 16 cores processes decoded 1.42x what threads did (issue 10)."""
+    on the CPU); on the 16-core GPU machine processes decoded 1.42x what threads did."""
     if processes is None:
         processes = usable_cores() if any_on_cuda else 0
     if processes:
@@ -76,7 +78,7 @@ class Preprocessing(Protocol):
 
 
 class ThreadPreprocessing:
-    """Fills in a pool of `threads` threads of the front process."""
+    """Fills in a pool of `threads` threads of the server process."""
 
     placement = "threads"
     restarts = 0  # threads are never replaced
@@ -93,7 +95,7 @@ class ThreadPreprocessing:
 
     @property
     def pids(self) -> list[int]:
-        return []  # threads of the front: no processes of their own
+        return []  # threads of the server process: no processes of their own
 
     def __str__(self) -> str:
         return f"{self.count} threads"
@@ -128,7 +130,7 @@ class _Process:
 
 class ProcessPreprocessing(ChildSet[_Process]):
     """Fills in `count` preprocessing processes (`preprocessing/child.py`), each given one image at
-    a time: an image waits in the front's queue, not in a pipe, so a process that dies takes only
+    a time: an image waits in this queue, not in a pipe, so a process that dies takes only
     its own image with it (that request gets PreprocessingLost, 503) and is replaced.
 
     `max_image_pixels` is Pillow's decompression-bomb limit (server.max_image_pixels). A process
@@ -181,7 +183,7 @@ class ProcessPreprocessing(ChildSet[_Process]):
             proc.process.send_bytes(job.image)
         except OSError:
             pass  # it died: its exit, handled next, answers for this job
-        job.image = b""  # sent: the front's copy is not needed any more
+        job.image = b""  # sent: this process's copy is not needed any more
 
     def _overdue(self, proc: _Process, job: _Job) -> None:
         """The fill has run past the request timeout: its request has had its 504, and the process

@@ -1,7 +1,9 @@
-"""Image bytes -> normalised CHW float32, written straight into the destination (a ring slot).
+"""Image bytes -> the model's input for one item (its layout, NCHW or NHWC, and its dtype: float32
+or float16 normalised, or uint8 pixels), written straight into the destination (a ring slot).
 
-Runs in the front's thread pool: Pillow's decode and resize and numpy's arithmetic release
-the GIL, so several requests are preprocessed on several cores at once.
+Runs in a pool of threads (the server process's, or a front process's) or in a preprocessing
+process: Pillow's decode and resize and numpy's arithmetic release the GIL, so several requests
+are preprocessed on several cores at once.
 """
 
 from __future__ import annotations

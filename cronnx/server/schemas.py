@@ -20,9 +20,9 @@ class Health(msgspec.Struct, omit_defaults=True):
 
 
 class PreprocessingStatus(msgspec.Struct):
-    """`/models`' `preprocessing`: where images are decoded ("threads" of the front, "processes",
-    or "front processes", in their threads), how many (processes, or threads in all), how many
-    processes were replaced, and their pids (none for threads)."""
+    """`/models`' `preprocessing`: where images are decoded ("threads" of the server process,
+    "processes", or "front processes", in their threads), how many (processes, or threads in
+    all), how many processes were replaced, and their pids (none for threads)."""
 
     placement: str
     count: int
@@ -31,8 +31,8 @@ class PreprocessingStatus(msgspec.Struct):
 
 
 class FrontProcessesStatus(msgspec.Struct):
-    """`/models`' `front_processes`: how many processes serve HTTP (1: the main process itself, no
-    pids listed), how many were replaced, and the live ones' pids (server.front_processes)."""
+    """`/models`' `front_processes`: how many processes serve HTTP (1: the server process itself,
+    no pids listed), how many were replaced, and the live ones' pids (server.front_processes)."""
 
     count: int
     restarts: int

@@ -2,8 +2,8 @@
 
 The window is measured from the oldest waiting request, so a later arrival never restarts
 it: a full batch runs at once, a partial one when the oldest has waited `timeout_s`, or
-at once when the front reports that no other request is being prepared for this worker
-(at low load the window would then only add latency).
+at once when the server process reports that no other request is being prepared for this
+worker (at low load the window would then only add latency).
 """
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ class BatchRunner:
     `spec.device_buffers` (CUDA graphs), each session's input and output are instead buffers on
     that device, bound once: the batch is copied in before the run and out after it. With
     `spec.pinned_host_memory`, the ring's segments and the staging buffers are page-locked for the
-    runner's life (cuda_host.py); CudaHostError when CUDA refuses, which fails the model's load.
+    runner's life (`pinned_memory.py`); CudaHostError when CUDA refuses, which fails the model's
+    load.
     """
 
     def __init__(self, spec: WorkerSpec, ring: AttachedRing, new_session: Callable[[int], object]):
@@ -262,12 +263,13 @@ def answer_pings(pings: Connection, send: Send, clock: LoopClock) -> None:
             ping = messages.decode_ping(pings.recv_bytes())
             send(messages.encode(messages.Pong(ping.seq, clock.busy_s())))
     except (EOFError, OSError):
-        pass  # the front is gone
+        pass  # the server process is gone
 
 
 def serve_batches(inbox: Connection, send: Send, batcher: Batcher, runner: BatchRunner,
                   spec: WorkerSpec, clock: LoopClock) -> None:
-    """Collect submits into batches and run them until told to stop or the front goes away."""
+    """Collect submits into batches and run them until told to stop or the server process goes
+    away."""
     decode = messages.decode_to_worker
     encode = messages.encode
     request_ids: dict[int, str] = {}
@@ -324,7 +326,8 @@ def serve_batches(inbox: Connection, send: Send, batcher: Batcher, runner: Batch
             kept = [i for i, slot in enumerate(slots) if slot not in failed]
             slots, queue_s = [slots[i] for i in kept], [queue_s[i] for i in kept]
         if slots:
-            # Ring rule 2: the outputs are written (run returned); from here the front may reuse the slots.
+            # Ring rule 2: the outputs are written (run returned); from here the server process may
+            # reuse the slots.
             send(encode(messages.Done(slots, queue_s, infer_s, rows)))
             ids = [request_ids.pop(slot, "") for slot in slots]
             if log_batches:
@@ -339,9 +342,9 @@ def serve_batches(inbox: Connection, send: Send, batcher: Batcher, runner: Batch
 
 
 def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection, pings: Connection) -> None:
-    # Ctrl-C and SIGTERM reach the whole process group; the front decides when a worker
-    # stops (after in-flight work is answered), by a Stop message or by closing the pipe.
-    # SIGHUP asks the front to reload; a terminal's hangup reaches the whole group too.
+    # Ctrl-C and SIGTERM reach the whole process group; the server process decides when a
+    # worker stops (after in-flight work is answered), by a Stop message or by closing the pipe.
+    # SIGHUP asks the server process to reload; a terminal's hangup reaches the whole group too.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
@@ -354,7 +357,8 @@ def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection, pings:
         try:
             runner = BatchRunner(spec, ring, lambda threads: create_session(spec, threads))
             runner.warm_up()
-        except Exception as exc:  # the front logs this text and shows it as the reason the model did not load
+        except Exception as exc:
+            # The server process logs this text and shows it as the reason the model did not load.
             send(messages.encode(messages.LoadFailed(_short(exc))))
             raise SystemExit(1) from None
         clock = LoopClock()
@@ -362,7 +366,7 @@ def worker_main(spec_bytes: bytes, inbox: Connection, outbox: Connection, pings:
         threading.Thread(target=answer_pings, args=(pings, send, clock), name="cronnx-liveness", daemon=True).start()
         serve_batches(inbox, send, Batcher(spec.batch_size, spec.batch_timeout_s), runner, spec, clock)
     except (EOFError, BrokenPipeError):
-        pass  # the front is gone: nobody is waiting for answers
+        pass  # the server process is gone: nobody is waiting for answers
     finally:
         if runner is not None:
             runner.close()

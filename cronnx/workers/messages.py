@@ -1,12 +1,13 @@
-"""The contract between the front and a worker process: what a worker is started with, how it
-finds its ring, and the messages on its two pipes.
+"""The contract between the server process and a worker process: what a worker is started
+with, how it finds its ring, and the messages on its two pipes.
 
-Both sides import this module and nothing of each other: the front never imports `worker.py`
-(which pulls in onnxruntime) and the worker never imports the front's modules.
+Both sides import this module and nothing of each other: the server process never imports
+`workers/child.py` (which loads onnxruntime) and the worker never imports the server process's
+modules.
 
 Each pipe has one writer at a time (the worker serialises its batch loop and its liveness
 thread), so a message is never interleaved with another. The order of the messages on a pipe
-is what orders every hand-over of a ring slot (see `ring.py`).
+is what orders every hand-over of a ring slot (see `ipc/ring.py`).
 """
 
 from __future__ import annotations
@@ -51,11 +52,12 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     pinned_host_memory: bool = False
 
 
-# A worker whose session fails even on the warm-up input exits with this; the front replaces it.
+# A worker whose session fails even on the warm-up input exits with this; the server process
+# replaces it.
 EXIT_SESSION_BROKEN = 3
 
 
-# Front -> worker.
+# Server process -> worker.
 
 class Submit(msgspec.Struct, tag="submit", array_like=True):
     """The input of `slot` is written; `enqueued` (time.monotonic, shared by all processes
@@ -88,7 +90,7 @@ class Stop(msgspec.Struct, tag="stop", array_like=True):
     """Finish nothing more; exit."""
 
 
-# Worker -> front.
+# Worker -> server process.
 
 class Ready(msgspec.Struct, tag="ready", array_like=True):
     """The session is created and warmed up; the worker takes submits from now on."""

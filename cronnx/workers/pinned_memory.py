@@ -7,8 +7,9 @@ buffers), which onnxruntime did not allocate and its Python API cannot pin, so t
 page-locked in place with the CUDA runtime's cudaHostRegister (CUDA Runtime API, "Memory
 Management"), through the libcudart that onnxruntime's CUDA EP loaded.
 
-Whether this is faster than pageable memory for a model is what `bench/gpu_check.py` measures
-(its cudaHostRegister row, and the served runs with `--pinned-ring-memory`).
+Whether this is faster than pageable memory for a model is what the GPU check measures
+(`python -m bench.gpu_check`: its cudaHostRegister row, and the served runs with
+`--pinned-ring-memory`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The workers of one model version, kept alive: started, watched, replaced.
 
-Each `Worker` is the front's record of one worker slot of the pool: its ring (front-owned memory
-that outlives any process), its current process, the request channel to it, and its health.
+Each `Worker` is the server process's record of one worker slot of the pool: its ring (memory
+the server process owns, which outlives any worker process), its current process, the request
+channel to it, and its health.
 The `Supervisor` starts them, restarts one that exits (at once if it had been serving, with
 exponential backoff if it died while loading), and watches the live ones (liveness): each gets
 a Ping every `ping_interval_s` once it has answered the last one, on a pipe of its own that a
@@ -226,7 +227,7 @@ class Supervisor:
             worker.process.kill(f"was killed: {cause}: {reason}")
 
     async def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop every worker (the front has stopped sending); kill any that will not stop."""
+        """Stop every worker (the engine has stopped sending); kill any that will not stop."""
         self._stopping = True
         if self._watch is not None:
             self._watch.cancel()
