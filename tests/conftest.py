@@ -4,10 +4,27 @@ from pathlib import Path
 
 import pytest
 
+import support.server
 from support.images import write_photo_set
 from support.server import REPO, ServerProcess
 
 DEMO_MODEL = REPO / "models" / "mobilenetv2-demo.onnx"
+
+
+def pytest_collection_modifyitems(items):
+    # The fixtures that start servers are named for them (start_server, server, cpu_server,
+    # http_servers, ...): their tests are marked here; a test that starts one another way is marked
+    # in its module, and support.server refuses to start one for a test left unmarked.
+    for item in items:
+        if any(name.endswith(("server", "servers")) for name in item.fixturenames):
+            item.add_marker(pytest.mark.server)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # Before the test's fixtures start anything: a server started by a test not marked `server`
+    # fails it, so that the quick lane cannot run a server unnoticed.
+    support.server.may_start = item.get_closest_marker("server") is not None
 
 
 @pytest.fixture(scope="session")

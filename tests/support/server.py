@@ -15,8 +15,13 @@ from pathlib import Path
 
 import yaml
 
+from bench.processes import children_of, pid_alive, shm_segments
+
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 90.0
+# Set by conftest.py for each test: whether it is marked `server` (one that starts no server runs in
+# the quick lane, where starting one would be slow and unnoticed).
+may_start = True
 
 
 def wait_until(predicate, timeout_s: float = 30.0, what: str = "condition") -> None:
@@ -28,18 +33,6 @@ def wait_until(predicate, timeout_s: float = 30.0, what: str = "condition") -> N
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def shm_segments(pid: int) -> list[str]:
-    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"cronnx_{pid}_"))
-
-
-def children(pid: int) -> list[int]:
-    try:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    except FileNotFoundError:
-        return []
-    return [int(p) for p in out.split()]
-
-
 def mapped_segments(pid: int) -> set[str]:
     """The /dev/shm segments a process maps (unlinked ones too)."""
     try:
@@ -47,18 +40,6 @@ def mapped_segments(pid: int) -> set[str]:
     except OSError:
         return set()
     return {line.split("/dev/shm/")[1].split()[0] for line in maps.splitlines() if "/dev/shm/cronnx_" in line}
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 class ServerProcess:
@@ -72,6 +53,9 @@ class ServerProcess:
         self.url = ""
 
     def start(self, wait_ready: bool = True) -> "ServerProcess":
+        if not may_start:
+            raise RuntimeError("this test starts a server: mark it `server` (pytest.mark.server), "
+                               "or use the start_server fixture, which marks it")
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cronnx", "serve", "--config", str(self.config_path), "--port", "0", *self.args],
@@ -135,7 +119,7 @@ class ServerProcess:
         if self.proc is None:
             return
         pid = self.proc.pid
-        kids = children(pid)
+        kids = children_of(pid)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -9,11 +9,11 @@ from urllib.parse import urlparse
 import aiohttp
 import pytest
 
-from reference import DirectModel, assert_matches
 from support.client import TIMEOUT, GoodStream, post, predict_many
-from support.metrics import scrape, value
 from support.images import encode, photo_like
+from support.metrics import scrape, value
 from support.models import tiny_classifier
+from support.reference import DirectModel, assert_matches
 from support.server import model_entry, server_config
 
 BODY_LIMIT = 64 * 1024

@@ -12,11 +12,11 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from reference import DirectModel
 from support.client import GoodStream, predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape, value
 from support.models import tiny_classifier
+from support.reference import DirectModel
 from support.server import model_entry, server_config
 
 BODY_LIMIT = 512 * 1024

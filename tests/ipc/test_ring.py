@@ -259,7 +259,7 @@ def test_a_worker_process_that_exits_leaves_the_owners_segments_in_place(make_ri
         "ring.outputs[1] = float(ring.inputs[1].sum())\n"
         "ring.close()\n")
     child = subprocess.run([sys.executable, str(script)], input=msgspec.msgpack.encode(ring.layout),
-                           capture_output=True, timeout=60, cwd=Path(__file__).parent.parent)
+                           capture_output=True, timeout=60, cwd=Path(__file__).parents[2])
     assert child.returncode == 0, child.stderr
     assert b"leaked" not in child.stderr, child.stderr
     assert (SHM / ring.layout.input_segment).exists() and (SHM / ring.layout.output_segment).exists()

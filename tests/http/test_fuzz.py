@@ -35,10 +35,10 @@ from cronnx.config import PreprocessConfig
 from cronnx.errors import ImageTooLarge, InvalidImage
 from cronnx.models.spec import ModelSpec
 from cronnx.preprocessing.transform import Preprocessor, set_max_image_pixels
-from reference import DirectModel, assert_matches
 from support.images import encode, photo_like
 from support.metrics import scrape, total, value
 from support.models import tiny_classifier
+from support.reference import DirectModel, assert_matches
 from support.server import ServerProcess, model_entry, server_config
 
 PIXEL_LIMIT = 1_000_000

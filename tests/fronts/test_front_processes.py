@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 import yaml
 
-from reference import DirectModel, assert_matches
+from support.bad_requests import BODY_LIMIT
 from support.client import TIMEOUT, post, predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape
 from support.models import tiny_classifier
+from support.reference import DirectModel, assert_matches
 from support.server import mapped_segments, model_entry, pid_alive, server_config, shm_segments, wait_until
-from test_bad_input import BODY_LIMIT
 from cronnx.config import PreprocessConfig
 from cronnx.fronts.messages import Abandon, Infer, decode_from_front
 from cronnx.fronts.messages import encode as encode_message

@@ -9,10 +9,10 @@ import sys
 import pytest
 
 from cronnx.config import PreprocessConfig
-from reference import DirectModel, assert_matches
 from support.client import predict_many
 from support.images import encode, photo_like
 from support.models import image_classifier
+from support.reference import DirectModel, assert_matches
 from support.server import REPO, model_entry, server_config
 
 # name -> (builder options, extra config entry fields)

@@ -28,12 +28,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reference import DirectModel, assert_matches
 from support.client import TIMEOUT, Reply
 from support.images import encode, exif_block, photo_like
 from support.metrics import scrape, total, value
 from support.models import tiny_classifier
-from support.server import children, model_entry, pid_alive, server_config, shm_segments, wait_until
+from support.reference import DirectModel, assert_matches
+from support.server import children_of, model_entry, pid_alive, server_config, shm_segments, wait_until
 
 BODY_LIMIT = 128 * 1024
 PIXEL_LIMIT = 1_000_000
@@ -356,7 +356,7 @@ def test_storm_of_hostile_requests_beside_good_traffic(start_server, tiny_model)
 def _descendants(pid: int) -> list[int]:
     found, todo = [], [pid]
     while todo and len(found) < 1000:
-        for kid in children(todo.pop()):
+        for kid in children_of(todo.pop()):
             found.append(kid)
             todo.append(kid)
     return found

@@ -524,6 +524,7 @@ def test_the_pod_resources_match_its_config(name):
     assert (gpus > 0) == (name == "gpu")
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("name", ["cpu", "kserve"])
 def test_the_grace_period_covers_the_prestop_sleep_and_the_drain(name, demo_model, tmp_path):
     objects = SETS[name]()

@@ -12,7 +12,7 @@ import pytest
 
 from support.server import REPO
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.server]
 
 
 @pytest.fixture(scope="module")

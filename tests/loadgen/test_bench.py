@@ -17,7 +17,7 @@ from support.images import encode, photo_like
 from support.models import tiny_classifier
 from support.server import REPO, model_entry, server_config
 
-FAKE_SERVER = Path(__file__).parent / "support" / "fake_server.py"
+FAKE_SERVER = Path(__file__).parents[1] / "support" / "fake_server.py"
 
 
 class FakeServers:

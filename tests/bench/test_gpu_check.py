@@ -20,7 +20,7 @@ import pytest
 
 from cronnx.models.spec import inspect_model
 from support.images import encode, photo_like
-from support.server import REPO, children, pid_alive, shm_segments
+from support.server import REPO, children_of, pid_alive, shm_segments
 
 CHECK = [sys.executable, "-m", "bench.gpu_check"]  # from the repo root, as bench/gpu_device_run.sh runs it
 PARTS = ("setup", "onnxruntime", "preprocess", "served", "gpu", "parity")
@@ -28,7 +28,7 @@ PLACEMENTS = ("threads", "processes", "fronts")
 NA_CPU = "n/a on CPU (CUDA EP only)"
 
 # The first test runs the check (about 20-60 s on 2 cores; the subprocess is stopped at 180 s).
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.server]
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +43,12 @@ def quick_run(tmp_path_factory, demo_model) -> dict:
     out = tmp / "gpu_check.json"
     # Other tests may have left long-lived children of this process (multiprocessing's resource
     # tracker): only what the check starts must be gone when it ends.
-    before = set(children(os.getpid()))
+    before = set(children_of(os.getpid()))
     proc = subprocess.run([*CHECK, "--quick", "--provider", "cpu", "--photos", str(photos),
                            "--json", str(out), "--markdown", str(tmp / "gpu_check.md")],
                           cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert set(children(os.getpid())) <= before
+    assert set(children_of(os.getpid())) <= before
     result = json.loads(out.read_text())
     result["markdown"] = (tmp / "gpu_check.md").read_text()
     return result

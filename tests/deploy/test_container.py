@@ -32,6 +32,8 @@ import yaml
 from support.images import encode, photo_like
 from support.server import REPO, model_entry, server_config, wait_until
 
+pytestmark = pytest.mark.server  # the image serves as `cronnx serve` does
+
 IMAGE = os.environ.get("CRONNX_IMAGE", "cronnx:cpu")
 REQUIRE_DOCKER = os.environ.get("CRONNX_REQUIRE_DOCKER") == "1"
 BUILD_HINT = ("build it as .ci/run does: docker/make_base_image.sh && docker build --network host "

@@ -7,8 +7,8 @@ import asyncio
 import aiohttp
 import pytest
 
-from reference import DirectModel, assert_matches
 from support.client import TIMEOUT, json_body, post, predict_many
+from support.reference import DirectModel, assert_matches
 from support.server import model_entry, server_config
 
 

@@ -10,22 +10,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
 
-from reference import DirectModel, assert_matches
+from bench.processes import server_children
+from cronnx.ipc.cpu import usable_cores
+from cronnx.preprocessing.placement import start
+from support.bad_requests import BAD_REQUESTS, BODY_LIMIT
 from support.client import TIMEOUT, GoodStream, post, predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape
 from support.models import tiny_classifier
-from cronnx.preprocessing.placement import start
-from cronnx.ipc.cpu import usable_cores
-from support.server import (children, mapped_segments, model_entry, pid_alive, server_config, shm_segments,
-                            wait_until)
-from test_bad_input import BAD_REQUESTS, BODY_LIMIT
+from support.reference import DirectModel, assert_matches
+from support.server import mapped_segments, model_entry, pid_alive, server_config, shm_segments, wait_until
 
 RESTARTS = ("cronnx_preprocess_process_restarts_total", frozenset())
 PHOTOS = [encode(photo_like(320 + 16 * i, 240, seed=i), "JPEG", quality=90) for i in range(6)]
@@ -64,18 +63,9 @@ def test_the_start_up_log_names_the_placement(start_server, tiny_model):
 
 
 def preprocessing_pids(server) -> list[int]:
-    """The server process's children that are neither workers nor multiprocessing's resource
-    tracker."""
-    workers = set(server.worker_pids("tiny"))
-    found = []
-    for pid in children(server.proc.pid):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue  # exited since it was listed (the process the test killed)
-        if pid not in workers and cmdline and b"resource_tracker" not in cmdline:
-            found.append(pid)
-    return found
+    """The server process's preprocessing processes: its children less its workers and
+    multiprocessing's resource tracker."""
+    return server_children(server.proc.pid, server.worker_pids("tiny"))
 
 
 def test_answers_equal_a_direct_run_and_bad_images_get_their_status(server, tiny_model):

@@ -21,9 +21,9 @@ from cronnx.workers.pinned_memory import CudaHostError, page_aligned_zeros
 from cronnx.models.spec import inspect_model
 from cronnx.ipc.ring import SlotRing
 from cronnx.workers.child import BatchRunner, create_session
-from reference import DirectModel, assert_matches
 from support.client import predict_many
 from support.models import batch_one_only_model, tiny_classifier
+from support.reference import DirectModel, assert_matches
 from support.server import REPO, model_entry, server_config, wait_until
 
 BUCKETS = [1, 2, 4]

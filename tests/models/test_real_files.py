@@ -21,10 +21,10 @@ from cronnx.models.catalog import load_labels
 from cronnx.config import ConfigError, PreprocessConfig
 from cronnx.models.spec import ModelSpec, inspect_model
 from cronnx.preprocessing.transform import Preprocessor, to_rgb
-from reference import DirectModel, assert_matches
 from support.client import predict_many
 from support.images import encode, exif_block, over_white, photo_like, with_alpha
 from support.models import channel_mean_model, classifier_ending_in, image_classifier
+from support.reference import DirectModel, assert_matches
 from support.server import REPO, model_entry, server_config
 
 SIZE = 32

@@ -13,14 +13,16 @@ import aiohttp
 import numpy as np
 import pytest
 
-from reference import DirectModel
+from support.bad_requests import BODY_LIMIT
 from support.client import TIMEOUT
 from support.images import encode, photo_like
 from support.metrics import scrape
 from support.models import tiny_classifier
+from support.reference import DirectModel
 from support.server import ServerProcess, model_entry, server_config, wait_until
 
-BODY_LIMIT = 256 * 1024
+pytestmark = pytest.mark.server
+
 PHOTO = encode(photo_like(320, 240, seed=4), "JPEG", quality=90)
 OTHER_PHOTO = encode(photo_like(400, 300, seed=5), "JPEG", quality=90)
 PLACEMENTS = pytest.mark.parametrize("front_processes", [1, 2], ids=["one process", "two front processes"])
