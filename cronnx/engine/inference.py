@@ -19,14 +19,7 @@ import numpy as np
 from cronnx.engine.client import InferenceResult
 from cronnx.engine.pool import ModelPool
 from cronnx.engine.registry import Registry
-from cronnx.errors import (
-    DeadlineExceeded,
-    InferenceFailed,
-    NoLiveWorker,
-    QueueFull,
-    ShuttingDown,
-    WorkerLost,
-)
+from cronnx.errors import DeadlineExceeded, InferenceFailed, NoLiveWorker, QueueFull, ShuttingDown, WorkerLost
 from cronnx.ipc.ring import SlotRing
 from cronnx.preprocessing.placement import FillJob, Preprocessing
 from cronnx.workers.channel import SlotReturn

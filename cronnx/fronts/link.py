@@ -14,18 +14,8 @@ import numpy as np
 
 from cronnx.engine.client import InferenceResult, ModelView, RequestReport
 from cronnx.errors import CronnxError, Unavailable, from_wire
-from cronnx.fronts.messages import (
-    Abandon,
-    Answer,
-    Choose,
-    Chosen,
-    Completed,
-    Drain,
-    Infer,
-    Refused,
-    decode_to_front,
-    encode,
-)
+from cronnx.fronts.messages import (Abandon, Answer, Choose, Chosen, Completed, Drain, Infer, Refused, decode_to_front,
+                                    encode)
 from cronnx.ipc.cpu import mark_cpu_bound
 from cronnx.ipc.pipes import PipeReader
 from cronnx.preprocessing.messages import Fill, Filled, Forget, fill_failed

@@ -33,21 +33,8 @@ from cronnx.engine.client import ModelView
 from cronnx.engine.inference import InferenceEngine
 from cronnx.engine.pool import ModelPool
 from cronnx.errors import CronnxError, PreprocessingLost, to_wire
-from cronnx.fronts.messages import (
-    Abandon,
-    Answer,
-    Choose,
-    Chosen,
-    Completed,
-    ConnectionStats,
-    Drain,
-    FrontSpec,
-    Infer,
-    Listening,
-    Refused,
-    decode_from_front,
-    encode,
-)
+from cronnx.fronts.messages import (Abandon, Answer, Choose, Chosen, Completed, ConnectionStats, Drain, FrontSpec,
+                                    Infer, Listening, Refused, decode_from_front, encode)
 from cronnx.http.context import HttpSettings
 from cronnx.ipc.child import ChildProcess
 from cronnx.ipc.restarts import ChildSet

@@ -15,13 +15,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 # aiohttp's own handler: sends "100 Continue", or 417 for an unknown expectation.
 from aiohttp.web_urldispatcher import _default_expect_handler
 
-from cronnx.errors import (
-    BodyTimeout,
-    InvalidRequest,
-    RequestTooLarge,
-    UndecodableBody,
-    UnsupportedMediaType,
-)
+from cronnx.errors import BodyTimeout, InvalidRequest, RequestTooLarge, UndecodableBody, UnsupportedMediaType
 from cronnx.http.context import HttpSettings
 from cronnx.http.middleware import REQUEST_ID_HEADER, json_response
 from cronnx.http.schemas import JSON_TYPE, ImageRequest

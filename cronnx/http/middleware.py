@@ -10,21 +10,9 @@ import uuid
 import msgspec
 from aiohttp import web
 
-from cronnx.errors import (
-    BodyTimeout,
-    CronnxError,
-    DeadlineExceeded,
-    ImageTooLarge,
-    InferenceFailed,
-    InvalidRequest,
-    ModelNotFound,
-    NotAuthenticated,
-    PermissionDenied,
-    RequestTooLarge,
-    Unavailable,
-    UndecodableBody,
-    UnsupportedMediaType,
-)
+from cronnx.errors import (BodyTimeout, CronnxError, DeadlineExceeded, ImageTooLarge, InferenceFailed, InvalidRequest,
+                           ModelNotFound, NotAuthenticated, PermissionDenied, RequestTooLarge, Unavailable,
+                           UndecodableBody, UnsupportedMediaType)
 from cronnx.http.schemas import JSON_TYPE
 
 log = logging.getLogger("cronnx.front")

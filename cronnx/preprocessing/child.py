@@ -6,14 +6,7 @@ from __future__ import annotations
 import signal
 from multiprocessing.connection import Connection
 
-from cronnx.preprocessing.messages import (
-    Filled,
-    Forget,
-    Stop,
-    decode_to_preprocess,
-    encode,
-    fill_failed,
-)
+from cronnx.preprocessing.messages import Filled, Forget, Stop, decode_to_preprocess, encode, fill_failed
 from cronnx.preprocessing.rings import AttachedRings
 
 
