@@ -18,6 +18,7 @@ from support.client import predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape, value
 from support.models import batch_one_only_model, channel_mean_model, tiny_classifier
+from support.reference import DirectModel, assert_matches
 from support.server import model_entry, server_config, wait_until
 
 IMAGE = encode(photo_like(320, 240, seed=5), "JPEG")
@@ -132,8 +133,6 @@ def misdeclared_model(path) -> str:
 
 
 def test_a_model_whose_declared_output_shape_differs_from_what_it_computes_is_served(start_server, tmp_path):
-    from reference import DirectModel, assert_matches
-
     model = misdeclared_model(tmp_path / "misdeclared.onnx")
     server = start_server(server_config(model_entry("mis", model, batch_size=4, batch_timeout_ms=20)))
     images = [encode(photo_like(320, 240, seed=s), "JPEG") for s in range(6)]
