@@ -57,7 +57,12 @@ class PermissionDenied(CronnxError):
 
 
 class ModelNotFound(CronnxError):
-    """No such model, or no such version of it, is served."""
+    """No such model, or no such version of it, is served (or, to model control, configured)."""
+
+
+class ModelControlFailed(CronnxError):
+    """A model-control action (load, reload) could not run: the config file, or the model it
+    names, could not be read or checked. The message is the config error's."""
 
 
 # Retry later: the server or the model cannot take the request now.

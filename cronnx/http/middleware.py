@@ -11,11 +11,11 @@ import msgspec
 from aiohttp import web
 
 from cronnx.errors import (BodyTimeout, CronnxError, DeadlineExceeded, ImageTooLarge, InferenceFailed, InvalidRequest,
-                           ModelNotFound, NotAuthenticated, PermissionDenied, RequestTooLarge, Unavailable,
-                           UndecodableBody, UnsupportedMediaType)
+                           ModelControlFailed, ModelNotFound, NotAuthenticated, PermissionDenied, RequestTooLarge,
+                           Unavailable, UndecodableBody, UnsupportedMediaType)
 from cronnx.http.schemas import JSON_TYPE
 
-log = logging.getLogger("cronnx.front")
+log = logging.getLogger("cronnx.http")
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client's request id is echoed into headers and logs: keep it short and printable.
@@ -34,6 +34,7 @@ ERROR_STATUS: dict[type[CronnxError], int] = {
     RequestTooLarge: 413,
     UnsupportedMediaType: 415,
     InferenceFailed: 500,
+    ModelControlFailed: 500,
     Unavailable: 503,
     DeadlineExceeded: 504,
 }

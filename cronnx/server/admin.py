@@ -9,16 +9,19 @@ import logging
 from aiohttp import web
 
 from cronnx.config import ConfigError, NotInConfig
-from cronnx.errors import NotAuthenticated, PermissionDenied
+from cronnx.errors import ModelControlFailed, ModelNotFound, NotAuthenticated, PermissionDenied
 from cronnx.http.middleware import json_response
 from cronnx.server.state import STATE
 from cronnx.server.status import models_status
 
-log = logging.getLogger("cronnx.front")
+log = logging.getLogger("cronnx.admin")
 
 
 async def admin(request: web.Request) -> web.Response:
-    """Model control: load (what the config says), unload, reload (load again even if unchanged)."""
+    """Model control: load (what the config says), unload, reload (load again even if unchanged).
+    Raises NotAuthenticated (401) or PermissionDenied (403) for a missing or wrong token,
+    ModelNotFound (404) for a model the config does not name, ModelControlFailed (500) when the
+    config or the model cannot be read."""
     state = request.app[STATE]
     _check_token(request, state.config.admin.resolved_token())
     name, action = request.match_info["model"], request.match_info["action"]
@@ -29,9 +32,10 @@ async def admin(request: web.Request) -> web.Response:
             await asyncio.shield(state.registry.unload(name))
         else:
             await asyncio.shield(state.reloader.reload(only=name, force=action == "reload"))
+    except NotInConfig as exc:
+        raise ModelNotFound(str(exc)) from None
     except ConfigError as exc:
-        status = 404 if isinstance(exc, NotInConfig) else 500
-        return json_response({"error": str(exc)}, status)
+        raise ModelControlFailed(str(exc)) from None
     return json_response({"model": name, "action": action, "versions": models_status(state.registry, name)})
 
 

@@ -197,6 +197,12 @@ def test_admin_unload_load_and_reload_with_a_token(start_server, tmp_path):
     assert asyncio.run(_many(f"{url}/predict/m", 1))[0][0] == 200
     (status, body), = asyncio.run(_admin(url, "nosuch", "load", TOKEN))
     assert status == 404 and "not in the config" in body["error"]
+    # A config that cannot be read is the server's problem (500, the config error's words); the
+    # model keeps serving.
+    server.config_path.write_text(yaml.safe_dump({**config, "server": {**config["server"], "nosuchfield": 1}}))
+    (status, body), = asyncio.run(_admin(url, "m", "reload", TOKEN))
+    assert status == 500 and "nosuchfield" in body["error"], body
+    assert asyncio.run(_many(f"{url}/predict/m", 1))[0][0] == 200
 
 
 def test_reload_serves_what_the_file_says_now_and_a_bad_new_model_changes_nothing_else(start_server, tmp_path):
