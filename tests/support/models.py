@@ -8,6 +8,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+# Ten class names, some outside ASCII: what the labels-file tests write in every encoding.
+LABEL_NAMES = ["tench", "goldfish", "great white shark", "Bügeleisen", "東京", "tiger shark", "hammerhead",
+               "electric ray", "stingray", "cock"]
+
 
 def _save(graph, path: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
