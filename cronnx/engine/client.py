@@ -89,7 +89,8 @@ class InferenceClient(Protocol):
         ...
 
     async def view(self, selection: Selection) -> ModelView:
-        """The chosen version's view. Raises as `select` does."""
+        """The chosen version's view. Raises as `select` does; in a front process also
+        Unavailable when the server process has gone, and CancelledError when the caller gives up."""
         ...
 
     async def infer(self, selection: Selection, row: bytes | np.ndarray, request_id: str,

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from cronnx.models.catalog import PreparedVersion
 
 
-class LoadFailed(Exception):
+class VersionLoadFailed(Exception):
     """A version's workers could not start; the message says why."""
 
 
@@ -67,7 +67,7 @@ class ModelPool:
                 self.workers.append(Worker(self._worker_spec(index, ring, prepared.providers, logging), ring))
         except SharedMemoryFull as exc:
             self.close()
-            raise LoadFailed(str(exc)) from None
+            raise VersionLoadFailed(str(exc)) from None
         except BaseException:
             self.close()
             raise
@@ -91,14 +91,14 @@ class ModelPool:
         self.supervisor.start()
 
     async def wait_ready(self, timeout_s: float) -> None:
-        """Until every worker has loaded and warmed up; LoadFailed if one exits first or time runs out."""
+        """Until every worker has loaded and warmed up; VersionLoadFailed if one exits first or time runs out."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         while not all(w.live for w in self.workers):
             failed = next((w for w in self.workers if w.failed_starts), None)
             if failed is not None:
-                raise LoadFailed(f"worker {failed.name} {failed.last_exit}")
+                raise VersionLoadFailed(f"worker {failed.name} {failed.last_exit}")
             if asyncio.get_running_loop().time() > deadline:
-                raise LoadFailed(f"workers not ready after {timeout_s:g}s")
+                raise VersionLoadFailed(f"workers not ready after {timeout_s:g}s")
             await asyncio.sleep(0.02)
 
     @property

@@ -15,7 +15,7 @@ import logging
 import random
 from collections.abc import Callable, Iterator
 
-from cronnx.engine.pool import LoadFailed, ModelPool
+from cronnx.engine.pool import VersionLoadFailed, ModelPool
 from cronnx.errors import ModelNotFound, ModelNotReady
 from cronnx.models.catalog import ModelVersion, PreparedVersion
 from cronnx.observability.logs import LoggingSpec
@@ -131,7 +131,7 @@ class Registry:
                     if force or self._changed(p.model):
                         try:
                             started.append(self._start(p))
-                        except LoadFailed as exc:  # its rings could not be made: the others still load
+                        except VersionLoadFailed as exc:  # its rings could not be made: the others still load
                             key = (p.model.name, p.model.version)
                             self.failed[key] = str(exc)
                             log.error("model %s version %d failed to load: %s", *key, exc)
@@ -221,7 +221,7 @@ class Registry:
     async def _wait_ready(self, pool: ModelPool) -> str | None:
         try:
             await pool.wait_ready(self._load_timeout_s)
-        except LoadFailed as exc:
+        except VersionLoadFailed as exc:
             return str(exc)
         return None
 

@@ -70,6 +70,8 @@ class EngineLink:
         self._loop.add_reader(inbox.fileno(), self._on_readable)
 
     def send(self, message) -> None:
+        """Write one message to the server process. A broken pipe is not raised: the server
+        process has gone, and every request in flight fails with Unavailable (503)."""
         try:
             self._outbox.send_bytes(encode(message))
         except OSError:
@@ -120,6 +122,8 @@ class EngineLink:
         return InferenceResult(output, answer.batch_size, request.preprocess_s, answer.queue_s, answer.infer_s)
 
     def finished(self, selection: Choice | None, report: RequestReport, total_s: float) -> None:
+        """Report the answered request to the server process (`Completed`), which counts it in
+        its metrics; `total_s` in seconds."""
         self.send(Completed(report.api, report.model, report.version, report.outcome, total_s, report.phases,
                             report.ring_full))
 
@@ -193,6 +197,7 @@ class EngineLink:
         self.send(Filled(job) if exc is None else fill_failed(job, exc))
 
     def close(self) -> None:
+        """Wait for the decoding threads, then unmap the rings (threads write into ring memory)."""
         self._executor.shutdown(wait=True)  # threads write into ring memory: finish before unmapping
         self._rings.close()
 

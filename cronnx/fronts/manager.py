@@ -54,6 +54,10 @@ YOUNG_DEATH_S = 2.0
 _SOCKET_DIR = re.compile(r"^cronnx-(\d+)-[^/]+$")
 
 
+# The server process's Unix socket, in the folder `make_socket_dir` makes.
+SOCKET_NAME = "server.sock"
+
+
 def make_socket_dir() -> str:
     """A new folder for the server process's Unix socket, named for this process, removed by the
     server on every exit path it has (a SIGKILL leaves it: `remove_stale_socket_dirs`)."""
@@ -67,7 +71,7 @@ def remove_stale_socket_dirs() -> list[str]:
     for name in os.listdir(root):
         match = _SOCKET_DIR.match(name)
         path = os.path.join(root, name)
-        if match and os.path.exists(os.path.join(path, "engine.sock")) and not pid_alive(int(match.group(1))):
+        if match and os.path.exists(os.path.join(path, SOCKET_NAME)) and not pid_alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -94,15 +98,15 @@ class _Front:
 class FrontProcesses(ChildSet[_Front]):
     """`count` front processes serving HTTP on `port` (already resolved) of `server.host`,
     running their requests through `engine`; every other route they pass to the server
-    process's app on the Unix socket `engine_socket`. Create it on the running event loop;
+    process's app on the Unix socket `server_socket`. Create it on the running event loop;
     `drain()` stops them. `restarts` counts replacements; `pids` lists the live ones."""
 
-    def __init__(self, count: int, server: ServerConfig, port: int, engine_socket: str, logging_spec: LoggingSpec,
+    def __init__(self, count: int, server: ServerConfig, port: int, server_socket: str, logging_spec: LoggingSpec,
                  engine: InferenceEngine, metrics: Metrics):
         super().__init__(count, "front process", YOUNG_DEATH_S)
         self._server = server
         self._port = port
-        self._engine_socket = engine_socket
+        self._server_socket = server_socket
         self._logging = logging_spec
         self._engine = engine
         self._metrics = metrics
@@ -134,7 +138,7 @@ class FrontProcesses(ChildSet[_Front]):
 
     def _start(self, index: int) -> None:
         spec = FrontSpec(index, HttpSettings.of(self._server), self._server.max_image_pixels, self._port,
-                         self._engine_socket, self.threads, self._max_connections, self._logging)
+                         self._server_socket, self.threads, self._max_connections, self._logging)
         # Imported here: the front process's module pulls in what only a front needs.
         from cronnx.fronts.child import run_front_process
         front = _Front(index)

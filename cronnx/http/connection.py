@@ -13,7 +13,7 @@ Two answers come from aiohttp's HTTP parser itself, before any handler or middle
   400, "the request body cannot be read", at once.
 
 Both reach into aiohttp's RequestHandler (its message queue and current request); the malformed
-requests of tests/test_storm.py, on both parsers, are what holds this to aiohttp's behaviour.
+requests of tests/http/test_storm.py, on both parsers, are what holds this to aiohttp's behaviour.
 """
 
 from __future__ import annotations

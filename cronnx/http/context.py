@@ -22,6 +22,7 @@ class HttpSettings(msgspec.Struct, frozen=True):
 
     @classmethod
     def of(cls, server: ServerConfig) -> HttpSettings:
+        """The settings of the config's `server` section."""
         return cls(server.host, server.max_body_bytes, server.request_timeout_s, server.idle_timeout_s)
 
 

@@ -50,6 +50,7 @@ def error_status(exc: CronnxError) -> int:
 
 
 def json_response(body: msgspec.Struct | dict | list, status: int = 200, headers: dict | None = None) -> web.Response:
+    """`body` encoded as JSON (msgspec) with `status` and any more `headers`."""
     return web.Response(body=_json.encode(body), status=status, headers=headers, content_type=JSON_TYPE)
 
 

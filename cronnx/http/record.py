@@ -65,23 +65,27 @@ async def model_request(request: web.Request, api: str, handle: ModelHandler) ->
             return await handle(request, client, selection, record, started)
     finally:
         total_s = time.perf_counter() - started
-        if selection is not None:
-            view = selection.view
-            if view is None:
-                view = await _chosen(client, selection)
-            if view is not None:
-                record.model, record.version = view.name, str(view.version)
-        client.finished(selection, record, total_s)
-        log_request(record, total_s)
+        try:
+            if selection is not None:
+                view = selection.view
+                if view is None:
+                    view = await _chosen(client, selection)
+                if view is not None:
+                    record.model, record.version = view.name, str(view.version)
+        finally:
+            # Counted and logged even if the wait above is cancelled (a drain's shutdown timeout).
+            client.finished(selection, record, total_s)
+            log_request(record, total_s)
 
 
 async def _chosen(client: InferenceClient, selection: Selection) -> ModelView | None:
     """The version a request refused before its first row was chosen for (a front process
     chooses with the first row): its labels are the version's, as where the choice comes first.
-    None when no version would serve it."""
+    None when no version would serve it, or the answer cannot be had (the server process gone)."""
     try:
-        return await client.view(selection)
-    except CronnxError:
+        # Shielded: cancelling this wait leaves the round trip (a front process's Choose) to end on its own.
+        return await asyncio.shield(client.view(selection))
+    except Exception:
         return None
 
 

@@ -18,7 +18,7 @@ from cronnx.engine.inference import InferenceEngine
 from cronnx.engine.local import LocalClient
 from cronnx.engine.pool import ModelPool
 from cronnx.engine.registry import Registry
-from cronnx.fronts.manager import FrontProcesses, make_socket_dir, remove_stale_socket_dirs
+from cronnx.fronts.manager import SOCKET_NAME, FrontProcesses, make_socket_dir, remove_stale_socket_dirs
 from cronnx.http.app import make_app, make_runner
 from cronnx.http.context import HttpSettings
 from cronnx.http.listener import listen, reserve_port
@@ -186,7 +186,7 @@ class ServerProcess:
         self.reserved = reserve_port(server.host, server.port)
         host, port = self.reserved.getsockname()[:2]
         self.socket_dir = make_socket_dir()
-        server_socket = os.path.join(self.socket_dir, "engine.sock")
+        server_socket = os.path.join(self.socket_dir, SOCKET_NAME)
         await web.UnixSite(self.runner, server_socket).start()
         self.fronts = self.state.fronts = FrontProcesses(server.front_processes, server, port, server_socket,
                                                          self._logging(), self.engine, self.metrics)

@@ -12,6 +12,8 @@ from cronnx.server.status import health, list_models, metrics, ready
 
 
 def add_server_routes(app: web.Application, state: ServerState) -> None:
+    """Add the routes only the server process answers (health, readiness, models, metrics, V2
+    metadata, and the admin API when enabled) to `app`, reading `state`."""
     app[STATE] = state
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

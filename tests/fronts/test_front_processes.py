@@ -160,7 +160,7 @@ def test_clients_that_give_up_leave_no_slot_held(server):
 def test_sigterm_stops_every_process_and_leaves_nothing(server):
     assert [r.status for r in asyncio.run(predict_many(f"{server.url}/predict/tiny", PHOTOS))] == [200] * 6
     processes = front_pids(server) + server.worker_pids("tiny")
-    sockets = [p for p in Path("/tmp").glob("cronnx-*/engine.sock") if _listening_by(p, server.proc.pid)]
+    sockets = [p for p in Path("/tmp").glob("cronnx-*/server.sock") if _listening_by(p, server.proc.pid)]
     assert len(sockets) == 1
     assert server.stop(signal.SIGTERM) == 0
     assert not any(pid_alive(pid) for pid in processes)
@@ -269,7 +269,7 @@ def test_after_the_main_process_is_killed_the_fronts_exit_and_the_next_start_tid
     first = start_server(config)
     fronts = front_pids(first)
     folders = list(Path(tempfile.gettempdir()).glob(f"cronnx-{first.proc.pid}-*"))
-    assert len(folders) == 1 and (folders[0] / "engine.sock").exists()
+    assert len(folders) == 1 and (folders[0] / "server.sock").exists()
     first.proc.kill()
     first.proc.wait(10)
     # Their pipe to the server process closed: they stop serving and exit by themselves.

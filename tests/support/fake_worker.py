@@ -1,4 +1,4 @@
-"""The real worker process (`cronnx.worker`, real onnxruntime session, real ring and pipes) with
+"""The real worker process (`cronnx.workers.child`, real onnxruntime session, real ring and pipes) with
 faults injected by its input.
 
 The engine tests serve `channel_mean_model` with identity preprocessing, so the first value of
