@@ -203,8 +203,12 @@ class ModelConfig(Strict):
     # onnxruntime's idle threads spin by default and steal CPU from the server process and the
     # preprocessing.
     allow_spinning: bool = False
-    # Slots per worker ring: requests beyond this are answered 503 at once.
+    # Slots per worker ring: requests beyond this wait in the version's admission queue.
     ring_slots: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
+    # Requests that may wait for a ring slot, per version; past it a request gets 503 at once.
+    # 0: no bound (Triton's max_queue_size). The default lets every connection the server takes
+    # (server.max_connections, 1000) wait: its bodies are held either way.
+    max_queue_size: Annotated[int, msgspec.Meta(ge=0)] = 1000
     top_k: PositiveInt = 5
     labels: str | None = None
     # Build the deterministic demo model at `path` when the file is missing.

@@ -19,7 +19,7 @@ import numpy as np
 from cronnx.engine.client import InferenceResult
 from cronnx.engine.pool import ModelPool
 from cronnx.engine.registry import Registry
-from cronnx.errors import DeadlineExceeded, InferenceFailed, NoLiveWorker, QueueFull, ShuttingDown, WorkerLost
+from cronnx.errors import DeadlineExceeded, InferenceFailed, ShuttingDown, WorkerLost
 from cronnx.ipc.ring import SlotRing
 from cronnx.preprocessing.placement import FillJob, Preprocessing
 from cronnx.workers.channel import SlotReturn
@@ -63,8 +63,9 @@ class InferenceEngine:
     async def infer(self, pool: ModelPool, image: bytes, request_id: str, deadline: float) -> InferenceResult:
         """Preprocess `image` (encoded bytes) into a slot of `pool`, run it, return its output.
 
-        `deadline` is on the event loop's clock (`loop.time()`). Raises ShuttingDown, NoLiveWorker
-        or QueueFull at once (backpressure, nothing waits), InvalidImage or ImageTooLarge from
+        `deadline` is on the event loop's clock (`loop.time()`). A request that finds every slot
+        taken waits for one in the version's admission queue. Raises ShuttingDown, NoLiveWorker or
+        QueueFull (the queue is full) at once, InvalidImage or ImageTooLarge from
         preprocessing, WorkerLost if the worker dies or is killed meanwhile, InferenceFailed if
         onnxruntime raises on this input, DeadlineExceeded; CancelledError when the caller gives
         up. The slot is free again, or will be as soon as no thread or worker touches it, on every
@@ -102,10 +103,10 @@ class InferenceEngine:
         ring rule 4), hand it to the worker, await the answer, copy the output, release."""
         if self.draining:
             raise ShuttingDown("server is shutting down")
-        worker, slot = _acquire(pool)
-        ring = worker.ring
         try:
             async with asyncio.timeout_at(deadline):
+                worker, slot = await pool.admission.acquire(0)
+                ring = worker.ring
                 started = time.perf_counter()
                 await fill(ring, slot)
                 preprocess_s = time.perf_counter() - started
@@ -141,20 +142,6 @@ async def _fill_by(job: FillJob, ring: SlotRing, slot: int) -> None:
     except BaseException:
         ring.release(slot)  # the writer has returned, with its error
         raise
-
-
-def _acquire(pool: ModelPool) -> tuple[Worker, int]:
-    """A slot in the live worker with the most free slots; NoLiveWorker or QueueFull at once."""
-    best = None
-    for worker in pool.workers:
-        if worker.live and (best is None or worker.ring.free_count > best.ring.free_count):
-            best = worker
-    if best is None:
-        raise NoLiveWorker(f"model {pool.name!r} has no live worker (starting or restarting)")
-    slot = best.ring.acquire()
-    if slot is None:
-        raise QueueFull(f"model {pool.name!r} is at capacity ({pool.config.ring_slots} queued per worker)")
-    return best, slot
 
 
 async def _run(pool: ModelPool, worker: Worker, slot: int, request_id: str) -> SlotReturn:

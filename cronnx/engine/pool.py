@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cronnx.engine.admission import AdmissionQueue
 from cronnx.engine.client import ModelView
 from cronnx.ipc.ring import SharedMemoryFull, SlotRing
 from cronnx.observability.logs import LoggingSpec
@@ -71,7 +72,12 @@ class ModelPool:
         except BaseException:
             self.close()
             raise
-        self.supervisor = Supervisor(self.workers, worker_target, liveness, on_batch)
+        # Requests that find every slot taken wait here; each freed slot, and each worker turning
+        # live, hands slots on to them.
+        self.admission = AdmissionQueue(model.name, self.workers, config.max_queue_size)
+        for worker in self.workers:
+            worker.ring.on_release = self.admission.slot_freed
+        self.supervisor = Supervisor(self.workers, worker_target, liveness, on_batch, self.admission.slot_freed)
 
     def _worker_spec(self, index: int, ring: SlotRing, providers: list[str], logging: LoggingSpec) -> WorkerSpec:
         c = self.config

@@ -20,8 +20,10 @@ as "ring rule N".
    (a preprocessing thread or process, a front process) has finished: it may still be writing.
 5. A slot that was sent is freed only on the worker's answer for it (Done, Failed, Dropped) or
    on the worker's death; never when a Cancel is sent, since the worker may be running it.
-6. One owner: the engine (`cronnx/engine/inference.py`) acquires and releases every slot;
-   `release` of a slot that is already free is a bug and raises.
+6. One owner: the engine (`cronnx/engine/inference.py`) acquires every slot, through its model
+   version's admission queue (`cronnx/engine/admission.py`, which hands a released slot on to
+   the next waiting request), and releases it; `release` of a slot that is already free is a
+   bug and raises.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Callable
 from multiprocessing import shared_memory
 
 import msgspec
@@ -86,6 +89,8 @@ class SlotRing:
             output_item_shape=tuple(output_item_shape),
             output_dtype=output_dtype,
         )
+        # Called after each release (the owner's admission queue hands the slot on).
+        self.on_release: Callable[[], None] | None = None
         self._segments: list[shared_memory.SharedMemory] = []
         try:
             self._segments.append(_create(self.layout.input_segment, self.layout.input_bytes()))
@@ -142,6 +147,8 @@ class SlotRing:
         self.filling_count -= state == FILLING
         self._state[slot] = FREE
         self.free_count += 1
+        if self.on_release is not None:
+            self.on_release()
 
     @property
     def closed(self) -> bool:

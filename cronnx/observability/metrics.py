@@ -134,6 +134,7 @@ class _PoolCollector:
         in_use: dict[tuple[str, str, str], float] = defaultdict(float)
         capacity: dict[tuple[str, str, str], float] = defaultdict(float)
         live: dict[tuple[str, str], float] = defaultdict(float)
+        waiting: dict[tuple[str, str], float] = defaultdict(float)
         restarts: dict[tuple[str, str, str], float] = defaultdict(float)
         load: dict[tuple[str, str], float] = defaultdict(float)
         states: dict[tuple[str, str], set[str]] = defaultdict(set)
@@ -146,6 +147,7 @@ class _PoolCollector:
                 for reason, count in worker.restarts.items():
                     restarts[(*key, reason)] += count
             live[key] += pool.live_workers
+            waiting[key] += pool.admission.depth
             load[key] = max([load[key], *(w.load_seconds for w in pool.workers)])
             states[key].add(pool.state)
         yield _family(GaugeMetricFamily, "cronnx_ring_slots_in_use", "Ring slots holding a request, per worker",
@@ -154,6 +156,8 @@ class _PoolCollector:
                       capacity)
         labels = ["model", "version"]
         yield _family(GaugeMetricFamily, "cronnx_live_workers", "Workers that are up and serving", labels, live)
+        yield _family(GaugeMetricFamily, "cronnx_admission_queue_requests",
+                      "Requests waiting for a ring slot in the version's admission queue", labels, waiting)
         yield _family(CounterMetricFamily, "cronnx_worker_restarts",
                       "Workers replaced, by reason: exited, session_broken, load_failed (died while loading), "
                       "ping_timeout or batch_timeout (killed as unresponsive)", [*labels, "reason"], restarts)

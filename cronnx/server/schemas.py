@@ -55,6 +55,14 @@ class WorkerStatus(msgspec.Struct):
     bucket_runs: dict[int, int]
 
 
+class QueueStatus(msgspec.Struct):
+    """A version's admission queue: its bound (the model's max_queue_size; 0: none) and the
+    requests waiting for a ring slot now."""
+
+    max_queue_size: int
+    waiting: int
+
+
 class ModelStatus(msgspec.Struct, omit_defaults=True):
     """One version of a model: loading, ready, draining, or failed with the reason."""
 
@@ -73,6 +81,7 @@ class ModelStatus(msgspec.Struct, omit_defaults=True):
     num_classes: int | None = None
     batch_size: int | None = None
     batch_buckets: list[int] | None = None
+    queue: QueueStatus | None = None
     description: str | None = None
     workers: list[WorkerStatus] | None = None
 
@@ -91,5 +100,5 @@ def model_status(pool: ModelPool, traffic_weight: float | None) -> ModelStatus:
         input_layout=spec.layout, input_dtype=spec.input_dtype, output=spec.output_name,
         output_shape=[spec.fixed_batch or "batch", *spec.output_item_shape],
         outputs_probabilities=pool.outputs_probabilities, num_classes=spec.num_classes, batch_size=pool.batch_size,
-        batch_buckets=pool.batch_buckets,
+        batch_buckets=pool.batch_buckets, queue=QueueStatus(pool.admission.max_queue_size, pool.admission.depth),
         description=spec.description, workers=workers)

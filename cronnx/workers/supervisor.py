@@ -128,10 +128,14 @@ def _exit_reason(worker: Worker, process: ChildProcess) -> tuple[str, str]:
 
 
 class Supervisor:
-    """Starts, watches and restarts the workers of one model version."""
+    """Starts, watches and restarts the workers of one model version: `on_batch` gets each batch a
+    worker ran, `on_live` is called each time a worker turns live (its ring's free slots can be
+    handed out again)."""
 
-    def __init__(self, workers: list[Worker], target: WorkerTarget, liveness: Liveness, on_batch: BatchObserver):
+    def __init__(self, workers: list[Worker], target: WorkerTarget, liveness: Liveness, on_batch: BatchObserver,
+                 on_live: Callable[[], None] = lambda: None):
         self.workers = workers
+        self._on_live = on_live
         self._target = target
         self._liveness = liveness
         self._on_batch = on_batch
@@ -178,6 +182,7 @@ class Supervisor:
             worker.load_seconds = time.monotonic() - worker.process.started_at
             worker.providers = msg.providers
             log.info("worker %s ready (pid %d, providers %s)", worker.name, msg.pid, ",".join(msg.providers))
+            self._on_live()
 
     def _on_exit(self, worker: Worker, process: ChildProcess) -> None:
         was_live = worker.ready

@@ -81,6 +81,14 @@ class Harness:
         deadline = asyncio.get_running_loop().time() + timeout_s
         return await self.engine.infer(self.pool, image or png(rgb), f"req-{rgb}", deadline)
 
+    async def slow_requests_holding_every_slot(self) -> list[asyncio.Task]:
+        """One SLOW request per slot of the (one) worker, each colour (SLOW, i, i), all holding
+        their slots when this returns."""
+        slots = self.worker.ring.slots
+        tasks = [asyncio.create_task(self.infer((SLOW, i, i))) for i in range(slots)]
+        await self.until(lambda: self.pool.slots_in_use == slots, "every slot taken")
+        return tasks
+
     async def until(self, predicate, what: str, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
         while not predicate():
@@ -106,11 +114,12 @@ class Harness:
 @asynccontextmanager
 async def serving(model_path, workers: int = 1, batch_size: int = 4, ring_slots: int = 8,
                   batch_timeout_ms: float = 5.0, liveness: Liveness = QUIET, threads: int = 2, processes: int = 0,
-                  fill_timeout_s: float = 30.0):
+                  fill_timeout_s: float = 30.0, max_queue_size: int = 1000):
     """The engine on a real registry; images decoded by `threads` threads, or by `processes`
     preprocessing processes when that is above 0."""
     config = ModelConfig(name="m", path=str(model_path), batch_size=batch_size, batch_timeout_ms=batch_timeout_ms,
-                         workers=workers, ring_slots=ring_slots, intra_op_threads=1, preprocess=IDENTITY)
+                         workers=workers, ring_slots=ring_slots, max_queue_size=max_queue_size, intra_op_threads=1,
+                         preprocess=IDENTITY)
     prepared = catalog.prepare(ModelVersion("m", 1, str(model_path), config, "test"))
     batches: list[int] = []
     started_dir = Path(tempfile.mkdtemp(prefix="cronnx-started-"))
@@ -280,15 +289,93 @@ def test_worker_that_stops_answering_pings_is_killed_and_replaced(model):
     asyncio.run(main())
 
 
-def test_a_full_ring_refuses_at_once_and_takes_requests_again_when_slots_free(model):
+def test_a_full_queue_refuses_at_once_and_takes_requests_again_when_slots_free(model):
+    async def main():
+        async with serving(model, batch_size=1, ring_slots=2, max_queue_size=1) as h:
+            first = await h.slow_requests_holding_every_slot()
+            waiting = asyncio.create_task(h.infer((9, 9, 9)))
+            await h.until(lambda: h.pool.admission.depth == 1, "one request waiting")
+            with pytest.raises(QueueFull, match="max_queue_size"):
+                await h.infer((10, 10, 10))
+            assert not any(t.done() for t in first)  # refused while both slots were still taken
+            assert [(await t).output.tolist() for t in first] == [expected((SLOW, i, i)) for i in range(2)]
+            assert (await waiting).output.tolist() == expected((9, 9, 9))
+            assert (await h.infer((11, 12, 13))).output.tolist() == expected((11, 12, 13))
+
+    asyncio.run(main())
+
+
+def test_four_times_the_slots_wait_their_turn_and_each_gets_its_own_answer(model):
+    colours = [(20 + i, 100 + i, 3 * i) for i in range(8)]
+
+    async def main():
+        async with serving(model, batch_size=2, ring_slots=2) as h:
+            results = await asyncio.gather(*(h.infer(c) for c in colours))
+            assert [r.output.tolist() for r in results] == [expected(c) for c in colours]
+            assert h.pool.admission.depth == 0
+            assert sum(h.batches) == len(colours)  # each ran once
+
+    asyncio.run(main())
+
+
+def test_a_deadline_in_the_queue_is_504_and_nothing_runs_for_it(model):
     async def main():
         async with serving(model, batch_size=1, ring_slots=2) as h:
-            first = [asyncio.create_task(h.infer((SLOW, i, i))) for i in range(2)]
-            await h.until(lambda: h.pool.slots_in_use == 2, "both slots taken")
-            with pytest.raises(QueueFull):
-                await h.infer((10, 10, 10))
-            assert [(await t).output.tolist() for t in first] == [expected((SLOW, i, i)) for i in range(2)]
-            assert (await h.infer((11, 12, 13))).output.tolist() == expected((11, 12, 13))
+            first = await h.slow_requests_holding_every_slot()
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                await h.infer((7, 7, 7), timeout_s=0.1)
+            assert time.monotonic() - started < 0.3  # on time, not when a slot freed (SLOW_S later)
+            await asyncio.gather(*first)
+            assert h.pool.admission.depth == 0 and sum(h.batches) == 2  # only the two slow ones ran
+
+    asyncio.run(main())
+
+
+def test_a_request_that_gives_up_in_the_queue_passes_its_turn_on(model):
+    async def main():
+        async with serving(model, batch_size=1, ring_slots=2) as h:
+            first = await h.slow_requests_holding_every_slot()
+            gone = asyncio.create_task(h.infer((5, 5, 5)))
+            next_one = asyncio.create_task(h.infer((6, 6, 6)))
+            await h.until(lambda: h.pool.admission.depth == 2, "two requests waiting")
+            gone.cancel()
+            await h.until(lambda: h.pool.admission.depth == 1, "the one that gave up gone from the queue")
+            assert (await next_one).output.tolist() == expected((6, 6, 6))
+            await asyncio.gather(*first)
+            assert sum(h.batches) == 3  # nothing ran for the request that gave up
+
+    asyncio.run(main())
+
+
+def test_freed_slots_go_to_the_highest_priority_first_and_in_arrival_order_within_one(model):
+    async def main():
+        async with serving(model, batch_size=1, ring_slots=2) as h:
+            queue = h.pool.admission
+            held = [await queue.acquire(0) for _ in range(2)]  # every slot taken, nothing sent
+            order = []
+
+            async def wait(priority: int, name: str):
+                taken = await queue.acquire(priority)
+                order.append(name)
+                return taken
+
+            waiters = []
+            for priority, name in [(2, "low-1"), (1, "high-1"), (2, "low-2"), (1, "high-2")]:
+                waiters.append(asyncio.create_task(wait(priority, name)))
+                await asyncio.sleep(0)  # queued in this order
+            await h.until(lambda: queue.depth == 4, "four waiting")
+            served = []
+            for _ in range(4):
+                worker, slot = held.pop(0)
+                worker.ring.release(slot)  # hands the slot to the next waiter
+                await h.until(lambda: len(order) == len(served) + 1, "the next waiter served")
+                task = next(t for t in waiters if t.done() and t not in served)
+                served.append(task)
+                held.append(task.result())
+            assert order == ["high-1", "high-2", "low-1", "low-2"]
+            for worker, slot in held:
+                worker.ring.release(slot)
 
     asyncio.run(main())
 

@@ -122,7 +122,8 @@ def test_text_log_format_is_readable(start_server, models_dir):
 
 def test_ring_full_rejections_are_counted(start_server, tmp_path):
     slow = tiny_classifier(tmp_path / "slow.onnx", slow_layers=200, hidden=2048)
-    server = start_server(server_config(model_entry("slow", slow, batch_size=1, ring_slots=2), request_timeout_s=30))
+    server = start_server(server_config(model_entry("slow", slow, batch_size=1, ring_slots=2, max_queue_size=1),
+                                        request_timeout_s=30))
     statuses = asyncio.run(_send(server.url, [("/predict/slow", IMAGE, "image/jpeg")] * 10))
     m = scrape(server.url)
     assert statuses.count(503) > 0
