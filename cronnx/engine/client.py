@@ -41,12 +41,14 @@ class ModelView(msgspec.Struct, frozen=True):
 class InferenceResult(msgspec.Struct):
     """One row's answer: `output` is a copy of the model's output row for it (shape
     `spec.output_item_shape`, dtype `spec.output_dtype`, scores as the model gives them);
-    `batch_size` the number of rows in the batch it ran in. Seconds: `preprocess_s` writing the
+    `batch_size` the number of rows in the batch it ran in. Seconds: `admission_s` waiting for a
+    ring slot (the version's admission queue; 0 when one was free), `preprocess_s` writing the
     row into its slot (decoding an image, including any wait for a thread; or copying a tensor
     row), `queue_s` from the hand-over to the batch's start, `infer_s` the batch's run."""
 
     output: np.ndarray
     batch_size: int
+    admission_s: float
     preprocess_s: float
     queue_s: float
     infer_s: float

@@ -105,6 +105,7 @@ class InferenceEngine:
             raise ShuttingDown("server is shutting down")
         try:
             async with asyncio.timeout_at(deadline):
+                arrived = time.perf_counter()
                 worker, slot = await pool.admission.acquire(0)
                 ring = worker.ring
                 started = time.perf_counter()
@@ -119,7 +120,8 @@ class InferenceEngine:
         finally:
             ring.release(slot)
         if returned.outcome == "done":
-            return InferenceResult(output, returned.batch_size, preprocess_s, returned.queue_s, returned.infer_s)
+            return InferenceResult(output, returned.batch_size, started - arrived, preprocess_s, returned.queue_s,
+                                   returned.infer_s)
         if returned.outcome == "failed":
             raise InferenceFailed(f"inference failed: {returned.error}")
         raise WorkerLost(returned.error or f"worker {worker.name} dropped the request")

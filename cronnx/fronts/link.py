@@ -119,7 +119,8 @@ class EngineLink:
             self._requests.pop(number, None)
         selection.view = self._views[answer.view_key]
         output = np.frombuffer(answer.output, dtype=answer.dtype).reshape(answer.shape)
-        return InferenceResult(output, answer.batch_size, request.preprocess_s, answer.queue_s, answer.infer_s)
+        return InferenceResult(output, answer.batch_size, answer.admission_s, request.preprocess_s, answer.queue_s,
+                               answer.infer_s)
 
     def finished(self, selection: Choice | None, report: RequestReport, total_s: float) -> None:
         """Report the answered request to the server process (`Completed`), which counts it in

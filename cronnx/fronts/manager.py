@@ -205,7 +205,8 @@ class FrontProcesses(ChildSet[_Front]):
                     message.request_id, deadline)
                 output: np.ndarray = result.output
                 self._send(front, Answer(message.request, output.tobytes(), output.dtype.str, output.shape,
-                                         result.batch_size, result.queue_s, result.infer_s, pool.generation,
+                                         result.batch_size, result.admission_s, result.queue_s, result.infer_s,
+                                         pool.generation,
                                          _view_unless_sent(front, pool)))
         except asyncio.CancelledError:
             pass  # abandoned by the front, or the front is gone: nobody reads an answer

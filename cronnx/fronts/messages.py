@@ -118,7 +118,8 @@ class Chosen(msgspec.Struct, tag="chosen", array_like=True):
 
 class Answer(msgspec.Struct, tag="answer", array_like=True):
     """Request `request` ran: `output` is its output row's bytes (dtype `dtype`, shape `shape`),
-    `batch_size` the batch it ran in, seconds `queue_s` and `infer_s` as in InferenceResult.
+    `batch_size` the batch it ran in, seconds `admission_s`, `queue_s` and `infer_s` as in
+    InferenceResult.
     `view_key` names its version's ModelView; `view` is that view when the front has not been
     sent it yet."""
 
@@ -127,6 +128,7 @@ class Answer(msgspec.Struct, tag="answer", array_like=True):
     dtype: str
     shape: tuple[int, ...]
     batch_size: int
+    admission_s: float
     queue_s: float
     infer_s: float
     view_key: int

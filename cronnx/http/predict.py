@@ -43,13 +43,14 @@ def predict_response(record: RequestRecord, view: ModelView, k: int | None, resu
     predictions = [Prediction(i, labels[i], p)
                    for i, p in top_k(result.output, k or view.top_k, view.outputs_probabilities)]
     timings = Timings(total=(respond_started - started) * 1000.0, read=read_s * 1000.0,
-                      preprocess=result.preprocess_s * 1000.0, queue=result.queue_s * 1000.0,
-                      inference=result.infer_s * 1000.0)
+                      admission=result.admission_s * 1000.0, preprocess=result.preprocess_s * 1000.0,
+                      queue=result.queue_s * 1000.0, inference=result.infer_s * 1000.0)
     response = json_response(PredictResponse(model=view.name, version=view.version, predictions=predictions,
                                              batch_size=result.batch_size, timings_ms=timings))
     record.batch_size = result.batch_size
-    record.phases = {"read": read_s, "preprocess": result.preprocess_s, "queue": result.queue_s,
-                     "inference": result.infer_s, "respond": time.perf_counter() - respond_started}
+    record.phases = {"read": read_s, "admission": result.admission_s, "preprocess": result.preprocess_s,
+                     "queue": result.queue_s, "inference": result.infer_s,
+                     "respond": time.perf_counter() - respond_started}
     return response
 
 

@@ -18,8 +18,11 @@ class Prediction(msgspec.Struct):
 
 
 class Timings(msgspec.Struct):
+    """/predict's `timings_ms`: the request's phases in milliseconds (README, "POST /predict")."""
+
     total: float
     read: float
+    admission: float
     preprocess: float
     queue: float
     inference: float

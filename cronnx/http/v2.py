@@ -87,7 +87,8 @@ async def _infer(request: web.Request, client: InferenceClient, selection: Selec
     respond_started = time.perf_counter()
     response = _response(parsed, model, results)
     record.batch_size = max(r.batch_size for r in results)
-    record.phases = {"read": read_s, "preprocess": max(r.preprocess_s for r in results),
+    record.phases = {"read": read_s, "admission": max(r.admission_s for r in results),
+                     "preprocess": max(r.preprocess_s for r in results),
                      "queue": max(r.queue_s for r in results), "inference": max(r.infer_s for r in results),
                      "respond": time.perf_counter() - respond_started}
     return response

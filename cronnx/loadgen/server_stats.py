@@ -58,7 +58,7 @@ def difference(before: Samples | None, after: Samples | None, model: str) -> Ser
             sizes[bound] = cumulative - below
         below = cumulative
     phases = {}
-    for phase in ("read", "preprocess", "queue", "inference", "respond"):
+    for phase in ("read", "admission", "preprocess", "queue", "inference", "respond"):
         count = delta("cronnx_request_phase_seconds_count", phase=phase)
         if count:
             phases[phase] = delta("cronnx_request_phase_seconds_sum", phase=phase) / count

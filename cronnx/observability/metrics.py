@@ -42,7 +42,8 @@ class Metrics:
                                   labels, buckets=latency_buckets_s, registry=registry)
         self.phase = Histogram("cronnx_request_phase_seconds",
                                "Time of each phase of a successful request: read (body read and decode), "
-                               "preprocess, queue (waiting in the ring), inference, respond (encoding)",
+                               "admission (waiting for a ring slot), preprocess, queue (waiting in the ring), "
+                               "inference, respond (encoding)",
                                [*labels, "phase"], buckets=latency_buckets_s, registry=registry)
         self.batch_size = Histogram("cronnx_batch_size", "Images in each executed batch", labels,
                                     buckets=[2.0 ** i for i in range(11)], registry=registry)

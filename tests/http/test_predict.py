@@ -85,6 +85,7 @@ def test_top_k_query_parameter_sets_the_number_of_predictions(demo_server, direc
 def test_timings_are_reported_in_milliseconds(demo_server, photos):
     replies = asyncio.run(predict_many(f"{demo_server.url}/predict/mobilenetv2", [photos[0].read_bytes()]))
     timings = replies[0].body["timings_ms"]
-    assert set(timings) == {"total", "read", "preprocess", "queue", "inference"}
+    assert set(timings) == {"total", "read", "admission", "preprocess", "queue", "inference"}
     assert 0 < timings["inference"] < timings["total"]
-    assert timings["read"] + timings["preprocess"] + timings["queue"] + timings["inference"] <= timings["total"]
+    assert (timings["read"] + timings["admission"] + timings["preprocess"] + timings["queue"] + timings["inference"]
+            <= timings["total"])

@@ -150,7 +150,7 @@ def test_against_cronnx_it_reads_batches_and_phases_from_the_server(start_server
     assert r["ok"] == 80
     stats = r["server"]
     assert stats["batches"] >= 20 and abs(stats["mean_batch_size"] * stats["batches"] - 80) < 1e-6
-    assert set(stats["phase_means_s"]) == {"read", "preprocess", "queue", "inference", "respond"}
+    assert set(stats["phase_means_s"]) == {"read", "admission", "preprocess", "queue", "inference", "respond"}
     assert "batches, mean size" in text
 
 

@@ -15,7 +15,7 @@ from support.models import tiny_classifier
 from support.server import model_entry, server_config
 
 IMAGE = encode(photo_like(320, 240, seed=1), "JPEG")
-PHASES = ("read", "preprocess", "queue", "inference", "respond")
+PHASES = ("read", "admission", "preprocess", "queue", "inference", "respond")
 
 
 @pytest.fixture(scope="module")
