@@ -209,6 +209,16 @@ class ModelConfig(Strict):
     # 0: no bound (Triton's max_queue_size). The default lets every connection the server takes
     # (server.max_connections, 1000) wait: its bodies are held either way.
     max_queue_size: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    # Priority levels of the admission queue, as Triton's: 1 is served first; 0 levels: one
+    # queue in arrival order. A request without a priority gets default_priority_level (unset:
+    # the lowest, priority_levels).
+    priority_levels: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
+    default_priority_level: PositiveInt | None = None
+    # How long a request may wait for a slot before its 504 (unset: until its request timeout),
+    # and whether a request may ask for less (Triton's default_timeout_microseconds and
+    # allow_timeout_override, in milliseconds).
+    default_timeout_ms: PositiveFloat | None = None
+    allow_timeout_override: bool = False
     top_k: PositiveInt = 5
     labels: str | None = None
     # Build the deterministic demo model at `path` when the file is missing.
@@ -232,6 +242,9 @@ class ModelConfig(Strict):
             raise ValueError("traffic weights must add up to more than 0")
         if self.ring_slots < self.batch_size:
             raise ValueError(f"ring_slots ({self.ring_slots}) must be >= batch_size ({self.batch_size})")
+        if self.default_priority_level is not None and self.default_priority_level > self.priority_levels:
+            raise ValueError(f"default_priority_level ({self.default_priority_level}) must be within "
+                             f"priority_levels (1 to {self.priority_levels})")
 
     @property
     def worker_count(self) -> int:

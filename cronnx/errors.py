@@ -99,6 +99,11 @@ class DeadlineExceeded(CronnxError):
     """The request did not complete before its deadline (`request_timeout_s`)."""
 
 
+class QueueTimeout(DeadlineExceeded):
+    """The request waited for a ring slot longer than its queue timeout (the model's
+    default_timeout_ms, or the request's own)."""
+
+
 class InferenceFailed(CronnxError):
     """onnxruntime raised while running this request's input; the message says what it said."""
 

@@ -48,6 +48,12 @@ CASES = {
     "unknown cuda setting": ({"models": [{"name": "m", "path": "TINY", "cuda": {"use_fp8": True}}]}, "use_fp8"),
     "bad conv algo search": ({"models": [{"name": "m", "path": "TINY", "cuda": {"cudnn_conv_algo_search": "FAST"}}]},
                              "cudnn_conv_algo_search"),
+    "default priority level beyond the levels": ({"models": [{"name": "m", "path": "TINY", "priority_levels": 2,
+                                                              "default_priority_level": 3}]}, "default_priority_level"),
+    "negative queue size": ({"models": [{"name": "m", "path": "TINY", "max_queue_size": -1}]},
+                            "$.models[0].max_queue_size"),
+    "zero queue timeout": ({"models": [{"name": "m", "path": "TINY", "default_timeout_ms": 0}]},
+                           "$.models[0].default_timeout_ms"),
     "unavailable provider": ({"models": [{"name": "m", "path": "TINY", "providers": ["TensorrtExecutionProvider"]}]}, "TensorrtExecutionProvider"),
 }
 

@@ -18,20 +18,26 @@ import heapq
 import itertools
 from collections.abc import Sequence
 
-from cronnx.errors import NoLiveWorker, QueueFull
+from cronnx.config import ModelConfig
+from cronnx.errors import InvalidRequest, NoLiveWorker, QueueFull
 from cronnx.workers.supervisor import Worker
 
 
 class AdmissionQueue:
     """The waiters for a slot of `workers` (the live one with the most free slots serves each),
-    at most `max_queue_size` of them (0: no bound, as Triton's). `name` names the model in errors.
-    Call `slot_freed` whenever a slot may have become available (a release, a worker turning
-    live). Used on the event loop only."""
+    under the policy of `config` (the model's max_queue_size, priority levels and queue timeout,
+    named as Triton's queue policy). `name` names the model in errors. Call `slot_freed` whenever
+    a slot may have become available (a release, a worker turning live). Used on the event loop
+    only."""
 
-    def __init__(self, name: str, workers: Sequence[Worker], max_queue_size: int):
+    def __init__(self, name: str, workers: Sequence[Worker], config: ModelConfig):
         self._name = name
         self._workers = workers
-        self.max_queue_size = max_queue_size
+        self.max_queue_size = config.max_queue_size
+        self.priority_levels = config.priority_levels
+        self.default_priority_level = config.default_priority_level or config.priority_levels
+        self.default_timeout_s = None if config.default_timeout_ms is None else config.default_timeout_ms / 1000.0
+        self.allow_timeout_override = config.allow_timeout_override
         # (priority level, arrival, future): the smallest first; a future already done (given up,
         # or served) is skipped when it comes up.
         self._heap: list[tuple[int, int, asyncio.Future]] = []
@@ -65,6 +71,29 @@ class AdmissionQueue:
                 worker, slot = waiter.result()
                 worker.ring.release(slot)
             raise
+
+    def level(self, priority: int | None) -> int:
+        """The queue level of a request asking for `priority` (None or 0: the model's default, as
+        Triton's). Raises InvalidRequest (400) beyond priority_levels."""
+        if not priority:
+            return self.default_priority_level
+        if priority > self.priority_levels:
+            allowed = (f"0 to {self.priority_levels}" if self.priority_levels
+                       else "0: the model has no priority levels (priority_levels)")
+            raise InvalidRequest(f"priority {priority} is out of range for model {self._name!r}: {allowed}")
+        return priority
+
+    def wait_limit_s(self, timeout_s: float | None) -> float | None:
+        """How long a request asking for `timeout_s` (None: nothing) may wait for a slot, in
+        seconds; None: until its request timeout. A request may only shorten the model's
+        default_timeout_ms, and only where allow_timeout_override is set; InvalidRequest (400)
+        otherwise."""
+        if timeout_s is None:
+            return self.default_timeout_s
+        if not self.allow_timeout_override:
+            raise InvalidRequest(f"model {self._name!r} does not let a request set its queue timeout "
+                                 "(allow_timeout_override)")
+        return timeout_s if self.default_timeout_s is None else min(timeout_s, self.default_timeout_s)
 
     def slot_freed(self) -> None:
         """Hand free slots to the waiters, first in order first, while both remain."""

@@ -54,6 +54,19 @@ class InferenceResult(msgspec.Struct):
     infer_s: float
 
 
+class QueueParameters(msgspec.Struct, frozen=True, array_like=True):
+    """What a request asks of its model version's admission queue (Triton's request parameters):
+    `priority`, a level (1 is served first; None or 0: the model's default_priority_level), and
+    `timeout_s`, how long it may wait for a ring slot in seconds (None: the model's
+    default_timeout_ms). Checked against the version's policy by the engine (400 when outside it)."""
+
+    priority: int | None = None
+    timeout_s: float | None = None
+
+
+NO_QUEUE_PARAMETERS = QueueParameters()
+
+
 class Selection(Protocol):
     """One request's choice of a model version, held from `select` until `finished`. `view` is
     the version's view once chosen: at once in the server process, with the first row's answer
@@ -95,13 +108,15 @@ class InferenceClient(Protocol):
         Unavailable when the server process has gone, and CancelledError when the caller gives up."""
         ...
 
-    async def infer(self, selection: Selection, row: bytes | np.ndarray, request_id: str,
-                    deadline: float) -> InferenceResult:
+    async def infer(self, selection: Selection, row: bytes | np.ndarray, request_id: str, deadline: float,
+                    queue: QueueParameters = NO_QUEUE_PARAMETERS) -> InferenceResult:
         """Run one row on the chosen version: an encoded image (bytes; decoded and preprocessed
         as the version says), or one row of its input tensor (shape `spec.input_item_shape`,
         dtype `spec.input_dtype`: the caller checks both). `deadline` is on the event loop's
-        clock; `request_id` goes into the worker's log. Raises ShuttingDown, NoLiveWorker or
-        QueueFull at once (backpressure), InvalidImage or ImageTooLarge, WorkerLost,
+        clock; `request_id` goes into the worker's log; `queue` is what it asks of the admission
+        queue. Raises ShuttingDown, NoLiveWorker or QueueFull at once (backpressure),
+        InvalidRequest (a priority or queue timeout the version does not allow), QueueTimeout
+        (504), InvalidImage or ImageTooLarge, WorkerLost,
         InferenceFailed, DeadlineExceeded, the errors of `select`; CancelledError when the
         caller gives up."""
         ...

@@ -16,10 +16,10 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from cronnx.engine.client import InferenceResult
+from cronnx.engine.client import NO_QUEUE_PARAMETERS, InferenceResult, QueueParameters
 from cronnx.engine.pool import ModelPool
 from cronnx.engine.registry import Registry
-from cronnx.errors import DeadlineExceeded, InferenceFailed, ShuttingDown, WorkerLost
+from cronnx.errors import DeadlineExceeded, InferenceFailed, QueueTimeout, ShuttingDown, WorkerLost
 from cronnx.ipc.ring import SlotRing
 from cronnx.preprocessing.placement import FillJob, Preprocessing
 from cronnx.workers.channel import SlotReturn
@@ -60,7 +60,8 @@ class InferenceEngine:
             return self.registry.route(model).choose(routing_key)
         return self.registry.version(model, version)
 
-    async def infer(self, pool: ModelPool, image: bytes, request_id: str, deadline: float) -> InferenceResult:
+    async def infer(self, pool: ModelPool, image: bytes, request_id: str, deadline: float,
+                    queue: QueueParameters = NO_QUEUE_PARAMETERS) -> InferenceResult:
         """Preprocess `image` (encoded bytes) into a slot of `pool`, run it, return its output.
 
         `deadline` is on the event loop's clock (`loop.time()`). A request that finds every slot
@@ -73,20 +74,21 @@ class InferenceEngine:
         """
         async def preprocess(ring: SlotRing, slot: int) -> None:
             await _fill_by(self.preprocessing.submit(pool.preprocess, ring, slot, image), ring, slot)
-        return await self._infer(pool, preprocess, request_id, deadline)
+        return await self._infer(pool, preprocess, request_id, deadline, queue)
 
     async def infer_filled_by(self, pool: ModelPool, start_fill: Callable[[SlotRing, int], FillJob],
-                              request_id: str, deadline: float) -> InferenceResult:
+                              request_id: str, deadline: float,
+                              queue: QueueParameters = NO_QUEUE_PARAMETERS) -> InferenceResult:
         """Run one request whose input another process writes into the slot (a front process,
         `fronts/manager.py`, that holds the image): `start_fill(ring, slot)` asks it to and
         returns the `FillJob` that resolves once it has stopped writing. Raises as `infer` does;
         `preprocess_s` is the fill's round trip."""
         async def fill(ring: SlotRing, slot: int) -> None:
             await _fill_by(start_fill(ring, slot), ring, slot)
-        return await self._infer(pool, fill, request_id, deadline)
+        return await self._infer(pool, fill, request_id, deadline, queue)
 
-    async def infer_tensor(self, pool: ModelPool, row: np.ndarray, request_id: str,
-                           deadline: float) -> InferenceResult:
+    async def infer_tensor(self, pool: ModelPool, row: np.ndarray, request_id: str, deadline: float,
+                           queue: QueueParameters = NO_QUEUE_PARAMETERS) -> InferenceResult:
         """Run one row of the model's own input tensor (shape `spec.input_item_shape`, dtype
         `spec.input_dtype`: the caller checks both), copied into a slot as it is. Raises as `infer`
         does, less the preprocessing errors; `preprocess_s` is the copy."""
@@ -96,17 +98,22 @@ class InferenceEngine:
             except BaseException:
                 ring.release(slot)
                 raise
-        return await self._infer(pool, copy, request_id, deadline)
+        return await self._infer(pool, copy, request_id, deadline, queue)
 
-    async def _infer(self, pool: ModelPool, fill, request_id: str, deadline: float) -> InferenceResult:
-        """Acquire a slot, `await fill(ring, slot)` (which releases the slot itself when it fails:
-        ring rule 4), hand it to the worker, await the answer, copy the output, release."""
+    async def _infer(self, pool: ModelPool, fill, request_id: str, deadline: float,
+                     queue: QueueParameters) -> InferenceResult:
+        """Acquire a slot (waiting in the admission queue as `queue` asks), `await fill(ring,
+        slot)` (which releases the slot itself when it fails: ring rule 4), hand it to the worker,
+        await the answer, copy the output, release."""
         if self.draining:
             raise ShuttingDown("server is shutting down")
+        admission = pool.admission
+        level = admission.level(queue.priority)
+        wait_limit_s = admission.wait_limit_s(queue.timeout_s)
         try:
             async with asyncio.timeout_at(deadline):
                 arrived = time.perf_counter()
-                worker, slot = await pool.admission.acquire(0)
+                worker, slot = await _admit(pool, level, wait_limit_s)
                 ring = worker.ring
                 started = time.perf_counter()
                 await fill(ring, slot)
@@ -125,6 +132,19 @@ class InferenceEngine:
         if returned.outcome == "failed":
             raise InferenceFailed(f"inference failed: {returned.error}")
         raise WorkerLost(returned.error or f"worker {worker.name} dropped the request")
+
+
+async def _admit(pool: ModelPool, level: int, wait_limit_s: float | None) -> tuple[Worker, int]:
+    """A slot from the version's admission queue at priority `level`, waiting at most
+    `wait_limit_s` seconds (None: until the request's deadline); QueueTimeout after that."""
+    if wait_limit_s is None:
+        return await pool.admission.acquire(level)
+    try:
+        async with asyncio.timeout(wait_limit_s):
+            return await pool.admission.acquire(level)
+    except TimeoutError:
+        raise QueueTimeout(f"no ring slot of model {pool.name!r} came free within {wait_limit_s * 1000:g} ms "
+                           "(its queue timeout)") from None
 
 
 async def _fill_by(job: FillJob, ring: SlotRing, slot: int) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Awaitable
 
 import numpy as np
 
-from cronnx.engine.client import InferenceResult, ModelView, RequestReport
+from cronnx.engine.client import NO_QUEUE_PARAMETERS, InferenceResult, ModelView, QueueParameters, RequestReport
 from cronnx.engine.inference import InferenceEngine
 from cronnx.engine.pool import ModelPool
 from cronnx.observability.metrics import Metrics
@@ -35,12 +35,12 @@ class LocalClient:
     async def view(self, selection: ModelPool) -> ModelView:
         return selection.view
 
-    def infer(self, selection: ModelPool, row: bytes | np.ndarray, request_id: str,
-              deadline: float) -> Awaitable[InferenceResult]:
+    def infer(self, selection: ModelPool, row: bytes | np.ndarray, request_id: str, deadline: float,
+              queue: QueueParameters = NO_QUEUE_PARAMETERS) -> Awaitable[InferenceResult]:
         # The engine's own coroutine, not one wrapping it: one frame less per row.
         if isinstance(row, bytes):
-            return self._engine.infer(selection, row, request_id, deadline)
-        return self._engine.infer_tensor(selection, row, request_id, deadline)
+            return self._engine.infer(selection, row, request_id, deadline, queue)
+        return self._engine.infer_tensor(selection, row, request_id, deadline, queue)
 
     def finished(self, selection: ModelPool | None, report: RequestReport, total_s: float) -> None:
         if selection is not None:

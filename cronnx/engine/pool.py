@@ -74,7 +74,7 @@ class ModelPool:
             raise
         # Requests that find every slot taken wait here; each freed slot, and each worker turning
         # live, hands slots on to them.
-        self.admission = AdmissionQueue(model.name, self.workers, config.max_queue_size)
+        self.admission = AdmissionQueue(model.name, self.workers, config)
         for worker in self.workers:
             worker.ring.on_release = self.admission.slot_freed
         self.supervisor = Supervisor(self.workers, worker_target, liveness, on_batch, self.admission.slot_freed)

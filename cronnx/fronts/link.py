@@ -12,7 +12,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from cronnx.engine.client import InferenceResult, ModelView, RequestReport
+from cronnx.engine.client import NO_QUEUE_PARAMETERS, InferenceResult, ModelView, QueueParameters, RequestReport
 from cronnx.errors import CronnxError, Unavailable, from_wire
 from cronnx.fronts.messages import (Abandon, Answer, Choose, Chosen, Completed, Drain, Infer, Refused, decode_to_front,
                                     encode)
@@ -98,8 +98,8 @@ class EngineLink:
         selection.view = view = self._views[chosen.view_key]
         return view
 
-    async def infer(self, selection: Choice, row: bytes | np.ndarray, request_id: str,
-                    deadline: float) -> InferenceResult:
+    async def infer(self, selection: Choice, row: bytes | np.ndarray, request_id: str, deadline: float,
+                    queue: QueueParameters = NO_QUEUE_PARAMETERS) -> InferenceResult:
         """As InferenceClient.infer: the row is written into its slot here (`preprocess_s` is that
         decode or copy); the server process is told when the caller gives up."""
         view = selection.view
@@ -108,7 +108,8 @@ class EngineLink:
         else:  # chosen: every row runs on that version
             model, version, routing_key = view.name, view.version, None
         request, number = self._ask(row, selection)
-        self.send(Infer(number, request_id, model, version, routing_key, max(0.0, deadline - self._loop.time())))
+        self.send(Infer(number, request_id, model, version, routing_key, max(0.0, deadline - self._loop.time()),
+                        queue))
         try:
             answer = await request.answer
         except asyncio.CancelledError:

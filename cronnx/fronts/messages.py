@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import msgspec
 
-from cronnx.engine.client import ModelView
+from cronnx.engine.client import NO_QUEUE_PARAMETERS, ModelView, QueueParameters
 from cronnx.errors import WireError
 from cronnx.http.context import HttpSettings
 from cronnx.observability.logs import LoggingSpec
@@ -52,7 +52,7 @@ class FrontSpec(msgspec.Struct, frozen=True):
 class Infer(msgspec.Struct, tag="infer", array_like=True):
     """Run request `request` (the front's number for it) on `model` (`version` None: the route
     chooses, by `routing_key` when traffic is split). `timeout_s`: what is left of its request
-    timeout; `request_id` goes into the worker's logs."""
+    timeout; `request_id` goes into the worker's logs; `queue` what it asks of the admission queue."""
 
     request: int
     request_id: str
@@ -60,6 +60,7 @@ class Infer(msgspec.Struct, tag="infer", array_like=True):
     version: int | None
     routing_key: str | None
     timeout_s: float
+    queue: QueueParameters = NO_QUEUE_PARAMETERS
 
 
 class Abandon(msgspec.Struct, tag="abandon", array_like=True):

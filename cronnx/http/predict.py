@@ -7,7 +7,8 @@ import time
 
 from aiohttp import web
 
-from cronnx.engine.client import InferenceClient, InferenceResult, ModelView, Selection
+from cronnx.engine.client import (NO_QUEUE_PARAMETERS, InferenceClient, InferenceResult, ModelView, QueueParameters,
+                                  Selection)
 from cronnx.errors import InvalidRequest
 from cronnx.http.body import read_image, request_deadline
 from cronnx.http.context import SETTINGS
@@ -25,10 +26,11 @@ async def _predict(request: web.Request, client: InferenceClient, selection: Sel
                    started: float) -> web.Response:
     settings = request.app[SETTINGS]
     k = top_k_param(request)
+    queue = queue_parameters(request)
     deadline = request_deadline(settings, started)
     image = await read_image(request, settings, deadline)
     read_s = time.perf_counter() - started
-    result = await client.infer(selection, image, record.request_id, deadline)
+    result = await client.infer(selection, image, record.request_id, deadline, queue)
     return predict_response(record, selection.view, k, result, started, read_s)
 
 
@@ -66,3 +68,27 @@ def top_k_param(request: web.Request) -> int | None:
     if k < 1:
         raise InvalidRequest(f"top_k must be a positive integer, got {raw!r}")
     return k
+
+
+def queue_parameters(request: web.Request) -> QueueParameters:
+    """The `priority` (a level: 1 is served first, 0 the model's default) and `timeout_ms` (how
+    long the request may wait for a ring slot, in milliseconds) query parameters; InvalidRequest
+    unless a non-negative integer and a positive number. The model's policy checks them next."""
+    priority = request.query.get("priority")
+    timeout_ms = request.query.get("timeout_ms")
+    if priority is None and timeout_ms is None:
+        return NO_QUEUE_PARAMETERS
+    level = None
+    if priority is not None:
+        if not priority.isdigit() or len(priority) > 3:
+            raise InvalidRequest(f"priority must be a priority level, 0 to 100, got {priority!r}")
+        level = int(priority)
+    timeout_s = None
+    if timeout_ms is not None:
+        try:
+            timeout_s = float(timeout_ms) / 1000.0
+        except ValueError:
+            timeout_s = 0.0
+        if not 0 < timeout_s < float("inf"):
+            raise InvalidRequest(f"timeout_ms must be a positive number of milliseconds, got {timeout_ms!r}")
+    return QueueParameters(level, timeout_s)

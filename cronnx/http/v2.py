@@ -26,7 +26,7 @@ import msgspec
 import numpy as np
 from aiohttp import web
 
-from cronnx.engine.client import InferenceClient, InferenceResult, ModelView, Selection
+from cronnx.engine.client import InferenceClient, InferenceResult, ModelView, QueueParameters, Selection
 from cronnx.errors import InvalidRequest
 from cronnx.http.body import read_body, request_deadline
 from cronnx.http.context import SETTINGS
@@ -82,8 +82,10 @@ async def _infer(request: web.Request, client: InferenceClient, selection: Selec
     header, binary = _split_body(request, body)
     parsed = _parse_header(header) if header else _raw_binary_request(binary, model)
     rows = _rows(parsed, binary, model)
+    queue = _queue_parameters(parsed.parameters)
     read_s = time.perf_counter() - started
-    results = await _all_or_nothing([client.infer(selection, row, record.request_id, deadline) for row in rows])
+    results = await _all_or_nothing([client.infer(selection, row, record.request_id, deadline, queue)
+                                     for row in rows])
     respond_started = time.perf_counter()
     response = _response(parsed, model, results)
     record.batch_size = max(r.batch_size for r in results)
@@ -102,6 +104,19 @@ async def _all_or_nothing(jobs) -> list[InferenceResult]:
     except BaseExceptionGroup as group_error:
         raise group_error.exceptions[0] from None
     return [task.result() for task in tasks]
+
+
+def _queue_parameters(parameters: dict[str, object]) -> QueueParameters:
+    """Triton's `priority` (a level: 1 is served first, 0 the model's default) and `timeout`
+    (how long the request may wait for a ring slot, in microseconds; 0: the model's default)
+    request parameters; InvalidRequest unless non-negative integers. The model's policy checks
+    them next."""
+    priority, timeout = parameters.get("priority"), parameters.get("timeout")
+    # The bounds keep both within what crosses a pipe (int64): priority_levels is at most 100.
+    for name, value, most in (("priority", priority, 100), ("timeout", timeout, 2 ** 63 - 1)):
+        if value is not None and (type(value) is not int or not 0 <= value <= most):
+            raise InvalidRequest(f"parameter {name!r} must be an integer from 0 to {most}, got {value!r}")
+    return QueueParameters(priority or None, timeout / 1_000_000 if timeout else None)
 
 
 def _split_body(request: web.Request, body: bytes) -> tuple[bytes, bytes]:

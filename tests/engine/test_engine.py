@@ -29,7 +29,9 @@ from cronnx.models.catalog import ModelVersion
 from cronnx.config import ModelConfig, PreprocessConfig
 from cronnx.observability.logs import LoggingSpec
 from cronnx.engine.inference import InferenceEngine
-from cronnx.errors import DeadlineExceeded, InferenceFailed, InvalidImage, PreprocessingLost, QueueFull, WorkerLost
+from cronnx.engine.client import NO_QUEUE_PARAMETERS, QueueParameters
+from cronnx.errors import (DeadlineExceeded, InferenceFailed, InvalidImage, InvalidRequest, PreprocessingLost,
+                           QueueFull, QueueTimeout, WorkerLost)
 from cronnx.preprocessing.placement import ProcessPreprocessing, ThreadPreprocessing
 from cronnx.engine.registry import Registry
 from cronnx.workers.supervisor import Liveness
@@ -77,9 +79,10 @@ class Harness:
     def worker(self):
         return self.pool.workers[0]
 
-    async def infer(self, rgb, timeout_s: float = 10.0, image: bytes | None = None):
+    async def infer(self, rgb, timeout_s: float = 10.0, image: bytes | None = None,
+                    queue: QueueParameters = NO_QUEUE_PARAMETERS):
         deadline = asyncio.get_running_loop().time() + timeout_s
-        return await self.engine.infer(self.pool, image or png(rgb), f"req-{rgb}", deadline)
+        return await self.engine.infer(self.pool, image or png(rgb), f"req-{rgb}", deadline, queue)
 
     async def slow_requests_holding_every_slot(self) -> list[asyncio.Task]:
         """One SLOW request per slot of the (one) worker, each colour (SLOW, i, i), all holding
@@ -114,12 +117,13 @@ class Harness:
 @asynccontextmanager
 async def serving(model_path, workers: int = 1, batch_size: int = 4, ring_slots: int = 8,
                   batch_timeout_ms: float = 5.0, liveness: Liveness = QUIET, threads: int = 2, processes: int = 0,
-                  fill_timeout_s: float = 30.0, max_queue_size: int = 1000):
+                  fill_timeout_s: float = 30.0, **queue_policy):
     """The engine on a real registry; images decoded by `threads` threads, or by `processes`
-    preprocessing processes when that is above 0."""
+    preprocessing processes when that is above 0; `queue_policy`: the model's admission queue
+    fields (max_queue_size, priority_levels, ...)."""
     config = ModelConfig(name="m", path=str(model_path), batch_size=batch_size, batch_timeout_ms=batch_timeout_ms,
-                         workers=workers, ring_slots=ring_slots, max_queue_size=max_queue_size, intra_op_threads=1,
-                         preprocess=IDENTITY)
+                         workers=workers, ring_slots=ring_slots, intra_op_threads=1, preprocess=IDENTITY,
+                         **queue_policy)
     prepared = catalog.prepare(ModelVersion("m", 1, str(model_path), config, "test"))
     batches: list[int] = []
     started_dir = Path(tempfile.mkdtemp(prefix="cronnx-started-"))
@@ -376,6 +380,57 @@ def test_freed_slots_go_to_the_highest_priority_first_and_in_arrival_order_withi
             assert order == ["high-1", "high-2", "low-1", "low-2"]
             for worker, slot in held:
                 worker.ring.release(slot)
+
+    asyncio.run(main())
+
+
+def test_a_higher_priority_request_gets_the_next_slot_before_an_earlier_lower_one(model):
+    async def main():
+        async with serving(model, batch_size=1, ring_slots=2, priority_levels=2) as h:
+            first = await h.slow_requests_holding_every_slot()  # they run one after the other
+            low = asyncio.create_task(h.infer((11, 12, 13), queue=QueueParameters(priority=2)))
+            await h.until(lambda: h.pool.admission.depth == 1, "the low-priority request waiting")
+            high = asyncio.create_task(h.infer((14, 15, 16), queue=QueueParameters(priority=1)))
+            await h.until(lambda: h.pool.admission.depth == 2, "both waiting")
+            done, _ = await asyncio.wait([low, high], return_when=asyncio.FIRST_COMPLETED)
+            assert done == {high} and not low.done()
+            assert (await low).output.tolist() == expected((11, 12, 13))
+            assert (await high).output.tolist() == expected((14, 15, 16))
+            assert high.result().admission_s < low.result().admission_s
+            await asyncio.gather(*first)
+
+    asyncio.run(main())
+
+
+def test_the_queue_timeout_ends_the_wait_and_a_request_may_only_shorten_it_where_allowed(model):
+    async def main():
+        async with serving(model, batch_size=1, ring_slots=2, default_timeout_ms=100.0,
+                           allow_timeout_override=True) as h:
+            first = await h.slow_requests_holding_every_slot()
+            started = time.monotonic()
+            with pytest.raises(QueueTimeout, match="100 ms"):
+                await h.infer((17, 17, 17))
+            with pytest.raises(QueueTimeout, match="20 ms"):
+                await h.infer((17, 17, 17), queue=QueueParameters(timeout_s=0.02))
+            with pytest.raises(QueueTimeout, match="100 ms"):  # asking for more gets the model's
+                await h.infer((17, 17, 17), queue=QueueParameters(timeout_s=5.0))
+            assert time.monotonic() - started < 0.39  # all before a slot freed
+            await asyncio.gather(*first)
+            assert sum(h.batches) == 2  # nothing ran for them
+
+    asyncio.run(main())
+
+
+def test_a_priority_or_timeout_the_model_does_not_allow_is_refused_before_any_wait(model):
+    async def main():
+        async with serving(model, priority_levels=2) as h:
+            with pytest.raises(InvalidRequest, match="0 to 2"):
+                await h.infer((21, 21, 21), queue=QueueParameters(priority=3))
+            with pytest.raises(InvalidRequest, match="allow_timeout_override"):
+                await h.infer((21, 21, 21), queue=QueueParameters(timeout_s=1.0))
+            answer = await h.infer((21, 21, 21), queue=QueueParameters(priority=2))
+            assert answer.output.tolist() == expected((21, 21, 21))
+            assert h.batches == [1]
 
     asyncio.run(main())
 

@@ -1,14 +1,18 @@
 """The admission queue over HTTP, in both placements (one process, front processes): four times
 more requests than ring slots wait their turn and each gets its own answer, none a 503; the
-queue's gauge and `/models` show it empty again afterwards."""
+queue's gauge and `/models` show it empty again afterwards; a request's priority and queue
+timeout, on both APIs, are checked against the model's policy (400 saying the range)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 
+import aiohttp
 import pytest
 
-from support.client import predict_many
+from support.client import TIMEOUT, post, predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape, value
 from support.models import tiny_classifier
@@ -47,3 +51,43 @@ def test_four_times_the_slots_all_get_their_own_answer_and_none_a_503(start_serv
     status = server.get("/models")[1]["models"][0]
     assert status["queue"] == {"max_queue_size": 1000, "waiting": 0}
     assert status["workers"][0]["slots_in_use"] == 0
+
+
+def _v2(image: bytes, **parameters) -> bytes:
+    return json.dumps({"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES",
+                                   "data": [base64.b64encode(image).decode()]}],
+                       **({"parameters": parameters} if parameters else {})}).encode()
+
+
+@pytest.mark.parametrize("front_processes", [1, 2], ids=["one-process", "front-processes"])
+def test_priority_and_queue_timeout_on_both_apis_are_checked_against_the_models_policy(start_server, tmp_path,
+                                                                                      front_processes):
+    model = tiny_classifier(tmp_path / "tiny.onnx")
+    server = start_server(server_config(model_entry("tiny", model, priority_levels=2),
+                                        front_processes=front_processes))
+    image = encode(photo_like(64, 48, seed=3), "JPEG")
+    predict, infer = f"{server.url}/predict/tiny", f"{server.url}/v2/models/tiny/infer"
+    cases = [  # (url, body, content type, query, status, words in the error)
+        (predict, image, "image/jpeg", {"priority": "1"}, 200, None),
+        (predict, image, "image/jpeg", {"priority": "0"}, 200, None),
+        (predict, image, "image/jpeg", {"priority": "3"}, 400, "0 to 2"),
+        (predict, image, "image/jpeg", {"priority": "high"}, 400, "priority"),
+        (predict, image, "image/jpeg", {"timeout_ms": "50"}, 400, "allow_timeout_override"),
+        (predict, image, "image/jpeg", {"timeout_ms": "-1"}, 400, "timeout_ms"),
+        (infer, _v2(image, priority=2), "application/json", None, 200, None),
+        (infer, _v2(image, priority=3), "application/json", None, 400, "0 to 2"),
+        (infer, _v2(image, priority="high"), "application/json", None, 400, "priority"),
+        (infer, _v2(image, priority=10 ** 30), "application/json", None, 400, "priority"),
+        (infer, _v2(image, timeout=1000), "application/json", None, 400, "allow_timeout_override"),
+    ]
+
+    async def main():
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            return [await post(session, url, body, kind, query) for url, body, kind, query, _, _ in cases]
+
+    replies = asyncio.run(main())
+    for (url, _, _, query, status, words), reply in zip(cases, replies):
+        assert reply.status == status, (url, query, reply.body)
+        if words is not None:
+            assert words in reply.body["error"], (query, reply.body)
+
