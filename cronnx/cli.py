@@ -126,11 +126,13 @@ def inspect(path: str) -> None:
 @click.option("--warmup", type=float, default=2.0, show_default=True, help="Seconds of load before measuring.")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Per-request timeout in seconds.")
 @click.option("--procs", type=int, default=1, show_default=True, help="Client processes.")
+@click.option("--retry-after/--no-retry-after", default=True, show_default=True,
+              help="Closed loop: after a 503 with Retry-After, a client waits that long before its next request.")
 @click.option("--sweep", default=None, help="Comma-separated concurrencies (or rates with --rate) to run in turn.")
 @click.option("--plot", "plot_path", default=None, help="With --sweep: draw latency against throughput (PNG).")
 @click.option("--json", "json_path", default=None, help="Write the results as JSON here.")
 def bench(url, model, images, folder, mode, concurrency, rate, arrivals, duration, requests, warmup, timeout, procs,
-          sweep, plot_path, json_path) -> None:
+          retry_after, sweep, plot_path, json_path) -> None:
     """Load a Cronnx server (or any server with the same API) and report what it sustained."""
     import msgspec
 
@@ -153,7 +155,7 @@ def bench(url, model, images, folder, mode, concurrency, rate, arrivals, duratio
         spec = LoadSpec(url=url, bodies=bodies, content_type=content_type,
                         concurrency=None if rate else int(point), rate=point if rate else None, arrivals=arrivals,
                         duration_s=None if requests else duration, requests=requests, warmup_s=warmup,
-                        timeout_s=timeout, progress=sys.stderr.isatty())
+                        timeout_s=timeout, progress=sys.stderr.isatty(), retry_after=retry_after)
         result = loadgen.run(spec, procs, model)
         click.echo(report.summary(result))
         results.append(result)

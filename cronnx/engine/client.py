@@ -79,14 +79,14 @@ class Selection(Protocol):
 class RequestReport(Protocol):
     """What `finished` reads of an answered request (`http.record.RequestRecord`): the API it came
     by ("predict", "v2"), the version's labels (UNKNOWN_MODEL and "" when none was chosen), its
-    outcome ("success" or the status code), its phases in seconds, and whether a full ring
-    refused it."""
+    outcome ("success" or the status code), its phases in seconds, and the admission queue's
+    reason for refusing it ("queue_full", "timeout"; "" when it did not)."""
 
     api: str
     model: str
     version: str
     phases: dict[str, float]
-    ring_full: bool
+    rejection: str
 
     @property
     def outcome(self) -> str: ...

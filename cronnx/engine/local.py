@@ -47,4 +47,4 @@ class LocalClient:
             selection.leave()
             self._in_flight.dec()
         self._metrics.record_request(report.model, report.version, report.api, report.outcome, total_s,
-                                     report.phases, report.ring_full)
+                                     report.phases, report.rejection)

@@ -72,7 +72,8 @@ class Abandon(msgspec.Struct, tag="abandon", array_like=True):
 class Completed(msgspec.Struct, tag="completed", array_like=True):
     """A request answered by a front: for `cronnx_requests_total` and the latency histograms.
     `outcome` is "success" or the status code; seconds throughout. `model` and `version` label
-    the version chosen for it, or engine.client.UNKNOWN_MODEL and "" when none was."""
+    the version chosen for it, or engine.client.UNKNOWN_MODEL and "" when none was; `rejection`
+    the admission queue's reason for refusing it ("queue_full", "timeout", or "")."""
 
     api: str
     model: str
@@ -80,7 +81,7 @@ class Completed(msgspec.Struct, tag="completed", array_like=True):
     outcome: str
     total_s: float
     phases: dict[str, float]
-    ring_full: bool
+    rejection: str
 
 
 class ConnectionStats(msgspec.Struct, tag="connections", array_like=True):

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from aiohttp import web
 
 from cronnx.engine.client import UNKNOWN_MODEL, InferenceClient, ModelView, Selection
-from cronnx.errors import CronnxError, ModelNotFound, QueueFull
+from cronnx.errors import CronnxError, ModelNotFound, QueueFull, QueueTimeout
 from cronnx.http.context import CLIENT
 from cronnx.http.middleware import error_status
 
@@ -36,7 +36,7 @@ class RequestRecord:
         # 499: the client closed the connection first (nginx's convention).
         self.status = 500
         self.error = ""
-        self.ring_full = False
+        self.rejection = ""
         self.batch_size = 0
         self.phases: dict[str, float] = {}
 
@@ -97,7 +97,8 @@ def outcome_into(record: RequestRecord) -> Iterator[None]:
         yield
     except CronnxError as exc:
         record.status, record.error = error_status(exc), exc.message
-        record.ring_full = isinstance(exc, QueueFull)
+        record.rejection = ("queue_full" if isinstance(exc, QueueFull)
+                            else "timeout" if isinstance(exc, QueueTimeout) else "")
         raise
     except asyncio.CancelledError:
         record.status, record.error = 499, "the client closed the connection"

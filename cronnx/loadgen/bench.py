@@ -80,7 +80,11 @@ def run(spec: LoadSpec, procs: int, model: str) -> BenchResult:
     after = server_stats.scrape(metrics_url)
     if not outcome:
         raise RuntimeError("the load clients failed; see the error above")
-    return summarize(spec, outcome[0], server_stats.difference(before, after, model))
+    result = summarize(spec, outcome[0], server_stats.difference(before, after, model))
+    capacity = server_stats.capacity(spec.url, model)
+    if capacity is not None and spec.concurrency is not None:
+        result.warnings.extend(server_stats.capacity_warnings(spec.concurrency, *capacity))
+    return result
 
 
 def _run_clients(spec: LoadSpec, procs: int) -> list[LoadResult]:

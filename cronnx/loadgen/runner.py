@@ -38,6 +38,9 @@ class LoadSpec(msgspec.Struct, frozen=True):
     timeout_s: float = 30.0
     seed: int = 1
     progress: bool = False
+    # Closed loop: a client answered 503 with Retry-After waits that long before its next request
+    # (RFC 9110, 10.2.3), as a well-behaved client would; off: it sends again at once.
+    retry_after: bool = True
     # time.monotonic() at which the warm-up starts: several processes start together.
     start_at: float | None = None
 
@@ -97,11 +100,14 @@ class _Run:
             return True
         return False
 
-    async def send(self, session: aiohttp.ClientSession, body: bytes, start: float, measured: bool) -> None:
+    async def send(self, session: aiohttp.ClientSession, body: bytes, start: float, measured: bool) -> float:
+        """One request; returns the seconds its Retry-After asks to wait (0 unless a 503 says so
+        and the spec honours it). Raises _Failed when no answer came."""
         try:
             async with session.post(self.spec.url, data=body, headers={"Content-Type": self.spec.content_type}) as r:
                 await r.read()
                 status = r.status
+                retry_after = r.headers.get("Retry-After") if status == 503 and self.spec.retry_after else None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             if measured:
                 self.exceptions[type(exc).__name__] += 1
@@ -115,10 +121,19 @@ class _Run:
             if status == 200:
                 self.ok += 1
                 self.histogram.record(now - start)
+        return _delay_s(retry_after)
 
 
 class _Failed(Exception):
     pass
+
+
+def _delay_s(retry_after: str | None) -> float:
+    """The seconds a Retry-After header's delay-seconds form asks for (at most 60); 0 for none,
+    or for the HTTP-date form, which Cronnx never sends."""
+    if retry_after is None or not retry_after.strip().isdigit():
+        return 0.0
+    return min(60.0, float(retry_after.strip()))
 
 
 async def _closed_loop(run: _Run, session: aiohttp.ClientSession) -> None:
@@ -133,9 +148,12 @@ async def _closed_loop(run: _Run, session: aiohttp.ClientSession) -> None:
             if run.measured(start) and not measured:
                 return  # --requests: all measured requests are out
             try:
-                await run.send(session, spec.bodies[i % len(spec.bodies)], start, measured)
+                wait_s = await run.send(session, spec.bodies[i % len(spec.bodies)], start, measured)
             except _Failed:
                 await asyncio.sleep(ERROR_PAUSE_S)
+            else:
+                if wait_s:  # never past the end of the measured window
+                    await asyncio.sleep(min(wait_s, max(0.0, run.window_end - time.monotonic())))
             i += 1
 
     await asyncio.sleep(max(0.0, run.warmup_start - time.monotonic()))

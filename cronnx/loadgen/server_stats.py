@@ -64,3 +64,33 @@ def difference(before: Samples | None, after: Samples | None, model: str) -> Ser
             phases[phase] = delta("cronnx_request_phase_seconds_sum", phase=phase) / count
     mean = delta("cronnx_batch_size_sum") / batches if batches else None
     return ServerStats(batches=batches, batch_sizes=sizes, mean_batch_size=mean, phase_means_s=phases)
+
+
+def capacity(predict_url: str, model: str, timeout_s: float = 5.0) -> tuple[int, int] | None:
+    """What a Cronnx server's /models says `model` can hold at once: (ring slots of its serving
+    versions' workers, the largest max_queue_size among them, 0 for no bound); None for another
+    server, or a model it does not list."""
+    parts = urlsplit(predict_url)
+    try:
+        with urllib.request.urlopen(f"{parts.scheme}://{parts.netloc}/models", timeout=timeout_s) as response:
+            listed = msgspec.json.decode(response.read())["models"]
+        versions = [v for v in listed if v["name"] == model and v.get("state") == "ready"]
+        if not versions:
+            return None
+        slots = sum(v["ring_slots"] * len(v["workers"]) for v in versions)
+        return slots, max(v["queue"]["max_queue_size"] for v in versions)
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError, msgspec.DecodeError):
+        return None
+
+
+def capacity_warnings(clients: int, slots: int, max_queue_size: int) -> list[str]:
+    """What a closed loop of `clients` means for a model of `slots` ring slots and that queue."""
+    if clients <= slots:
+        return []
+    waiting = clients - slots
+    if max_queue_size and waiting > max_queue_size:
+        return [f"{clients} clients are more than the model's {slots} ring slots and {max_queue_size} places in "
+                f"its admission queue (max_queue_size): the excess is answered 503"]
+    return [f"{clients} clients are more than the model's {slots} ring slots: up to {waiting} wait in its "
+            f"admission queue, which adds to their latency"]
+

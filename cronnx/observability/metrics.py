@@ -50,8 +50,10 @@ class Metrics:
         self.batch_fill = Histogram("cronnx_batch_fill_seconds",
                                     "How long a batch's oldest request waited for the batch to start",
                                     labels, buckets=latency_buckets_s, registry=registry)
-        self.ring_full = Counter("cronnx_ring_full_rejections", "Requests refused with 503 because the ring was full",
-                                 labels, registry=registry)
+        self.rejections = Counter("cronnx_admission_rejections",
+                                  "Requests refused by the admission queue, by reason: queue_full (every ring slot "
+                                  "taken and max_queue_size waiting: 503), timeout (no slot within the queue "
+                                  "timeout: 504)", [*labels, "reason"], registry=registry)
         self.in_flight = Gauge("cronnx_in_flight_requests", "Requests being handled by the server", registry=registry)
         connections = Gauge("cronnx_open_connections", "HTTP connections open now", registry=registry)
         connections.set_function(open_connections)
@@ -66,9 +68,11 @@ class Metrics:
         self._versions: dict[tuple[str, str], _VersionSeries] = {}
 
     def record_request(self, model: str, version: str, api: str, outcome: str, total_s: float,
-                       phases: dict[str, float], ring_full: bool) -> None:
+                       phases: dict[str, float], rejection: str) -> None:
         """One answered inference request: the API it came by ("predict", "v2"), its outcome
-        ("success" or the error's status), its time and, when it succeeded, each phase's time."""
+        ("success" or the error's status), its time and, when it succeeded, each phase's time;
+        `rejection` the admission queue's reason for refusing it ("queue_full", "timeout"; ""
+        when it did not)."""
         series = self._versions.get((model, version))
         if series is None:
             series = self._versions[(model, version)] = _VersionSeries(self, model, version)
@@ -76,8 +80,8 @@ class Metrics:
         series.duration.observe(total_s)
         for phase, seconds in phases.items():
             series.phase(phase).observe(seconds)
-        if ring_full:
-            series.ring_full.inc()
+        if rejection:
+            series.rejection(rejection).inc()
 
     def batch_recorder(self, model: str, version: str) -> BatchObserver:
         """What the supervisor calls with each batch a worker ran for this model version."""
@@ -100,7 +104,7 @@ class _VersionSeries:
     def __init__(self, metrics: Metrics, model: str, version: str):
         self._metrics, self._labels = metrics, (model, version)
         self.duration = metrics.duration.labels(model, version)
-        self.ring_full = metrics.ring_full.labels(model, version)
+        self._rejections: dict[str, Counter] = {}
         self._outcomes: dict[tuple[str, str], Counter] = {}
         self._phases: dict[str, Histogram] = {}
 
@@ -108,6 +112,12 @@ class _VersionSeries:
         child = self._outcomes.get((api, outcome))
         if child is None:
             child = self._outcomes[(api, outcome)] = self._metrics.requests.labels(*self._labels, api, outcome)
+        return child
+
+    def rejection(self, reason: str) -> Counter:
+        child = self._rejections.get(reason)
+        if child is None:
+            child = self._rejections[reason] = self._metrics.rejections.labels(*self._labels, reason)
         return child
 
     def phase(self, phase: str) -> Histogram:

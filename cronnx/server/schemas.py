@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 if TYPE_CHECKING:
+    from cronnx.engine.admission import AdmissionQueue
     from cronnx.engine.pool import ModelPool
 
 
@@ -56,10 +57,15 @@ class WorkerStatus(msgspec.Struct):
 
 
 class QueueStatus(msgspec.Struct):
-    """A version's admission queue: its bound (the model's max_queue_size; 0: none) and the
-    requests waiting for a ring slot now."""
+    """A version's admission queue: its policy (the model's max_queue_size, 0: no bound;
+    priority_levels and the default level, 0 with no levels; default_timeout_ms, None: the
+    request timeout; allow_timeout_override) and the requests waiting for a ring slot now."""
 
     max_queue_size: int
+    priority_levels: int
+    default_priority_level: int
+    default_timeout_ms: float | None
+    allow_timeout_override: bool
     waiting: int
 
 
@@ -81,6 +87,7 @@ class ModelStatus(msgspec.Struct, omit_defaults=True):
     num_classes: int | None = None
     batch_size: int | None = None
     batch_buckets: list[int] | None = None
+    ring_slots: int | None = None
     queue: QueueStatus | None = None
     description: str | None = None
     workers: list[WorkerStatus] | None = None
@@ -100,5 +107,11 @@ def model_status(pool: ModelPool, traffic_weight: float | None) -> ModelStatus:
         input_layout=spec.layout, input_dtype=spec.input_dtype, output=spec.output_name,
         output_shape=[spec.fixed_batch or "batch", *spec.output_item_shape],
         outputs_probabilities=pool.outputs_probabilities, num_classes=spec.num_classes, batch_size=pool.batch_size,
-        batch_buckets=pool.batch_buckets, queue=QueueStatus(pool.admission.max_queue_size, pool.admission.depth),
+        batch_buckets=pool.batch_buckets, ring_slots=pool.config.ring_slots, queue=_queue_status(pool.admission),
         description=spec.description, workers=workers)
+
+
+def _queue_status(queue: AdmissionQueue) -> QueueStatus:
+    timeout_ms = None if queue.default_timeout_s is None else queue.default_timeout_s * 1000.0
+    return QueueStatus(queue.max_queue_size, queue.priority_levels, queue.default_priority_level, timeout_ms,
+                       queue.allow_timeout_override, queue.depth)

@@ -94,6 +94,17 @@ def test_error_counts_are_exact(fake_server, image):
     assert "500: 40" in text
 
 
+def test_a_503_with_retry_after_makes_the_client_wait_unless_told_not_to(fake_server, image):
+    # One client; every 2nd request is a 503 with Retry-After: 1. Honoured, each 503 costs a
+    # second: at most 3 of them in 2.5 s. Ignored, the client sends again at once: hundreds.
+    url = fake_server("--busy-every", "2")
+    polite, text = bench(url, image, "--concurrency", "1", "--duration", "2.5", "--warmup", "0")
+    assert 1 <= polite["errors_by_status"]["503"] <= 3 and polite["ok"] <= 4, polite
+    assert "503: " in text
+    eager, _ = bench(url, image, "--concurrency", "1", "--duration", "2.5", "--warmup", "0", "--no-retry-after")
+    assert eager["errors_by_status"]["503"] > 50, eager
+
+
 def test_open_loop_shows_a_server_stall_in_the_tail(fake_server, image):
     # 100 req/s for 3 s; the server answers nothing for 0.5 s from 1.5 s on. Measured from the
     # intended send times, ~50 requests wait up to 0.5 s: the tail must show it.
@@ -144,14 +155,26 @@ def test_several_client_processes_add_up(fake_server, image):
 
 def test_against_cronnx_it_reads_batches_and_phases_from_the_server(start_server, tmp_path, image):
     model = tiny_classifier(tmp_path / "m.onnx", slow_layers=20)
-    server = start_server(server_config(model_entry("m", model, batch_size=4, workers=1)))
+    server = start_server(server_config(model_entry("m", model, batch_size=4, workers=1, ring_slots=4)))
     # No warm-up: the server's counts before and after then cover exactly the measured requests.
     r, text = bench(server.url, image, "--concurrency", "8", "--requests", "80", "--warmup", "0")
     assert r["ok"] == 80
+    # Eight clients, four slots: the summary says that half of them wait in the queue.
+    assert ("8 clients are more than the model's 4 ring slots: up to 4 wait in its admission queue, which adds "
+            "to their latency") in r["warnings"], r["warnings"]
     stats = r["server"]
     assert stats["batches"] >= 20 and abs(stats["mean_batch_size"] * stats["batches"] - 80) < 1e-6
     assert set(stats["phase_means_s"]) == {"read", "admission", "preprocess", "queue", "inference", "respond"}
     assert "batches, mean size" in text
+
+
+def test_capacity_warnings_say_whether_clients_wait_or_are_refused():
+    from cronnx.loadgen.server_stats import capacity_warnings
+
+    assert capacity_warnings(128, 128, 1000) == []
+    assert "up to 72 wait" in capacity_warnings(200, 128, 1000)[0]
+    assert "answered 503" in capacity_warnings(200, 128, 50)[0]
+    assert "up to 872 wait" in capacity_warnings(1000, 128, 0)[0]  # 0: no bound
 
 
 def test_histogram_keeps_relative_precision_at_the_tail():

@@ -120,14 +120,15 @@ def test_text_log_format_is_readable(start_server, models_dir):
     assert any("cronnx.access" in line and "status=200" in line and "request_id=" in line for line in lines)
 
 
-def test_ring_full_rejections_are_counted(start_server, tmp_path):
+def test_admission_rejections_are_counted_by_reason(start_server, tmp_path):
     slow = tiny_classifier(tmp_path / "slow.onnx", slow_layers=200, hidden=2048)
     server = start_server(server_config(model_entry("slow", slow, batch_size=1, ring_slots=2, max_queue_size=1),
                                         request_timeout_s=30))
     statuses = asyncio.run(_send(server.url, [("/predict/slow", IMAGE, "image/jpeg")] * 10))
     m = scrape(server.url)
     assert statuses.count(503) > 0
-    assert value(m, "cronnx_ring_full_rejections_total", model="slow", version=1) == statuses.count(503)
+    assert value(m, "cronnx_admission_rejections_total", model="slow", version=1,
+                 reason="queue_full") == statuses.count(503)
     assert value(m, "cronnx_requests_total", api="predict", model="slow", version=1, outcome="503") == statuses.count(503)
 
 

@@ -47,9 +47,10 @@ def test_four_times_the_slots_all_get_their_own_answer_and_none_a_503(start_serv
     assert value(metrics, "cronnx_admission_queue_requests", model="slow", version=1) == 0
     assert value(metrics, "cronnx_request_phase_seconds_count", model="slow", version=1,
                  phase="admission") == len(images)
-    assert value(metrics, "cronnx_ring_full_rejections_total", model="slow", version=1) == 0
+    assert value(metrics, "cronnx_admission_rejections_total", model="slow", version=1, reason="queue_full") == 0
     status = server.get("/models")[1]["models"][0]
-    assert status["queue"] == {"max_queue_size": 1000, "waiting": 0}
+    assert status["queue"] == {"max_queue_size": 1000, "priority_levels": 0, "default_priority_level": 0,
+                               "default_timeout_ms": None, "allow_timeout_override": False, "waiting": 0}
     assert status["workers"][0]["slots_in_use"] == 0
 
 
@@ -90,4 +91,23 @@ def test_priority_and_queue_timeout_on_both_apis_are_checked_against_the_models_
         assert reply.status == status, (url, query, reply.body)
         if words is not None:
             assert words in reply.body["error"], (query, reply.body)
+
+
+def test_requests_past_the_queue_timeout_get_504_and_are_counted_as_timeouts(start_server, slow_model):
+    server = start_server(server_config(model_entry("slow", slow_model, batch_size=1, ring_slots=1, workers=1,
+                                                    default_timeout_ms=20, priority_levels=3,
+                                                    default_priority_level=2), request_timeout_s=60))
+    assert server.get("/models")[1]["models"][0]["queue"] == {
+        "max_queue_size": 1000, "priority_levels": 3, "default_priority_level": 2, "default_timeout_ms": 20.0,
+        "allow_timeout_override": False, "waiting": 0}
+    images = [encode(photo_like(64, 48, seed=i), "JPEG") for i in range(6)]
+    replies = asyncio.run(predict_many(f"{server.url}/predict/slow", images, concurrency=len(images)))
+    statuses = [r.status for r in replies]
+    assert set(statuses) == {200, 504} and statuses.count(504) >= 2, statuses
+    assert all("queue timeout" in r.body["error"] for r in replies if r.status == 504)
+    metrics = scrape(server.url)
+    assert value(metrics, "cronnx_admission_rejections_total", model="slow", version=1,
+                 reason="timeout") == statuses.count(504)
+    assert value(metrics, "cronnx_requests_total", api="predict", model="slow", version=1,
+                 outcome="504") == statuses.count(504)
 
