@@ -118,7 +118,7 @@ class InferenceEngine:
                 started = time.perf_counter()
                 await fill(ring, slot)
                 preprocess_s = time.perf_counter() - started
-                returned = await _run(pool, worker, slot, request_id)  # after the fill: ring rule 1
+                returned = await _run(pool, worker, slot, request_id, level)  # after the fill: ring rule 1
         except TimeoutError:
             raise DeadlineExceeded("request did not complete before its deadline (the request timeout)") from None
         try:
@@ -166,7 +166,7 @@ async def _fill_by(job: FillJob, ring: SlotRing, slot: int) -> None:
         raise
 
 
-async def _run(pool: ModelPool, worker: Worker, slot: int, request_id: str) -> SlotReturn:
+async def _run(pool: ModelPool, worker: Worker, slot: int, request_id: str, level: int) -> SlotReturn:
     """Hand the filled slot to its worker and await the worker's answer for it.
 
     Returns with the slot still held by the caller, who releases it. If the caller gives up
@@ -184,7 +184,7 @@ async def _run(pool: ModelPool, worker: Worker, slot: int, request_id: str) -> S
             answer.set_result(returned)
 
     try:
-        worker.submit(slot, pool.slots_in_use == 1, request_id, on_return)
+        worker.submit(slot, pool.slots_in_use == 1, request_id, on_return, level)
     except OSError:  # its pipe broke: it died and its exit is not handled yet
         ring.release(slot)
         raise WorkerLost(f"worker {worker.name} died before this request was sent; retry") from None

@@ -50,10 +50,12 @@ class RequestChannel:
         """Slots the worker holds: sent and not answered yet."""
         return len(self._held)
 
-    def submit(self, slot: int, filling: int, alone: bool, request_id: str, on_return: OnReturn) -> None:
-        """Hand `slot` (input complete: ring rule 1) to the worker; `on_return` gets its answer
-        exactly once. OSError if the worker is gone: the slot was not handed over."""
-        self._send(messages.Submit(slot, time.monotonic(), filling, alone, request_id))
+    def submit(self, slot: int, filling: int, alone: bool, request_id: str, on_return: OnReturn,
+               priority: int = 0) -> None:
+        """Hand `slot` (input complete: ring rule 1) to the worker at `priority` (its admission
+        level); `on_return` gets its answer exactly once. OSError if the worker is gone: the slot
+        was not handed over."""
+        self._send(messages.Submit(slot, time.monotonic(), filling, alone, request_id, priority))
         self._held[slot] = on_return
 
     def cancel(self, slot: int, on_return: OnReturn) -> None:

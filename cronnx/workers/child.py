@@ -287,7 +287,7 @@ def serve_batches(inbox: Connection, send: Send, batcher: Batcher, runner: Batch
         while True:
             msg = decode(inbox.recv_bytes())
             if type(msg) is messages.Submit:
-                batcher.add(msg.slot, msg.enqueued, msg.filling, msg.alone)
+                batcher.add(msg.slot, msg.enqueued, msg.filling, msg.alone, msg.priority)
                 request_ids[msg.slot] = msg.request_id
             elif type(msg) is messages.Cancel:
                 if batcher.cancel(msg.slot):

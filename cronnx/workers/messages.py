@@ -63,13 +63,16 @@ class Submit(msgspec.Struct, tag="submit", array_like=True):
     """The input of `slot` is written; `enqueued` (time.monotonic, shared by all processes
     on the machine) starts the batch window. `filling` counts the other slots of this ring
     being preprocessed right now: when it is 0 no request is on its way, and waiting for one
-    would only add latency. `alone`: no other request of the model is in flight anywhere."""
+    would only add latency. `alone`: no other request of the model is in flight anywhere.
+    `priority`: its admission queue level (1 first; 0 with no levels): when more slots wait than
+    a batch holds, the batch takes the lowest level first."""
 
     slot: int
     enqueued: float
     filling: int
     alone: bool
     request_id: str
+    priority: int = 0
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):

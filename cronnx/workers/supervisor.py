@@ -104,9 +104,9 @@ class Worker:
         self.channel = None
         return channel.lose_all(reason)
 
-    def submit(self, slot: int, alone: bool, request_id: str, on_return) -> None:
+    def submit(self, slot: int, alone: bool, request_id: str, on_return, priority: int = 0) -> None:
         """Hand a filled slot to the worker (see `RequestChannel.submit`); OSError if it is gone."""
-        self.channel.submit(slot, self.ring.filling_count - 1, alone, request_id, on_return)
+        self.channel.submit(slot, self.ring.filling_count - 1, alone, request_id, on_return, priority)
 
     def cancel(self, slot: int, on_return) -> None:
         """Ask the worker to drop `slot` if it still holds it for `on_return` (see `RequestChannel.cancel`)."""

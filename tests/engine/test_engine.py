@@ -402,6 +402,33 @@ def test_a_higher_priority_request_gets_the_next_slot_before_an_earlier_lower_on
     asyncio.run(main())
 
 
+def test_a_worker_with_more_slots_waiting_than_a_batch_holds_runs_the_higher_priority_first(model):
+    async def main():
+        async with serving(model, batch_size=2, ring_slots=6, priority_levels=2) as h:
+            finished = []
+
+            def start(colour, priority):
+                task = asyncio.create_task(h.infer(colour, queue=QueueParameters(priority=priority)))
+                task.add_done_callback(lambda _: finished.append(colour))
+                return task
+
+            slow = [start((SLOW, i, i), 2) for i in range(2)]
+            await h.until(lambda: h.slow_batches_started() == 1, "the slow batch running")
+            low = [start((30 + i, 30, 30), 2) for i in range(2)]
+            await h.until(lambda: h.worker.channel.held == 4, "the low-priority rows sent to the worker")
+            high = [start((40 + i, 40, 40), 1) for i in range(2)]
+            await h.until(lambda: h.worker.channel.held == 6, "the high-priority rows sent too")
+            results = await asyncio.gather(*slow, *low, *high)
+            assert [r.output.tolist() for r in results] == [expected(c) for c in
+                                                           [(SLOW, 0, 0), (SLOW, 1, 1), (30, 30, 30), (31, 30, 30),
+                                                            (40, 40, 40), (41, 40, 40)]]
+            # After the slow batch, the high-priority pair ran before the pair that came first.
+            assert set(finished[2:4]) == {(40, 40, 40), (41, 40, 40)}, finished
+            assert h.batches == [2, 2, 2]
+
+    asyncio.run(main())
+
+
 def test_the_queue_timeout_ends_the_wait_and_a_request_may_only_shorten_it_where_allowed(model):
     async def main():
         async with serving(model, batch_size=1, ring_slots=2, default_timeout_ms=100.0,

@@ -50,3 +50,19 @@ def test_cancel_removes_only_waiting_slots():
     assert b.cancel(2) is True
     assert b.cancel(2) is False
     assert b.wait_time(0.0) is None
+
+
+def test_when_more_wait_than_a_batch_holds_the_lowest_priority_level_goes_first():
+    b = Batcher(batch_size=3, timeout_s=0.010)
+    for slot, level in enumerate([2, 2, 1, 2, 1]):  # arrival order
+        b.add(slot, enqueued=100.0 + slot / 1000, filling=5, priority=level)
+    slots, enqueued, _ = b.take()
+    assert slots == [2, 4, 0] and enqueued == [100.002, 100.004, 100.0]  # level 1 first, then the oldest
+    assert b.take()[0] == [1, 3]
+
+
+def test_one_level_keeps_arrival_order():
+    b = Batcher(batch_size=2, timeout_s=0.010)
+    for slot in (5, 1, 3):
+        b.add(slot, enqueued=100.0 + slot, filling=5, priority=1)
+    assert b.take()[0] == [5, 1] and b.take()[0] == [3]
