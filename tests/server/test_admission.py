@@ -40,14 +40,13 @@ def test_four_times_the_slots_all_get_their_own_answer_and_none_a_503(start_serv
         assert_matches(reply.body, direct.probabilities(image))
     # Those beyond the slots waited for one: the admission phase says how long.
     waited = sorted(r.body["timings_ms"]["admission"] for r in replies)
-    assert waited[0] >= 0 and waited[-1] > 1.0, waited
+    assert waited[-1] > 1.0, waited
     metrics = scrape(server.url)
     assert value(metrics, "cronnx_requests_total", api="predict", model="slow", version=1,
                  outcome="success") == len(images)
     assert value(metrics, "cronnx_admission_queue_requests", model="slow", version=1) == 0
     assert value(metrics, "cronnx_request_phase_seconds_count", model="slow", version=1,
                  phase="admission") == len(images)
-    assert value(metrics, "cronnx_admission_rejections_total", model="slow", version=1, reason="queue_full") == 0
     status = server.get("/models")[1]["models"][0]
     assert status["queue"] == {"max_queue_size": 1000, "priority_levels": 0, "default_priority_level": 0,
                                "default_timeout_ms": None, "allow_timeout_override": False, "waiting": 0}

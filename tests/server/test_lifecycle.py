@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import subprocess
@@ -141,18 +142,26 @@ def test_sigterm_during_start_up_exits_0_at_once(tmp_path):
 
 
 def test_request_waiting_longer_than_its_timeout_gets_504(start_server, slow_model):
-    server = start_server(server_config(model_entry("slow", slow_model, batch_size=1, ring_slots=32),
-                                        request_timeout_s=0.3))
-    replies = asyncio.run(predict_many(f"{server.url}/predict/slow", [IMAGE] * 16))
+    timeout_s = 1.0
+    server = start_server(server_config(model_entry("slow", slow_model, batch_size=1, ring_slots=64),
+                                        request_timeout_s=timeout_s))
+    url = f"{server.url}/predict/slow"
+    # The burst is sized from a warm request's run time, so that the first in line is answered and
+    # the last cannot be, however fast or loaded the machine (a fixed count flaked on a slow one).
+    warm = asyncio.run(predict_many(url, [IMAGE]))[0]
+    assert warm.status == 200, warm
+    run_s = warm.body["timings_ms"]["inference"] / 1000
+    burst = min(64, max(16, math.ceil(3 * timeout_s / run_s)))
+    replies = asyncio.run(predict_many(url, [IMAGE] * burst, concurrency=burst))
     statuses = [r.status for r in replies]
-    assert 200 in statuses and 504 in statuses, statuses
+    assert 200 in statuses and 504 in statuses, (run_s, statuses)
     assert set(statuses) == {200, 504}
     assert all("timeout" in r.body["error"] for r in replies if r.status == 504)
     # Timed-out requests that had not run yet are dropped by the worker, not computed.
     wait_until(lambda: server.models()["slow"]["workers"][0]["slots_in_use"] == 0, what="slots freed")
     worker = server.models()["slow"]["workers"][0]
     assert worker["items_dropped"] > 0
-    assert worker["items_run"] + worker["items_dropped"] == 16
+    assert worker["items_run"] + worker["items_dropped"] == 1 + burst
 
 
 def test_client_that_disconnects_costs_no_inference(start_server, slow_model):
