@@ -63,6 +63,10 @@ class ServerConfig(Strict):
     # Connections open at once; more are answered 503 and closed at once. Keep it below the
     # process's open-file limit (`ulimit -n`), which the workers' pipes share.
     max_connections: PositiveInt = 1000
+    # The bodies that requests waiting for a ring slot may hold, all models together; past it a
+    # request that must wait gets 503 (queue_full). 0: no bound. 256 MiB leaves most of a 2 GiB
+    # pod to the models, rings and workers, and still lets 1,000 typical photos (~100 kB) wait.
+    max_queue_bytes: Annotated[int, msgspec.Meta(ge=0)] = 256 * 1024 * 1024
     # A connection with no request in progress (idle between requests, or whose request headers
     # have not all arrived: a slow-headers client) is closed after this many seconds.
     idle_timeout_s: PositiveFloat = 30.0
@@ -104,6 +108,9 @@ class ServerConfig(Strict):
     def __post_init__(self) -> None:
         if sorted(set(self.latency_buckets_s)) != list(self.latency_buckets_s):
             raise ValueError("latency_buckets_s must be strictly increasing")
+        if self.max_queue_bytes and self.max_queue_bytes < self.max_body_bytes:
+            raise ValueError(f"max_queue_bytes ({self.max_queue_bytes}) must be 0 (no bound) or at least "
+                             f"max_body_bytes ({self.max_body_bytes}): else a large request could never wait")
 
 
 class PreprocessConfig(Strict):
@@ -207,7 +214,7 @@ class ModelConfig(Strict):
     ring_slots: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
     # Requests that may wait for a ring slot, per version; past it a request gets 503 at once.
     # 0: no bound (Triton's max_queue_size). The default lets every connection the server takes
-    # (server.max_connections, 1000) wait: its bodies are held either way.
+    # (server.max_connections, 1000) wait; server.max_queue_bytes bounds the bodies they hold.
     max_queue_size: Annotated[int, msgspec.Meta(ge=0)] = 1000
     # Priority levels of the admission queue, as Triton's: 1 is served first; 0 levels: one
     # queue in arrival order. A request without a priority gets default_priority_level (unset:

@@ -52,6 +52,8 @@ CASES = {
                                                               "default_priority_level": 3}]}, "default_priority_level"),
     "negative queue size": ({"models": [{"name": "m", "path": "TINY", "max_queue_size": -1}]},
                             "$.models[0].max_queue_size"),
+    "queue bytes below one body": ({"server": {"max_body_bytes": 1000, "max_queue_bytes": 999},
+                                    "models": [{"name": "m", "path": "TINY"}]}, "max_queue_bytes"),
     "zero queue timeout": ({"models": [{"name": "m", "path": "TINY", "default_timeout_ms": 0}]},
                            "$.models[0].default_timeout_ms"),
     "unavailable provider": ({"models": [{"name": "m", "path": "TINY", "providers": ["TensorrtExecutionProvider"]}]}, "TensorrtExecutionProvider"),

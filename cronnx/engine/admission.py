@@ -4,7 +4,8 @@ one, instead of being refused.
 A ring slot is precious (it holds a decoded tensor in shared memory); a waiting request is cheap
 (a future and the body it has read). A slot that frees goes straight to the next waiter, in
 priority order (level 1 first, as Triton's priority levels) and first come first served within a
-level: no polling, no thundering herd. Only past `max_queue_size` waiters is a request refused
+level: no polling, no thundering herd. Only past `max_queue_size` waiters, or past the bytes all
+the server's waiters may hold (`QueueMemory`, server.max_queue_bytes), is a request refused
 (QueueFull: 503 with Retry-After), and that refusal costs no more than today's.
 
 It never frees a slot it did not hand out: a waiter that gives up after its slot was handed to
@@ -23,16 +24,34 @@ from cronnx.errors import InvalidRequest, NoLiveWorker, QueueFull
 from cronnx.workers.supervisor import Worker
 
 
+class QueueMemory:
+    """The bytes that the requests waiting in every admission queue of the server hold (each
+    request's body, or its tensor row), against `limit` (server.max_queue_bytes; 0: no bound).
+
+    A waiting request is cheap in CPU but holds its body; counting requests alone would let
+    max_queue_size bodies of max_body_bytes each wait (1000 x 20 MiB by default), far more than a
+    pod's memory. One budget for all versions, because they share the pod. Used on the event loop
+    only."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+
+    def fits(self, nbytes: int) -> bool:
+        return not self.limit or self.held + nbytes <= self.limit
+
+
 class AdmissionQueue:
     """The waiters for a slot of `workers` (the live one with the most free slots serves each),
     under the policy of `config` (the model's max_queue_size, priority levels and queue timeout,
-    named as Triton's queue policy). `name` names the model in errors. Call `slot_freed` whenever
-    a slot may have become available (a release, a worker turning live). Used on the event loop
-    only."""
+    named as Triton's queue policy) and the server's `memory` budget for waiting bodies. `name`
+    names the model in errors. Call `slot_freed` whenever a slot may have become available (a
+    release, a worker turning live). Used on the event loop only."""
 
-    def __init__(self, name: str, workers: Sequence[Worker], config: ModelConfig):
+    def __init__(self, name: str, workers: Sequence[Worker], config: ModelConfig, memory: QueueMemory):
         self._name = name
         self._workers = workers
+        self._memory = memory
         self.max_queue_size = config.max_queue_size
         self.priority_levels = config.priority_levels
         self.default_priority_level = config.default_priority_level or config.priority_levels
@@ -45,12 +64,16 @@ class AdmissionQueue:
         # Requests waiting now: neither served nor given up (a given-up entry stays in the heap
         # until it comes up, uncounted).
         self.depth = 0
+        # The bytes those requests hold (their part of `memory.held`).
+        self.held_bytes = 0
 
-    async def acquire(self, priority: int) -> tuple[Worker, int]:
-        """A slot for one request (its worker and index): at once when one is free, else after
-        every waiter before it. Raises NoLiveWorker at once when no worker is live, QueueFull at
-        once when `max_queue_size` requests wait already; CancelledError when the caller gives up
-        (its deadline, its client gone), with any slot handed to it meanwhile passed on."""
+    async def acquire(self, priority: int, nbytes: int) -> tuple[Worker, int]:
+        """A slot for one request holding `nbytes` (its body or tensor row, in bytes): its worker
+        and slot index, at once when one is free, else after every waiter before it. Raises
+        NoLiveWorker at once when no worker is live, QueueFull at once when `max_queue_size`
+        requests wait already or its bytes would take the server's waiters past
+        server.max_queue_bytes; CancelledError when the caller gives up (its deadline, its client
+        gone), with any slot handed to it meanwhile passed on."""
         taken = self._take()
         if taken is not None:
             return taken
@@ -59,9 +82,16 @@ class AdmissionQueue:
         if self.max_queue_size and self.depth >= self.max_queue_size:
             raise QueueFull(f"model {self._name!r} is at capacity: every ring slot is taken and "
                             f"{self.max_queue_size} requests wait for one (max_queue_size)")
+        memory = self._memory
+        if not memory.fits(nbytes):
+            raise QueueFull(f"model {self._name!r} is at capacity: every ring slot is taken and the requests "
+                            f"waiting for one hold {memory.held} of the {memory.limit} bytes they may "
+                            "(server.max_queue_bytes)")
         waiter = asyncio.get_running_loop().create_future()
         heapq.heappush(self._heap, (priority, next(self._arrivals), waiter))
         self.depth += 1
+        self.held_bytes += nbytes
+        memory.held += nbytes
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -71,6 +101,9 @@ class AdmissionQueue:
                 worker, slot = waiter.result()
                 worker.ring.release(slot)
             raise
+        finally:
+            self.held_bytes -= nbytes
+            memory.held -= nbytes
 
     def level(self, priority: int | None) -> int:
         """The queue level of a request asking for `priority` (None or 0: the model's default, as

@@ -74,18 +74,18 @@ class InferenceEngine:
         """
         async def preprocess(ring: SlotRing, slot: int) -> None:
             await _fill_by(self.preprocessing.submit(pool.preprocess, ring, slot, image), ring, slot)
-        return await self._infer(pool, preprocess, request_id, deadline, queue)
+        return await self._infer(pool, preprocess, len(image), request_id, deadline, queue)
 
     async def infer_filled_by(self, pool: ModelPool, start_fill: Callable[[SlotRing, int], FillJob],
-                              request_id: str, deadline: float,
+                              held_bytes: int, request_id: str, deadline: float,
                               queue: QueueParameters = NO_QUEUE_PARAMETERS) -> InferenceResult:
         """Run one request whose input another process writes into the slot (a front process,
-        `fronts/manager.py`, that holds the image): `start_fill(ring, slot)` asks it to and
-        returns the `FillJob` that resolves once it has stopped writing. Raises as `infer` does;
-        `preprocess_s` is the fill's round trip."""
+        `fronts/manager.py`, that holds the image, `held_bytes` long, while it waits):
+        `start_fill(ring, slot)` asks it to and returns the `FillJob` that resolves once it has
+        stopped writing. Raises as `infer` does; `preprocess_s` is the fill's round trip."""
         async def fill(ring: SlotRing, slot: int) -> None:
             await _fill_by(start_fill(ring, slot), ring, slot)
-        return await self._infer(pool, fill, request_id, deadline, queue)
+        return await self._infer(pool, fill, held_bytes, request_id, deadline, queue)
 
     async def infer_tensor(self, pool: ModelPool, row: np.ndarray, request_id: str, deadline: float,
                            queue: QueueParameters = NO_QUEUE_PARAMETERS) -> InferenceResult:
@@ -98,13 +98,13 @@ class InferenceEngine:
             except BaseException:
                 ring.release(slot)
                 raise
-        return await self._infer(pool, copy, request_id, deadline, queue)
+        return await self._infer(pool, copy, row.nbytes, request_id, deadline, queue)
 
-    async def _infer(self, pool: ModelPool, fill, request_id: str, deadline: float,
+    async def _infer(self, pool: ModelPool, fill, held_bytes: int, request_id: str, deadline: float,
                      queue: QueueParameters) -> InferenceResult:
-        """Acquire a slot (waiting in the admission queue as `queue` asks), `await fill(ring,
-        slot)` (which releases the slot itself when it fails: ring rule 4), hand it to the worker,
-        await the answer, copy the output, release."""
+        """Acquire a slot (waiting in the admission queue as `queue` asks, counted there as
+        holding `held_bytes`), `await fill(ring, slot)` (which releases the slot itself when it
+        fails: ring rule 4), hand it to the worker, await the answer, copy the output, release."""
         if self.draining:
             raise ShuttingDown("server is shutting down")
         admission = pool.admission
@@ -113,7 +113,7 @@ class InferenceEngine:
         try:
             async with asyncio.timeout_at(deadline):
                 arrived = time.perf_counter()
-                worker, slot = await _admit(pool, level, wait_limit_s)
+                worker, slot = await _admit(pool, level, held_bytes, wait_limit_s)
                 ring = worker.ring
                 started = time.perf_counter()
                 await fill(ring, slot)
@@ -134,14 +134,15 @@ class InferenceEngine:
         raise WorkerLost(returned.error or f"worker {worker.name} dropped the request")
 
 
-async def _admit(pool: ModelPool, level: int, wait_limit_s: float | None) -> tuple[Worker, int]:
-    """A slot from the version's admission queue at priority `level`, waiting at most
-    `wait_limit_s` seconds (None: until the request's deadline); QueueTimeout after that."""
+async def _admit(pool: ModelPool, level: int, held_bytes: int, wait_limit_s: float | None) -> tuple[Worker, int]:
+    """A slot from the version's admission queue at priority `level` for a request holding
+    `held_bytes`, waiting at most `wait_limit_s` seconds (None: until the request's deadline);
+    QueueTimeout after that."""
     if wait_limit_s is None:
-        return await pool.admission.acquire(level)
+        return await pool.admission.acquire(level, held_bytes)
     try:
         async with asyncio.timeout(wait_limit_s):
-            return await pool.admission.acquire(level)
+            return await pool.admission.acquire(level, held_bytes)
     except TimeoutError:
         raise QueueTimeout(f"no ring slot of model {pool.name!r} came free within {wait_limit_s * 1000:g} ms "
                            "(its queue timeout)") from None

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cronnx.engine.admission import AdmissionQueue
+from cronnx.engine.admission import AdmissionQueue, QueueMemory
 from cronnx.engine.client import ModelView
 from cronnx.ipc.ring import SharedMemoryFull, SlotRing
 from cronnx.observability.logs import LoggingSpec
@@ -29,11 +29,12 @@ class ModelPool:
     """One version of one model: its rings and workers, and the requests it is serving.
 
     `worker_target` is the function each worker process runs (`workers.entry.run_worker`: the real
-    worker; tests start a worker with faults injected).
+    worker; tests start a worker with faults injected). `queue_memory` is the server's budget for
+    the bodies of waiting requests, shared by every version.
     """
 
     def __init__(self, prepared: PreparedVersion, generation: int, logging: LoggingSpec, on_batch: BatchObserver,
-                 liveness: Liveness, worker_target: WorkerTarget = run_worker):
+                 liveness: Liveness, queue_memory: QueueMemory, worker_target: WorkerTarget = run_worker):
         model = prepared.model
         config = model.config
         spec = prepared.spec
@@ -74,7 +75,7 @@ class ModelPool:
             raise
         # Requests that find every slot taken wait here; each freed slot, and each worker turning
         # live, hands slots on to them.
-        self.admission = AdmissionQueue(model.name, self.workers, config)
+        self.admission = AdmissionQueue(model.name, self.workers, config, queue_memory)
         for worker in self.workers:
             worker.ring.on_release = self.admission.slot_freed
         self.supervisor = Supervisor(self.workers, worker_target, liveness, on_batch, self.admission.slot_freed)

@@ -15,6 +15,7 @@ import logging
 import random
 from collections.abc import Callable, Iterator
 
+from cronnx.engine.admission import QueueMemory
 from cronnx.engine.pool import VersionLoadFailed, ModelPool
 from cronnx.errors import ModelNotFound, ModelNotReady
 from cronnx.models.catalog import ModelVersion, PreparedVersion
@@ -62,10 +63,12 @@ def _unit_hash(key: str) -> float:
 class Registry:
     """Every model version the server runs, by name; `on_batch(name, version)` gives the observer
     of that version's batches (metrics). `liveness` says when a worker counts as hung;
-    `worker_target` is what worker processes run (see `ModelPool`)."""
+    `queue_memory` bounds the bodies that waiting requests of all versions hold; `worker_target`
+    is what worker processes run (see `ModelPool`)."""
 
     def __init__(self, logging_spec: LoggingSpec, on_batch: Callable[[str, str], BatchObserver],
-                 load_timeout_s: float, liveness: Liveness, worker_target: WorkerTarget = run_worker):
+                 load_timeout_s: float, liveness: Liveness, queue_memory: QueueMemory,
+                 worker_target: WorkerTarget = run_worker):
         self.routes: dict[str, ModelRoute] = {}
         self.loading: dict[Key, ModelPool] = {}
         self.failed: dict[Key, str] = {}
@@ -75,6 +78,7 @@ class Registry:
         self._on_batch = on_batch
         self._load_timeout_s = load_timeout_s
         self._liveness = liveness
+        self._queue_memory = queue_memory
         self._worker_target = worker_target
         self._lock = asyncio.Lock()
         self._generation = 0
@@ -212,7 +216,7 @@ class Registry:
         self._generation += 1
         model = prepared.model
         pool = ModelPool(prepared, self._generation, self._logging_spec,
-                         self._on_batch(model.name, str(model.version)), self._liveness,
+                         self._on_batch(model.name, str(model.version)), self._liveness, self._queue_memory,
                          self._worker_target)
         self.loading[(model.name, model.version)] = pool
         pool.start()

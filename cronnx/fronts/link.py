@@ -108,8 +108,9 @@ class EngineLink:
         else:  # chosen: every row runs on that version
             model, version, routing_key = view.name, view.version, None
         request, number = self._ask(row, selection)
+        held_bytes = len(row) if isinstance(row, bytes) else row.nbytes
         self.send(Infer(number, request_id, model, version, routing_key, max(0.0, deadline - self._loop.time()),
-                        queue))
+                        held_bytes, queue))
         try:
             answer = await request.answer
         except asyncio.CancelledError:

@@ -202,7 +202,7 @@ class FrontProcesses(ChildSet[_Front]):
             with self._engine.select(message.model, message.version, message.routing_key) as pool:
                 result = await self._engine.infer_filled_by(
                     pool, lambda ring, slot: self._start_fill(front, message.request, pool, ring, slot),
-                    message.request_id, deadline, message.queue)
+                    message.held_bytes, message.request_id, deadline, message.queue)
                 output: np.ndarray = result.output
                 self._send(front, Answer(message.request, output.tobytes(), output.dtype.str, output.shape,
                                          result.batch_size, result.admission_s, result.queue_s, result.infer_s,

@@ -52,7 +52,9 @@ class FrontSpec(msgspec.Struct, frozen=True):
 class Infer(msgspec.Struct, tag="infer", array_like=True):
     """Run request `request` (the front's number for it) on `model` (`version` None: the route
     chooses, by `routing_key` when traffic is split). `timeout_s`: what is left of its request
-    timeout; `request_id` goes into the worker's logs; `queue` what it asks of the admission queue."""
+    timeout; `request_id` goes into the worker's logs; `held_bytes` is what the front holds for it
+    (the image, or the tensor row), counted against server.max_queue_bytes while it waits for a
+    slot; `queue` what it asks of the admission queue."""
 
     request: int
     request_id: str
@@ -60,6 +62,7 @@ class Infer(msgspec.Struct, tag="infer", array_like=True):
     version: int | None
     routing_key: str | None
     timeout_s: float
+    held_bytes: int
     queue: QueueParameters = NO_QUEUE_PARAMETERS
 
 

@@ -146,6 +146,7 @@ class _PoolCollector:
         capacity: dict[tuple[str, str, str], float] = defaultdict(float)
         live: dict[tuple[str, str], float] = defaultdict(float)
         waiting: dict[tuple[str, str], float] = defaultdict(float)
+        waiting_bytes: dict[tuple[str, str], float] = defaultdict(float)
         restarts: dict[tuple[str, str, str], float] = defaultdict(float)
         load: dict[tuple[str, str], float] = defaultdict(float)
         states: dict[tuple[str, str], set[str]] = defaultdict(set)
@@ -159,6 +160,7 @@ class _PoolCollector:
                     restarts[(*key, reason)] += count
             live[key] += pool.live_workers
             waiting[key] += pool.admission.depth
+            waiting_bytes[key] += pool.admission.held_bytes
             load[key] = max([load[key], *(w.load_seconds for w in pool.workers)])
             states[key].add(pool.state)
         yield _family(GaugeMetricFamily, "cronnx_ring_slots_in_use", "Ring slots holding a request, per worker",
@@ -169,6 +171,9 @@ class _PoolCollector:
         yield _family(GaugeMetricFamily, "cronnx_live_workers", "Workers that are up and serving", labels, live)
         yield _family(GaugeMetricFamily, "cronnx_admission_queue_requests",
                       "Requests waiting for a ring slot in the version's admission queue", labels, waiting)
+        yield _family(GaugeMetricFamily, "cronnx_admission_queue_bytes",
+                      "Bytes held by the requests waiting in the version's admission queue (bodies or tensor rows); "
+                      "all versions together are bounded by server.max_queue_bytes", labels, waiting_bytes)
         yield _family(CounterMetricFamily, "cronnx_worker_restarts",
                       "Workers replaced, by reason: exited, session_broken, load_failed (died while loading), "
                       "ping_timeout or batch_timeout (killed as unresponsive)", [*labels, "reason"], restarts)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from aiohttp import web
 
 from cronnx.config import Config, ConfigError, ServerConfig
+from cronnx.engine.admission import QueueMemory
 from cronnx.engine.inference import InferenceEngine
 from cronnx.engine.local import LocalClient
 from cronnx.engine.pool import ModelPool
@@ -161,7 +162,8 @@ class ServerProcess:
         self.metrics = Metrics(self._pools, tuple(server.latency_buckets_s), open_connections=self._open_connections,
                                preprocessing_restarts=lambda: self.preprocessing.restarts)
         liveness = Liveness(server.worker_ping_interval_s, server.worker_ping_timeout_s, server.batch_run_timeout_s)
-        self.registry = Registry(self._logging(), self.metrics.batch_recorder, server.model_load_timeout_s, liveness)
+        self.registry = Registry(self._logging(), self.metrics.batch_recorder, server.model_load_timeout_s, liveness,
+                                 QueueMemory(server.max_queue_bytes))
         self.reloader = Reloader(self.registry, self.config_path)
         self.engine = InferenceEngine(self.registry, self.preprocessing)
         self.state = ServerState(server, self.engine, self.reloader, self.metrics)

@@ -59,7 +59,8 @@ class WorkerStatus(msgspec.Struct):
 class QueueStatus(msgspec.Struct):
     """A version's admission queue: its policy (the model's max_queue_size, 0: no bound;
     priority_levels and the default level, 0 with no levels; default_timeout_ms, None: the
-    request timeout; allow_timeout_override) and the requests waiting for a ring slot now."""
+    request timeout; allow_timeout_override), the requests waiting for a ring slot now and the
+    bytes they hold (bodies or tensor rows, counted against server.max_queue_bytes)."""
 
     max_queue_size: int
     priority_levels: int
@@ -67,6 +68,7 @@ class QueueStatus(msgspec.Struct):
     default_timeout_ms: float | None
     allow_timeout_override: bool
     waiting: int
+    waiting_bytes: int
 
 
 class ModelStatus(msgspec.Struct, omit_defaults=True):
@@ -114,4 +116,4 @@ def model_status(pool: ModelPool, traffic_weight: float | None) -> ModelStatus:
 def _queue_status(queue: AdmissionQueue) -> QueueStatus:
     timeout_ms = None if queue.default_timeout_s is None else queue.default_timeout_s * 1000.0
     return QueueStatus(queue.max_queue_size, queue.priority_levels, queue.default_priority_level, timeout_ms,
-                       queue.allow_timeout_override, queue.depth)
+                       queue.allow_timeout_override, queue.depth, queue.held_bytes)

@@ -28,6 +28,7 @@ from cronnx.models import catalog
 from cronnx.models.catalog import ModelVersion
 from cronnx.config import ModelConfig, PreprocessConfig
 from cronnx.observability.logs import LoggingSpec
+from cronnx.engine.admission import QueueMemory
 from cronnx.engine.inference import InferenceEngine
 from cronnx.engine.client import NO_QUEUE_PARAMETERS, QueueParameters
 from cronnx.errors import (DeadlineExceeded, InferenceFailed, InvalidImage, InvalidRequest, PreprocessingLost,
@@ -117,10 +118,10 @@ class Harness:
 @asynccontextmanager
 async def serving(model_path, workers: int = 1, batch_size: int = 4, ring_slots: int = 8,
                   batch_timeout_ms: float = 5.0, liveness: Liveness = QUIET, threads: int = 2, processes: int = 0,
-                  fill_timeout_s: float = 30.0, **queue_policy):
+                  fill_timeout_s: float = 30.0, queue_bytes: int = 0, **queue_policy):
     """The engine on a real registry; images decoded by `threads` threads, or by `processes`
-    preprocessing processes when that is above 0; `queue_policy`: the model's admission queue
-    fields (max_queue_size, priority_levels, ...)."""
+    preprocessing processes when that is above 0; `queue_bytes`: the server's max_queue_bytes;
+    `queue_policy`: the model's admission queue fields (max_queue_size, priority_levels, ...)."""
     config = ModelConfig(name="m", path=str(model_path), batch_size=batch_size, batch_timeout_ms=batch_timeout_ms,
                          workers=workers, ring_slots=ring_slots, intra_op_threads=1, preprocess=IDENTITY,
                          **queue_policy)
@@ -129,7 +130,7 @@ async def serving(model_path, workers: int = 1, batch_size: int = 4, ring_slots:
     started_dir = Path(tempfile.mkdtemp(prefix="cronnx-started-"))
     os.environ[fake_worker.STARTED_DIR_ENV] = str(started_dir)  # inherited by the spawned workers
     registry = Registry(LoggingSpec("critical", "text"), lambda name, version: lambda size, _: batches.append(size),
-                        60.0, liveness, fake_worker.main)
+                        60.0, liveness, QueueMemory(queue_bytes), fake_worker.main)
     preprocessing = (ProcessPreprocessing(processes, 1_000_000, fill_timeout_s) if processes
                      else ThreadPreprocessing(threads))
     try:
@@ -309,6 +310,31 @@ def test_a_full_queue_refuses_at_once_and_takes_requests_again_when_slots_free(m
     asyncio.run(main())
 
 
+def test_waiting_bodies_past_the_servers_byte_budget_are_refused_and_leave_it_when_they_go(model):
+    images = {c: png(c) for c in [(9, 9, 9), (10, 10, 10), (11, 11, 11), (12, 12, 12)]}
+    size = max(len(i) for i in images.values())
+
+    async def main():
+        async with serving(model, batch_size=1, ring_slots=2, queue_bytes=2 * size) as h:
+            queue = h.pool.admission
+            first = await h.slow_requests_holding_every_slot()
+            waiting = [asyncio.create_task(h.infer(c, image=images[c])) for c in [(9, 9, 9), (10, 10, 10)]]
+            await h.until(lambda: queue.depth == 2, "two requests waiting")
+            assert queue.held_bytes == len(images[(9, 9, 9)]) + len(images[(10, 10, 10)])
+            with pytest.raises(QueueFull, match="max_queue_bytes"):  # a third body would not fit
+                await h.infer((11, 11, 11), image=images[(11, 11, 11)])
+            waiting[0].cancel()  # its client gone: its body no longer counts
+            await h.until(lambda: queue.depth == 1, "the one that gave up gone from the queue")
+            assert queue.held_bytes == len(images[(10, 10, 10)])
+            waiting.append(asyncio.create_task(h.infer((12, 12, 12), image=images[(12, 12, 12)])))
+            await h.until(lambda: queue.depth == 2, "a new request waiting in its place")
+            assert [(await t).output.tolist() for t in waiting[1:]] == [expected((10, 10, 10)), expected((12, 12, 12))]
+            await asyncio.gather(*first)
+            assert queue.held_bytes == 0 and queue.depth == 0
+
+    asyncio.run(main())
+
+
 def test_four_times_the_slots_wait_their_turn_and_each_gets_its_own_answer(model):
     colours = [(20 + i, 100 + i, 3 * i) for i in range(8)]
 
@@ -356,11 +382,11 @@ def test_freed_slots_go_to_the_highest_priority_first_and_in_arrival_order_withi
     async def main():
         async with serving(model, batch_size=1, ring_slots=2) as h:
             queue = h.pool.admission
-            held = [await queue.acquire(0) for _ in range(2)]  # every slot taken, nothing sent
+            held = [await queue.acquire(0, 0) for _ in range(2)]  # every slot taken, nothing sent
             order = []
 
             async def wait(priority: int, name: str):
-                taken = await queue.acquire(priority)
+                taken = await queue.acquire(priority, 0)
                 order.append(name)
                 return taken
 
