@@ -128,11 +128,13 @@ def inspect(path: str) -> None:
 @click.option("--procs", type=int, default=1, show_default=True, help="Client processes.")
 @click.option("--retry-after/--no-retry-after", default=True, show_default=True,
               help="Closed loop: after a 503 with Retry-After, a client waits that long before its next request.")
+@click.option("--priority", type=click.IntRange(min=0), default=None,
+              help="Ask for this admission priority level (Cronnx's /predict?priority=; 1 is served first).")
 @click.option("--sweep", default=None, help="Comma-separated concurrencies (or rates with --rate) to run in turn.")
 @click.option("--plot", "plot_path", default=None, help="With --sweep: draw latency against throughput (PNG).")
 @click.option("--json", "json_path", default=None, help="Write the results as JSON here.")
 def bench(url, model, images, folder, mode, concurrency, rate, arrivals, duration, requests, warmup, timeout, procs,
-          retry_after, sweep, plot_path, json_path) -> None:
+          retry_after, priority, sweep, plot_path, json_path) -> None:
     """Load a Cronnx server (or any server with the same API) and report what it sustained."""
     import msgspec
 
@@ -145,6 +147,8 @@ def bench(url, model, images, folder, mode, concurrency, rate, arrivals, duratio
         _fail("--plot needs matplotlib: pip install 'cronnx[bench]' (checked before the run)", 2)
     if urlsplit(url).path in ("", "/"):  # a server's base URL: Cronnx's predict route
         url = f"{url.rstrip('/')}/predict/{model}"
+    if priority is not None:
+        url = f"{url}{'&' if urlsplit(url).query else '?'}priority={priority}"
     try:
         bodies, content_type = loadgen.request_bodies(loadgen.image_files(list(images), folder), mode)
     except ValueError as exc:

@@ -155,7 +155,8 @@ def test_several_client_processes_add_up(fake_server, image):
 
 def test_against_cronnx_it_reads_batches_and_phases_from_the_server(start_server, tmp_path, image):
     model = tiny_classifier(tmp_path / "m.onnx", slow_layers=20)
-    server = start_server(server_config(model_entry("m", model, batch_size=4, workers=1, ring_slots=4)))
+    server = start_server(server_config(model_entry("m", model, batch_size=4, workers=1, ring_slots=4,
+                                                    priority_levels=2)))
     # No warm-up: the server's counts before and after then cover exactly the measured requests.
     r, text = bench(server.url, image, "--concurrency", "8", "--requests", "80", "--warmup", "0")
     assert r["ok"] == 80
@@ -166,6 +167,11 @@ def test_against_cronnx_it_reads_batches_and_phases_from_the_server(start_server
     assert stats["batches"] >= 20 and abs(stats["mean_batch_size"] * stats["batches"] - 80) < 1e-6
     assert set(stats["phase_means_s"]) == {"read", "admission", "preprocess", "queue", "inference", "respond"}
     assert "batches, mean size" in text
+    # --priority is sent as the request's priority: level 1 is served, level 3 is out of range.
+    served, _ = bench(server.url, image, "--priority", "1", "--concurrency", "2", "--requests", "10", "--warmup", "0")
+    refused, _ = bench(server.url, image, "--priority", "3", "--concurrency", "2", "--requests", "10", "--warmup", "0")
+    assert served["ok"] == 10 and served["url"].endswith("/predict/m?priority=1")
+    assert refused["ok"] == 0 and refused["errors_by_status"] == {"400": 10}
 
 
 def test_capacity_warnings_say_whether_clients_wait_or_are_refused():
