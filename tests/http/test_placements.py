@@ -103,14 +103,15 @@ async def _send(url: str, requests: dict[str, tuple[str, bytes, dict]]) -> dict[
 
 
 def _access_fields(log: str) -> dict[str, dict]:
-    """Each access-log line's fields by request id, less the process and the times (their phases
-    kept by name)."""
+    """Each access-log line's fields by request id, less the process, the times (their phases
+    kept by name) and the batch size (whether a request's rows shared a batch with each other
+    depends on timing: with the machine busy they did in one placement and not in the other)."""
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     fields = {}
     for line in lines:
         if line["logger"] != "cronnx.access":
             continue
-        line = {k: v for k, v in line.items() if k not in ("time", "pid", "total_ms")}
+        line = {k: v for k, v in line.items() if k not in ("time", "pid", "total_ms", "batch_size")}
         if "phases_ms" in line:
             line["phases_ms"] = sorted(line["phases_ms"])
         fields[line["request_id"]] = line
