@@ -12,7 +12,8 @@ from cronnx.engine.pool import ModelPool
 from cronnx.errors import ModelNotReady
 from cronnx.http.middleware import json_response
 from cronnx.http.record import requested_version
-from cronnx.http.v2 import DATATYPES, EXTENSIONS
+from cronnx.http.v2 import EXTENSIONS
+from cronnx.http.v2_inputs import DATATYPES
 from cronnx.server.state import STATE
 
 

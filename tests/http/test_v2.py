@@ -183,6 +183,18 @@ MALFORMED = {
     "bad base64 image": (_request([{"name": "IMAGE", "shape": [1], "datatype": "BYTES", "data": ["***"]}]),
                          None, 400, "not valid base64"),
     "body over the limit": (b"{" + b" " * (BODY_LIMIT + 10) + b"}", None, 413, "larger than the limit"),
+    "value beyond float32": (_request([{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                       "data": [1e39, *ROW[1:]]}]), None, 400, "element 0 of data is 1e+39"),
+    "null value": (_request([{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                              "data": [*ROW[1:], None]}]), None, 400, "element 3071 of data is None"),
+    "rows overflowing int64": (_request([{"name": "input", "shape": [2 ** 56 + 1, 3, 32, 32], "datatype": "FP32",
+                                          "data": ROW}]), None, 400, "has 72057594037927937 rows"),
+    "parameter of the wrong type": (json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32],
+                                                            "datatype": "FP32", "data": ROW}],
+                                                "parameters": {"binary_data_output": "false"}}).encode(),
+                                    None, 400, "'binary_data_output' must be a boolean"),
+    "nesting too deep": (b'{"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": '
+                         + b"[" * 50_000 + b"]" * 50_000 + b"}]}", None, 400, "nests its JSON too deeply"),
 }
 
 
