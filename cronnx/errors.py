@@ -44,6 +44,10 @@ class RequestTooLarge(CronnxError):
     """The request body is larger than the configured limit."""
 
 
+class ExpectationFailed(CronnxError):
+    """An `Expect` header other than `100-continue` (RFC 9110, 10.1.1): the body was not invited."""
+
+
 class UnsupportedMediaType(CronnxError):
     """A body type the API does not read."""
 

@@ -22,7 +22,7 @@ def make_app(client: InferenceClient, settings: HttpSettings) -> web.Application
     expect = continue_unless_too_large(settings.max_body_bytes)
     app.router.add_post("/predict/{model}", predict, expect_handler=expect)
     app.router.add_post(r"/predict/{model}/versions/{version:\d+}", predict, expect_handler=expect)
-    add_infer_routes(app)
+    add_infer_routes(app, expect)
     return app
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import binascii
 import time
-import uuid
 
 import msgspec
 from aiohttp import web
@@ -15,9 +14,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 # aiohttp's own handler: sends "100 Continue", or 417 for an unknown expectation.
 from aiohttp.web_urldispatcher import _default_expect_handler
 
-from cronnx.errors import BodyTimeout, InvalidRequest, RequestTooLarge, UndecodableBody, UnsupportedMediaType
+from cronnx.errors import (BodyTimeout, ExpectationFailed, InvalidRequest, RequestTooLarge, UndecodableBody,
+                           UnsupportedMediaType)
 from cronnx.http.context import HttpSettings
-from cronnx.http.middleware import REQUEST_ID_HEADER, json_response
 from cronnx.http.schemas import JSON_TYPE, ImageRequest
 
 # Every registered type (and the common unregistered aliases) of the formats preprocessing reads;
@@ -46,7 +45,11 @@ def request_deadline(settings: HttpSettings, started: float) -> float:
 async def read_body(request: web.Request, settings: HttpSettings, deadline: float) -> bytes:
     """The whole body (decoded per its Content-Encoding), at most `settings.max_body_bytes`
     bytes, by `deadline` (the loop's clock). Raises UnsupportedMediaType, RequestTooLarge,
-    UndecodableBody, BodyTimeout."""
+    UndecodableBody, BodyTimeout; ExpectationFailed for an `Expect` other than 100-continue (whose
+    body was not invited: `continue_unless_too_large`)."""
+    expectation = request.headers.get("Expect")
+    if expectation is not None and expectation.strip().lower() != "100-continue":
+        raise ExpectationFailed(f"unsupported Expect {expectation!r}; only 100-continue is known")
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in CONTENT_ENCODINGS:
         raise UnsupportedMediaType(f"unsupported Content-Encoding {encoding!r}; use one of: "
@@ -107,14 +110,13 @@ async def _read_body(stream, limit: int, too_large: str) -> bytes:
 
 
 def continue_unless_too_large(limit: int):
-    """An `Expect: 100-continue` handler: invite the body only if its declared length fits; a body
-    already known to be too large gets its 413 from the handler without being sent at all."""
+    """An `Expect` handler: invite the body (100 Continue) only for `100-continue` with a declared
+    length that fits. Otherwise the body is not invited and the route's handler answers, so that
+    the refusal is counted and logged as every request is: 413 for a body already known to be
+    too large, 417 for an unknown expectation (`read_body` raises both)."""
     async def expect(request: web.Request) -> web.Response | None:
-        expectation = request.headers.get("Expect", "")
-        if expectation.strip().lower() != "100-continue":
-            # Answered here, before the middleware runs: the error is JSON all the same.
-            return json_response({"error": f"unsupported Expect {expectation!r}; only 100-continue is known"}, 417,
-                                 {REQUEST_ID_HEADER: uuid.uuid4().hex})
+        if request.headers.get("Expect", "").strip().lower() != "100-continue":
+            return None
         if request.content_length is not None and request.content_length > limit:
             return None
         return await _default_expect_handler(request)

@@ -10,9 +10,9 @@ import uuid
 import msgspec
 from aiohttp import web
 
-from cronnx.errors import (BodyTimeout, CronnxError, DeadlineExceeded, ImageTooLarge, InferenceFailed, InvalidRequest,
-                           ModelControlFailed, ModelNotFound, NotAuthenticated, PermissionDenied, RequestTooLarge,
-                           Unavailable, UndecodableBody, UnsupportedMediaType)
+from cronnx.errors import (BodyTimeout, CronnxError, DeadlineExceeded, ExpectationFailed, ImageTooLarge, InferenceFailed,
+                           InvalidRequest, ModelControlFailed, ModelNotFound, NotAuthenticated, PermissionDenied,
+                           RequestTooLarge, Unavailable, UndecodableBody, UnsupportedMediaType)
 from cronnx.http.schemas import JSON_TYPE
 
 log = logging.getLogger("cronnx.http")
@@ -33,6 +33,7 @@ ERROR_STATUS: dict[type[CronnxError], int] = {
     ImageTooLarge: 413,
     RequestTooLarge: 413,
     UnsupportedMediaType: 415,
+    ExpectationFailed: 417,
     InferenceFailed: 500,
     ModelControlFailed: 500,
     Unavailable: 503,

@@ -141,7 +141,8 @@ def _response(parsed: InferRequest, model: ModelView, outputs: list[OutputPlan],
                         headers={HEADER_LENGTH: str(len(header))})
 
 
-def add_infer_routes(app: web.Application) -> None:
-    """The V2 infer routes (with and without a version)."""
-    app.router.add_post("/v2/models/{model}/infer", infer)
-    app.router.add_post(r"/v2/models/{model}/versions/{version:\d+}/infer", infer)
+def add_infer_routes(app: web.Application, expect_handler) -> None:
+    """The V2 infer routes (with and without a version), `Expect` answered by `expect_handler`
+    (`body.continue_unless_too_large`) as on `/predict`."""
+    app.router.add_post("/v2/models/{model}/infer", infer, expect_handler=expect_handler)
+    app.router.add_post(r"/v2/models/{model}/versions/{version:\d+}/infer", infer, expect_handler=expect_handler)

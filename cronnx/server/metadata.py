@@ -39,14 +39,19 @@ async def server_metadata(request: web.Request) -> web.Response:
     return json_response({"name": "cronnx", "version": _server_version(), "extensions": EXTENSIONS})
 
 
+# The health answers carry a body as well as their status: Triton's clients read the status
+# alone, KServe's Python SDK reads `live` / `ready` from the JSON (the protocol allows both).
+
+
 async def server_live(request: web.Request) -> web.Response:
-    """`GET /v2/health/live`: 200 while the process answers."""
-    return web.Response(status=200)
+    """`GET /v2/health/live`: 200 `{"live": true}` while the process answers."""
+    return json_response({"live": True})
 
 
 async def server_ready(request: web.Request) -> web.Response:
-    """`GET /v2/health/ready`: 200 when `/ready` would be, else 503."""
-    return web.Response(status=200 if request.app[STATE].ready() else 503)
+    """`GET /v2/health/ready`: 200 `{"ready": true}` when `/ready` would be, else 503 `{"ready": false}`."""
+    ready = request.app[STATE].ready()
+    return json_response({"ready": ready}, 200 if ready else 503)
 
 
 def _pool(request: web.Request) -> ModelPool:
@@ -80,12 +85,14 @@ async def model_metadata(request: web.Request) -> web.Response:
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    """`GET .../ready`: 200 when the version has a live worker, 503 otherwise (404 if unknown)."""
+    """`GET .../ready`: 200 `{"name", "ready": true}` when the version has a live worker, 503 with
+    `"ready": false` otherwise (404 if unknown)."""
+    name = request.match_info["model"]
     try:
-        pool = _pool(request)
+        ready = _pool(request).live_workers > 0
     except ModelNotReady:
-        return web.Response(status=503)
-    return web.Response(status=200 if pool.live_workers else 503)
+        ready = False
+    return json_response({"name": name, "ready": ready}, 200 if ready else 503)
 
 
 async def model_config(request: web.Request) -> web.Response:

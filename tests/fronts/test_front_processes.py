@@ -93,8 +93,7 @@ def test_v2_infer_is_served_by_a_front_and_other_routes_by_the_engine_process(se
             answers = {}
             for path in ("/health", "/ready", "/models", "/v2/health/ready", "/v2/models/tiny", "/nothing-here"):
                 async with session.get(server.url + path, headers={"X-Request-ID": "abc-123"}) as r:
-                    body = await r.read()  # V2's health answers have no body
-                    answers[path] = (r.status, json.loads(body) if body else None, r.headers["X-Request-ID"])
+                    answers[path] = (r.status, await r.json(), r.headers["X-Request-ID"])
             infer = {"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES",
                                  "data": [base64.b64encode(PHOTOS[1]).decode()]}], "outputs": [{"name": "logits"}]}
             async with session.post(f"{server.url}/v2/models/tiny/infer", json=infer) as r:
@@ -105,7 +104,7 @@ def test_v2_infer_is_served_by_a_front_and_other_routes_by_the_engine_process(se
     assert answers["/health"][:2] == (200, {"status": "alive"})
     assert answers["/ready"][0] == 200 and answers["/ready"][1]["models"] == {"tiny": 1}
     assert answers["/models"][1]["front_processes"]["count"] == 2
-    assert answers["/v2/health/ready"][:2] == (200, None) and answers["/v2/models/tiny"][1]["name"] == "tiny"
+    assert answers["/v2/health/ready"][:2] == (200, {"ready": True}) and answers["/v2/models/tiny"][1]["name"] == "tiny"
     assert answers["/nothing-here"][0] == 404 and "error" in answers["/nothing-here"][1]
     assert all(a[2] == "abc-123" for path, a in answers.items() if path != "infer")  # the client's id, both hops
     status, body, _ = answers["infer"]

@@ -63,26 +63,38 @@ def _raw_exchange(url: str, request: bytes, read_s: float = 5.0) -> bytes:
         return conn.recv(65536)
 
 
-def test_a_body_declared_too_large_gets_413_without_an_invitation_to_send_it(server):
-    head = (f"POST /predict/tiny HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+ROUTES = {"predict": ("/predict/tiny", "image/jpeg"), "v2": ("/v2/models/tiny/infer", "application/json")}
+
+
+@pytest.mark.parametrize("api", sorted(ROUTES))
+def test_a_body_declared_too_large_gets_413_without_an_invitation_to_send_it(server, api):
+    path, kind = ROUTES[api]
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\n"
             f"Content-Length: {BODY_LIMIT + 1}\r\nExpect: 100-continue\r\n\r\n").encode()
     answer = _raw_exchange(server.url, head)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b"100 Continue" not in answer and b'"error"' in answer
+    assert value(scrape(server.url), "cronnx_requests_total", api=api, model="tiny", version=1, outcome="413") == 1
 
 
-def test_a_body_that_fits_is_invited_with_100_continue(server):
-    head = ("POST /predict/tiny HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+@pytest.mark.parametrize("api", sorted(ROUTES))
+def test_a_body_that_fits_is_invited_with_100_continue(server, api):
+    path, kind = ROUTES[api]
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\n"
             "Content-Length: 1000\r\nExpect: 100-continue\r\n\r\n").encode()
     assert _raw_exchange(server.url, head).startswith(b"HTTP/1.1 100 Continue")
 
 
-def test_an_unknown_expectation_gets_a_json_417(server):
-    head = (b"POST /predict/tiny HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-            b"Content-Length: 10\r\nExpect: 200-ok\r\n\r\n")
+@pytest.mark.parametrize("api", sorted(ROUTES))
+def test_an_unknown_expectation_gets_a_json_417_and_is_counted(server, api):
+    path, kind = ROUTES[api]
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\n"
+            "Content-Length: 10\r\nExpect: 200-ok\r\n\r\n").encode()
     answer = _raw_exchange(server.url, head)
     assert answer.startswith(b"HTTP/1.1 417"), answer[:200]
     assert b'{"error":"unsupported Expect \'200-ok\'' in answer and b"X-Request-ID" in answer
+    assert b"100 Continue" not in answer
+    assert value(scrape(server.url), "cronnx_requests_total", api=api, model="tiny", version=1, outcome="417") == 1
 
 
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])

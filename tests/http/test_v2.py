@@ -64,6 +64,40 @@ def test_health_metadata_and_config_as_tritons_client_reads_them(server):
         c.get_model_metadata("nosuch")
 
 
+def test_kserves_own_client_reads_health_and_readiness_and_infers(server, direct):
+    """KServe's Python SDK (its REST client, protocol v2): health, model readiness, and infer with
+    JSON and binary tensors and with encoded images, each equal to onnxruntime."""
+    import kserve
+
+    batch = np.stack([direct.tensor(image) for image in IMAGES])
+
+    async def main():
+        sdk = kserve.InferenceRESTClient(kserve.RESTConfig(protocol="v2", retries=0, timeout=30))
+        try:
+            health = (await sdk.is_server_live(server.url), await sdk.is_server_ready(server.url),
+                      await sdk.is_model_ready(server.url, "tiny"), await sdk.is_model_ready(server.url, "nosuch"))
+            answers = []
+            for binary in (False, True):
+                tensor = kserve.InferInput("input", list(batch.shape), "FP32")
+                tensor.set_data_from_numpy(batch, binary_data=binary)
+                answers.append(await sdk.infer(server.url, kserve.InferRequest("tiny", [tensor], request_id="k-1"),
+                                               model_name="tiny"))
+            images = kserve.InferInput("IMAGE", [len(IMAGES)], "BYTES")
+            images.set_data_from_numpy(np.array(IMAGES, dtype=np.object_), binary_data=True)
+            answers.append(await sdk.infer(server.url, kserve.InferRequest("tiny", [images]), model_name="tiny"))
+            return health, answers
+        finally:
+            await sdk.close()
+
+    health, answers = asyncio.run(main())
+    assert health == (True, True, True, False)
+    expected = logits(direct, batch)
+    assert answers[0].id == "k-1"
+    for answer in answers:
+        assert answer.model_name == "tiny"
+        np.testing.assert_allclose(answer.outputs[0].as_numpy(), expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("binary_in", [True, False])
 @pytest.mark.parametrize("binary_out", [True, False])
 def test_a_preprocessed_fp32_batch_of_three_equals_onnxruntime(server, direct, binary_in, binary_out):
