@@ -25,7 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cronnx.errors import PreprocessingLost
+import numpy as np
+
+from cronnx.errors import CronnxError, PreprocessingLost
 from cronnx.ipc.child import ChildProcess
 from cronnx.ipc.cpu import mark_cpu_bound, usable_cores
 from cronnx.ipc.restarts import ChildSet
@@ -88,7 +90,7 @@ class ThreadPreprocessing:
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="cronnx-preprocess", initializer=mark_cpu_bound)
 
     def submit(self, preprocessor: Preprocessor, ring: SlotRing, slot: int, image: bytes) -> FillJob:
-        work = self._executor.submit(preprocessor, image, ring.inputs[slot])
+        work = self._executor.submit(_fill, preprocessor, image, ring.inputs[slot])
         # The asyncio future follows the thread's future: cancelled only if `work.cancel()` took
         # it back before a thread picked it up.
         return FillJob(asyncio.wrap_future(work), work.cancel)
@@ -103,6 +105,24 @@ class ThreadPreprocessing:
     async def close(self) -> None:
         """Wait for every started fill (they write into ring memory), then end the threads."""
         await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+
+def _fill(preprocessor: Preprocessor, image: bytes, out: np.ndarray) -> None:
+    """`preprocessor(image, out)`, where a refusal (InvalidImage, ImageTooLarge) leaves without any
+    frame that holds `out`, a view of ring memory: neither in its traceback nor in that of the
+    error it replaced (Pillow's, whose frames reach this call's through their callers). The
+    refusal travels on in futures that the request's own frames reference, a cycle only the
+    garbage collector frees: until then the view kept the ring's memory exported, and a ring
+    closed meanwhile (at shutdown) could not unmap it ("cannot close exported pointers exist"). A
+    refusal's message says all there is to say; a bug keeps its traceback for the log."""
+    try:
+        preprocessor(image, out)
+        return
+    except CronnxError as exc:
+        refusal = exc
+    del out
+    refusal.__context__ = refusal.__cause__ = None
+    raise refusal.with_traceback(None)
 
 
 @dataclass(eq=False)

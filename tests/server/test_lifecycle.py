@@ -111,6 +111,31 @@ def test_sigterm_finishes_in_flight_requests_and_leaves_nothing_behind(start_ser
     assert shm_segments(pid) == []
 
 
+@pytest.mark.parametrize("placement", [{}, {"front_processes": 2}, {"preprocess_processes": 2}],
+                         ids=["threads", "front-processes", "preprocessing-processes"])
+def test_refused_images_leave_nothing_behind_and_the_stop_logs_only_json(start_server, quick_model, placement):
+    """An image refused while its slot's memory was being written leaves no view of that memory
+    behind: at the stop every ring unmaps, and nothing but JSON lines reaches the log."""
+    server = start_server(server_config(model_entry("quick", quick_model), **placement))
+    truncated = IMAGE[:len(IMAGE) // 3]
+    v2 = json.dumps({"inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES", "data": ["aGVsbG8="]}]})
+
+    async def main():
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            replies = [await post(session, f"{server.url}/predict/quick", body) for body in (b"hello", truncated)]
+            replies.append(await post(session, f"{server.url}/v2/models/quick/infer", v2.encode(), "application/json"))
+            return replies
+
+    replies = asyncio.run(main())
+    assert [r.status for r in replies] == [400, 400, 400], replies
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    lines = [line for line in server.log().splitlines() if line.strip()]
+    not_json = [line for line in lines if not line.startswith("{")]
+    assert lines and not not_json, not_json
+    assert all(json.loads(line)["level"] for line in lines)
+
+
 def test_sigint_stops_cleanly_too(start_server, quick_model):
     server = start_server(server_config(model_entry("quick", quick_model)))
     workers = server.worker_pids("quick")
