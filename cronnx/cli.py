@@ -23,6 +23,7 @@ def _fail(message: str, code: int) -> None:
 
 
 @click.group()
+@click.version_option(package_name="cronnx", prog_name="cronnx")
 def main() -> None:
     """Cronnx: an ONNX inference server for vision models."""
 

@@ -10,7 +10,9 @@ def _f(value: float | None, digits: int = 2) -> str:
 
 
 def load_label(r: BenchResult) -> str:
-    return f"closed loop, {r.concurrency} clients" if r.loop == "closed" else f"open loop, {r.rate:g} req/s"
+    if r.loop == "closed":
+        return f"closed loop, {r.concurrency} client{'' if r.concurrency == 1 else 's'}"
+    return f"open loop, {r.rate:g} req/s"
 
 
 def summary(r: BenchResult) -> str:

@@ -90,8 +90,10 @@ def _download(url: str, dest: Path, timeout_s: float) -> str:
         raise PullError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise PullError(f"{url}: cannot download ({reason}); is this machine offline? "
-                        f"Set {BASE_URL_ENV} to use a mirror") from None
+        # Point at a mirror, unless the user already has: then the mirror is what failed.
+        hint = (f"check the mirror in {BASE_URL_ENV}" if os.environ.get(BASE_URL_ENV)
+                else f"set {BASE_URL_ENV} to use a mirror")
+        raise PullError(f"{url}: cannot download ({reason}); is this machine offline? {hint}") from None
     return digest.hexdigest()
 
 

@@ -216,7 +216,7 @@ def test_sweep_runs_each_load_and_prints_a_table(fake_server, image):
     assert [r["concurrency"] for r in runs] == [1, 4]
     # Four clients of a 10 ms server do about four times the work of one.
     assert 3.0 <= runs[1]["requests_per_s"] / runs[0]["requests_per_s"] <= 4.2
-    assert "| closed loop, 1 clients |" in result.stdout and "| closed loop, 4 clients |" in result.stdout
+    assert "| closed loop, 1 client |" in result.stdout and "| closed loop, 4 clients |" in result.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="needs an environment without matplotlib")

@@ -70,7 +70,10 @@ def test_cli_pull_when_offline_fails_with_a_clear_message(tmp_path):
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "cannot download" in result.stderr and "offline" in result.stderr
+    # The mirror is already set: the hint is to check it, not to set it.
+    assert f"check the mirror in {BASE_URL_ENV}" in result.stderr and "set " + BASE_URL_ENV not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
 
 
 def test_cli_pull_of_an_unknown_name_lists_the_known_ones(tmp_path):
