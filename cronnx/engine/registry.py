@@ -72,6 +72,9 @@ class Registry:
         self.routes: dict[str, ModelRoute] = {}
         self.loading: dict[Key, ModelPool] = {}
         self.failed: dict[Key, str] = {}
+        # Versions configured at start-up whose first load has not begun (a demo model still
+        # being built): known, so that their routes answer 503 "loading" rather than 404.
+        self.pending: set[Key] = set()
         self._draining: set[ModelPool] = set()
         self._drain_tasks: set[asyncio.Task] = set()
         self._logging_spec = logging_spec
@@ -92,8 +95,12 @@ class Registry:
         yield from self._draining
 
     def route(self, name: str) -> ModelRoute:
+        """The model's route. Raises ModelNotReady (503) for a configured model whose first load
+        has not begun, ModelNotFound for any other name not served."""
         route = self.routes.get(name)
         if route is None:
+            if any(key[0] == name for key in self.pending):
+                raise ModelNotReady(f"model {name!r} is loading")
             raise ModelNotFound(f"unknown model {name!r}; served models: {sorted(self.routes)}")
         return route
 
@@ -121,6 +128,7 @@ class Registry:
                     force: bool = False) -> None:
         """Make the served versions of the models in `names` exactly `prepared` (minus `failed`)."""
         async with self._lock:
+            self.pending = {key for key in self.pending if key[0] not in names}
             for name in names:
                 self.routes.setdefault(name, ModelRoute(name))
             configured = {(p.model.name, p.model.version) for p in prepared} | set(failed)

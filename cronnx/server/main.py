@@ -196,7 +196,10 @@ class ServerProcess:
         log.info("serving on http://%s:%d in %s", host, port, self.fronts)
 
     def load(self, prepared: list[PreparedVersion], to_build: list[ModelVersion]) -> None:
-        """Load the models (in the background: /ready answers 503 meanwhile); reload on SIGHUP from now on."""
+        """Load the models (in the background: /ready answers 503 meanwhile, and each model's
+        routes 503 "loading"); reload on SIGHUP from now on."""
+        self.registry.pending = {(p.model.name, p.model.version) for p in prepared} | {
+            (v.name, v.version) for v in to_build}
         self._in_background(_first_load(self.registry, prepared, to_build))
         self.loop.add_signal_handler(signal.SIGHUP, lambda: self._in_background(self.reloader.on_sighup()))
 

@@ -25,12 +25,14 @@ def _server_version() -> str:
 
 
 async def repository_index(request: web.Request) -> web.Response:
-    """Every model version with workers or a load failure, and its state (Triton's repository index)."""
+    """Every model version with workers, a load failure, or a first load still to begin, and its
+    state (Triton's repository index)."""
     registry = request.app[STATE].registry
     index = [{"name": pool.name, "version": str(pool.version), "state": pool.state.upper()}
              for pool in registry.pools()]
     index += [{"name": name, "version": str(version), "state": "UNAVAILABLE", "reason": reason}
               for (name, version), reason in registry.failed.items()]
+    index += [{"name": name, "version": str(version), "state": "LOADING"} for name, version in registry.pending]
     return json_response(sorted(index, key=lambda entry: (entry["name"], entry["version"])))
 
 

@@ -99,6 +99,12 @@ def failed_status(name: str, version: int, reason: str) -> ModelStatus:
     return ModelStatus(name=name, version=version, state="failed", reason=reason)
 
 
+def pending_status(name: str, version: int) -> ModelStatus:
+    """A configured version whose load has not begun (its file is still being built): nothing
+    about it is known yet but its name and version."""
+    return ModelStatus(name=name, version=version, state="loading")
+
+
 def model_status(pool: ModelPool, traffic_weight: float | None) -> ModelStatus:
     spec = pool.spec
     workers = [WorkerStatus(w.pid, w.live, w.restarts.total(), dict(w.restarts), w.last_exit, w.providers,

@@ -6,7 +6,8 @@ from aiohttp import web
 
 from cronnx.engine.registry import Registry
 from cronnx.http.middleware import json_response
-from cronnx.server.schemas import FrontProcessesStatus, Health, PreprocessingStatus, failed_status, model_status
+from cronnx.server.schemas import (FrontProcessesStatus, Health, PreprocessingStatus, failed_status, model_status,
+                                   pending_status)
 from cronnx.server.state import STATE
 
 
@@ -43,14 +44,15 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 def models_status(registry: Registry, only: str | None = None) -> list:
-    """Every version with workers or a load failure (of model `only`, or all), sorted by name,
-    version and state."""
+    """Every version with workers, a load failure, or a first load still to begin (of model
+    `only`, or all), sorted by name, version and state."""
     statuses = []
     for pool in registry.pools():
         route = registry.routes.get(pool.name)
         weight = (route.traffic or {}).get(pool.version) if route and route.versions.get(pool.version) is pool else None
         statuses.append(model_status(pool, weight))
     statuses += [failed_status(name, version, reason) for (name, version), reason in registry.failed.items()]
+    statuses += [pending_status(name, version) for name, version in registry.pending]
     statuses = [s for s in statuses if only is None or s.name == only]
     return sorted(statuses, key=lambda s: (s.name, s.version, s.state))
 

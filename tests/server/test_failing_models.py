@@ -8,13 +8,14 @@ import math
 import os
 import signal
 
+import aiohttp
 import numpy as np
 import onnx
 import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from support.client import predict_many
+from support.client import TIMEOUT, predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape, value
 from support.models import batch_one_only_model, channel_mean_model, tiny_classifier
@@ -106,11 +107,37 @@ def test_a_failed_model_removed_from_the_config_is_forgotten_on_reload(start_ser
 
 
 def test_the_port_answers_503_loading_while_the_demo_model_is_built(start_server, tmp_path):
-    """The first start builds the demo model (about 15 s): the port is open meanwhile."""
+    """The first start builds the demo model (about 15 s): the port is open meanwhile, and the
+    model is known: its routes answer 503 "loading" with Retry-After, not 404."""
     demo = tmp_path / "demo.onnx"
     server = start_server(server_config(model_entry("demo", demo, demo=True)), wait_ready=False)
     status, body = server.get("/ready")
     assert status == 503 and body["status"] == "loading", body
+
+    async def while_building():
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            answers = {}
+            for method, path, data in [("POST", "/predict/demo", IMAGE), ("POST", "/predict/demo/versions/1", IMAGE),
+                                       ("POST", "/v2/models/demo/infer", b'{"inputs": []}'),
+                                       ("GET", "/v2/models/demo", None), ("GET", "/v2/models/demo/ready", None),
+                                       ("POST", "/predict/other", IMAGE)]:
+                async with session.request(method, server.url + path, data=data) as r:
+                    answers[path] = (r.status, await r.json(), r.headers.get("Retry-After"))
+            async with session.post(f"{server.url}/v2/repository/index", data=b"{}") as r:
+                index = await r.json()
+            async with session.get(f"{server.url}/models") as r:
+                models = (await r.json())["models"]
+            return answers, index, models
+
+    answers, index, models = asyncio.run(while_building())
+    assert not demo.is_file(), "the demo model was built before the test looked: nothing was checked"
+    for path in ("/predict/demo", "/predict/demo/versions/1", "/v2/models/demo/infer", "/v2/models/demo"):
+        status, body, retry = answers[path]
+        assert status == 503 and "loading" in body["error"] and retry, (path, answers[path])
+    assert answers["/v2/models/demo/ready"][:2] == (503, {"name": "demo", "ready": False})
+    assert answers["/predict/other"][0] == 404  # a model that is not configured is still unknown
+    assert index == [{"name": "demo", "version": "1", "state": "LOADING"}]
+    assert models == [{"name": "demo", "version": 1, "state": "loading"}]
     server.wait_ready()
     assert demo.is_file()
     assert [r.status for r in asyncio.run(predict_many(f"{server.url}/predict/demo", [IMAGE]))] == [200]
