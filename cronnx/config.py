@@ -15,8 +15,14 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
-ModelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+ModelName = Annotated[str, msgspec.Meta(pattern=MODEL_NAME_PATTERN)]
 Triple = Annotated[list[float], msgspec.Meta(min_length=3, max_length=3)]
+# A model version: 1 to 2**63-1. Versions cross the pipes as msgpack integers and are read back
+# as int64, so a number beyond int64 could name no version a worker or a front process can hold.
+MAX_VERSION = 2 ** 63 - 1
+Version = Annotated[int, msgspec.Meta(ge=1, le=MAX_VERSION)]
+_MAX_VERSION_DIGITS = len(str(MAX_VERSION))
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 # 100 microseconds to 10 seconds: the span of inference latencies, from a tiny model on a GPU
@@ -26,6 +32,16 @@ DEFAULT_LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01
 IMAGENET_STD = [0.229, 0.224, 0.225]
 # A model entry's batch size when it sets none (also what `cronnx models inspect` suggests).
 DEFAULT_BATCH_SIZE = 8
+
+
+def version_number(digits: str) -> int | None:
+    """The version that ASCII `digits` name ("007" is 7), or None outside 1 to MAX_VERSION. A
+    long string is refused by its length, without converting thousands of digits."""
+    digits = digits.lstrip("0")
+    if not digits or len(digits) > _MAX_VERSION_DIGITS:
+        return None
+    number = int(digits)
+    return number if number <= MAX_VERSION else None
 
 
 class ConfigError(Exception):
@@ -173,7 +189,7 @@ class VersionPolicy(Strict):
     """Which versions of a repository to serve: the `latest` N, the `specific` ones, or all."""
 
     latest: PositiveInt | None = None
-    specific: list[PositiveInt] | None = None
+    specific: list[Version] | None = None
 
     def __post_init__(self) -> None:
         if self.latest is not None and self.specific is not None:
@@ -185,11 +201,11 @@ class ModelConfig(Strict):
     # One model file (served as `version`), or a folder of versions: <repository>/<version>/model.onnx.
     path: str | None = None
     repository: str | None = None
-    version: PositiveInt = 1
+    version: Version = 1
     version_policy: VersionPolicy = VersionPolicy(latest=1)
     # Split POST /predict/{name} across versions by weight, e.g. {1: 90, 2: 10}. Without it the
     # highest ready version takes all traffic.
-    traffic: dict[PositiveInt, Annotated[float, msgspec.Meta(ge=0)]] | None = None
+    traffic: dict[Version, Annotated[float, msgspec.Meta(ge=0)]] | None = None
     batch_size: PositiveInt = DEFAULT_BATCH_SIZE
     # The batch sizes the sessions run, each on a session of its own that only ever sees that
     # shape; a batch is padded with zeros up to the smallest bucket that holds it. [] runs one

@@ -56,6 +56,11 @@ CASES = {
                                     "models": [{"name": "m", "path": "TINY"}]}, "max_queue_bytes"),
     "zero queue timeout": ({"models": [{"name": "m", "path": "TINY", "default_timeout_ms": 0}]},
                            "$.models[0].default_timeout_ms"),
+    "version beyond int64": ({"models": [{"name": "m", "path": "TINY", "version": 2 ** 63}]}, "$.models[0].version"),
+    "traffic to a version beyond int64": ({"models": [{"name": "m", "repository": "/r", "traffic": {2 ** 63: 1}}]},
+                                          "$.models[0].traffic"),
+    "specific version 0": ({"models": [{"name": "m", "repository": "/r", "version_policy": {"specific": [0]}}]},
+                           "$.models[0].version_policy.specific[0]"),
     "unavailable provider": ({"models": [{"name": "m", "path": "TINY", "providers": ["TensorrtExecutionProvider"]}]}, "TensorrtExecutionProvider"),
 }
 

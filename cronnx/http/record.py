@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 from aiohttp import web
 
+from cronnx.config import version_number
 from cronnx.engine.client import UNKNOWN_MODEL, InferenceClient, ModelView, Selection
 from cronnx.errors import CronnxError, ModelNotFound, QueueFull, QueueTimeout
 from cronnx.http.context import CLIENT
@@ -21,9 +22,6 @@ access_log = logging.getLogger("cronnx.access")
 
 # Requests with the same key get the same version of a model whose traffic is split.
 ROUTING_KEY_HEADER = "X-Cronnx-Key"
-# Versions are int64 on the way to the engine (msgspec, the pipes' messages): a longer number
-# names no version there can be.
-_MAX_VERSION_DIGITS = len(str(2 ** 63 - 1))
 
 
 class RequestRecord:
@@ -121,13 +119,14 @@ def log_request(record: RequestRecord, total_s: float) -> None:
 
 def requested_version(request: web.Request) -> int | None:
     """The version a route names (`.../versions/{version}`, digits), None when it names none.
-    Raises ModelNotFound for a number beyond int64, as for any version not served (it is parsed
-    without converting thousands of digits)."""
+    Raises ModelNotFound for a number no version can have (0, or beyond int64: see
+    config.MAX_VERSION), as for any version not served."""
     text = request.match_info.get("version")
     if text is None:
         return None
-    digits = text.lstrip("0") or "0"
-    if len(digits) > _MAX_VERSION_DIGITS or int(digits) > 2 ** 63 - 1:
+    number = version_number(text)
+    if number is None:
+        digits = text.lstrip("0") or "0"
         raise ModelNotFound(f"version {digits[:24]}{'...' if len(digits) > 24 else ''} of model "
                             f"{request.match_info['model']!r} is not served")
-    return int(digits)
+    return number
