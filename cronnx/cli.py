@@ -43,14 +43,15 @@ def serve(config_path: str, host: str | None, port: int | None, model_repository
     """Serve the models of a config file over HTTP."""
     from cronnx.server.main import run_server
 
+    overrides = {"host": host, "port": port, "model_repository": model_repository, "log_level": log_level,
+                 "log_format": log_format}
     try:
-        config = load_config(config_path, host=host, port=port, model_repository=model_repository,
-                             log_level=log_level, log_format=log_format)
+        config = load_config(config_path, **overrides)
     except ConfigError as exc:
         _fail(f"config error: {exc}", CONFIG_ERROR_EXIT)
     setup_logging(config.server.log_level, config.server.log_format)
     try:
-        code = run_server(config, config_path)
+        code = run_server(config, config_path, overrides)
     except ConfigError as exc:
         _fail(f"config error: {exc}", CONFIG_ERROR_EXIT)
     except OSError as exc:

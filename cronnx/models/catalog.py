@@ -3,6 +3,13 @@
 A version is one model file under one name: a `models[]` entry with `path` is one version; an
 entry with `repository`, or a folder of `server.model_repository`, holds `<version>/model.onnx`
 folders, of which the version policy picks some.
+
+What `server.model_repository` holds is found, not named, so it is read forgivingly: an entry
+that is not a model (a hidden entry, a plain file, a folder without any `<version>/` folder, such
+as `lost+found` or `__pycache__`) is skipped with one log line, and a model folder that cannot be
+served is refused alone, with its reason, while the others serve. Within one model, two version
+folders naming one number (`1/` and `01/`) refuse the model, and a folder whose number is outside
+1 to 2**63-1 (config.MAX_VERSION) is refused alone.
 """
 
 from __future__ import annotations
@@ -10,12 +17,14 @@ from __future__ import annotations
 import codecs
 import logging
 import os
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 import msgspec.yaml
 
-from cronnx.config import Config, ConfigError, ModelConfig
+from cronnx.config import MODEL_NAME_PATTERN, Config, ConfigError, ModelConfig, version_number
 from cronnx.models.demo import DEMO_DESCRIPTIONS, write_demo_model
 from cronnx.models.spec import ModelSpec, ModelSpecError, inspect_model
 
@@ -23,6 +32,10 @@ log = logging.getLogger("cronnx.catalog")
 
 MODEL_FILE = "model.onnx"
 MODEL_SETTINGS_FILE = "config.yaml"
+
+# (model name, version): how the registry and /models name a version, and a refused model (under
+# its `version`, 1 unless set, when it is refused as a whole).
+Key = tuple[str, int]
 
 
 class ModelVersion(msgspec.Struct, frozen=True):
@@ -32,6 +45,9 @@ class ModelVersion(msgspec.Struct, frozen=True):
     config: ModelConfig
     # Where it came from, for error messages: "config.yaml: models[0] (resnet)".
     where: str
+    # Found in server.model_repository rather than named in `models`: a problem refuses this
+    # model alone, even at start-up.
+    in_repository: bool = False
 
     def fingerprint(self) -> tuple:
         """Changes when the file or its settings change: a reload then replaces the version."""
@@ -81,38 +97,126 @@ def powers_of_two_up_to(size: int) -> list[int]:
     return [*buckets, size]
 
 
-def model_configs(config: Config, config_path: str) -> list[tuple[ModelConfig, str]]:
-    """The configured models with where each came from: explicit entries, then repository folders."""
-    found = [(m, f"{config_path}: models[{i}] ({m.name})") for i, m in enumerate(config.models)]
+class ConfiguredModel(NamedTuple):
+    """A model the config names (a `models` entry) or finds (a folder of the repository)."""
+
+    config: ModelConfig
+    # For error messages: "cronnx.yaml: models[0] (resnet)", "/models/resnet/config.yaml (resnet)".
+    where: str
+    in_repository: bool
+
+
+class Configured(NamedTuple):
+    """What the config says to serve: its models, and the repository folders that are models but
+    cannot be served, each under (name, 1) with the reason."""
+
+    models: list[ConfiguredModel]
+    refused: dict[Key, str]
+
+
+def model_configs(config: Config, config_path: str) -> Configured:
+    """The configured models with where each came from: explicit entries, then the model folders
+    of server.model_repository (a folder named like an explicit entry is that entry's).
+
+    In the repository, what is not a model is skipped with one log line each (`_not_a_model`),
+    and a model folder with an unusable name or config.yaml is refused, in `refused`, not raised.
+    Raises ConfigError only when the repository itself cannot be read."""
+    found = [ConfiguredModel(m, f"{config_path}: models[{i}] ({m.name})", False) for i, m in enumerate(config.models)]
+    refused: dict[Key, str] = {}
     root = config.server.model_repository
     if root is None:
-        return found
+        return Configured(found, refused)
     explicit = {m.name for m in config.models}
     try:
-        folders = sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name not in explicit)
+        entries = sorted(p for p in Path(root).iterdir() if p.name not in explicit)
     except OSError as exc:
         raise ConfigError(f"{config_path}: server.model_repository: cannot read {root!r}: {exc.strerror}") from None
-    for folder in folders:
-        where = f"{folder / MODEL_SETTINGS_FILE}"
-        settings_file = folder / MODEL_SETTINGS_FILE
-        try:
-            settings = msgspec.yaml.decode(settings_file.read_bytes()) if settings_file.exists() else {}
-            settings = {**(settings or {}), "name": folder.name, "repository": str(folder)}
-            found.append((msgspec.convert(settings, ModelConfig), f"{where} ({folder.name})"))
-        except (msgspec.ValidationError, msgspec.DecodeError, OSError, TypeError) as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-    return found
+    for entry in entries:
+        skipped = _not_a_model(entry)
+        if skipped is not None:
+            log.info("model repository: skipping %s: %s", entry, skipped)
+            continue
+        model, reason = _repository_model(entry)
+        if model is None:
+            refused[(entry.name, 1)] = reason
+        else:
+            found.append(model)
+    return Configured(found, refused)
 
 
-def versions_of(model: ModelConfig, where: str) -> list[ModelVersion]:
+def _not_a_model(entry: Path) -> str | None:
+    """Why an entry of the model repository is not a model, or None when it is one: a folder,
+    not hidden, with at least one version folder (a name of ASCII digits) in it. Disks, notebooks
+    and Python leave such entries in any folder (`lost+found`, `.ipynb_checkpoints`,
+    `__pycache__`); Triton's layout has no other use for them."""
+    if entry.name.startswith("."):
+        return "hidden"
+    if not entry.is_dir():
+        return "not a folder"
+    try:
+        if not any(_is_version_name(child.name) and child.is_dir() for child in entry.iterdir()):
+            return f"no <version>/ folder in it (a model is <name>/<version>/{MODEL_FILE})"
+    except OSError:
+        return None  # a model that cannot be read: reading its versions refuses it with the reason
+    return None
+
+
+def _is_version_name(name: str) -> bool:
+    return name.isascii() and name.isdigit()
+
+
+def _repository_model(folder: Path) -> tuple[ConfiguredModel | None, str]:
+    """The model a repository folder holds, or None and the reason it cannot be served."""
+    settings_file = folder / MODEL_SETTINGS_FILE
+    if not re.fullmatch(MODEL_NAME_PATTERN, folder.name):
+        return None, (f"{folder}: {folder.name!r} is not a model name (letters, digits, '_', '.' and '-', "
+                      "starting with a letter or digit, at most 64)")
+    try:
+        text = settings_file.read_bytes()
+    except FileNotFoundError:
+        text = None
+    except OSError as exc:
+        return None, f"{settings_file} ({folder.name}): cannot read: {exc.strerror}"
+    where = f"{folder if text is None else settings_file} ({folder.name})"
+    try:
+        settings = msgspec.yaml.decode(text) if text is not None else {}
+        settings = {**(settings or {}), "name": folder.name, "repository": str(folder)}
+        return ConfiguredModel(msgspec.convert(settings, ModelConfig), where, True), ""
+    except (msgspec.ValidationError, msgspec.DecodeError, TypeError) as exc:
+        return None, f"{where}: {exc}"
+
+
+def versions_of(model: ModelConfig, where: str, in_repository: bool = False) -> list[ModelVersion]:
+    """The versions of a model that its version policy picks, each with its file.
+
+    A version folder is named by its number in ASCII digits; leading zeros name the same number.
+    One whose number is outside 1 to 2**63-1 is not served (one log line) and the others are.
+    Raises ConfigError when the model cannot be served: its repository cannot be read, two
+    folders name one version (`1/` and `01/`: which one is meant cannot be known, so neither is
+    chosen), a version the policy names has no model file, no version is left, or `traffic`
+    names a version not served."""
     if model.path is not None:
-        return [ModelVersion(model.name, model.version, model.path, model, where)]
+        return [ModelVersion(model.name, model.version, model.path, model, where, in_repository)]
     root = Path(model.repository)
     try:
-        available = sorted(int(p.name) for p in root.iterdir()
-                           if p.name.isascii() and p.name.isdigit() and (p / MODEL_FILE).is_file())
+        folders = sorted(p for p in root.iterdir() if _is_version_name(p.name) and (p / MODEL_FILE).is_file())
     except OSError as exc:
         raise ConfigError(f"{where}.repository: cannot read {str(root)!r}: {exc.strerror}") from None
+    by_version: dict[int, Path] = {}
+    out_of_range: list[str] = []
+    for folder in folders:
+        version = version_number(folder.name)
+        if version is None:
+            # Versions cross the pipes as int64 (config.MAX_VERSION), and 0 is no version.
+            log.error("%s.repository: %s is not served: version %s is outside 1 to 2**63-1",
+                      where, folder, folder.name)
+            out_of_range.append(folder.name)
+        elif version in by_version:
+            raise ConfigError(f"{where}.repository: {by_version[version]} and {folder} are both version {version}; "
+                              "remove or rename one")
+        else:
+            by_version[version] = folder
+    available = sorted(by_version)
     policy = model.version_policy
     if policy.specific is not None:
         missing = sorted(set(policy.specific) - set(available))
@@ -124,19 +228,33 @@ def versions_of(model: ModelConfig, where: str) -> list[ModelVersion]:
     else:
         chosen = available
     if not chosen:
-        raise ConfigError(f"{where}.repository: no {root}/<version>/{MODEL_FILE} found")
+        beyond = f" (versions outside 1 to 2**63-1 are not served: {', '.join(out_of_range)})" if out_of_range else ""
+        raise ConfigError(f"{where}.repository: no {root}/<version>/{MODEL_FILE} found{beyond}")
     if model.traffic:
         unserved = sorted(set(model.traffic) - set(chosen))
         if unserved:
             raise ConfigError(f"{where}.traffic: versions {unserved} are not served (served: {chosen})")
-    return [ModelVersion(model.name, v, str(root / str(v) / MODEL_FILE), model, where) for v in chosen]
+    return [ModelVersion(model.name, v, str(by_version[v] / MODEL_FILE), model, where, in_repository) for v in chosen]
 
 
-def all_versions(config: Config, config_path: str) -> list[ModelVersion]:
-    versions = [v for model, where in model_configs(config, config_path) for v in versions_of(model, where)]
-    if not versions:
+def all_versions(config: Config, config_path: str) -> tuple[list[ModelVersion], dict[Key, str]]:
+    """Every version to serve at start-up, and the models of the repository refused, with the
+    reasons. Raises ConfigError for a `models` entry that cannot be served (the config names it:
+    start-up stops and says why), for a repository that cannot be read, and when the config has
+    no model at all."""
+    configured = model_configs(config, config_path)
+    versions: list[ModelVersion] = []
+    refused = dict(configured.refused)
+    for model, where, in_repository in configured.models:
+        try:
+            versions += versions_of(model, where, in_repository)
+        except ConfigError as exc:
+            if not in_repository:
+                raise
+            refused[(model.name, model.version)] = str(exc)
+    if not versions and not refused:
         raise ConfigError(f"{config_path}: no models to serve")
-    return versions
+    return versions, refused
 
 
 def resolve_providers(requested: list[str] | str) -> list[str]:

@@ -25,7 +25,7 @@ from cronnx.http.context import HttpSettings
 from cronnx.http.listener import listen, reserve_port
 from cronnx.ipc.ring import remove_stale_segments
 from cronnx.models import catalog, runtime
-from cronnx.models.catalog import ModelVersion, PreparedVersion
+from cronnx.models.catalog import Key, ModelVersion, PreparedVersion
 from cronnx.observability.logs import LoggingSpec
 from cronnx.observability.metrics import Metrics
 from cronnx.preprocessing.placement import Preprocessing
@@ -43,7 +43,10 @@ def _stop_starting(signum, frame) -> None:
     raise SystemExit(0)
 
 
-def run_server(config: Config, config_path: str) -> int:
+def run_server(config: Config, config_path: str, overrides: dict[str, object] | None = None) -> int:
+    """Serve `config` (read from `config_path` with the command line's `overrides`, which every
+    reload applies again) until SIGTERM or SIGINT; 0 when stopped. Raises ConfigError for a model
+    the config names that cannot be served, before anything starts."""
     # A SIGHUP before the server can reload would end the process: ignore it until then.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # SIGTERM and SIGINT before the event loop takes them over (to drain) end the start-up: nothing
@@ -59,25 +62,38 @@ def run_server(config: Config, config_path: str) -> int:
     if removed:
         log.warning("removed the socket folders of killed runs: %s", ", ".join(removed))
     onnxruntime_build = runtime.describe()
-    # At start-up every model must be servable: any problem is a config error (exit 2). A demo
-    # model still to be built is built once the port is open, so that /ready answers 503
-    # ("loading") meanwhile instead of the port being closed.
-    versions = catalog.all_versions(config, config_path)
+    # At start-up every model the config names must be servable: any problem is a config error
+    # (exit 2). A model found in the model repository was named by no one: one that cannot be
+    # served is refused alone (failed, with the reason) and the others serve. A demo model still
+    # to be built is built once the port is open, so that /ready answers 503 ("loading")
+    # meanwhile instead of the port being closed.
+    versions, failed = catalog.all_versions(config, config_path)
     to_build = [v for v in versions if catalog.needs_demo_build(v)]
-    prepared = [catalog.prepare(v) for v in versions if not catalog.needs_demo_build(v)]
+    prepared: list[PreparedVersion] = []
+    for version in versions:
+        if catalog.needs_demo_build(version):
+            continue
+        try:
+            prepared.append(catalog.prepare(version))
+        except ConfigError as exc:
+            if not version.in_repository:
+                raise
+            failed[(version.name, version.version)] = str(exc)
     log.info("config %s; %s; %s", config_path, pil_build(), onnxruntime_build)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_serve(config.server, config_path, prepared, to_build))
+        asyncio.run(_serve(config.server, config_path, overrides or {}, prepared, to_build, failed))
     else:
-        uvloop.run(_serve(config.server, config_path, prepared, to_build))
+        uvloop.run(_serve(config.server, config_path, overrides or {}, prepared, to_build, failed))
     return 0
 
 
-async def _first_load(registry: Registry, prepared: list[PreparedVersion], to_build: list[ModelVersion]) -> None:
-    """Build the demo models still missing, then load every model; /ready answers 503 until done."""
-    failed: dict[tuple[str, int], str] = {}
+async def _first_load(registry: Registry, prepared: list[PreparedVersion], to_build: list[ModelVersion],
+                      failed: dict[Key, str]) -> None:
+    """Build the demo models still missing, then load every model, and record the models already
+    refused (`failed`); /ready answers 503 until done."""
+    failed = dict(failed)
     for version in to_build:
         try:
             prepared.append(await asyncio.to_thread(catalog.prepare, version))
@@ -100,20 +116,20 @@ def _may_use_cuda(providers: list[str] | str) -> bool:
         return False  # its load will fail and say why
 
 
-async def _serve(server: ServerConfig, config_path: str, prepared: list[PreparedVersion],
-                 to_build: list[ModelVersion]) -> None:
+async def _serve(server: ServerConfig, config_path: str, overrides: dict[str, object],
+                 prepared: list[PreparedVersion], to_build: list[ModelVersion], failed: dict[Key, str]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     on_cuda = any("CUDAExecutionProvider" in p.providers for p in prepared) or any(
         _may_use_cuda(v.config.providers) for v in to_build)
-    parts = ServerProcess(server, config_path)
+    parts = ServerProcess(server, config_path, overrides)
     try:
         parts.start_preprocessing(on_cuda)
         parts.start_engine()
         await parts.listen()
-        parts.load(prepared, to_build)
+        parts.load(prepared, to_build, failed)
         await stop.wait()
         parts.drain()
     finally:
@@ -126,9 +142,10 @@ class ServerProcess:
     processes and the Unix socket they pass routes to), the models' first load. `stop` undoes
     whichever steps ran, in reverse order."""
 
-    def __init__(self, server: ServerConfig, config_path: str):
+    def __init__(self, server: ServerConfig, config_path: str, overrides: dict[str, object]):
         self.server = server
         self.config_path = config_path
+        self.overrides = overrides
         self.loop = asyncio.get_running_loop()
         self.preprocessing: Preprocessing | None = None
         self.metrics: Metrics | None = None
@@ -164,7 +181,7 @@ class ServerProcess:
         liveness = Liveness(server.worker_ping_interval_s, server.worker_ping_timeout_s, server.batch_run_timeout_s)
         self.registry = Registry(self._logging(), self.metrics.batch_recorder, server.model_load_timeout_s, liveness,
                                  QueueMemory(server.max_queue_bytes))
-        self.reloader = Reloader(self.registry, self.config_path)
+        self.reloader = Reloader(self.registry, self.config_path, self.overrides)
         self.engine = InferenceEngine(self.registry, self.preprocessing)
         self.state = ServerState(server, self.engine, self.reloader, self.metrics)
 
@@ -195,12 +212,13 @@ class ServerProcess:
         await self.fronts.listening()
         log.info("serving on http://%s:%d in %s", host, port, self.fronts)
 
-    def load(self, prepared: list[PreparedVersion], to_build: list[ModelVersion]) -> None:
+    def load(self, prepared: list[PreparedVersion], to_build: list[ModelVersion], failed: dict[Key, str]) -> None:
         """Load the models (in the background: /ready answers 503 meanwhile, and each model's
-        routes 503 "loading"); reload on SIGHUP from now on."""
+        routes 503 "loading"), `failed` being those refused already with the reason; reload on
+        SIGHUP from now on."""
         self.registry.pending = {(p.model.name, p.model.version) for p in prepared} | {
             (v.name, v.version) for v in to_build}
-        self._in_background(_first_load(self.registry, prepared, to_build))
+        self._in_background(_first_load(self.registry, prepared, to_build, failed))
         self.loop.add_signal_handler(signal.SIGHUP, lambda: self._in_background(self.reloader.on_sighup()))
 
     def drain(self) -> None:

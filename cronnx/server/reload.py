@@ -8,32 +8,37 @@ import logging
 from cronnx.config import ConfigError, NotInConfig, load_config
 from cronnx.engine.registry import Registry
 from cronnx.models import catalog
-from cronnx.models.catalog import PreparedVersion
+from cronnx.models.catalog import Key, PreparedVersion
 
 log = logging.getLogger("cronnx.server")
 
 
 class Reloader:
-    """Re-reads the config and applies it to the registry: on SIGHUP, and for the admin API."""
+    """Re-reads the config and applies it to the registry: on SIGHUP, and for the admin API.
+    `overrides` are the command line's server options (`cronnx serve --model-repository DIR`),
+    applied to every reading as at start-up."""
 
-    def __init__(self, registry: Registry, config_path: str):
+    def __init__(self, registry: Registry, config_path: str, overrides: dict[str, object] | None = None):
         self.registry = registry
         self.config_path = config_path
+        self.overrides = overrides or {}
 
     async def reload(self, only: str | None = None, force: bool = False) -> None:
         """Serve what the config file says now (for one model, or all). Raises ConfigError when the
         file is unusable; a model that fails is recorded in the registry and changes nothing else."""
-        config = await asyncio.to_thread(load_config, self.config_path)
-        models = await asyncio.to_thread(catalog.model_configs, config, self.config_path)
+        config = await asyncio.to_thread(load_config, self.config_path, **self.overrides)
+        # Reading the repository touches the disk (a network volume, for KServe): not on the event loop.
+        models, refused = await asyncio.to_thread(catalog.model_configs, config, self.config_path)
         if only is not None:
-            models = [(m, where) for m, where in models if m.name == only]
-            if not models:
+            models = [m for m in models if m.config.name == only]
+            refused = {key: reason for key, reason in refused.items() if key[0] == only}
+            if not models and not refused:
                 raise NotInConfig(f"{self.config_path}: model {only!r} is not in the config")
         prepared: list[PreparedVersion] = []
-        failed: dict[tuple[str, int], str] = {}
-        for model, where in models:
+        failed: dict[Key, str] = dict(refused)
+        for model, where, in_repository in models:
             try:
-                versions = catalog.versions_of(model, where)
+                versions = await asyncio.to_thread(catalog.versions_of, model, where, in_repository)
             except ConfigError as exc:
                 failed[(model.name, model.version)] = str(exc)
                 continue
@@ -43,7 +48,7 @@ class Reloader:
                     prepared.append(await asyncio.to_thread(catalog.prepare, version))
                 except ConfigError as exc:
                     failed[(version.name, version.version)] = str(exc)
-        names = {m.name for m, _ in models}
+        names = {m.config.name for m in models} | {name for name, _ in refused}
         if only is None:
             # Models gone from the file are unloaded, and their old load failures forgotten.
             names |= set(self.registry.routes) | {name for name, _ in self.registry.failed}
