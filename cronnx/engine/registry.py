@@ -18,15 +18,13 @@ from collections.abc import Callable, Iterator
 from cronnx.engine.admission import QueueMemory
 from cronnx.engine.pool import VersionLoadFailed, ModelPool
 from cronnx.errors import ModelNotFound, ModelNotReady
-from cronnx.models.catalog import ModelVersion, PreparedVersion
+from cronnx.models.catalog import Key, ModelVersion, PreparedVersion
 from cronnx.observability.logs import LoggingSpec
 from cronnx.workers.entry import run_worker
 from cronnx.workers.process import WorkerTarget
 from cronnx.workers.supervisor import BatchObserver, Liveness
 
 log = logging.getLogger("cronnx.registry")
-
-Key = tuple[str, int]
 
 
 class ModelRoute:
@@ -52,6 +50,22 @@ class ModelRoute:
             if point < 0:
                 return self.versions[version]
         return self.versions[weighted[-1][0]]
+
+
+def _one_per_key(prepared: list[PreparedVersion], failed: dict[Key, str]) -> tuple[list[PreparedVersion],
+                                                                                  dict[Key, str]]:
+    """`prepared` without the versions that share a key, which join `failed`. A version is loaded
+    under its key: a second one would take the first's place while both load, and the first's
+    workers would be left with no owner to stop them (the server would not exit on SIGTERM)."""
+    paths: dict[Key, list[str]] = {}
+    for p in prepared:
+        paths.setdefault((p.model.name, p.model.version), []).append(p.model.path)
+    shared = {key: files for key, files in paths.items() if len(files) > 1}
+    if not shared:
+        return prepared, failed
+    failed = {**failed, **{key: f"{len(files)} model files are this version: {', '.join(files)}"
+                           for key, files in shared.items()}}
+    return [p for p in prepared if (p.model.name, p.model.version) not in shared], failed
 
 
 def _unit_hash(key: str) -> float:
@@ -126,7 +140,9 @@ class Registry:
 
     async def apply(self, prepared: list[PreparedVersion], failed: dict[Key, str], names: set[str],
                     force: bool = False) -> None:
-        """Make the served versions of the models in `names` exactly `prepared` (minus `failed`)."""
+        """Make the served versions of the models in `names` exactly `prepared` (minus `failed`).
+        Versions of `prepared` that share one (name, version) are all refused, with the reason."""
+        prepared, failed = _one_per_key(prepared, failed)
         async with self._lock:
             self.pending = {key for key in self.pending if key[0] not in names}
             for name in names:

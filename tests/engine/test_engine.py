@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import multiprocessing
 import os
 import random
 import shutil
@@ -619,5 +620,29 @@ def test_a_preprocessing_process_stuck_past_the_fill_timeout_is_killed_and_repla
             await h.settle()
             assert h.preprocessing.restarts == 1 and not pid_alive(stuck)
             assert (await h.infer((8, 9, 10))).output.tolist() == expected((8, 9, 10))
+
+    asyncio.run(main())
+
+
+def test_two_files_for_one_version_are_both_refused_and_the_other_versions_load(model, tmp_path):
+    """The registry loads a version under its (name, version): a second file under the same key
+    would take the first's place while both load, and leave the first's worker with no owner."""
+    copy = tmp_path / "copy.onnx"
+    shutil.copy(model, copy)
+    config = ModelConfig(name="m", path=str(model), batch_size=4, ring_slots=8, intra_op_threads=1, preprocess=IDENTITY)
+    versions = [ModelVersion("m", 1, str(model), config, "test"), ModelVersion("m", 1, str(copy), config, "test"),
+                ModelVersion("m", 2, str(model), config, "test")]
+
+    async def main():
+        registry = Registry(LoggingSpec("critical", "text"), lambda name, version: lambda size, _: None, 60.0, QUIET,
+                            QueueMemory(0))
+        try:
+            await asyncio.wait_for(registry.apply([catalog.prepare(v) for v in versions], {}, {"m"}), 60)
+            assert sorted(registry.route("m").versions) == [2] and not registry.loading
+            assert registry.failed == {("m", 1): f"2 model files are this version: {model}, {copy}"}
+            assert len(multiprocessing.active_children()) == 1  # version 2's worker only
+        finally:
+            await registry.close()
+        assert multiprocessing.active_children() == []
 
     asyncio.run(main())
