@@ -63,8 +63,15 @@ def pid_alive(pid: int) -> bool:
 
 
 def shm_segments(pid: int) -> list[str]:
-    """The shared-memory segments a Cronnx server process `pid` owns (it names them cronnx_<pid>_*)."""
-    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"cronnx_{pid}_"))
+    """The shared-memory segments a Cronnx server process `pid` owns (it names them
+    cronnx_<pid>_<run>_*), less the lock file that claims them (`shm_lock_files`)."""
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"cronnx_{pid}_") and not n.endswith(".lock"))
+
+
+def shm_lock_files(pid: int) -> list[str]:
+    """The lock file by which a Cronnx server process `pid` claims its segment names
+    (cronnx_<pid>_<run>.lock, cronnx/ipc/segments.py): one while it runs, none after a clean stop."""
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"cronnx_{pid}_") and n.endswith(".lock"))
 
 
 def server_children(server: int, workers: Collection[int]) -> list[int]:
@@ -118,7 +125,7 @@ def reap_group(process: subprocess.Popen) -> dict:
     killed = alive_in_group(process.pid)
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
-    removed = shm_segments(process.pid)
+    removed = shm_segments(process.pid) + shm_lock_files(process.pid)
     for segment in removed:
         os.unlink(f"/dev/shm/{segment}")
     return {"exit_code": process.returncode, "killed_leftover_pids": killed, "removed_shm": removed}

@@ -29,13 +29,14 @@ as "ring rule N".
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Callable
 from multiprocessing import shared_memory
 
 import msgspec
 import numpy as np
+
+from cronnx.ipc.segments import SHM_DIR, segment_name
 
 
 class RingLayout(msgspec.Struct, frozen=True):
@@ -57,14 +58,6 @@ class RingLayout(msgspec.Struct, frozen=True):
         return self.slots * int(np.prod(self.output_item_shape)) * np.dtype(self.output_dtype).itemsize
 
 
-SEGMENT_PREFIX = "cronnx"
-
-
-def segment_name(owner_pid: int, tag: str) -> str:
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", tag)
-    return f"{SEGMENT_PREFIX}_{owner_pid}_{safe}"
-
-
 def _view(shm: shared_memory.SharedMemory, slots: int, item_shape: tuple[int, ...], dtype: str) -> np.ndarray:
     # frombuffer holds an export of the mapping: while any view lives, close() cannot unmap it
     # under a thread that still writes (it raises BufferError instead, and the mapping stays).
@@ -79,10 +72,9 @@ class SlotRing:
     """Owner side: creates the segments and hands out slots, adjacent ones first."""
 
     def __init__(self, tag: str, slots: int, input_item_shape, input_dtype: str, output_item_shape, output_dtype: str):
-        pid = os.getpid()
         self.layout = RingLayout(
-            input_segment=segment_name(pid, f"{tag}_in"),
-            output_segment=segment_name(pid, f"{tag}_out"),
+            input_segment=segment_name(f"{tag}_in"),
+            output_segment=segment_name(f"{tag}_out"),
             slots=slots,
             input_item_shape=tuple(input_item_shape),
             input_dtype=input_dtype,
@@ -174,9 +166,6 @@ class SharedMemoryFull(OSError):
     """/dev/shm has no room for a ring: the message says how much it needs and what to do."""
 
 
-SHM_DIR = "/dev/shm"
-
-
 def _create(name: str, size: int) -> shared_memory.SharedMemory:
     """A new segment of `size` bytes with its memory reserved now (SharedMemoryFull if /dev/shm
     cannot hold it). tmpfs hands out pages only when they are first written: an unreserved segment
@@ -187,8 +176,8 @@ def _create(name: str, size: int) -> shared_memory.SharedMemory:
     try:
         shm = shared_memory.SharedMemory(name=name, create=True, size=size)
     except FileExistsError:
-        # Our own pid's leftover can only come from an earlier ring in this process that
-        # was not closed; replace it rather than fail.
+        # The name is this start's own (segments.py): the leftover of an earlier ring of this
+        # process that was not closed. Replace it rather than fail.
         shared_memory.SharedMemory(name=name).unlink()
         shm = shared_memory.SharedMemory(name=name, create=True, size=size)
     try:
@@ -260,25 +249,6 @@ def _attach(name: str) -> shared_memory.SharedMemory:
         return shared_memory.SharedMemory(name=name)
     finally:
         resource_tracker.register = register
-
-
-def remove_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
-    """Unlink segments left by a killed Cronnx process (their owner pid no longer exists)."""
-    removed = []
-    try:
-        names = os.listdir(shm_dir)
-    except OSError:
-        return removed
-    pattern = re.compile(rf"^{SEGMENT_PREFIX}_(\d+)_")
-    for name in names:
-        match = pattern.match(name)
-        if match and not pid_alive(int(match.group(1))):
-            try:
-                os.unlink(os.path.join(shm_dir, name))
-                removed.append(name)
-            except OSError:
-                pass
-    return removed
 
 
 def pid_alive(pid: int) -> bool:

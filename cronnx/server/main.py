@@ -23,7 +23,7 @@ from cronnx.fronts.manager import SOCKET_NAME, FrontProcesses, make_socket_dir, 
 from cronnx.http.app import make_app, make_runner
 from cronnx.http.context import HttpSettings
 from cronnx.http.listener import listen, reserve_port
-from cronnx.ipc.ring import remove_stale_segments
+from cronnx.ipc.segments import release_names, remove_stale_segments
 from cronnx.models import catalog, runtime
 from cronnx.models.catalog import Key, ModelVersion, PreparedVersion
 from cronnx.observability.logs import LoggingSpec
@@ -57,7 +57,8 @@ def run_server(config: Config, config_path: str, overrides: dict[str, object] | 
     set_max_image_pixels(config.server.max_image_pixels)
     removed = remove_stale_segments()
     if removed:
-        log.warning("removed %d shared-memory segments left by a killed run: %s", len(removed), ", ".join(removed))
+        log.warning("removed %d shared-memory segments and lock files left by killed runs: %s", len(removed),
+                    ", ".join(removed))
     removed = remove_stale_socket_dirs()
     if removed:
         log.warning("removed the socket folders of killed runs: %s", ", ".join(removed))
@@ -251,6 +252,7 @@ class ServerProcess:
                 await self.preprocessing.close()
             if self.registry is not None:
                 await self.registry.close()
+            release_names()  # every ring is closed: the names of this start are free
             log.info("stopped")
 
     def _logging(self) -> LoggingSpec:

@@ -29,7 +29,8 @@ from support.images import encode, photo_like
 from support.metrics import scrape
 from support.models import tiny_classifier
 from support.reference import DirectModel, assert_matches
-from support.server import mapped_segments, model_entry, pid_alive, server_config, shm_segments, wait_until
+from support.server import (mapped_segments, model_entry, pid_alive, server_config, shm_lock_files, shm_segments,
+                            wait_until)
 from cronnx.config import PreprocessConfig
 from cronnx.fronts.messages import Abandon, Infer, decode_from_front
 from cronnx.fronts.messages import encode as encode_message
@@ -269,6 +270,8 @@ def test_after_the_main_process_is_killed_the_fronts_exit_and_the_next_start_tid
     fronts = front_pids(first)
     folders = list(Path(tempfile.gettempdir()).glob(f"cronnx-{first.proc.pid}-*"))
     assert len(folders) == 1 and (folders[0] / "server.sock").exists()
+    left = shm_segments(first.proc.pid) + shm_lock_files(first.proc.pid)
+    assert left and any(name.endswith(".lock") for name in left)
     first.proc.kill()
     first.proc.wait(10)
     # Their pipe to the server process closed: they stop serving and exit by themselves.
@@ -277,6 +280,10 @@ def test_after_the_main_process_is_killed_the_fronts_exit_and_the_next_start_tid
     second = start_server(config)
     assert not folders[0].exists()
     assert f"removed the socket folders of killed runs: {folders[0]}" in second.log()
+    # Its segments (unlinked by its resource tracker, or by this start) and its lock file: its
+    # lock died with it, so they were provably its own.
+    assert not any((Path("/dev/shm") / name).exists() for name in left)
+    assert next(name for name in left if name.endswith(".lock")) in second.log()
     assert [r.status for r in asyncio.run(predict_many(f"{second.url}/predict/tiny", PHOTOS))] == [200] * 6
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from cronnx.ipc.ring import RingLayout
-from cronnx.ipc.ring import AttachedRing, SharedMemoryFull, SlotRing, remove_stale_segments, segment_name
+from cronnx.ipc.ring import AttachedRing, SharedMemoryFull, SlotRing
+from cronnx.ipc.segments import segment_name
 
 SHM = Path("/dev/shm")
 INPUT_ITEM = (3, 4, 4)
@@ -39,16 +40,6 @@ def make_ring():
 
 def counts(ring: SlotRing) -> tuple[int, int, int]:
     return ring.free_count, ring.in_use, ring.filling_count
-
-
-def dead_pid() -> int:
-    """The pid of a process that has exited."""
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                           capture_output=True, text=True, check=True)
-    pid = int(child.stdout)
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
-    return pid
 
 
 # --- the segments ---------------------------------------------------------------------------
@@ -85,16 +76,11 @@ def test_a_ring_larger_than_the_room_in_dev_shm_is_refused_with_the_sizes_and_le
     assert not [n for n in os.listdir(SHM) if tag in n]
 
 
-def test_segment_name_replaces_characters_a_shm_name_cannot_hold():
-    assert segment_name(123, "model/v1 g:0") == "cronnx_123_model_v1_g_0"
-    assert segment_name(123, "resnet-50_v2.onnx") == "cronnx_123_resnet-50_v2.onnx"
-
-
 def test_a_leftover_segment_of_the_same_name_is_replaced_not_an_error(make_ring):
     from multiprocessing import shared_memory
 
     tag = f"test_{uuid.uuid4().hex[:12]}"
-    leftover = shared_memory.SharedMemory(name=segment_name(os.getpid(), f"{tag}_in"), create=True, size=7)
+    leftover = shared_memory.SharedMemory(name=segment_name(f"{tag}_in"), create=True, size=7)
     leftover.close()
     ring = SlotRing(tag, 2, INPUT_ITEM, "float32", OUTPUT_ITEM, "float32")
     try:
@@ -264,29 +250,3 @@ def test_a_worker_process_that_exits_leaves_the_owners_segments_in_place(make_ri
     assert b"leaked" not in child.stderr, child.stderr
     assert (SHM / ring.layout.input_segment).exists() and (SHM / ring.layout.output_segment).exists()
     np.testing.assert_array_equal(ring.outputs[1], 144.0)
-
-
-# --- stale segments -------------------------------------------------------------------------
-
-def test_stale_segments_of_dead_owners_are_removed_and_live_owners_kept(tmp_path):
-    gone = dead_pid()
-    for name in [f"cronnx_{gone}_m_v1_in", f"cronnx_{gone}_m_v1_out",
-                 f"cronnx_{os.getpid()}_m_v1_in", "cronnx_1_m_v1_in"]:
-        (tmp_path / name).write_bytes(b"x")
-    removed = remove_stale_segments(shm_dir=str(tmp_path))
-    assert sorted(removed) == [f"cronnx_{gone}_m_v1_in", f"cronnx_{gone}_m_v1_out"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"cronnx_{os.getpid()}_m_v1_in", "cronnx_1_m_v1_in"])
-
-
-def test_stale_segment_clean_up_leaves_names_that_are_not_cronnx_segments(tmp_path):
-    gone = dead_pid()
-    others = [f"other_{gone}_x", f"cronnx_{gone}", "cronnx_abc_x", f"xcronnx_{gone}_x", f"psm_{gone}"]
-    for name in others:
-        (tmp_path / name).write_bytes(b"x")
-    assert remove_stale_segments(shm_dir=str(tmp_path)) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
-
-
-def test_stale_segment_clean_up_of_a_missing_folder_removes_nothing(tmp_path):
-    assert remove_stale_segments(shm_dir=str(tmp_path / "absent")) == []
-

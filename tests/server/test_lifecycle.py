@@ -20,7 +20,8 @@ from support.client import TIMEOUT, post, predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape, value
 from support.models import tiny_classifier
-from support.server import REPO, model_entry, pid_alive, server_config, shm_segments, wait_until
+from support.server import (REPO, model_entry, pid_alive, server_config, shm_lock_files, shm_segments,
+                            wait_until)
 
 IMAGE = encode(photo_like(320, 240, seed=1), "JPEG")
 
@@ -108,7 +109,7 @@ def test_sigterm_finishes_in_flight_requests_and_leaves_nothing_behind(start_ser
     assert [r.status for r in replies] == [200] * 6, replies
     assert server.proc.wait(30) == 0
     assert not any(pid_alive(w) for w in workers)
-    assert shm_segments(pid) == []
+    assert shm_segments(pid) == [] and shm_lock_files(pid) == []  # the claim given up too
 
 
 @pytest.mark.parametrize("placement", [{}, {"front_processes": 2}, {"preprocess_processes": 2}],

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.processes import children_of, pid_alive, shm_segments
+from bench.processes import children_of, pid_alive, shm_lock_files, shm_segments
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 90.0
@@ -130,7 +130,7 @@ class ServerProcess:
         for kid in kids:
             if pid_alive(kid):
                 os.kill(kid, signal.SIGKILL)
-        for name in shm_segments(pid):
+        for name in shm_segments(pid) + shm_lock_files(pid):
             os.unlink(f"/dev/shm/{name}")
 
 
