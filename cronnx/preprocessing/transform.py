@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from cronnx.config import PreprocessConfig
 from cronnx.errors import ImageTooLarge, InvalidImage
 from cronnx.models.spec import ModelSpec
+from cronnx.preprocessing.colour import to_srgb
 
 # Pillow warns between MAX_IMAGE_PIXELS and twice that; a server refuses instead.
 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -117,7 +118,13 @@ class Preprocessor:
             image.load()
             # Read before converting: the conversion makes a new image without the file's EXIF.
             orientation = exif_orientation(image)
-            image = to_rgb(image)
+            profile = image.info.get("icc_profile")
+            if image.mode == "CMYK":
+                # From the inks, by the profile: Pillow's own CMYK -> RGB is a plain inversion.
+                image = to_rgb(to_srgb(image, profile))
+            else:
+                # After compositing: white, the background, is white in every RGB space.
+                image = to_srgb(to_rgb(image), profile)
             return image.transpose(UPRIGHT[orientation]) if orientation in UPRIGHT else image
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageTooLarge(_too_large(str(exc))) from None
