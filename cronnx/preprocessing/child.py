@@ -6,13 +6,15 @@ from __future__ import annotations
 import signal
 from multiprocessing.connection import Connection
 
+from cronnx.observability.logs import LoggingSpec, setup_logging
 from cronnx.preprocessing.messages import Filled, Forget, Stop, decode_to_preprocess, encode, fill_failed
 from cronnx.preprocessing.rings import AttachedRings
 
 
-def run_preprocess_process(max_image_pixels: int, inbox: Connection, outbox: Connection) -> None:
+def run_preprocess_process(max_image_pixels: int, logging_spec: LoggingSpec, inbox: Connection,
+                           outbox: Connection) -> None:
     """Entry point of a preprocessing process: fill slots until `Stop` or the server process's pipe
-    closes."""
+    closes. It logs as the server does (a colour profile it cannot use, say)."""
     from cronnx.ipc.cpu import mark_cpu_bound
     from cronnx.preprocessing.transform import set_max_image_pixels
 
@@ -20,6 +22,7 @@ def run_preprocess_process(max_image_pixels: int, inbox: Connection, outbox: Con
     # group).
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    setup_logging(logging_spec.level, logging_spec.format)
     mark_cpu_bound()
     set_max_image_pixels(max_image_pixels)
     rings = AttachedRings()

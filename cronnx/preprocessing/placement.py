@@ -32,6 +32,7 @@ from cronnx.ipc.child import ChildProcess
 from cronnx.ipc.cpu import mark_cpu_bound, usable_cores
 from cronnx.ipc.restarts import ChildSet
 from cronnx.ipc.ring import SlotRing
+from cronnx.observability.logs import LoggingSpec
 from cronnx.preprocessing.child import run_preprocess_process
 from cronnx.preprocessing.messages import Fill, Filled, Stop, decode_from_preprocess, encode, fill_error
 from cronnx.preprocessing.rings import ClosedRingSweeper, MappedRings
@@ -45,7 +46,7 @@ YOUNG_DEATH_S = 1.0
 
 
 def start(processes: int | None, threads: int, any_on_cuda: bool, max_image_pixels: int,
-          fill_timeout_s: float) -> Preprocessing:
+          fill_timeout_s: float, logging_spec: LoggingSpec) -> Preprocessing:
     """The preprocessing the config asks for (server.preprocess_processes, preprocess_threads), on
     the running event loop. `processes` None: one process per usable core when a model runs on
     CUDA, threads otherwise. Measured on 2 cores (bench/README.md, "Preprocessing processes"):
@@ -55,7 +56,7 @@ def start(processes: int | None, threads: int, any_on_cuda: bool, max_image_pixe
     if processes is None:
         processes = usable_cores() if any_on_cuda else 0
     if processes:
-        return ProcessPreprocessing(processes, max_image_pixels, fill_timeout_s)
+        return ProcessPreprocessing(processes, max_image_pixels, fill_timeout_s, logging_spec)
     return ThreadPreprocessing(threads)
 
 
@@ -155,16 +156,18 @@ class ProcessPreprocessing(ChildSet[_Process]):
 
     `max_image_pixels` is Pillow's decompression-bomb limit (server.max_image_pixels). A process
     still on one image after `fill_timeout_s` (server.request_timeout_s: its request has been
-    answered 504 by then) is killed and replaced. Create it on the running event loop; `close()`
-    stops the processes. `restarts` counts replacements, `pids` lists the live processes.
+    answered 504 by then) is killed and replaced. The processes log as `logging_spec` says. Create
+    it on the running event loop; `close()` stops the processes. `restarts` counts replacements,
+    `pids` lists the live processes.
     """
 
     placement = "processes"
 
-    def __init__(self, count: int, max_image_pixels: int, fill_timeout_s: float):
+    def __init__(self, count: int, max_image_pixels: int, fill_timeout_s: float, logging_spec: LoggingSpec):
         super().__init__(count, "preprocessing process", YOUNG_DEATH_S)
         self._fill_timeout_s = fill_timeout_s
         self._max_image_pixels = max_image_pixels
+        self._logging_spec = logging_spec
         self._loop = asyncio.get_running_loop()
         self._queue: deque[_Job] = deque()
         self._ids = itertools.count()
@@ -216,7 +219,8 @@ class ProcessPreprocessing(ChildSet[_Process]):
     def _start(self, index: int) -> None:
         proc = _Process(index)
         proc.process = ChildProcess(f"cronnx-preprocess-{index}", f"preprocessing process {index}",
-                                    run_preprocess_process, (self._max_image_pixels,), encode, decode_from_preprocess,
+                                    run_preprocess_process, (self._max_image_pixels, self._logging_spec),
+                                    encode, decode_from_preprocess,
                                     functools.partial(self._answer, proc), functools.partial(self._on_exit, proc), log)
         self._children[index] = proc
         log.debug("preprocessing process %d started (pid %d)", index, proc.process.pid)

@@ -167,10 +167,12 @@ class ServerProcess:
         server = self.server
         if server.front_processes > 1:
             # The fronts decode every image: the engine's own preprocessing (one thread) is not used.
-            self.preprocessing = start_preprocessing(0, 1, on_cuda, server.max_image_pixels, server.request_timeout_s)
+            self.preprocessing = start_preprocessing(0, 1, on_cuda, server.max_image_pixels, server.request_timeout_s,
+                                                     self._logging())
         else:
             self.preprocessing = start_preprocessing(server.preprocess_processes, server.preprocess_threads, on_cuda,
-                                                     server.max_image_pixels, server.request_timeout_s)
+                                                     server.max_image_pixels, server.request_timeout_s,
+                                                     self._logging())
             log.info("preprocessing in %s", self.preprocessing)
 
     def start_engine(self) -> None:

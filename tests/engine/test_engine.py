@@ -130,9 +130,10 @@ async def serving(model_path, workers: int = 1, batch_size: int = 4, ring_slots:
     batches: list[int] = []
     started_dir = Path(tempfile.mkdtemp(prefix="cronnx-started-"))
     os.environ[fake_worker.STARTED_DIR_ENV] = str(started_dir)  # inherited by the spawned workers
-    registry = Registry(LoggingSpec("critical", "text"), lambda name, version: lambda size, _: batches.append(size),
+    quiet = LoggingSpec("critical", "text")
+    registry = Registry(quiet, lambda name, version: lambda size, _: batches.append(size),
                         60.0, liveness, QueueMemory(queue_bytes), fake_worker.main)
-    preprocessing = (ProcessPreprocessing(processes, 1_000_000, fill_timeout_s) if processes
+    preprocessing = (ProcessPreprocessing(processes, 1_000_000, fill_timeout_s, quiet) if processes
                      else ThreadPreprocessing(threads))
     try:
         await registry.apply([prepared], {}, {"m"})

@@ -8,6 +8,7 @@ leaves no process and no shared memory behind.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 
@@ -17,6 +18,7 @@ import yaml
 
 from bench.processes import server_children
 from cronnx.ipc.cpu import usable_cores
+from cronnx.observability.logs import LoggingSpec
 from cronnx.preprocessing.placement import start
 from support.bad_requests import BAD_REQUESTS, BODY_LIMIT
 from support.client import TIMEOUT, GoodStream, post, predict_many
@@ -44,8 +46,9 @@ def server(start_server, tiny_model):
 
 def test_default_placement_is_processes_per_core_on_cuda_and_threads_on_the_cpu():
     async def main():
-        chosen = [start(None, 3, True, 10 ** 6, 10.0), start(None, 3, False, 10 ** 6, 10.0),
-                  start(0, 3, True, 10 ** 6, 10.0), start(2, 3, False, 10 ** 6, 10.0)]
+        quiet = LoggingSpec("critical", "text")
+        chosen = [start(None, 3, True, 10 ** 6, 10.0, quiet), start(None, 3, False, 10 ** 6, 10.0, quiet),
+                  start(0, 3, True, 10 ** 6, 10.0, quiet), start(2, 3, False, 10 ** 6, 10.0, quiet)]
         try:
             return [str(p) for p in chosen]
         finally:
@@ -94,6 +97,19 @@ def test_answers_equal_a_direct_run_and_bad_images_get_their_status(server, tiny
     assert server.get("/models")[1]["preprocessing"] == {"placement": "processes", "count": 2, "restarts": 0,
                                                          "pids": sorted(preprocessing_pids(server))}
     assert RESTARTS in scrape(server.url) and scrape(server.url).get(RESTARTS) == 0
+
+
+def test_a_process_logs_as_the_server_does(server):
+    """What a preprocessing process logs (here a colour profile it cannot use) is a line in the
+    server's format (JSON), once per process however many images carry the profile."""
+    data = encode(photo_like(200, 150, seed=7), "JPEG", quality=90, icc_profile=b"not an ICC profile (processes)")
+    replies = asyncio.run(predict_many(f"{server.url}/predict/tiny", [data] * 8))
+    assert [r.status for r in replies] == [200] * 8, replies
+    lines = [json.loads(line) for line in server.log().splitlines() if "ICC colour profile" in line]
+    assert 1 <= len(lines) <= 2, lines
+    assert all(line["level"] == "warning" and line["logger"] == "cronnx.preprocessing" for line in lines)
+    pids = [line["pid"] for line in lines]
+    assert len(set(pids)) == len(pids) and set(pids) <= set(preprocessing_pids(server))
 
 
 def test_a_replaced_versions_rings_are_unmapped_by_the_processes(server):
