@@ -119,8 +119,9 @@ class Preprocessor:
             # Read before converting: the conversion makes a new image without the file's EXIF.
             orientation = exif_orientation(image)
             profile = image.info.get("icc_profile")
-            if image.mode == "CMYK":
-                # From the inks, by the profile: Pillow's own CMYK -> RGB is a plain inversion.
+            if image.mode in ("CMYK", "L"):
+                # By the profile, before Pillow's own conversion: its CMYK -> RGB is a plain
+                # inversion, its L -> RGB copies the levels whatever tone curve they were stored in.
                 image = to_rgb(to_srgb(image, profile))
             else:
                 # After compositing: white, the background, is white in every RGB space.

@@ -151,6 +151,23 @@ def test_a_cmyk_jpeg_is_converted_from_its_inks_by_its_profile():
     assert np.abs(served.astype(int) - plain).mean() > 20
 
 
+def test_a_grey_jpeg_is_converted_by_its_tone_curve():
+    """Grey levels stored with a gamma of 2.2 (Photoshop's "Gray Gamma 2.2"), not sRGB's curve:
+    the same luminance is up to 8.5 levels lower in sRGB among the darks (16 -> 7.5), as littleCMS
+    and the maths agree (within 1.5 levels: littleCMS rounds its grey path)."""
+    ramp = Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (64, 1)), "L")
+    data = encode(ramp, "JPEG", quality=100, icc_profile=icc.grey_profile(2.2))
+    stored = Image.open(io.BytesIO(data))
+    assert stored.mode == "L"
+    converted = np.asarray(in_srgb(stored, icc.grey_profile(2.2)))
+    served = np.asarray(Preprocessor(PreprocessConfig(), pixel_spec()).load_rgb(data))
+    assert np.array_equal(served, converted)
+    linear = (np.asarray(stored, np.float64) / 255) ** 2.2
+    by_the_maths = 255 * np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    assert np.abs(converted[..., 0] - by_the_maths).max() <= 1.5
+    assert np.abs(served[..., 0].astype(int) - np.asarray(stored)).max() >= 5
+
+
 # --- sRGB and untagged: the pixels as stored, at no cost ----------------------------------------
 
 @pytest.mark.parametrize("profile", [None, SRGB.tobytes(), SRGB_AS_WRITTEN],

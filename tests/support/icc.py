@@ -2,8 +2,9 @@
 with a colour space other than sRGB: no profile file ships with this environment, and Pillow's
 ImageCms creates only sRGB, LAB and XYZ profiles.
 
-Two kinds are enough: an RGB display profile (matrix/TRC: three colorants and three tone curves,
-what Display P3 and Adobe RGB are) and a CMYK printer profile (one A2B0 table, CMYK -> Lab).
+Three kinds are enough: an RGB display profile (matrix/TRC: three colorants and three tone
+curves, what Display P3 and Adobe RGB are), a grey one (one tone curve) and a CMYK printer profile
+(one A2B0 table, CMYK -> Lab).
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ def rgb_profile(primaries=DISPLAY_P3, curve=SRGB_CURVE, description: str = "Disp
             (b"rXYZ", _xyz(colorants[:, 0])), (b"gXYZ", _xyz(colorants[:, 1])), (b"bXYZ", _xyz(colorants[:, 2])),
             (b"rTRC", trc), (b"gTRC", trc), (b"bTRC", trc)]
     return _profile(b"mntr", b"RGB ", b"XYZ ", tags)
+
+
+def grey_profile(gamma: float = 2.2, description: str = "Gray Gamma 2.2 (test)") -> bytes:
+    """A version 4 grey display profile: grey levels are `gamma`-encoded luminance, D50 white."""
+    tags = [(b"desc", _text(description)), (b"cprt", _text("No copyright, use freely")),
+            (b"wtpt", _xyz(D50)), (b"kTRC", _parametric_curve(0, (gamma,)))]
+    return _profile(b"mntr", b"GRAY", b"XYZ ", tags)
 
 
 def cmyk_profile(lab_of: Callable[[np.ndarray], np.ndarray], grid: int = 9,
