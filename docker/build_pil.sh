@@ -16,9 +16,10 @@ packages=()
 # the CA certificates its pip trusts.
 command -v python3 >/dev/null || packages+=(python3 python3-venv python3-dev ca-certificates)
 if [ "$pil_dist" = pillow-simd ]; then
-    # JPEG and zlib are Pillow's minimum; WebP and libtiff for the formats Cronnx reads (README).
+    # JPEG and zlib are Pillow's minimum; WebP and libtiff for the formats Cronnx reads (README);
+    # littleCMS for ImageCms, which converts colour-profiled photos to sRGB.
     # pkg-config: how the build finds libtiff's headers in the multiarch folder.
-    packages+=(gcc libc6-dev pkg-config libjpeg-dev zlib1g-dev libwebp-dev libtiff-dev)
+    packages+=(gcc libc6-dev pkg-config libjpeg-dev zlib1g-dev libwebp-dev libtiff-dev liblcms2-dev)
     # The official Python images carry their headers; Debian's python3 needs python3-dev.
     has_headers='import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_path("include") + "/Python.h"))'
     if command -v python3 >/dev/null && ! python3 -c "$has_headers"; then

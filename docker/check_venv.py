@@ -12,8 +12,9 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 ONNXRUNTIME = {"cpu": "onnxruntime", "gpu": "onnxruntime-gpu"}
-# The formats of README's API section: JPEG and PNG (zlib), WebP, compressed TIFF (libtiff).
-CODECS = ("jpg", "zlib", "webp", "libtiff")
+# The formats of README's API section: JPEG and PNG (zlib), WebP, compressed TIFF (libtiff); and
+# littleCMS, by which ImageCms converts colour-profiled photos to sRGB.
+CODECS = ("jpg", "zlib", "webp", "libtiff", "littlecms2")
 # pip's complaint when pillow-simd stands in for the Pillow that Cronnx requires.
 PILLOW_SIMD_STANDS_IN = "requires pillow, which is not installed."
 
