@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cronnx.engine.admission import AdmissionQueue, QueueMemory
@@ -44,7 +43,10 @@ class ModelPool:
         self.name = model.name
         self.version = model.version
         self.generation = generation  # unique among the pools of one registry
-        self.fingerprint = model.fingerprint()
+        self.fingerprint = prepared.fingerprint
+        # The bytes every worker of this version loads, its restarts included: held as long as
+        # the pool, so that no overwrite of the model file reaches a worker started later.
+        self.file = prepared.file
         self.labels = prepared.labels
         self.top_k = config.top_k
         self.batch_size = prepared.batch_size
@@ -86,7 +88,7 @@ class ModelPool:
         cuda = "CUDAExecutionProvider" in providers
         graphs = c.cuda.enable_cuda_graph and cuda
         return WorkerSpec(
-            model=self.name, version=self.version, index=index, model_path=str(Path(self.model.path).resolve()),
+            model=self.name, version=self.version, index=index, model_path=self.file.path,
             model_spec=self.spec, ring=ring.layout, batch_size=self.batch_size, batch_buckets=self.batch_buckets,
             batch_timeout_s=c.batch_timeout_ms / 1000.0, providers=providers,
             cuda_options=c.cuda.provider_options(device), device_buffers="cuda" if graphs else None,

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from cronnx.engine.admission import QueueMemory
 from cronnx.engine.pool import VersionLoadFailed, ModelPool
 from cronnx.errors import ModelNotFound, ModelNotReady
-from cronnx.models.catalog import Key, ModelVersion, PreparedVersion
+from cronnx.models.catalog import Key, PreparedVersion
 from cronnx.observability.logs import LoggingSpec
 from cronnx.workers.entry import run_worker
 from cronnx.workers.process import WorkerTarget
@@ -156,7 +156,7 @@ class Registry:
             started: list[ModelPool] = []
             try:
                 for p in prepared:
-                    if force or self._changed(p.model):
+                    if force or self._changed(p):
                         try:
                             started.append(self._start(p))
                         except VersionLoadFailed as exc:  # its rings could not be made: the others still load
@@ -231,10 +231,11 @@ class Registry:
         if self._drain_tasks:
             await asyncio.gather(*self._drain_tasks)
 
-    def _changed(self, model: ModelVersion) -> bool:
+    def _changed(self, prepared: PreparedVersion) -> bool:
+        model = prepared.model
         route = self.routes.get(model.name)
         current = route.versions.get(model.version) if route else None
-        return current is None or current.fingerprint != model.fingerprint()
+        return current is None or current.fingerprint != prepared.fingerprint
 
     def _start(self, prepared: PreparedVersion) -> ModelPool:
         self._generation += 1

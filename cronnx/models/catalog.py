@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import codecs
 import logging
-import os
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -25,7 +24,9 @@ import msgspec
 import msgspec.yaml
 
 from cronnx.config import MODEL_NAME_PATTERN, Config, ConfigError, ModelConfig, version_number
+from cronnx.models import snapshot
 from cronnx.models.demo import DEMO_DESCRIPTIONS, write_demo_model
+from cronnx.models.snapshot import ModelBytes
 from cronnx.models.spec import ModelSpec, ModelSpecError, inspect_model
 
 log = logging.getLogger("cronnx.catalog")
@@ -49,21 +50,23 @@ class ModelVersion(msgspec.Struct, frozen=True):
     # model alone, even at start-up.
     in_repository: bool = False
 
-    def fingerprint(self) -> tuple:
-        """Changes when the file or its settings change: a reload then replaces the version."""
-        try:
-            stat = os.stat(self.path)
-            file_id = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        except OSError:
-            file_id = None
-        return (file_id, msgspec.msgpack.encode(self.config))
-
 
 class PreparedVersion(msgspec.Struct, frozen=True):
+    """A version read and checked (`prepare`): its bytes (`file`, what every one of its workers
+    loads, whatever its file holds later), what they are (`spec`), and its labels."""
+
     model: ModelVersion
     spec: ModelSpec
     providers: list[str]
     labels: list[str]
+    file: ModelBytes
+
+    @property
+    def fingerprint(self) -> tuple:
+        """Changes when anything the version is made of changes (the model's bytes, its settings,
+        its labels): a reload then replaces it. The bytes count by their digest, not by the file's
+        size and time, which a copy over the file can leave as they were."""
+        return (self.file.digest, msgspec.msgpack.encode(self.model.config), tuple(self.labels))
 
     @property
     def batch_size(self) -> int:
@@ -310,7 +313,8 @@ def needs_demo_build(version: ModelVersion) -> bool:
 
 
 def prepare(version: ModelVersion) -> PreparedVersion:
-    """Open the model and check everything about it; ConfigError names what is wrong."""
+    """Read the model's bytes once (kept for the version's life: `snapshot.keep`), its labels and
+    settings, and check everything about them; ConfigError names what is wrong."""
     model = version.config
     where = version.where
     path = Path(version.path)
@@ -320,9 +324,14 @@ def prepare(version: ModelVersion) -> PreparedVersion:
         log.warning("building the demo model at %s (untrained, deterministic; takes a few seconds)", path)
         write_demo_model(path)
     try:
-        spec = inspect_model(str(path), model.preprocess.size)
+        kept = snapshot.keep(str(path))
+    except OSError as exc:
+        raise ConfigError(f"{where}.path: cannot read model file {str(path)!r}: {exc.strerror}") from None
+    try:
+        spec = inspect_model(kept.path, model.preprocess.size)
     except ModelSpecError as exc:
-        raise ConfigError(f"{where}.path: {exc}") from None
+        # The copy has no name of its own: say the file's.
+        raise ConfigError(f"{where}.path: {str(exc).replace(kept.path, str(path))}") from None
     try:
         providers = resolve_providers(model.providers)
         labels = load_labels(model.labels, spec.num_classes, "demo_class_" if model.demo else "class_")
@@ -334,7 +343,7 @@ def prepare(version: ModelVersion) -> PreparedVersion:
                           f"only batches of {fixed}; got {model.batch_buckets}")
     if spec.description in DEMO_DESCRIPTIONS.values():
         log.warning("model %s is the UNTRAINED DEMO model: its predictions carry no meaning", model.name)
-    prepared = PreparedVersion(version, spec, providers, labels)
+    prepared = PreparedVersion(version, spec, providers, labels, kept)
     if model.cuda.enable_cuda_graph and "CUDAExecutionProvider" in providers and not prepared.batch_buckets:
         raise ConfigError(f"{where}.cuda.enable_cuda_graph: CUDA graphs need one input shape per session; "
                           "batch_buckets [] gives one session every batch size")

@@ -34,6 +34,8 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     model: str
     version: int
     index: int
+    # The version's own copy of its bytes (`/proc/<server pid>/fd/<n>`, models/snapshot.py), not
+    # the model file, which may hold other bytes by the time a worker is restarted.
     model_path: str
     model_spec: ModelSpec
     ring: RingLayout

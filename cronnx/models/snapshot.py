@@ -1,0 +1,86 @@
+"""A model version's bytes, kept for the version's whole life.
+
+A version is the bytes its file held when it was prepared. Its workers do not open the model file
+by its name: a worker that is restarted later (after a crash or a kill) would load whatever the
+file holds then, another model or garbage. Each version instead keeps a private copy of the bytes,
+and every worker of the version opens that copy.
+
+The copy is an unnamed file on disk (`tempfile.TemporaryFile`: O_TMPFILE, or a file unlinked as
+soon as it is made, in TMPDIR), open in the server process. Nothing but the server process can
+reach it, and workers open it through `/proc/<server pid>/fd/<n>`. The kernel frees it when the
+server process closes it, or when the process ends, even by SIGKILL, so no run leaves one behind.
+The alternatives cost more or protect less:
+
+- the bytes in memory (InferenceSession accepts them): 100-500 MB of RAM per version, held
+  for as long as it serves, besides the copy each worker's session keeps anyway;
+- a hard link or an open descriptor of the original file: `cp other.onnx model.onnx` rewrites the
+  same inode, so both would see the new bytes;
+- a digest that the worker checks: a worker restarted after an overwrite could never load again,
+  so the version would answer 503 for good.
+
+The copy costs the file's size in disk space per distinct file being served (a reload holds the
+old and the new one for as long as the old one drains), and page cache that the kernel can evict.
+On a host where TMPDIR is a tmpfs, it costs memory instead: point TMPDIR to a disk there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+import weakref
+from typing import IO
+
+_CHUNK = 1 << 20
+# The copies held now, by the SHA-256 of their bytes: a file that a version being served already
+# holds (a reload of an unchanged model) is hashed but not copied again. An entry goes when the
+# last version holding it does.
+_held: weakref.WeakValueDictionary[str, ModelBytes] = weakref.WeakValueDictionary()
+_held_lock = threading.Lock()  # versions are prepared in threads, several reloads at once
+
+
+class ModelBytes:
+    """The bytes of a model file as they were when `keep` read them: a private copy that a later
+    overwrite, rename or deletion of the file cannot change. `path` opens it in the server process
+    and in its child processes; `digest` is the SHA-256 of the bytes. The copy is freed once no
+    one refers to this object (its file is closed) or the server process ends."""
+
+    def __init__(self, file: IO[bytes], digest: str):
+        self._file = file
+        self.digest = digest
+        self.size = os.fstat(file.fileno()).st_size
+        self.path = f"/proc/{os.getpid()}/fd/{file.fileno()}"
+
+
+def keep(path: str) -> ModelBytes:
+    """The bytes the file at `path` holds now, kept (see `ModelBytes`). Bytes that an earlier call
+    kept and that something still holds are not copied again: the same `ModelBytes` comes back.
+    Raises OSError when the file cannot be read or the copy cannot be written (a full disk)."""
+    with open(path, "rb") as source:
+        digest = hashlib.file_digest(source, "sha256").hexdigest()
+    with _held_lock:
+        held = _held.get(digest)
+    if held is not None:
+        return held
+    # The file may change between the two readings: the digest kept is the copy's own.
+    copy = _copy(path)
+    with _held_lock:
+        return _held.setdefault(copy.digest, copy)
+
+
+def _copy(path: str) -> ModelBytes:
+    file = tempfile.TemporaryFile(prefix="cronnx-model-")
+    try:
+        digest = hashlib.sha256()
+        buffer = bytearray(_CHUNK)
+        view = memoryview(buffer)
+        with open(path, "rb") as source:
+            while n := source.readinto(buffer):
+                digest.update(view[:n])
+                file.write(view[:n])
+        file.flush()
+        return ModelBytes(file, digest.hexdigest())
+    except BaseException:
+        file.close()
+        raise

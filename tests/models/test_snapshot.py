@@ -1,0 +1,54 @@
+"""A version's bytes are read once and kept: what the file holds later does not reach them."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import shutil
+
+import pytest
+
+from cronnx.config import ModelConfig
+from cronnx.models import catalog, snapshot
+from cronnx.models.catalog import ModelVersion
+from support.models import image_classifier
+
+
+def test_kept_bytes_outlive_an_overwrite_and_have_no_name(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"first bytes")
+    kept = snapshot.keep(str(path))
+    path.write_bytes(b"other bytes")
+    with open(kept.path, "rb") as f:
+        assert f.read() == b"first bytes"
+    assert kept.digest == hashlib.sha256(b"first bytes").hexdigest()
+    assert os.stat(kept.path).st_nlink == 0  # no name anywhere: nothing else can change it
+
+
+def test_bytes_already_kept_are_not_copied_again_and_go_with_their_last_holder(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"the same bytes")
+    first = snapshot.keep(str(path))
+    copy = tmp_path / "copy.onnx"
+    shutil.copyfile(path, copy)
+    assert snapshot.keep(str(copy)) is first
+    fd = int(first.path.rsplit("/", 1)[1])
+    del first
+    gc.collect()
+    with pytest.raises(OSError):  # closed: the kernel frees the copy
+        os.fstat(fd)
+    assert snapshot.keep(str(path)).digest == hashlib.sha256(b"the same bytes").hexdigest()
+
+
+def test_the_fingerprint_changes_with_the_bytes_when_size_and_time_do_not(tmp_path):
+    path = image_classifier(tmp_path / "model.onnx", seed=1)
+    version = ModelVersion("m", 1, str(path), ModelConfig(name="m", path=str(path)), "test")
+    before = catalog.prepare(version)
+    stat = os.stat(path)
+    shutil.copyfile(image_classifier(tmp_path / "other.onnx", seed=2), path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size
+    after = catalog.prepare(version)
+    assert after.fingerprint != before.fingerprint
+    assert catalog.prepare(version).fingerprint == after.fingerprint  # unchanged bytes: the same version
