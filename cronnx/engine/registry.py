@@ -5,6 +5,10 @@ when all its workers are ready does it take the current one's place in the route
 version stops being chosen at once, finishes the requests that chose it, then its workers exit
 and its shared memory is unlinked. A version that fails to load is recorded with the reason and
 changes nothing else.
+
+Reloads, loads and unloads decide a model in the order they started, not the order they end:
+each takes a ticket when it starts (`Registry.begin`), and a result reaches a model only if no
+later request covering that model has started (`Registry.apply`).
 """
 
 from __future__ import annotations
@@ -100,6 +104,11 @@ class Registry:
         self._lock = asyncio.Lock()
         self._generation = 0
         self._loaded_once = False
+        # Model control in the order it was asked for (`begin`): the ticket of the last request
+        # started, for every model (a full reload) and by model name (load, unload).
+        self._tickets = 0
+        self._last_for_all = 0
+        self._last_for: dict[str, int] = {}
 
     def pools(self) -> Iterator[ModelPool]:
         """Every pool with workers: serving, loading or draining."""
@@ -138,21 +147,44 @@ class Registry:
         return self._loaded_once and bool(serving) and all(
             any(pool.live_workers for pool in route.versions.values()) for route in serving)
 
+    def begin(self, names: set[str] | None = None) -> int:
+        """Take the ticket of a reload (`names` None: every model) or of a load or unload of
+        `names`, starting now. Of the requests that name a model, the last one started decides
+        it: an earlier one still in progress applies nothing to it (see `apply`)."""
+        self._tickets += 1
+        if names is None:
+            self._last_for_all = self._tickets
+            self._last_for.clear()  # every name is the full reload's now
+        else:
+            self._last_for.update(dict.fromkeys(names, self._tickets))
+        return self._tickets
+
+    def superseded(self, ticket: int, name: str) -> bool:
+        """A request that started after ticket `ticket` covers model `name`."""
+        return max(self._last_for_all, self._last_for.get(name, 0)) > ticket
+
     async def apply(self, prepared: list[PreparedVersion], failed: dict[Key, str], names: set[str],
-                    force: bool = False) -> None:
-        """Make the served versions of the models in `names` exactly `prepared` (minus `failed`).
-        Versions of `prepared` that share one (name, version) are all refused, with the reason."""
+                    ticket: int | None = None, force: bool = False) -> None:
+        """Make the served versions of the models in `names` exactly `prepared` (minus `failed`),
+        for the request that took `ticket` (`begin`; None: a request for `names` starting now). Versions of `prepared` that share one
+        (name, version) are all refused, with the reason.
+
+        A model for which a later request has started is left to that request: this call's
+        versions of it are not started, or are stopped if they started loading before the later
+        request began, and its failures are not recorded. So a reload that read the config before
+        another, or before an unload, cannot undo what the later one did, whichever ends first.
+        Raises what cancels it (the server stops), after stopping the versions it started."""
+        if ticket is None:
+            ticket = self.begin(names)
         prepared, failed = _one_per_key(prepared, failed)
         async with self._lock:
+            names = self._still_theirs(names, ticket)
+            prepared = [p for p in prepared if p.model.name in names]
+            failed = {key: reason for key, reason in failed.items() if key[0] in names}
             self.pending = {key for key in self.pending if key[0] not in names}
+            # A model loading for the first time is known (503 "loading", not 404) while it loads.
             for name in names:
                 self.routes.setdefault(name, ModelRoute(name))
-            configured = {(p.model.name, p.model.version) for p in prepared} | set(failed)
-            for key in [k for k in self.failed if k[0] in names and k not in configured]:
-                del self.failed[key]  # no longer configured: its old failure is history
-            for key, reason in failed.items():
-                self.failed[key] = reason
-                log.error("model %s version %d not loaded: %s", *key, reason)
             started: list[ModelPool] = []
             try:
                 for p in prepared:
@@ -160,9 +192,7 @@ class Registry:
                         try:
                             started.append(self._start(p))
                         except VersionLoadFailed as exc:  # its rings could not be made: the others still load
-                            key = (p.model.name, p.model.version)
-                            self.failed[key] = str(exc)
-                            log.error("model %s version %d failed to load: %s", *key, exc)
+                            failed[(p.model.name, p.model.version)] = str(exc)
                 results = await asyncio.gather(*(self._wait_ready(pool) for pool in started))
             except BaseException:
                 # Cancelled (the server stops) or a start failed: stop what this call started.
@@ -171,12 +201,39 @@ class Registry:
                     self._drain(pool)
                 self._drop_empty_routes(names)
                 raise
+            # An unload (which does not wait for this lock) may have started while they loaded.
+            current = self._still_theirs(names, ticket)
             for pool, error in zip(started, results):
-                self._promote(pool, error)
-            for name in names:
-                self._retire(name, prepared, configured - set(failed))
+                if pool.name in current:
+                    self._promote(pool, error)
+                else:
+                    del self.loading[(pool.name, pool.version)]
+                    self._drain(pool)
+            self._record(prepared, failed, current)
+            # Only this call makes routes while it holds the lock: an empty one is its own.
             self._drop_empty_routes(names)
             self._loaded_once = True
+
+    def _still_theirs(self, names: set[str], ticket: int) -> set[str]:
+        """The models of `names` that no request started after `ticket` covers."""
+        later = {name for name in names if self.superseded(ticket, name)}
+        if later:
+            log.info("a later reload, load or unload covers model(s) %s: this one changes nothing of them",
+                     ", ".join(sorted(later)))
+        return names - later
+
+    def _record(self, prepared: list[PreparedVersion], failed: dict[Key, str], names: set[str]) -> None:
+        """The failures of the models of `names`, and their versions no longer configured retired."""
+        prepared = [p for p in prepared if p.model.name in names]
+        configured = {(p.model.name, p.model.version) for p in prepared} | set(failed)
+        for key in [k for k in self.failed if k[0] in names and k not in configured]:
+            del self.failed[key]  # no longer configured: its old failure is history
+        for key, reason in failed.items():
+            if key[0] in names:
+                self.failed[key] = reason
+                log.error("model %s version %d not loaded: %s", *key, reason)
+        for name in names:
+            self._retire(name, prepared, configured - set(failed))
 
     def _promote(self, pool: ModelPool, error: str | None) -> None:
         key = (pool.name, pool.version)
@@ -213,12 +270,15 @@ class Registry:
                 del self.routes[name]
 
     async def unload(self, name: str) -> None:
-        async with self._lock:
-            route = self.route(name)
-            del self.routes[name]
-            for pool in route.versions.values():
-                self._drain(pool)
-            log.info("model %s unloaded: draining %d version(s)", name, len(route.versions))
+        """Stop serving model `name` now: its versions drain, and a reload or load that started
+        before this leaves it unloaded (`begin`). Does not wait for a reload in progress. Raises
+        ModelNotFound for a model not served, ModelNotReady for one whose first load has not begun."""
+        route = self.route(name)
+        self.begin({name})
+        del self.routes[name]
+        for pool in route.versions.values():
+            self._drain(pool)
+        log.info("model %s unloaded: draining %d version(s)", name, len(route.versions))
 
     async def close(self) -> None:
         """Stop everything (the HTTP side has already finished its requests)."""

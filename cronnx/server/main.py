@@ -93,7 +93,9 @@ def run_server(config: Config, config_path: str, overrides: dict[str, object] | 
 async def _first_load(registry: Registry, prepared: list[PreparedVersion], to_build: list[ModelVersion],
                       failed: dict[Key, str]) -> None:
     """Build the demo models still missing, then load every model, and record the models already
-    refused (`failed`); /ready answers 503 until done."""
+    refused (`failed`); /ready answers 503 until done. An admin unload answered meanwhile wins
+    over this load (`Registry.begin`)."""
+    ticket = registry.begin()
     failed = dict(failed)
     for version in to_build:
         try:
@@ -106,7 +108,7 @@ async def _first_load(registry: Registry, prepared: list[PreparedVersion], to_bu
                  p.model.name, p.model.version, p.model.path, p.spec.input_name, p.spec.layout,
                  p.spec.input_dtype, list(p.spec.input_item_shape), p.batch_size,
                  c.batch_timeout_ms, c.worker_count, ",".join(p.providers))
-    await registry.apply(prepared, failed, {p.model.name for p in prepared} | {name for name, _ in failed})
+    await registry.apply(prepared, failed, {p.model.name for p in prepared} | {name for name, _ in failed}, ticket)
 
 
 def _may_use_cuda(providers: list[str] | str) -> bool:

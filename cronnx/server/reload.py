@@ -25,7 +25,14 @@ class Reloader:
 
     async def reload(self, only: str | None = None, force: bool = False) -> None:
         """Serve what the config file says now (for one model, or all). Raises ConfigError when the
-        file is unusable; a model that fails is recorded in the registry and changes nothing else."""
+        file is unusable; a model that fails is recorded in the registry and changes nothing else.
+
+        The last reload, load or unload started wins, whatever order they end in: this one takes
+        its ticket before it reads anything (`Registry.begin`), and changes nothing of a model that
+        a later one covers, even if this one ends last. Everything a version is made of is read
+        again (the model's bytes, its labels, its settings): a version whose bytes changed is
+        replaced even if the file's size and time did not."""
+        ticket = self.registry.begin(None if only is None else {only})
         config = await asyncio.to_thread(load_config, self.config_path, **self.overrides)
         # Reading the repository touches the disk (a network volume, for KServe): not on the event loop.
         models, refused = await asyncio.to_thread(catalog.model_configs, config, self.config_path)
@@ -43,6 +50,8 @@ class Reloader:
                 failed[(model.name, model.version)] = str(exc)
                 continue
             for version in versions:
+                if self.registry.superseded(ticket, version.name):
+                    break  # a later request decides this model: reading its file would be wasted
                 try:
                     # Opening a model (or building the demo) takes a while: not on the event loop.
                     prepared.append(await asyncio.to_thread(catalog.prepare, version))
@@ -52,7 +61,7 @@ class Reloader:
         if only is None:
             # Models gone from the file are unloaded, and their old load failures forgotten.
             names |= set(self.registry.routes) | {name for name, _ in self.registry.failed}
-        await self.registry.apply(prepared, failed, names, force=force)
+        await self.registry.apply(prepared, failed, names, ticket, force=force)
 
     async def on_sighup(self) -> None:
         log.info("SIGHUP: reloading %s", self.config_path)
