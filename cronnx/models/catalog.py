@@ -327,6 +327,10 @@ def prepare(version: ModelVersion) -> PreparedVersion:
         kept = snapshot.keep(str(path))
     except OSError as exc:
         raise ConfigError(f"{where}.path: cannot read model file {str(path)!r}: {exc.strerror}") from None
+    if not kept.kept:
+        log.warning("model %s keeps its weights in external data files: its workers load them by name, so a "
+                    "worker that restarts loads whatever they hold then; replace them only together with a reload",
+                    model.name)
     try:
         spec = inspect_model(kept.path, model.preprocess.size)
     except ModelSpecError as exc:

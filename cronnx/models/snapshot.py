@@ -44,21 +44,28 @@ class ModelBytes:
     """The bytes of a model file as they were when `keep` read them: a private copy that a later
     overwrite, rename or deletion of the file cannot change. `path` opens it in the server process
     and in its child processes; `digest` is the SHA-256 of the bytes. The copy is freed once no
-    one refers to this object (its file is closed) or the server process ends."""
+    one refers to this object (its file is closed) or the server process ends. `kept` is False
+    for a model whose weights live in external data files (`keep`): `path` is then the file's
+    own, and nothing is copied."""
 
-    def __init__(self, file: IO[bytes], digest: str):
+    def __init__(self, file: IO[bytes] | None, digest: str, path: str | None = None):
         self._file = file
         self.digest = digest
-        self.size = os.fstat(file.fileno()).st_size
-        self.path = f"/proc/{os.getpid()}/fd/{file.fileno()}"
+        self.kept = file is not None
+        self.size = os.fstat(file.fileno()).st_size if file is not None else os.path.getsize(path)
+        self.path = f"/proc/{os.getpid()}/fd/{file.fileno()}" if file is not None else path
 
 
 def keep(path: str) -> ModelBytes:
     """The bytes the file at `path` holds now, kept (see `ModelBytes`). Bytes that an earlier call
     kept and that something still holds are not copied again: the same `ModelBytes` comes back.
-    Raises OSError when the file cannot be read or the copy cannot be written (a full disk)."""
+    A model whose weights live in external data files is not copied (onnxruntime finds those
+    files beside the model's own path, which a copy has not): its `kept` is False. Raises OSError
+    when the file cannot be read or the copy cannot be written (a full disk)."""
     with open(path, "rb") as source:
         digest = hashlib.file_digest(source, "sha256").hexdigest()
+    if _has_external_data(path):
+        return ModelBytes(None, digest, path)
     with _held_lock:
         held = _held.get(digest)
     if held is not None:
@@ -67,6 +74,24 @@ def keep(path: str) -> ModelBytes:
     copy = _copy(path)
     with _held_lock:
         return _held.setdefault(copy.digest, copy)
+
+
+# A model that keeps its weights in external data files has a small graph file; one larger than
+# this holds its weights itself, and is not parsed twice (inspection parses it once anyway).
+_EXTERNAL_DATA_GRAPH_MAX_BYTES = 64 * 1024 * 1024
+
+
+def _has_external_data(path: str) -> bool:
+    """Whether any initializer of the model at `path` keeps its data in an external file."""
+    if os.path.getsize(path) > _EXTERNAL_DATA_GRAPH_MAX_BYTES:
+        return False
+    import onnx
+
+    try:
+        graph = onnx.load(path, load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - not a model onnx reads: inspection says why
+        return False
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
 
 
 def _copy(path: str) -> ModelBytes:

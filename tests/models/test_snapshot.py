@@ -52,3 +52,21 @@ def test_the_fingerprint_changes_with_the_bytes_when_size_and_time_do_not(tmp_pa
     after = catalog.prepare(version)
     assert after.fingerprint != before.fingerprint
     assert catalog.prepare(version).fingerprint == after.fingerprint  # unchanged bytes: the same version
+
+
+def test_a_model_with_external_data_is_loaded_by_its_own_path_and_still_prepared(tmp_path):
+    import onnx
+
+    source = image_classifier(tmp_path / "source.onnx")
+    model = onnx.load(str(source))
+    path = tmp_path / "external" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    assert (path.parent / "weights.bin").stat().st_size > 0
+    kept = snapshot.keep(str(path))
+    # Not copied: onnxruntime finds weights.bin beside the model's own path only.
+    assert not kept.kept and kept.path == str(path)
+    prepared = catalog.prepare(ModelVersion("ext", 1, str(path), ModelConfig(name="ext", path=str(path)), "test"))
+    assert prepared.spec.num_classes == 10 and prepared.file.path == str(path)
+    assert snapshot.keep(str(source)).kept  # a self-contained model is copied
