@@ -91,8 +91,14 @@ class BatchRunner:
         def bound(threads: int, size: int | None) -> _Bound:
             session = new_session(threads)
             binding = session.io_binding()
+            fits = _declared_output_fits(session.get_outputs()[0].shape, ring.outputs.shape[1:])
             if device is None:
-                return _Bound(session, binding)
+                return _Bound(session, binding, output_fits=fits)
+            if not fits:
+                raise ValueError(f"output {self.output_name!r} is declared {session.get_outputs()[0].shape} but "
+                                 f"computes [N, {', '.join(map(str, ring.outputs.shape[1:]))}]: device buffers "
+                                 "(CUDA graphs) need the declared shape; fix the model's output shape, or turn "
+                                 "cuda.enable_cuda_graph off")
             x = ort.OrtValue.ortvalue_from_shape_and_type([size, *ring.inputs.shape[1:]], ring.inputs.dtype.type,
                                                           device, spec.device_id)
             y = ort.OrtValue.ortvalue_from_shape_and_type([size, *ring.outputs.shape[1:]], ring.outputs.dtype.type,
@@ -183,6 +189,11 @@ class BatchRunner:
         binding = bound.binding
         if bound.device_input is None:
             binding.bind_input(self.input_name, "cpu", 0, inputs.dtype.type, list(inputs.shape), inputs.ctypes.data)
+            if not bound.output_fits:  # onnxruntime allocates the output, and it is copied over
+                binding.bind_output(self.output_name, "cpu")
+                bound.session.run_with_iobinding(binding, self.run_options)
+                outputs[...] = binding.get_outputs()[0].numpy().reshape(outputs.shape)
+                return
             binding.bind_output(self.output_name, "cpu", 0, outputs.dtype.type, list(outputs.shape),
                                 outputs.ctypes.data)
             bound.session.run_with_iobinding(binding, self.run_options)
@@ -208,12 +219,25 @@ class BatchRunner:
 
 class _Bound(msgspec.Struct):
     """A session with its IO binding and, with device buffers, the input and output OrtValues
-    bound to it once."""
+    bound to it once. `output_fits`: the model's declared output shape admits the computed one
+    (`_declared_output_fits`), so the output can be bound to ring memory as it is."""
 
     session: object
     binding: object
     device_input: object = None
     device_output: object = None
+    output_fits: bool = True
+
+
+def _declared_output_fits(declared: list, item_shape: tuple[int, ...]) -> bool:
+    """Whether onnxruntime accepts an output buffer of shape [rows, *item_shape] for an output
+    declared `declared` (the graph's shape: ints, and names or None for symbolic dimensions).
+    With IO binding it checks a bound buffer against the declaration and fails the run ("Got
+    invalid dimensions for output") where a plain run only warns: a declaration that shape
+    inference could not correct (an output reshaped to a computed shape) would fail every batch.
+    The batch dimension is the runner's own business."""
+    return len(declared) == 1 + len(item_shape) and all(
+        not isinstance(d, int) or d == c for d, c in zip(declared[1:], item_shape))
 
 
 # Enough of onnxruntime's message to say which node failed and why.
