@@ -20,6 +20,9 @@ fi
 
 root=$(mktemp -d /var/tmp/cronnx-base.XXXXXX)
 trap 'rm -rf "$root"' EXIT
+# mktemp makes the folder 0700 and the image's / would keep that mode: on a storage driver that
+# keeps it (vfs) the image's user (uid 10001) could then reach nothing, its venv included.
+chmod 0755 "$root"
 # passwd: useradd, which the Dockerfiles use (debian:bookworm-slim has it too; minbase does not).
 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,passwd \
     bookworm "$root" "$mirror"
