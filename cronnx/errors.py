@@ -44,6 +44,11 @@ class RequestTooLarge(CronnxError):
     """The request body is larger than the configured limit."""
 
 
+class TransferCodingNotImplemented(CronnxError):
+    """A `Transfer-Encoding` other than `chunked` (RFC 9112, 6.1: a coding the server does not
+    implement is answered 501). Compressing the content is `Content-Encoding`'s job."""
+
+
 class ExpectationFailed(CronnxError):
     """An `Expect` header other than `100-continue` (RFC 9110, 10.1.1): the body was not invited."""
 

@@ -14,8 +14,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 # aiohttp's own handler: sends "100 Continue", or 417 for an unknown expectation.
 from aiohttp.web_urldispatcher import _default_expect_handler
 
-from cronnx.errors import (BodyTimeout, ExpectationFailed, InvalidRequest, RequestTooLarge, UndecodableBody,
-                           UnsupportedMediaType)
+from cronnx.errors import (BodyTimeout, ExpectationFailed, InvalidRequest, RequestTooLarge,
+                           TransferCodingNotImplemented, UndecodableBody, UnsupportedMediaType)
 from cronnx.http.context import HttpSettings
 from cronnx.http.schemas import JSON_TYPE, ImageRequest
 
@@ -46,10 +46,12 @@ async def read_body(request: web.Request, settings: HttpSettings, deadline: floa
     """The whole body (decoded per its Content-Encoding), at most `settings.max_body_bytes`
     bytes, by `deadline` (the loop's clock). Raises UnsupportedMediaType, RequestTooLarge,
     UndecodableBody, BodyTimeout; ExpectationFailed for an `Expect` other than 100-continue (whose
-    body was not invited: `continue_unless_too_large`)."""
+    body was not invited: `continue_unless_too_large`); InvalidRequest and
+    TransferCodingNotImplemented as `_check_transfer_coding` says."""
     expectation = request.headers.get("Expect")
     if expectation is not None and expectation.strip().lower() != "100-continue":
         raise ExpectationFailed(f"unsupported Expect {expectation!r}; only 100-continue is known")
+    _check_transfer_coding(request)
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in CONTENT_ENCODINGS:
         raise UnsupportedMediaType(f"unsupported Content-Encoding {encoding!r}; use one of: "
@@ -107,6 +109,23 @@ async def _read_body(stream, limit: int, too_large: str) -> bytes:
         reason = " ".join(str(exc).split()).split("message:", 1)[-1].strip()
         raise UndecodableBody(f"the request body cannot be read: {reason}") from None
     return b"".join(chunks)
+
+
+def _check_transfer_coding(request: web.Request) -> None:
+    """aiohttp's parser reads the chunked framing and nothing else of `Transfer-Encoding`: a body
+    sent `gzip, chunked` would reach the handler still gzipped. RFC 9112, 6.1: an HTTP/1.0 message
+    with Transfer-Encoding has faulty framing (InvalidRequest, 400), and a coding the server does
+    not implement is a 501 (TransferCodingNotImplemented)."""
+    transfer = request.headers.get("Transfer-Encoding")
+    if transfer is None:
+        return
+    if request.version < (1, 1):
+        raise InvalidRequest("an HTTP/1.0 request cannot carry Transfer-Encoding (RFC 9112, 6.1): send the body "
+                             "with its Content-Length")
+    codings = [coding.strip().lower() for coding in transfer.split(",") if coding.strip()]
+    if codings != ["chunked"]:
+        raise TransferCodingNotImplemented(f"Transfer-Encoding {transfer!r} is not implemented, only chunked; send "
+                                           "compressed content with Content-Encoding (gzip, deflate, br, zstd)")
 
 
 def continue_unless_too_large(limit: int):

@@ -10,9 +10,10 @@ import uuid
 import msgspec
 from aiohttp import web
 
-from cronnx.errors import (BodyTimeout, CronnxError, DeadlineExceeded, ExpectationFailed, ImageTooLarge, InferenceFailed,
-                           InvalidRequest, ModelControlFailed, ModelNotFound, NotAuthenticated, PermissionDenied,
-                           RequestTooLarge, Unavailable, UndecodableBody, UnsupportedMediaType)
+from cronnx.errors import (BodyTimeout, CronnxError, DeadlineExceeded, ExpectationFailed, ImageTooLarge,
+                           InferenceFailed, InvalidRequest, ModelControlFailed, ModelNotFound, NotAuthenticated,
+                           PermissionDenied, RequestTooLarge, TransferCodingNotImplemented, Unavailable,
+                           UndecodableBody, UnsupportedMediaType)
 from cronnx.http.schemas import JSON_TYPE
 
 log = logging.getLogger("cronnx.http")
@@ -34,6 +35,7 @@ ERROR_STATUS: dict[type[CronnxError], int] = {
     RequestTooLarge: 413,
     UnsupportedMediaType: 415,
     ExpectationFailed: 417,
+    TransferCodingNotImplemented: 501,
     InferenceFailed: 500,
     ModelControlFailed: 500,
     Unavailable: 503,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import socket
 from urllib.parse import urlparse
 
@@ -95,6 +97,47 @@ def test_an_unknown_expectation_gets_a_json_417_and_is_counted(server, api):
     assert b'{"error":"unsupported Expect \'200-ok\'' in answer and b"X-Request-ID" in answer
     assert b"100 Continue" not in answer
     assert value(scrape(server.url), "cronnx_requests_total", api=api, model="tiny", version=1, outcome="417") == 1
+
+
+def _chunked(body: bytes) -> bytes:
+    return b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize("api", sorted(ROUTES))
+def test_a_transfer_coding_other_than_chunked_is_a_counted_501_and_http_1_0_framing_is_checked(server, api,
+                                                                                            tiny_model):
+    path, kind = ROUTES[api]
+    image = encode(photo_like(64, 48, seed=8), "PNG")
+    # gzip as a transfer coding: aiohttp undoes the chunks only; the handler would get gzip bytes.
+    coded = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\n"
+             "Transfer-Encoding: gzip, chunked\r\n\r\n").encode() + _chunked(gzip.compress(image))
+    answer = _raw_exchange(server.url, coded)
+    assert answer.startswith(b"HTTP/1.1 501"), answer[:200]
+    assert b"Transfer-Encoding 'gzip, chunked' is not implemented" in answer and b"Content-Encoding" in answer
+    # An HTTP/1.0 request may not use Transfer-Encoding at all (RFC 9112, 6.1).
+    old = (f"POST {path} HTTP/1.0\r\nContent-Type: {kind}\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    answer = _raw_exchange(server.url, old + _chunked(image))
+    assert answer.startswith(b"HTTP/1.0 400"), answer[:200]
+    assert b"HTTP/1.0 request cannot carry Transfer-Encoding" in answer
+    metrics = scrape(server.url)
+    assert value(metrics, "cronnx_requests_total", api=api, model="tiny", version=1, outcome="501") == 1
+    assert value(metrics, "cronnx_requests_total", api=api, model="tiny", version=1, outcome="400") == 1
+
+
+def test_an_http_1_0_client_with_a_content_length_is_answered_in_http_1_0_and_the_connection_closed(server, tiny_model):
+    image = encode(photo_like(64, 48, seed=9), "JPEG")
+    request = (f"POST /predict/tiny HTTP/1.0\r\nContent-Type: image/jpeg\r\n"
+               f"Content-Length: {len(image)}\r\n\r\n").encode() + image
+    parts = urlparse(server.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):  # ends only when the server closes: 1.0 without keep-alive
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    assert b"transfer-encoding" not in head.lower()  # never chunked to a 1.0 client
+    assert_matches(json.loads(body), DirectModel(tiny_model).probabilities(image))
 
 
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
