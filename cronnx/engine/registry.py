@@ -104,11 +104,14 @@ class Registry:
         self._lock = asyncio.Lock()
         self._generation = 0
         self._loaded_once = False
-        # Model control in the order it was asked for (`begin`): the ticket of the last request
-        # started, for every model (a full reload) and by model name (load, unload).
+        # Model control in the order it was asked for (`begin`): each request's ticket and the
+        # models it covers (None: every model, a full reload); a request that failed before it
+        # decided anything gives its ticket back (`abandon`).
         self._tickets = 0
-        self._last_for_all = 0
-        self._last_for: dict[str, int] = {}
+        self._covers: dict[int, set[str] | None] = {}
+        # Tickets of the requests still in progress: only tickets after the oldest of them can
+        # supersede anything, so the others' entries are dropped (`finish`).
+        self._active: set[int] = set()
 
     def pools(self) -> Iterator[ModelPool]:
         """Every pool with workers: serving, loading or draining."""
@@ -152,16 +155,29 @@ class Registry:
         `names`, starting now. Of the requests that name a model, the last one started decides
         it: an earlier one still in progress applies nothing to it (see `apply`)."""
         self._tickets += 1
-        if names is None:
-            self._last_for_all = self._tickets
-            self._last_for.clear()  # every name is the full reload's now
-        else:
-            self._last_for.update(dict.fromkeys(names, self._tickets))
+        self._covers[self._tickets] = None if names is None else set(names)
+        self._active.add(self._tickets)
         return self._tickets
 
+    def abandon(self, ticket: int) -> None:
+        """The request that took `ticket` failed before deciding anything (an unreadable config,
+        a model the config does not name): the requests started before it decide as if it had
+        never started. A failed reload must not cancel the first load, or nothing would serve."""
+        self._covers.pop(ticket, None)
+        self.finish(ticket)
+
+    def finish(self, ticket: int) -> None:
+        """The request that took `ticket` has ended (`apply` calls it; so does a request that
+        ends without applying). Safe to call twice."""
+        self._active.discard(ticket)
+        oldest = min(self._active, default=self._tickets + 1)
+        for old in [t for t in self._covers if t < oldest]:
+            del self._covers[old]
+
     def superseded(self, ticket: int, name: str) -> bool:
-        """A request that started after ticket `ticket` covers model `name`."""
-        return max(self._last_for_all, self._last_for.get(name, 0)) > ticket
+        """A request that started after ticket `ticket`, and did not give it back, covers model
+        `name`."""
+        return any(later > ticket and (names is None or name in names) for later, names in self._covers.items())
 
     async def apply(self, prepared: list[PreparedVersion], failed: dict[Key, str], names: set[str],
                     ticket: int | None = None, force: bool = False) -> None:
@@ -176,6 +192,13 @@ class Registry:
         Raises what cancels it (the server stops), after stopping the versions it started."""
         if ticket is None:
             ticket = self.begin(names)
+        try:
+            await self._apply(prepared, failed, names, ticket, force)
+        finally:
+            self.finish(ticket)
+
+    async def _apply(self, prepared: list[PreparedVersion], failed: dict[Key, str], names: set[str], ticket: int,
+                     force: bool) -> None:
         prepared, failed = _one_per_key(prepared, failed)
         async with self._lock:
             names = self._still_theirs(names, ticket)
@@ -274,7 +297,7 @@ class Registry:
         before this leaves it unloaded (`begin`). Does not wait for a reload in progress. Raises
         ModelNotFound for a model not served, ModelNotReady for one whose first load has not begun."""
         route = self.route(name)
-        self.begin({name})
+        self.finish(self.begin({name}))  # its entry stays while an earlier request is in progress
         del self.routes[name]
         for pool in route.versions.values():
             self._drain(pool)

@@ -33,14 +33,26 @@ class Reloader:
         again (the model's bytes, its labels, its settings): a version whose bytes changed is
         replaced even if the file's size and time did not."""
         ticket = self.registry.begin(None if only is None else {only})
-        config = await asyncio.to_thread(load_config, self.config_path, **self.overrides)
-        # Reading the repository touches the disk (a network volume, for KServe): not on the event loop.
-        models, refused = await asyncio.to_thread(catalog.model_configs, config, self.config_path)
-        if only is not None:
-            models = [m for m in models if m.config.name == only]
-            refused = {key: reason for key, reason in refused.items() if key[0] == only}
-            if not models and not refused:
-                raise NotInConfig(f"{self.config_path}: model {only!r} is not in the config")
+        try:
+            config = await asyncio.to_thread(load_config, self.config_path, **self.overrides)
+            # Reading the repository touches the disk (a network volume, for KServe): not on the event loop.
+            models, refused = await asyncio.to_thread(catalog.model_configs, config, self.config_path)
+            if only is not None:
+                models = [m for m in models if m.config.name == only]
+                refused = {key: reason for key, reason in refused.items() if key[0] == only}
+                if not models and not refused:
+                    raise NotInConfig(f"{self.config_path}: model {only!r} is not in the config")
+        except BaseException:
+            self.registry.abandon(ticket)  # it decided nothing: the requests before it still do
+            raise
+        try:
+            await self._prepare_and_apply(models, refused, only, ticket, force)
+        finally:
+            self.registry.finish(ticket)
+
+    async def _prepare_and_apply(self, models, refused: dict[Key, str], only: str | None, ticket: int,
+                                 force: bool) -> None:
+        """Read every version of `models` and apply them for `ticket` (`reload`)."""
         prepared: list[PreparedVersion] = []
         failed: dict[Key, str] = dict(refused)
         for model, where, in_repository in models:
@@ -60,7 +72,9 @@ class Reloader:
         names = {m.config.name for m in models} | {name for name, _ in refused}
         if only is None:
             # Models gone from the file are unloaded, and their old load failures forgotten.
-            names |= set(self.registry.routes) | {name for name, _ in self.registry.failed}
+            # So are those of the first load still to begin, which this reload supersedes.
+            names |= (set(self.registry.routes) | {name for name, _ in self.registry.failed}
+                      | {name for name, _ in self.registry.pending})
         await self.registry.apply(prepared, failed, names, ticket, force=force)
 
     async def on_sighup(self) -> None:

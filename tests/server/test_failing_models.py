@@ -138,6 +138,12 @@ def test_the_port_answers_503_loading_while_the_demo_model_is_built(start_server
     assert answers["/predict/other"][0] == 404  # a model that is not configured is still unknown
     assert index == [{"name": "demo", "version": "1", "state": "LOADING"}]
     assert models == [{"name": "demo", "version": 1, "state": "loading"}]
+    # A reload that fails (an unreadable config) decides nothing: the first load still finishes.
+    good = server.config_path.read_text()
+    server.config_path.write_text("models: [\n")
+    server.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload failed" in server.log(), timeout_s=10, what="the reload to fail")
+    server.config_path.write_text(good)
     server.wait_ready()
     assert demo.is_file()
     assert [r.status for r in asyncio.run(predict_many(f"{server.url}/predict/demo", [IMAGE]))] == [200]
