@@ -34,7 +34,7 @@ from cronnx.http.middleware import json_response
 from cronnx.http.record import RequestRecord, model_request
 from cronnx.http.v2_inputs import (DATATYPES, InferRequest, OutputPlan, output_plans, parse_header, queue_parameters,
                                    raw_binary_request, request_rows)
-from cronnx.models.postprocess import top_k
+from cronnx.models.postprocess import check_finite, top_k
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data", "classification"]
@@ -122,6 +122,7 @@ def _response(parsed: InferRequest, model: ModelView, outputs: list[OutputPlan],
                 entry["data"] = [s for row in rows for s in row]
         else:
             tensor = np.stack([r.output for r in results])
+            check_finite(tensor)  # as /predict: a model that overflowed gets 500, not nulls in a 200
             entry = {"name": output.name, "datatype": DATATYPES[spec.output_dtype], "shape": list(tensor.shape)}
             if output.binary:
                 blob = np.ascontiguousarray(tensor).tobytes()

@@ -326,7 +326,8 @@ def prepare(version: ModelVersion) -> PreparedVersion:
     try:
         kept = snapshot.keep(str(path))
     except OSError as exc:
-        raise ConfigError(f"{where}.path: cannot read model file {str(path)!r}: {exc.strerror}") from None
+        raise ConfigError(f"{where}.path: cannot read model file {str(path)!r}, or keep a copy of it in "
+                          f"TMPDIR: {exc.strerror}") from None
     if not kept.kept:
         log.warning("model %s keeps its weights in external data files: its workers load them by name, so a "
                     "worker that restarts loads whatever they hold then; replace them only together with a reload",

@@ -64,8 +64,13 @@ def keep(path: str) -> ModelBytes:
     when the file cannot be read or the copy cannot be written (a full disk)."""
     with open(path, "rb") as source:
         digest = hashlib.file_digest(source, "sha256").hexdigest()
-    if _has_external_data(path):
-        return ModelBytes(None, digest, path)
+    external = _external_data_files(path)
+    if external:
+        # Not copied, so the version is what the files hold: their sizes and times join the
+        # digest, and a reload after replacing them replaces the version.
+        stamps = [f"{name}:{os.stat(name).st_size}:{os.stat(name).st_mtime_ns}" for name in external
+                  if os.path.exists(name)]
+        return ModelBytes(None, hashlib.sha256("\n".join([digest, *stamps]).encode()).hexdigest(), path)
     with _held_lock:
         held = _held.get(digest)
     if held is not None:
@@ -76,22 +81,23 @@ def keep(path: str) -> ModelBytes:
         return _held.setdefault(copy.digest, copy)
 
 
-# A model that keeps its weights in external data files has a small graph file; one larger than
-# this holds its weights itself, and is not parsed twice (inspection parses it once anyway).
-_EXTERNAL_DATA_GRAPH_MAX_BYTES = 64 * 1024 * 1024
-
-
-def _has_external_data(path: str) -> bool:
-    """Whether any initializer of the model at `path` keeps its data in an external file."""
-    if os.path.getsize(path) > _EXTERNAL_DATA_GRAPH_MAX_BYTES:
-        return False
+def _external_data_files(path: str) -> list[str]:
+    """The files, beside the model at `path`, where its tensors keep their data (any tensor:
+    initializers, Constant attributes, subgraphs'); empty for a self-contained model."""
     import onnx
+    from onnx import external_data_helper
 
     try:
-        graph = onnx.load(path, load_external_data=False).graph
+        model = onnx.load(path, load_external_data=False)
     except Exception:  # noqa: BLE001 - not a model onnx reads: inspection says why
-        return False
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
+        return []
+    files = set()
+    for tensor in external_data_helper._get_all_tensors(model):  # noqa: SLF001 - onnx's own walk of every tensor
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location:
+                files.add(os.path.join(os.path.dirname(path), location))
+    return sorted(files)
 
 
 def _copy(path: str) -> ModelBytes:

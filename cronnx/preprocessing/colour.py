@@ -17,18 +17,23 @@ import threading
 from collections import OrderedDict
 
 import numpy as np
-from PIL import Image, ImageCms
+from PIL import Image
+
+try:
+    from PIL import ImageCms
+except ImportError:  # a Pillow built without littleCMS (pillow-simd from source without liblcms2)
+    ImageCms = None
 
 log = logging.getLogger("cronnx.preprocessing")
 
-SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")) if ImageCms is not None else None
 
 # Relative colorimetric: colours that sRGB can show come out exactly as the profile measures
 # them, and only those outside sRGB are clipped to its edge. Perceptual would compress the whole
 # gamut and so move in-gamut colours too, each vendor's table its own way; the matrix/TRC
 # profiles of phones and cameras (Display P3, Adobe RGB) have no perceptual table anyway, so
 # littleCMS would use the colorimetric one for them whatever was asked.
-INTENT = ImageCms.Intent.RELATIVE_COLORIMETRIC
+INTENT = ImageCms.Intent.RELATIVE_COLORIMETRIC if ImageCms is not None else None
 
 # Distinct profiles kept per process. Real traffic carries a handful (sRGB variants, Display P3,
 # Adobe RGB, a few press profiles); a transform holds 0.17 MiB (RGB) to 0.48 MiB (CMYK) of
@@ -115,15 +120,30 @@ def _build(profile: bytes, mode: str) -> tuple[ImageCms.ImageCmsTransform | None
 TRANSFORMS = SrgbTransforms()
 
 
+_warned_without_littlecms = False
+
+
+def _warn_without_littlecms() -> None:
+    global _warned_without_littlecms
+    if not _warned_without_littlecms:
+        _warned_without_littlecms = True
+        log.warning("this Pillow has no littleCMS (ImageCms): images with a colour profile are used as stored, "
+                    "not converted to sRGB; build Pillow with liblcms2")
+
+
 def to_srgb(image: Image.Image, profile: bytes | None) -> Image.Image:
     """`image` (mode RGB, CMYK or L), whose pixels are in the colour space `profile` (ICC bytes)
     describes, as RGB in sRGB.
 
     Returns `image` itself, unchanged, where there is nothing to convert: no profile, an sRGB
     profile, one that is corrupt or that does not fit the image's mode (logged once per profile),
-    or another mode. RGB is converted in place. Never raises for a profile.
+    another mode, or a Pillow without littleCMS (logged once). RGB is converted in place. Never
+    raises for a profile.
     """
     if not profile or image.mode not in ("RGB", "CMYK", "L"):
+        return image
+    if ImageCms is None:
+        _warn_without_littlecms()
         return image
     transform = TRANSFORMS.get(profile, image.mode)
     if transform is None:

@@ -127,15 +127,19 @@ def test_two_servers_that_are_both_pid_1_keep_their_own_rings_through_a_worker_r
                 assert reply.status == 200, reply.body
                 assert_matches(reply.body, expected)
     finally:
-        # unshare passes no signal on: each server (unshare's child, PID 1 inside) gets its own.
-        for proc, _ in servers:
-            for pid in _descendants(proc.pid)[:1]:
+        # unshare passes no signal on: each server (unshare's child, PID 1 inside) gets its own,
+        # and a SIGKILL of it ends its whole namespace if it does not stop.
+        inits = {proc.pid: _descendants(proc.pid)[:1] for proc, _ in servers}
+        for pids in inits.values():
+            for pid in pids:
                 os.kill(pid, signal.SIGTERM)
         for proc, log in servers:
             try:
                 assert proc.wait(30) == 0, log.read_text()[-2000:]
             finally:
                 if proc.poll() is None:
+                    for pid in inits[proc.pid]:
+                        os.kill(pid, signal.SIGKILL)
                     proc.kill()
                     proc.wait()
 

@@ -70,3 +70,8 @@ def test_a_model_with_external_data_is_loaded_by_its_own_path_and_still_prepared
     prepared = catalog.prepare(ModelVersion("ext", 1, str(path), ModelConfig(name="ext", path=str(path)), "test"))
     assert prepared.spec.num_classes == 10 and prepared.file.path == str(path)
     assert snapshot.keep(str(source)).kept  # a self-contained model is copied
+    # Its version is what its files hold: new weights, a new digest (a reload replaces it).
+    weights = path.parent / "weights.bin"
+    weights.write_bytes(weights.read_bytes()[::-1])
+    os.utime(weights, ns=(1, 1))
+    assert snapshot.keep(str(path)).digest != kept.digest
