@@ -62,9 +62,8 @@ def keep(path: str) -> ModelBytes:
     A model whose weights live in external data files is not copied (onnxruntime finds those
     files beside the model's own path, which a copy has not): its `kept` is False. Raises OSError
     when the file cannot be read or the copy cannot be written (a full disk)."""
-    with open(path, "rb") as source:
-        digest = hashlib.file_digest(source, "sha256").hexdigest()
-    external = _external_data_files(path)
+    digest, may_be_external = _digest(path)
+    external = _external_data_files(path) if may_be_external else []
     if external:
         # Not copied, so the version is what the files hold: their sizes and times join the
         # digest, and a reload after replacing them replaces the version.
@@ -79,6 +78,25 @@ def keep(path: str) -> ModelBytes:
     copy = _copy(path)
     with _held_lock:
         return _held.setdefault(copy.digest, copy)
+
+
+# Every tensor that keeps its data outside the model names its file under this key, which the
+# protobuf encoding stores as it is: a model without it needs no parsing to know it has none.
+_EXTERNAL_KEY = b"location"
+
+
+def _digest(path: str) -> tuple[str, bool]:
+    """The SHA-256 of the file at `path`, and whether its bytes hold `_EXTERNAL_KEY` anywhere (a
+    model without it is self-contained), in one reading."""
+    digest = hashlib.sha256()
+    found, tail = False, b""
+    with open(path, "rb") as source:
+        while chunk := source.read(_CHUNK):
+            digest.update(chunk)
+            if not found:
+                found = _EXTERNAL_KEY in tail + chunk
+                tail = chunk[-(len(_EXTERNAL_KEY) - 1):]
+    return digest.hexdigest(), found
 
 
 def _external_data_files(path: str) -> list[str]:

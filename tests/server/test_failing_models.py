@@ -155,14 +155,7 @@ def misdeclared_model(path) -> str:
     w = np.random.default_rng(3).normal(0, 2, (10, 3, 1, 1)).astype(np.float32)
     nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
              helper.make_node("Conv", ["pooled", "w"], ["logits"])]
-    graph = helper.make_graph(nodes, "misdeclared",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 32, 32])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-                              [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return str(path)
+    return _save_declaring(path, nodes, w, ["batch", 10])
 
 
 def reshaped_model(path) -> str:
@@ -175,9 +168,15 @@ def reshaped_model(path) -> str:
              helper.make_node("MatMul", ["flat", "w"], ["scores"]),
              helper.make_node("Shape", ["scores"], ["shape"]),
              helper.make_node("Reshape", ["scores", "shape"], ["logits"])]
-    graph = helper.make_graph(nodes, "reshaped",
+    return _save_declaring(path, nodes, w, ["batch", 5])
+
+
+def _save_declaring(path, nodes: list, w: np.ndarray, declared: list) -> str:
+    """The graph of `nodes` (input [batch, 3, 32, 32], weight `w`, output "logits" declared
+    `declared`) saved at `path`."""
+    graph = helper.make_graph(nodes, "declared",
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 32, 32])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 5])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, declared)],
                               [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8

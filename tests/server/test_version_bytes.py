@@ -9,23 +9,21 @@ import os
 import shutil
 import signal
 
-from support.client import TIMEOUT
+from support.client import predict_many
 from support.images import encode, photo_like
 from support.models import image_classifier
 from support.reference import DirectModel, assert_matches
 from support.server import model_entry, server_config, wait_until
 
-import aiohttp
-
 IMAGE = encode(photo_like(160, 120, seed=2), "JPEG")
 
 
-def _predict(url: str) -> tuple[int, dict]:
-    async def one():
-        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-            async with session.post(f"{url}/predict/m", data=IMAGE, headers={"Content-Type": "image/jpeg"}) as r:
-                return r.status, await r.json()
-    return asyncio.run(one())
+def _assert_answers(server, expected) -> dict:
+    """One /predict of IMAGE: a 200 with the `expected` probabilities; its body."""
+    reply = asyncio.run(predict_many(f"{server.url}/predict/m", [IMAGE]))[0]
+    assert reply.status == 200, reply.body
+    assert_matches(reply.body, expected)
+    return reply.body
 
 
 def _serving_pid(server) -> int | None:
@@ -61,24 +59,18 @@ def test_a_version_serves_its_own_bytes_until_a_reload_reads_new_ones(start_serv
     # Negative control: the two models answer differently, so a mix-up cannot pass unseen.
     assert original.probabilities(IMAGE).argmax() != other.probabilities(IMAGE).argmax()
     server = start_server(server_config(model_entry("m", path)))
-    status, body = _predict(server.url)
-    assert status == 200
-    assert_matches(body, original.probabilities(IMAGE))
+    _assert_answers(server, original.probabilities(IMAGE))
 
     # The file now holds other weights, of the same size, with the old time; a worker restarts.
     _same_bytes_size_and_time(path, other_file)
     _kill_worker(server)
-    status, body = _predict(server.url)
-    assert status == 200
-    assert_matches(body, original.probabilities(IMAGE))
+    _assert_answers(server, original.probabilities(IMAGE))
 
     # A reload reads the bytes: version 1 is now the other model.
     before = _serving_pid(server)
     os.kill(server.proc.pid, signal.SIGHUP)
     wait_until(lambda: _serving_pid(server) not in (None, before), 60, "version 1 replaced by the new bytes")
-    status, body = _predict(server.url)
-    assert status == 200 and body["version"] == 1
-    assert_matches(body, other.probabilities(IMAGE))
+    assert _assert_answers(server, other.probabilities(IMAGE))["version"] == 1
     assert server.stop() == 0
 
 
@@ -90,9 +82,7 @@ def test_a_broken_file_under_a_served_version_neither_stops_it_nor_replaces_it(s
     with open(path, "r+b") as f:  # garbage in the same file, as an interrupted copy leaves it
         f.write(b"not an onnx model")
     _kill_worker(server)
-    status, body = _predict(server.url)
-    assert status == 200
-    assert_matches(body, original.probabilities(IMAGE))
+    _assert_answers(server, original.probabilities(IMAGE))
 
     # A reload refuses the garbage with the reason, and version 1 keeps serving its bytes.
     serving = _serving_pid(server)
@@ -102,7 +92,5 @@ def test_a_broken_file_under_a_served_version_neither_stops_it_nor_replaces_it(s
     assert failed["version"] == 1 and "cannot load" in failed["reason"] and str(path) in failed["reason"]
     assert _serving_pid(server) == serving
     assert server.get("/ready")[0] == 200
-    status, body = _predict(server.url)
-    assert status == 200
-    assert_matches(body, original.probabilities(IMAGE))
+    _assert_answers(server, original.probabilities(IMAGE))
     assert server.stop() == 0
