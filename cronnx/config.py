@@ -86,6 +86,10 @@ class ServerConfig(Strict):
     # A connection with no request in progress (idle between requests, or whose request headers
     # have not all arrived: a slow-headers client) is closed after this many seconds.
     idle_timeout_s: PositiveFloat = 30.0
+    # A connection whose client leaves an answer untaken this long (more than 64 KiB of it waiting
+    # in the server, not falling to 16 KiB) is closed: a client that never reads its answers
+    # would otherwise hold its connection for ever (nginx's send_timeout; its default is 60 s).
+    send_timeout_s: PositiveFloat = 30.0
     # A version whose workers are not all ready by then fails to load.
     model_load_timeout_s: PositiveFloat = 120.0
     # Liveness: a live worker between batches is pinged every worker_ping_interval_s and killed

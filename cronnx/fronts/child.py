@@ -51,20 +51,24 @@ def run_front_process(spec_bytes: bytes, inbox: Connection, outbox: Connection) 
 
 
 class _ConnectionReports:
-    """This front's open connections, and those it refused since the last report, sent to the
-    server process every STATS_INTERVAL_S from `start` until `stop`."""
+    """This front's open connections, and those it refused or closed for their send timeout since
+    the last report (its listener's ConnectionEvents), sent to the server process every
+    STATS_INTERVAL_S from `start` until `stop`."""
 
     def __init__(self, link: EngineLink, runner: web.AppRunner):
         self._link, self._runner = link, runner
-        self._refused = 0
+        self._refused = self._send_timeouts = 0
         self._timer: asyncio.TimerHandle | None = None
 
-    def on_refused(self) -> None:
+    def refused(self) -> None:
         self._refused += 1
 
+    def send_timed_out(self) -> None:
+        self._send_timeouts += 1
+
     def start(self) -> None:
-        self._link.send(ConnectionStats(len(self._runner.server.connections), self._refused))
-        self._refused = 0
+        self._link.send(ConnectionStats(len(self._runner.server.connections), self._refused, self._send_timeouts))
+        self._refused = self._send_timeouts = 0
         self._timer = asyncio.get_running_loop().call_later(STATS_INTERVAL_S, self.start)
 
     def stop(self) -> None:
@@ -83,8 +87,8 @@ async def _serve(spec: FrontSpec, inbox: Connection, outbox: Connection) -> None
     reports = _ConnectionReports(link, runner)
     listening = None
     try:
-        listening = await listen(runner, settings.host, spec.port, spec.max_connections, reports.on_refused,
-                                 reuse_port=True)
+        listening = await listen(runner, settings.host, spec.port, spec.max_connections, settings.send_timeout_s,
+                                 reports, reuse_port=True)
         log.info("front process %d serving on port %d", spec.index, spec.port)
         link.send(Listening())
         reports.start()

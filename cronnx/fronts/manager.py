@@ -191,6 +191,8 @@ class FrontProcesses(ChildSet[_Front]):
             front.open_connections = message.open
             if message.refused:
                 self._metrics.connections_refused.inc(message.refused)
+            if message.send_timeouts:
+                self._metrics.send_timeouts.inc(message.send_timeouts)
 
     async def _serve(self, front: _Front, message: Infer) -> None:
         """Run one of the front's requests through the engine and send it the answer."""

@@ -88,11 +88,13 @@ class Completed(msgspec.Struct, tag="completed", array_like=True):
 
 
 class ConnectionStats(msgspec.Struct, tag="connections", array_like=True):
-    """The front's open connections now, and how many it has refused since its last report
-    (sent every STATS_INTERVAL_S)."""
+    """The front's open connections now, and how many it has refused (server.max_connections) and
+    closed for their send timeout (server.send_timeout_s) since its last report (sent every
+    STATS_INTERVAL_S)."""
 
     open: int
     refused: int
+    send_timeouts: int
 
 
 class Listening(msgspec.Struct, tag="listening", array_like=True):

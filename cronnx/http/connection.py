@@ -1,4 +1,16 @@
-"""aiohttp's handler of each connection, with Cronnx's error contract kept below the application.
+"""aiohttp's handler of each connection, with Cronnx's error contract kept below the application
+and a bound on how long a client may leave an answer untaken.
+
+A client that sends requests and never reads their answers would hold its connection for ever:
+aiohttp writes an answer and waits for the socket to drain below its high-water mark (64 KiB in
+the transport, beyond what the kernel's buffers hold) before it handles the connection's next
+request, and no timeout covers that wait. Here the connection is reset (RST, so that the kernel
+drops what it still buffers for the client too) and counted once its answer has waited above
+the high-water mark for `send_timeout_s` without the client taking enough of it to fall to the
+low-water mark (16 KiB): nginx's `send_timeout`, measured on the transport's own flow control.
+What one such connection holds meanwhile is bounded by aiohttp: one answer being written, and at
+most 32 pipelined requests parsed behind it (aiohttp 3.14.5's per-connection queue) before it
+stops reading the socket.
 
 Two answers come from aiohttp's HTTP parser itself, before any handler or middleware runs:
 
@@ -18,8 +30,12 @@ requests of tests/http/test_storm.py, on both parsers, are what holds this to ai
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
+import struct
 import uuid
+from collections.abc import Callable
 from http import HTTPStatus
 
 from aiohttp import web
@@ -34,9 +50,51 @@ _MAX_REASON_CHARS = 200
 
 
 class JsonErrorRequestHandler(RequestHandler):
-    """aiohttp's RequestHandler (one per connection) whose own error answers are Cronnx's JSON."""
+    """aiohttp's RequestHandler (one per connection) whose own error answers are Cronnx's JSON,
+    and which closes its connection when an answer has stayed untaken for `send_timeout_s`
+    seconds, calling `on_send_timeout()` (the module's docstring says how that is measured)."""
 
-    __slots__ = ()
+    __slots__ = ("_send_timeout_s", "_on_send_timeout", "_send_timer")
+
+    def __init__(self, server: web.Server, send_timeout_s: float, on_send_timeout: Callable[[], None], **kwargs):
+        super().__init__(server, **kwargs)
+        self._send_timeout_s = send_timeout_s
+        self._on_send_timeout = on_send_timeout
+        self._send_timer: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._send_timer = self._loop.call_later(self._send_timeout_s, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        self._cancel_send_timer()
+        super().resume_writing()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_send_timer()
+        super().connection_lost(exc)
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        transport = self.transport
+        if transport is None:
+            return
+        peer = transport.get_extra_info("peername")
+        log.info("connection closed: its client took too little of an answer in server.send_timeout_s",
+                 extra={"fields": {"remote": peer[0] if peer else None, "send_timeout_s": self._send_timeout_s,
+                                   "unsent_bytes": transport.get_write_buffer_size()}})
+        self._on_send_timeout()
+        # A reset, not a close: a closed socket would keep trying to send the kernel's buffered
+        # answer (megabytes) to a client that takes none of it, for minutes, before its FIN.
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
 
     def data_received(self, data: bytes) -> None:
         request, queued = self._current_request, len(self._messages)
@@ -75,8 +133,9 @@ class JsonErrorRequestHandler(RequestHandler):
         return response
 
 
-def new_connection(server: web.Server) -> JsonErrorRequestHandler:
+def new_connection(server: web.Server, send_timeout_s: float,
+                   on_send_timeout: Callable[[], None]) -> JsonErrorRequestHandler:
     """The handler of one new connection to `server` (aiohttp's low-level server), with the
     server's handler settings, as `server()` makes aiohttp's own (web.Server.__call__, less its
     fallback for settings RequestHandler does not take: Cronnx passes none)."""
-    return JsonErrorRequestHandler(server, loop=server._loop, **server._kwargs)
+    return JsonErrorRequestHandler(server, send_timeout_s, on_send_timeout, loop=server._loop, **server._kwargs)

@@ -13,17 +13,20 @@ from cronnx.engine.client import InferenceClient
 class HttpSettings(msgspec.Struct, frozen=True):
     """The part of `server` in the config that serving HTTP reads (all that a front process is
     given of it): where to listen (`host`), the body limit in bytes, the request timeout (from
-    arrival to answer) and the idle timeout of a connection without a request, in seconds."""
+    arrival to answer), the idle timeout of a connection without a request and the send timeout of
+    an answer its client does not take, in seconds."""
 
     host: str
     max_body_bytes: int
     request_timeout_s: float
     idle_timeout_s: float
+    send_timeout_s: float
 
     @classmethod
     def of(cls, server: ServerConfig) -> HttpSettings:
         """The settings of the config's `server` section."""
-        return cls(server.host, server.max_body_bytes, server.request_timeout_s, server.idle_timeout_s)
+        return cls(server.host, server.max_body_bytes, server.request_timeout_s, server.idle_timeout_s,
+                   server.send_timeout_s)
 
 
 SETTINGS = web.AppKey("settings", HttpSettings)

@@ -4,14 +4,15 @@ aiohttp has no limit on connections: a flood of clients that connect and send no
 would hold a socket each until its idle timeout, and past the process's file-descriptor limit new
 connections fail for everyone. Here each accepted connection goes to aiohttp's own connection
 handler while fewer than `max_connections` are open; past that it gets a 503 with `Retry-After`
-and is closed at once, without its request being read, and is counted.
+and is closed at once, without its request being read, and is counted. A connection whose client
+leaves an answer untaken for `send_timeout_s` is closed and counted too (connection.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
+from typing import Protocol
 
 from aiohttp import web
 
@@ -30,30 +31,43 @@ class _Refuse(asyncio.Protocol):
         transport.close()
 
 
+class ConnectionEvents(Protocol):
+    """Where a listener reports what it does to connections (the metrics, or a front process's
+    reports to the server process)."""
+
+    def refused(self) -> None:
+        """A connection was answered 503 and closed: `max_connections` were open."""
+
+    def send_timed_out(self) -> None:
+        """A connection was closed: its client left an answer untaken for `send_timeout_s`."""
+
+
 class CappedProtocolFactory:
     """Hands each new connection to `server` (aiohttp's low-level server) while it has fewer than
-    `max_connections` open, to aiohttp's connection handler with Cronnx's error answers
-    (connection.py); `on_refused()` is called for each one turned away."""
+    `max_connections` open, to aiohttp's connection handler with Cronnx's error answers and its
+    `send_timeout_s` (seconds, connection.py); reports to `events` each connection turned away
+    and each closed for its send timeout."""
 
-    def __init__(self, server: web.Server, max_connections: int, on_refused: Callable[[], None]):
+    def __init__(self, server: web.Server, max_connections: int, send_timeout_s: float, events: ConnectionEvents):
         self._server = server
         self._max = max_connections
-        self._on_refused = on_refused
+        self._send_timeout_s = send_timeout_s
+        self._events = events
 
     def __call__(self) -> asyncio.Protocol:
         if len(self._server.connections) >= self._max:
-            self._on_refused()
+            self._events.refused()
             return _Refuse()
-        return new_connection(self._server)
+        return new_connection(self._server, self._send_timeout_s, self._events.send_timed_out)
 
 
-async def listen(runner: web.AppRunner, host: str, port: int, max_connections: int,
-                 on_refused: Callable[[], None], reuse_port: bool = False) -> asyncio.AbstractServer:
+async def listen(runner: web.AppRunner, host: str, port: int, max_connections: int, send_timeout_s: float,
+                 events: ConnectionEvents, reuse_port: bool = False) -> asyncio.AbstractServer:
     """Start accepting on host:port (0: a free port) for the set-up `runner`; the caller closes the
     returned server to stop accepting, then cleans up the runner (which finishes open requests).
     `reuse_port`: SO_REUSEPORT, so that several front processes share the port (the kernel
     spreads new connections over them)."""
-    factory = CappedProtocolFactory(runner.server, max_connections, on_refused)
+    factory = CappedProtocolFactory(runner.server, max_connections, send_timeout_s, events)
     return await asyncio.get_running_loop().create_server(factory, host, port, backlog=512, reuse_port=reuse_port)
 
 

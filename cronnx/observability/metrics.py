@@ -60,6 +60,9 @@ class Metrics:
         self.connections_refused = Counter("cronnx_connections_refused",
                                            "Connections answered 503 and closed at once: server.max_connections "
                                            "were open", registry=registry)
+        self.send_timeouts = Counter("cronnx_send_timeouts",
+                                     "Connections closed because their client left an answer untaken for "
+                                     "server.send_timeout_s", registry=registry)
         self.pools = pools
         registry.register(_PoolCollector(self))
         registry.register(_CounterFunction("cronnx_preprocess_process_restarts",

@@ -201,7 +201,7 @@ class ServerProcess:
         await self.runner.setup()
         if server.front_processes == 1:
             self.listening = await listen(self.runner, server.host, server.port, server.max_connections,
-                                          self.metrics.connections_refused.inc)
+                                          server.send_timeout_s, _CountedConnections(self.metrics))
             host, port = self.listening.sockets[0].getsockname()[:2]
             log.info("serving on http://%s:%d", host, port)
             return
@@ -274,3 +274,16 @@ class ServerProcess:
         task = self.loop.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+class _CountedConnections:
+    """The listener's connection events (http/listener.ConnectionEvents), counted in the metrics."""
+
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
+
+    def refused(self) -> None:
+        self._metrics.connections_refused.inc()
+
+    def send_timed_out(self) -> None:
+        self._metrics.send_timeouts.inc()

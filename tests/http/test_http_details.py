@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import select
 import socket
+import time
+import urllib.request
 from urllib.parse import urlparse
 
 import aiohttp
@@ -16,7 +19,7 @@ from support.images import encode, photo_like
 from support.metrics import scrape, value
 from support.models import tiny_classifier
 from support.reference import DirectModel, assert_matches
-from support.server import model_entry, server_config
+from support.server import model_entry, server_config, wait_until
 
 BODY_LIMIT = 64 * 1024
 TOKEN = "s3cret-token"
@@ -281,3 +284,101 @@ def test_connections_over_the_cap_get_503_at_once_and_are_counted(start_server, 
     (reply,) = asyncio.run(predict_many(f"{server.url}/predict/tiny", [image]))
     assert reply.status == 200
     assert value(scrape(server.url), "cronnx_connections_refused_total") == 1
+
+
+STALLED_CLIENTS = 4
+PIPELINED = 40
+SEND_TIMEOUT_S = 1.0
+
+
+def _v2_zeros_request(size: int) -> bytes:
+    """One V2 infer request for the wide model, its [1, 3, size, size] FP32 tensor in binary."""
+    tensor = bytes(4 * 3 * size * size)
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, size, size], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(tensor)}}]}).encode()
+    return (f"POST /v2/models/wide/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+            f"Inference-Header-Content-Length: {len(header)}\r\nContent-Length: {len(header) + len(tensor)}\r\n"
+            f"\r\n").encode() + header + tensor
+
+
+def _stalled_client(host: str, port: int, request: bytes) -> socket.socket:
+    """A connection that pipelines PIPELINED requests and reads nothing (a small receive buffer,
+    so that the server's side fills soon)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, port))
+    sock.setblocking(False)
+    for _ in range(PIPELINED):
+        try:
+            sock.send(request)
+        except BlockingIOError:
+            break
+    return sock
+
+
+def _seconds_until_reset(socks: list[socket.socket], timeout_s: float) -> list[float]:
+    """Seconds until each socket is hung up or reset by the server, seen without reading its data."""
+    poller = select.poll()
+    for sock in socks:
+        poller.register(sock, select.POLLERR | select.POLLHUP)
+    started, ended = time.monotonic(), {}
+    while len(ended) < len(socks):
+        waited = time.monotonic() - started
+        assert waited < timeout_s, f"{len(socks) - len(ended)} stalled connections still open after {waited:.1f} s"
+        for fd, _ in poller.poll(50):
+            ended[fd] = time.monotonic() - started
+            poller.unregister(fd)
+    return [ended[sock.fileno()] for sock in socks]
+
+
+@pytest.mark.parametrize("front_processes", [1, 2], ids=["one process", "two front processes"])
+def test_clients_that_never_read_their_answers_are_closed_after_the_send_timeout(start_server, tmp_path,
+                                                                                 front_processes):
+    """Clients that pipeline requests and never read the answers held their connections for ever
+    (every timeout then covers something else): each is closed once an answer has waited
+    send_timeout_s, counted, and held no more than that one answer; a good stream beside them
+    is served throughout and the connections they held are free again."""
+    model = tiny_classifier(tmp_path / "wide.onnx", size=8, classes=50_000, hidden=16)  # ~200 kB answers
+    server = start_server(server_config(model_entry("wide", model), send_timeout_s=SEND_TIMEOUT_S,
+                                        idle_timeout_s=60, max_connections=6 * front_processes,
+                                        front_processes=front_processes))
+    parts = urlparse(server.url)
+    request = _v2_zeros_request(8)
+    head, body = request.split(b"\r\n\r\n", 1)
+    with urllib.request.urlopen(urllib.request.Request(
+            f"{server.url}/v2/models/wide/infer", data=body, headers=dict(
+                line.split(": ", 1) for line in head.decode().splitlines()[1:] if not line.startswith("Host")))) as r:
+        answer_bytes = len(r.read()) + len(str(r.headers))
+    photo = encode(photo_like(64, 48, seed=1), "JPEG")
+
+    async def main():
+        good = GoodStream(f"{server.url}/predict/wide", photo)
+        stream = asyncio.create_task(good.run())
+        stalled = [_stalled_client(parts.hostname, parts.port, request) for _ in range(STALLED_CLIENTS)]
+        try:
+            waited = await asyncio.to_thread(_seconds_until_reset, stalled, SEND_TIMEOUT_S + 20)
+        finally:
+            for sock in stalled:
+                sock.close()
+        # As many clients as the stalled ones held, at once: each gets its connection.
+        after = await predict_many(f"{server.url}/predict/wide", [photo] * STALLED_CLIENTS)
+        good.stop()
+        await asyncio.wait_for(stream, 30)
+        return waited, after, good.statuses
+
+    waited, after, statuses = asyncio.run(main())
+    assert all(SEND_TIMEOUT_S * 0.9 <= w < SEND_TIMEOUT_S + 15 for w in waited), waited
+    assert [r.status for r in after] == [200] * STALLED_CLIENTS
+    assert statuses and set(statuses) == {200}, statuses
+    # Front processes report their connections every second.
+    wait_until(lambda: value(scrape(server.url), "cronnx_send_timeouts_total") >= STALLED_CLIENTS, timeout_s=5,
+               what="the send timeouts to be counted")
+    samples = scrape(server.url)
+    assert value(samples, "cronnx_send_timeouts_total") == STALLED_CLIENTS
+    assert value(samples, "cronnx_connections_refused_total") == 0
+    # The server stopped answering them: far fewer answers than the requests they pipelined.
+    answered = value(samples, "cronnx_requests_total", model="wide", version="1", api="v2", outcome="success")
+    assert 1 + STALLED_CLIENTS <= answered < 1 + STALLED_CLIENTS * PIPELINED / 2
+    closings = [json.loads(line) for line in server.log().splitlines() if "server.send_timeout_s" in line]
+    assert len(closings) == STALLED_CLIENTS
+    assert all(0 < c["unsent_bytes"] <= answer_bytes + 100 for c in closings), (answer_bytes, closings)
