@@ -33,13 +33,20 @@ class Served:
     """A server process for the length of a `with` block; ready when `ready_path` answers 200."""
 
     def __init__(self, name: str, command: list[str], base_url: str, ready_path: str, env: dict | None = None,
-                 cwd: Path = REPO):
+                 cwd: Path = REPO, log: Path | None = None):
+        """`log`: the file that gets the server's stdout and stderr (else they are dropped)."""
         self.name, self.command, self.base_url, self.ready_path, self.cwd = name, command, base_url, ready_path, cwd
         self.env = {**os.environ, **(env or {})}
+        self.log = log
 
     def __enter__(self) -> "Served":
-        self.process = subprocess.Popen(self.command, cwd=self.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True, env=self.env)
+        output = open(self.log, "wb") if self.log else subprocess.DEVNULL
+        try:
+            self.process = subprocess.Popen(self.command, cwd=self.cwd, stdout=output, stderr=subprocess.STDOUT,
+                                            start_new_session=True, env=self.env)
+        finally:
+            if self.log:
+                output.close()
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

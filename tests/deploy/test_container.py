@@ -8,7 +8,9 @@ The image tests run the image CRONNX_IMAGE (default cronnx:cpu), which .ci/run b
 
 Without a Docker daemon or without the image they skip and say why, unless CRONNX_REQUIRE_DOCKER=1
 (CI), where they fail. Containers run on the host's network (these machines have no bridge; the
-traffic stays on 127.0.0.1) and are removed by id whatever happens.
+traffic stays on 127.0.0.1) and are removed by id whatever happens. .ci/run runs them twice: on
+its daemon's own storage driver, then with DOCKER_HOST on a second daemon with the vfs driver
+(which applies the image's file modes as they are).
 """
 
 from __future__ import annotations
