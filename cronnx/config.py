@@ -70,6 +70,17 @@ class AdminConfig(Strict):
         return self.token or os.environ.get(ADMIN_TOKEN_ENV) or None
 
 
+class TracingConfig(Strict):
+    """OpenTelemetry traces of inference requests (observability/tracing.py). The standard OTEL_*
+    environment variables say where spans go and how they are sampled."""
+
+    # None: on when an OTLP endpoint is set (OTEL_EXPORTER_OTLP_ENDPOINT or
+    # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT). OTEL_SDK_DISABLED=true turns it off whatever this says.
+    enabled: bool | None = None
+    # How long a stop waits for the last spans to reach the collector, inside the drain.
+    shutdown_timeout_s: PositiveFloat = 2.0
+
+
 class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: Port = 3000
@@ -124,6 +135,7 @@ class ServerConfig(Strict):
     # holding that model's settings (the fields of a models[] entry).
     model_repository: str | None = None
     admin: AdminConfig = AdminConfig()
+    tracing: TracingConfig = TracingConfig()
 
     def __post_init__(self) -> None:
         if sorted(set(self.latency_buckets_s)) != list(self.latency_buckets_s):

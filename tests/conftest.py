@@ -44,13 +44,15 @@ def photos(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture
 def start_server(tmp_path):
-    """start_server(config_dict, args=(more serve options)) -> a running ServerProcess; stopped and cleaned up after the test."""
+    """start_server(config_dict, args=(more serve options), env={more environment}) -> a running
+    ServerProcess; stopped and cleaned up after the test."""
     servers: list[ServerProcess] = []
 
-    def start(config: dict, wait_ready: bool = True, args: tuple[str, ...] = ()) -> ServerProcess:
+    def start(config: dict, wait_ready: bool = True, args: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> ServerProcess:
         workdir = tmp_path / f"server{len(servers)}"
         workdir.mkdir()
-        server = ServerProcess(workdir, config, args)
+        server = ServerProcess(workdir, config, args, env)
         servers.append(server)
         return server.start(wait_ready)
 

@@ -17,6 +17,7 @@ import msgspec
 import numpy as np
 
 from cronnx.models.spec import ModelSpec
+from cronnx.observability.trace_context import TraceContext
 
 # Requests for a model that does not exist share one label value: a client must not be able
 # to create a time series per name it makes up.
@@ -44,7 +45,8 @@ class InferenceResult(msgspec.Struct):
     `batch_size` the number of rows in the batch it ran in. Seconds: `admission_s` waiting for a
     ring slot (the version's admission queue; 0 when one was free), `preprocess_s` writing the
     row into its slot (decoding an image, including any wait for a thread; or copying a tensor
-    row), `queue_s` from the hand-over to the batch's start, `infer_s` the batch's run."""
+    row), `queue_s` from the hand-over to the batch's start, `infer_s` the batch's run.
+    `batch_trace`: the batch's span when the request was traced (observability/tracing.py)."""
 
     output: np.ndarray
     batch_size: int
@@ -52,6 +54,7 @@ class InferenceResult(msgspec.Struct):
     preprocess_s: float
     queue_s: float
     infer_s: float
+    batch_trace: TraceContext | None = None
 
 
 class QueueParameters(msgspec.Struct, frozen=True, array_like=True):
@@ -109,16 +112,16 @@ class InferenceClient(Protocol):
         ...
 
     async def infer(self, selection: Selection, row: bytes | np.ndarray, request_id: str, deadline: float,
-                    queue: QueueParameters = NO_QUEUE_PARAMETERS) -> InferenceResult:
+                    queue: QueueParameters = NO_QUEUE_PARAMETERS, trace: TraceContext | None = None) -> InferenceResult:
         """Run one row on the chosen version: an encoded image (bytes; decoded and preprocessed
         as the version says), or one row of its input tensor (shape `spec.input_item_shape`,
         dtype `spec.input_dtype`: the caller checks both). `deadline` is on the event loop's
         clock; `request_id` goes into the worker's log; `queue` is what it asks of the admission
-        queue. Raises ShuttingDown, NoLiveWorker or QueueFull at once (backpressure),
-        InvalidRequest (a priority or queue timeout the version does not allow), QueueTimeout
-        (504), InvalidImage or ImageTooLarge, WorkerLost,
-        InferenceFailed, DeadlineExceeded, the errors of `select`; CancelledError when the
-        caller gives up."""
+        queue; `trace` the request's span when it is traced (its batch's span links to it).
+        Raises ShuttingDown, NoLiveWorker or QueueFull at once (backpressure), InvalidRequest (a
+        priority or queue timeout the version does not allow), QueueTimeout (504), InvalidImage or
+        ImageTooLarge, WorkerLost, InferenceFailed, DeadlineExceeded, the errors of `select`;
+        CancelledError when the caller gives up."""
         ...
 
     def finished(self, selection: Selection | None, report: RequestReport, total_s: float) -> None:

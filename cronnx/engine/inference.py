@@ -21,6 +21,7 @@ from cronnx.engine.pool import ModelPool
 from cronnx.engine.registry import Registry
 from cronnx.errors import DeadlineExceeded, InferenceFailed, QueueTimeout, ShuttingDown, WorkerLost
 from cronnx.ipc.ring import SlotRing
+from cronnx.observability.trace_context import TraceContext
 from cronnx.preprocessing.placement import FillJob, Preprocessing
 from cronnx.workers.channel import SlotReturn
 from cronnx.workers.supervisor import Worker
@@ -61,7 +62,7 @@ class InferenceEngine:
         return self.registry.version(model, version)
 
     async def infer(self, pool: ModelPool, image: bytes, request_id: str, deadline: float,
-                    queue: QueueParameters = NO_QUEUE_PARAMETERS) -> InferenceResult:
+                    queue: QueueParameters = NO_QUEUE_PARAMETERS, trace: TraceContext | None = None) -> InferenceResult:
         """Preprocess `image` (encoded bytes) into a slot of `pool`, run it, return its output.
 
         `deadline` is on the event loop's clock (`loop.time()`). A request that finds every slot
@@ -70,25 +71,27 @@ class InferenceEngine:
         preprocessing, WorkerLost if the worker dies or is killed meanwhile, InferenceFailed if
         onnxruntime raises on this input, DeadlineExceeded; CancelledError when the caller gives
         up. The slot is free again, or will be as soon as no thread or worker touches it, on every
-        path.
+        path. `trace`: the request's span, when it is traced, for its batch's span to link to.
         """
         async def preprocess(ring: SlotRing, slot: int) -> None:
             await _fill_by(self.preprocessing.submit(pool.preprocess, ring, slot, image), ring, slot)
-        return await self._infer(pool, preprocess, len(image), request_id, deadline, queue)
+        return await self._infer(pool, preprocess, len(image), request_id, deadline, queue, trace)
 
     async def infer_filled_by(self, pool: ModelPool, start_fill: Callable[[SlotRing, int], FillJob],
                               held_bytes: int, request_id: str, deadline: float,
-                              queue: QueueParameters = NO_QUEUE_PARAMETERS) -> InferenceResult:
+                              queue: QueueParameters = NO_QUEUE_PARAMETERS,
+                              trace: TraceContext | None = None) -> InferenceResult:
         """Run one request whose input another process writes into the slot (a front process,
         `fronts/manager.py`, that holds the image, `held_bytes` long, while it waits):
         `start_fill(ring, slot)` asks it to and returns the `FillJob` that resolves once it has
         stopped writing. Raises as `infer` does; `preprocess_s` is the fill's round trip."""
         async def fill(ring: SlotRing, slot: int) -> None:
             await _fill_by(start_fill(ring, slot), ring, slot)
-        return await self._infer(pool, fill, held_bytes, request_id, deadline, queue)
+        return await self._infer(pool, fill, held_bytes, request_id, deadline, queue, trace)
 
     async def infer_tensor(self, pool: ModelPool, row: np.ndarray, request_id: str, deadline: float,
-                           queue: QueueParameters = NO_QUEUE_PARAMETERS) -> InferenceResult:
+                           queue: QueueParameters = NO_QUEUE_PARAMETERS,
+                           trace: TraceContext | None = None) -> InferenceResult:
         """Run one row of the model's own input tensor (shape `spec.input_item_shape`, dtype
         `spec.input_dtype`: the caller checks both), copied into a slot as it is. Raises as `infer`
         does, less the preprocessing errors; `preprocess_s` is the copy."""
@@ -98,10 +101,10 @@ class InferenceEngine:
             except BaseException:
                 ring.release(slot)
                 raise
-        return await self._infer(pool, copy, row.nbytes, request_id, deadline, queue)
+        return await self._infer(pool, copy, row.nbytes, request_id, deadline, queue, trace)
 
     async def _infer(self, pool: ModelPool, fill, held_bytes: int, request_id: str, deadline: float,
-                     queue: QueueParameters) -> InferenceResult:
+                     queue: QueueParameters, trace: TraceContext | None) -> InferenceResult:
         """Acquire a slot (waiting in the admission queue as `queue` asks, counted there as
         holding `held_bytes`), `await fill(ring, slot)` (which releases the slot itself when it
         fails: ring rule 4), hand it to the worker, await the answer, copy the output, release."""
@@ -118,7 +121,7 @@ class InferenceEngine:
                 started = time.perf_counter()
                 await fill(ring, slot)
                 preprocess_s = time.perf_counter() - started
-                returned = await _run(pool, worker, slot, request_id, level)  # after the fill: ring rule 1
+                returned = await _run(pool, worker, slot, request_id, level, trace)  # after the fill: ring rule 1
         except TimeoutError:
             raise DeadlineExceeded("request did not complete before its deadline (the request timeout)") from None
         try:
@@ -128,7 +131,7 @@ class InferenceEngine:
             ring.release(slot)
         if returned.outcome == "done":
             return InferenceResult(output, returned.batch_size, started - arrived, preprocess_s, returned.queue_s,
-                                   returned.infer_s)
+                                   returned.infer_s, returned.batch_trace)
         if returned.outcome == "failed":
             raise InferenceFailed(f"inference failed: {returned.error}")
         raise WorkerLost(returned.error or f"worker {worker.name} dropped the request")
@@ -167,7 +170,8 @@ async def _fill_by(job: FillJob, ring: SlotRing, slot: int) -> None:
         raise
 
 
-async def _run(pool: ModelPool, worker: Worker, slot: int, request_id: str, level: int) -> SlotReturn:
+async def _run(pool: ModelPool, worker: Worker, slot: int, request_id: str, level: int,
+               trace: TraceContext | None) -> SlotReturn:
     """Hand the filled slot to its worker and await the worker's answer for it.
 
     Returns with the slot still held by the caller, who releases it. If the caller gives up
@@ -185,7 +189,7 @@ async def _run(pool: ModelPool, worker: Worker, slot: int, request_id: str, leve
             answer.set_result(returned)
 
     try:
-        worker.submit(slot, pool.slots_in_use == 1, request_id, on_return, level)
+        worker.submit(slot, pool.slots_in_use == 1, request_id, on_return, level, trace)
     except OSError:  # its pipe broke: it died and its exit is not handled yet
         ring.release(slot)
         raise WorkerLost(f"worker {worker.name} died before this request was sent; retry") from None

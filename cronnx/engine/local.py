@@ -11,6 +11,7 @@ from cronnx.engine.client import NO_QUEUE_PARAMETERS, InferenceResult, ModelView
 from cronnx.engine.inference import InferenceEngine
 from cronnx.engine.pool import ModelPool
 from cronnx.observability.metrics import Metrics
+from cronnx.observability.trace_context import TraceContext
 
 
 class LocalClient:
@@ -36,11 +37,12 @@ class LocalClient:
         return selection.view
 
     def infer(self, selection: ModelPool, row: bytes | np.ndarray, request_id: str, deadline: float,
-              queue: QueueParameters = NO_QUEUE_PARAMETERS) -> Awaitable[InferenceResult]:
+              queue: QueueParameters = NO_QUEUE_PARAMETERS, trace: TraceContext | None = None
+              ) -> Awaitable[InferenceResult]:
         # The engine's own coroutine, not one wrapping it: one frame less per row.
         if isinstance(row, bytes):
-            return self._engine.infer(selection, row, request_id, deadline, queue)
-        return self._engine.infer_tensor(selection, row, request_id, deadline, queue)
+            return self._engine.infer(selection, row, request_id, deadline, queue, trace)
+        return self._engine.infer_tensor(selection, row, request_id, deadline, queue, trace)
 
     def finished(self, selection: ModelPool | None, report: RequestReport, total_s: float) -> None:
         if selection is not None:

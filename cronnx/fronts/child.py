@@ -22,11 +22,12 @@ import msgspec
 from aiohttp import web
 
 from cronnx.fronts.link import EngineLink
-from cronnx.fronts.messages import ConnectionStats, FrontSpec, Listening
+from cronnx.fronts.messages import FrontSpec, FrontStats, Listening
 from cronnx.fronts.relay import SERVER, relay, server_session
 from cronnx.http.app import make_app, make_runner
 from cronnx.http.listener import listen
 from cronnx.observability.logs import setup_logging
+from cronnx.observability.tracing import Tracing
 from cronnx.preprocessing.transform import set_max_image_pixels
 
 log = logging.getLogger("cronnx.front_process")
@@ -50,14 +51,15 @@ def run_front_process(spec_bytes: bytes, inbox: Connection, outbox: Connection) 
         uvloop.run(_serve(spec, inbox, outbox))
 
 
-class _ConnectionReports:
-    """This front's open connections, and those it refused or closed for their send timeout since
-    the last report (its listener's ConnectionEvents), sent to the server process every
-    STATS_INTERVAL_S from `start` until `stop`."""
+class _Reports:
+    """This front's open connections, those it refused or closed for their send timeout since the
+    last report (its listener's ConnectionEvents), and the trace spans it dropped since then,
+    sent to the server process every STATS_INTERVAL_S from `start` until `stop`."""
 
-    def __init__(self, link: EngineLink, runner: web.AppRunner):
-        self._link, self._runner = link, runner
+    def __init__(self, link: EngineLink, runner: web.AppRunner, tracing: Tracing | None):
+        self._link, self._runner, self._tracing = link, runner, tracing
         self._refused = self._send_timeouts = 0
+        self._spans_reported = {"queue_full": 0, "export_failed": 0}
         self._timer: asyncio.TimerHandle | None = None
 
     def refused(self) -> None:
@@ -67,7 +69,8 @@ class _ConnectionReports:
         self._send_timeouts += 1
 
     def start(self) -> None:
-        self._link.send(ConnectionStats(len(self._runner.server.connections), self._refused, self._send_timeouts))
+        self._link.send(FrontStats(len(self._runner.server.connections), self._refused, self._send_timeouts,
+                                   self._spans_dropped()))
         self._refused = self._send_timeouts = 0
         self._timer = asyncio.get_running_loop().call_later(STATS_INTERVAL_S, self.start)
 
@@ -75,16 +78,27 @@ class _ConnectionReports:
         if self._timer is not None:
             self._timer.cancel()
 
+    def _spans_dropped(self) -> dict[str, int]:
+        """Spans dropped since the last report, by reason."""
+        if self._tracing is None:
+            return {}
+        drops = self._tracing.drops
+        now = {"queue_full": drops.queue_full, "export_failed": drops.export_failed}
+        since = {reason: count - self._spans_reported[reason] for reason, count in now.items()}
+        self._spans_reported = now
+        return {reason: count for reason, count in since.items() if count}
+
 
 async def _serve(spec: FrontSpec, inbox: Connection, outbox: Connection) -> None:
     settings = spec.http
     link = EngineLink(inbox, outbox, spec.preprocess_threads)
-    app = make_app(link, settings)
+    tracing = Tracing.start(spec.tracing, f"front-{spec.index}")
+    app = make_app(link, settings, tracing)
     app[SERVER] = server = server_session(spec.server_socket)
     app.router.add_route("*", "/{tail:.*}", relay)
     runner = make_runner(app, settings)
     await runner.setup()
-    reports = _ConnectionReports(link, runner)
+    reports = _Reports(link, runner, tracing)
     listening = None
     try:
         listening = await listen(runner, settings.host, spec.port, spec.max_connections, settings.send_timeout_s,
@@ -99,4 +113,6 @@ async def _serve(spec: FrontSpec, inbox: Connection, outbox: Connection) -> None
             listening.close()
         await runner.cleanup()  # finishes the requests in progress (the server process still answers)
         await server.close()
+        if tracing is not None:
+            await asyncio.to_thread(tracing.shutdown)  # every request has answered: its spans leave now
         link.close()

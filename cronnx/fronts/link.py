@@ -18,6 +18,7 @@ from cronnx.fronts.messages import (Abandon, Answer, Choose, Chosen, Completed, 
                                     encode)
 from cronnx.ipc.cpu import mark_cpu_bound
 from cronnx.ipc.pipes import PipeReader
+from cronnx.observability.trace_context import TraceContext
 from cronnx.preprocessing.messages import Fill, Filled, Forget, fill_failed
 from cronnx.preprocessing.rings import AttachedRings
 from cronnx.preprocessing.transform import Preprocessor
@@ -99,7 +100,7 @@ class EngineLink:
         return view
 
     async def infer(self, selection: Choice, row: bytes | np.ndarray, request_id: str, deadline: float,
-                    queue: QueueParameters = NO_QUEUE_PARAMETERS) -> InferenceResult:
+                    queue: QueueParameters = NO_QUEUE_PARAMETERS, trace: TraceContext | None = None) -> InferenceResult:
         """As InferenceClient.infer: the row is written into its slot here (`preprocess_s` is that
         decode or copy); the server process is told when the caller gives up."""
         view = selection.view
@@ -110,7 +111,7 @@ class EngineLink:
         request, number = self._ask(row, selection)
         held_bytes = len(row) if isinstance(row, bytes) else row.nbytes
         self.send(Infer(number, request_id, model, version, routing_key, max(0.0, deadline - self._loop.time()),
-                        held_bytes, queue))
+                        held_bytes, queue, trace))
         try:
             answer = await request.answer
         except asyncio.CancelledError:
@@ -122,7 +123,7 @@ class EngineLink:
         selection.view = self._views[answer.view_key]
         output = np.frombuffer(answer.output, dtype=answer.dtype).reshape(answer.shape)
         return InferenceResult(output, answer.batch_size, answer.admission_s, request.preprocess_s, answer.queue_s,
-                               answer.infer_s)
+                               answer.infer_s, answer.batch_trace)
 
     def finished(self, selection: Choice | None, report: RequestReport, total_s: float) -> None:
         """Report the answered request to the server process (`Completed`), which counts it in

@@ -33,7 +33,7 @@ from cronnx.engine.client import ModelView
 from cronnx.engine.inference import InferenceEngine
 from cronnx.engine.pool import ModelPool
 from cronnx.errors import CronnxError, PreprocessingLost, to_wire
-from cronnx.fronts.messages import (Abandon, Answer, Choose, Chosen, Completed, ConnectionStats, Drain, FrontSpec,
+from cronnx.fronts.messages import (Abandon, Answer, Choose, Chosen, Completed, FrontStats, Drain, FrontSpec,
                                     Infer, Listening, Refused, decode_from_front, encode)
 from cronnx.http.context import HttpSettings
 from cronnx.ipc.child import ChildProcess
@@ -115,6 +115,8 @@ class FrontProcesses(ChildSet[_Front]):
         # Each front decodes in its share of the threads and accepts its share of the connections.
         self.threads = max(1, round(server.preprocess_threads / count))
         self._max_connections = max(1, server.max_connections // count)
+        # Trace spans the fronts have dropped, by reason, in all (FrontStats).
+        self.spans_dropped: dict[str, int] = {}
         for index in range(count):
             self._start(index)
         self._sweeper = ClosedRingSweeper(lambda: ((f.rings, f.process) for f in self._children if f is not None))
@@ -138,7 +140,8 @@ class FrontProcesses(ChildSet[_Front]):
 
     def _start(self, index: int) -> None:
         spec = FrontSpec(index, HttpSettings.of(self._server), self._server.max_image_pixels, self._port,
-                         self._server_socket, self.threads, self._max_connections, self._logging)
+                         self._server_socket, self.threads, self._max_connections, self._logging,
+                         self._server.tracing)
         # Imported here: the front process's module pulls in what only a front needs.
         from cronnx.fronts.child import run_front_process
         front = _Front(index)
@@ -187,12 +190,14 @@ class FrontProcesses(ChildSet[_Front]):
             front.listening = True
             if all(f is not None and f.listening for f in self._children) and not self._all_listening.done():
                 self._all_listening.set_result(None)
-        elif kind is ConnectionStats:
+        elif kind is FrontStats:
             front.open_connections = message.open
             if message.refused:
                 self._metrics.connections_refused.inc(message.refused)
             if message.send_timeouts:
                 self._metrics.send_timeouts.inc(message.send_timeouts)
+            for reason, count in message.spans_dropped.items():
+                self.spans_dropped[reason] = self.spans_dropped.get(reason, 0) + count
 
     async def _serve(self, front: _Front, message: Infer) -> None:
         """Run one of the front's requests through the engine and send it the answer."""
@@ -204,12 +209,11 @@ class FrontProcesses(ChildSet[_Front]):
             with self._engine.select(message.model, message.version, message.routing_key) as pool:
                 result = await self._engine.infer_filled_by(
                     pool, lambda ring, slot: self._start_fill(front, message.request, pool, ring, slot),
-                    message.held_bytes, message.request_id, deadline, message.queue)
+                    message.held_bytes, message.request_id, deadline, message.queue, message.trace)
                 output: np.ndarray = result.output
                 self._send(front, Answer(message.request, output.tobytes(), output.dtype.str, output.shape,
                                          result.batch_size, result.admission_s, result.queue_s, result.infer_s,
-                                         pool.generation,
-                                         _view_unless_sent(front, pool)))
+                                         pool.generation, _view_unless_sent(front, pool), result.batch_trace))
         except asyncio.CancelledError:
             pass  # abandoned by the front, or the front is gone: nobody reads an answer
         except Exception as exc:

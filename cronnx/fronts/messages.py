@@ -18,17 +18,19 @@ request's tensors against it). `Abandon` (the client went away) may come at any 
 `Infer`; a `Fill` is always answered (it is what tells the server process that the writing is
 over: ring rule 4), even for a request the front has given up. The slot stays the server
 process's (ring rule 6): a front process only writes a slot's input while a `Fill` of it is
-unanswered.
+unanswered. Every STATS_INTERVAL_S a front sends `FrontStats` (its connections and dropped spans).
 """
 
 from __future__ import annotations
 
 import msgspec
 
+from cronnx.config import TracingConfig
 from cronnx.engine.client import NO_QUEUE_PARAMETERS, ModelView, QueueParameters
 from cronnx.errors import WireError
 from cronnx.http.context import HttpSettings
 from cronnx.observability.logs import LoggingSpec
+from cronnx.observability.trace_context import TraceContext
 from cronnx.preprocessing.messages import Fill, Filled, FillFailed, Forget
 
 
@@ -37,7 +39,8 @@ class FrontSpec(msgspec.Struct, frozen=True):
     settings it serves with; `max_image_pixels`, the decoder's limit; `port` the resolved port
     (never 0: every front binds the same one); `server_socket` the Unix socket where the server
     process answers every route a front does not serve itself; `preprocess_threads` this front's
-    decoding threads; `max_connections` this front's share of server.max_connections."""
+    decoding threads; `max_connections` this front's share of server.max_connections; `tracing`
+    server.tracing (the front exports its requests' spans itself)."""
 
     index: int
     http: HttpSettings
@@ -47,6 +50,7 @@ class FrontSpec(msgspec.Struct, frozen=True):
     preprocess_threads: int
     max_connections: int
     logging: LoggingSpec
+    tracing: TracingConfig
 
 
 class Infer(msgspec.Struct, tag="infer", array_like=True):
@@ -54,7 +58,8 @@ class Infer(msgspec.Struct, tag="infer", array_like=True):
     chooses, by `routing_key` when traffic is split). `timeout_s`: what is left of its request
     timeout; `request_id` goes into the worker's logs; `held_bytes` is what the front holds for it
     (the image, or the tensor row), counted against server.max_queue_bytes while it waits for a
-    slot; `queue` what it asks of the admission queue."""
+    slot; `queue` what it asks of the admission queue; `trace` the request's span when the front
+    traces it (its batch's span links to it)."""
 
     request: int
     request_id: str
@@ -64,6 +69,7 @@ class Infer(msgspec.Struct, tag="infer", array_like=True):
     timeout_s: float
     held_bytes: int
     queue: QueueParameters = NO_QUEUE_PARAMETERS
+    trace: TraceContext | None = None
 
 
 class Abandon(msgspec.Struct, tag="abandon", array_like=True):
@@ -87,14 +93,16 @@ class Completed(msgspec.Struct, tag="completed", array_like=True):
     rejection: str
 
 
-class ConnectionStats(msgspec.Struct, tag="connections", array_like=True):
-    """The front's open connections now, and how many it has refused (server.max_connections) and
-    closed for their send timeout (server.send_timeout_s) since its last report (sent every
-    STATS_INTERVAL_S)."""
+class FrontStats(msgspec.Struct, tag="stats", array_like=True):
+    """The front's open connections now, and since its last report (sent every STATS_INTERVAL_S)
+    how many connections it has refused (server.max_connections) and closed for their send
+    timeout (server.send_timeout_s), and how many trace spans it has dropped, by reason
+    (observability/tracing.SpanDrops)."""
 
     open: int
     refused: int
     send_timeouts: int
+    spans_dropped: dict[str, int] = {}
 
 
 class Listening(msgspec.Struct, tag="listening", array_like=True):
@@ -125,8 +133,8 @@ class Chosen(msgspec.Struct, tag="chosen", array_like=True):
 
 class Answer(msgspec.Struct, tag="answer", array_like=True):
     """Request `request` ran: `output` is its output row's bytes (dtype `dtype`, shape `shape`),
-    `batch_size` the batch it ran in, seconds `admission_s`, `queue_s` and `infer_s` as in
-    InferenceResult.
+    `batch_size` the batch it ran in, seconds `admission_s`, `queue_s` and `infer_s` and the
+    batch's span `batch_trace` as in InferenceResult.
     `view_key` names its version's ModelView; `view` is that view when the front has not been
     sent it yet."""
 
@@ -140,6 +148,7 @@ class Answer(msgspec.Struct, tag="answer", array_like=True):
     infer_s: float
     view_key: int
     view: ModelView | None = None
+    batch_trace: TraceContext | None = None
 
 
 class Refused(msgspec.Struct, tag="refused", array_like=True):
@@ -154,7 +163,7 @@ class Refused(msgspec.Struct, tag="refused", array_like=True):
     view: ModelView | None = None
 
 
-FromFront = Infer | Choose | Filled | FillFailed | Abandon | Completed | ConnectionStats | Listening
+FromFront = Infer | Choose | Filled | FillFailed | Abandon | Completed | FrontStats | Listening
 ToFront = Fill | Forget | Answer | Chosen | Refused | Drain
 
 encode = msgspec.msgpack.Encoder().encode

@@ -7,18 +7,20 @@ from aiohttp import web
 
 from cronnx.engine.client import InferenceClient
 from cronnx.http.body import continue_unless_too_large
-from cronnx.http.context import CLIENT, SETTINGS, HttpSettings
+from cronnx.http.context import CLIENT, SETTINGS, TRACING, HttpSettings
 from cronnx.http.middleware import request_ids_and_json_errors
 from cronnx.http.predict import predict
 from cronnx.http.v2 import add_infer_routes
+from cronnx.observability.tracing import Tracing
 
 
-def make_app(client: InferenceClient, settings: HttpSettings) -> web.Application:
-    """An application answering `/predict` and V2 infer through `client`; the process adds its
-    other routes."""
+def make_app(client: InferenceClient, settings: HttpSettings, tracing: Tracing | None) -> web.Application:
+    """An application answering `/predict` and V2 infer through `client`, tracing them with
+    `tracing` (None: off); the process adds its other routes."""
     app = web.Application(middlewares=[request_ids_and_json_errors], client_max_size=settings.max_body_bytes)
     app[CLIENT] = client
     app[SETTINGS] = settings
+    app[TRACING] = tracing
     expect = continue_unless_too_large(settings.max_body_bytes)
     app.router.add_post("/predict/{model}", predict, expect_handler=expect)
     app.router.add_post(r"/predict/{model}/versions/{version:\d+}", predict, expect_handler=expect)

@@ -1,5 +1,5 @@
-"""What every HTTP handler is given, whichever process serves it: the HTTP settings and the
-inference client, as keys of the aiohttp application."""
+"""What every HTTP handler is given, whichever process serves it: the HTTP settings, the
+inference client and the process's tracing (None when off), as keys of the aiohttp application."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from aiohttp import web
 
 from cronnx.config import ServerConfig
 from cronnx.engine.client import InferenceClient
+from cronnx.observability.tracing import Tracing
 
 
 class HttpSettings(msgspec.Struct, frozen=True):
@@ -31,3 +32,4 @@ class HttpSettings(msgspec.Struct, frozen=True):
 
 SETTINGS = web.AppKey("settings", HttpSettings)
 CLIENT = web.AppKey("client", InferenceClient)
+TRACING = web.AppKey("tracing", Tracing)

@@ -19,6 +19,9 @@ from cronnx.http.schemas import JSON_TYPE
 log = logging.getLogger("cronnx.http")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+# A traced request's answer names its server span, as W3C Trace Context writes it: the trace id
+# to look for in the tracing backend (http/record.py sets it).
+TRACEPARENT = "traceparent"
 # A client's request id is echoed into headers and logs: keep it short and printable.
 _VALID_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
@@ -59,7 +62,8 @@ def json_response(body: msgspec.Struct | dict | list, status: int = 200, headers
 
 @web.middleware
 async def request_ids_and_json_errors(request: web.Request, handler):
-    """Every answer carries the request id; every error leaves as {"error": "..."} with its status."""
+    """Every answer carries the request id (and a traced request's `traceparent`); every error
+    leaves as {"error": "..."} with its status."""
     request_id = request.headers.get(REQUEST_ID_HEADER, "")
     if not _VALID_REQUEST_ID.match(request_id):
         request_id = uuid.uuid4().hex
@@ -80,4 +84,7 @@ async def request_ids_and_json_errors(request: web.Request, handler):
         log.exception("unexpected error on %s %s (request %s)", request.method, request.path, request_id)
         response = json_response({"error": "internal error; see the server log"}, 500)
     response.headers[REQUEST_ID_HEADER] = request_id
+    traceparent = request.get(TRACEPARENT)
+    if traceparent is not None:
+        response.headers[TRACEPARENT] = traceparent
     return response

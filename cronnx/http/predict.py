@@ -30,7 +30,7 @@ async def _predict(request: web.Request, client: InferenceClient, selection: Sel
     deadline = request_deadline(settings, started)
     image = await read_image(request, settings, deadline)
     read_s = time.perf_counter() - started
-    result = await client.infer(selection, image, record.request_id, deadline, queue)
+    result = await client.infer(selection, image, record.request_id, deadline, queue, record.trace)
     return predict_response(record, selection.view, k, result, started, read_s)
 
 
@@ -39,7 +39,7 @@ def predict_response(record: RequestRecord, view: ModelView, k: int | None, resu
     """/predict's answer for `result` (one image's output on the version `view`): the top `k`
     classes (None: the version's default) with their labels and probabilities, the batch it ran
     in and its phases. `started` is the request's arrival (perf_counter), `read_s` the body's read
-    in seconds. Fills in `record`'s batch size and phases. Raises NonFiniteOutput."""
+    in seconds. Fills in `record`'s batch size, phases and batch span. Raises NonFiniteOutput."""
     respond_started = time.perf_counter()
     labels = view.labels
     predictions = [Prediction(i, labels[i], p)
@@ -50,6 +50,8 @@ def predict_response(record: RequestRecord, view: ModelView, k: int | None, resu
     response = json_response(PredictResponse(model=view.name, version=view.version, predictions=predictions,
                                              batch_size=result.batch_size, timings_ms=timings))
     record.batch_size = result.batch_size
+    if result.batch_trace is not None:
+        record.batches = [result.batch_trace]
     record.phases = {"read": read_s, "admission": result.admission_s, "preprocess": result.preprocess_s,
                      "queue": result.queue_s, "inference": result.infer_s,
                      "respond": time.perf_counter() - respond_started}

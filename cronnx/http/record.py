@@ -1,6 +1,6 @@
 """What every request for a model goes through, whichever protocol it speaks: its version chosen,
-its outcome recorded, one metrics record (through the inference client) and one access-log line
-(logger "cronnx.access")."""
+its outcome recorded, one metrics record (through the inference client), one access-log line
+(logger "cronnx.access") and, when it is traced, its spans."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from aiohttp import web
 from cronnx.config import version_number
 from cronnx.engine.client import UNKNOWN_MODEL, InferenceClient, ModelView, Selection
 from cronnx.errors import CronnxError, ModelNotFound, QueueFull, QueueTimeout
-from cronnx.http.context import CLIENT
-from cronnx.http.middleware import error_status
+from cronnx.http.context import CLIENT, TRACING
+from cronnx.http.middleware import TRACEPARENT, error_status
+from cronnx.observability.trace_context import TraceContext
+from cronnx.observability.tracing import RequestTrace
 
 access_log = logging.getLogger("cronnx.access")
 
@@ -25,18 +27,21 @@ ROUTING_KEY_HEADER = "X-Cronnx-Key"
 
 
 class RequestRecord:
-    """What one request for a model did, for its metrics and its log line: the API it came by,
-    the version's labels (UNKNOWN_MODEL and "" until one is chosen), its status and error, and
-    for an answer its batch size and phases (seconds by name)."""
+    """What one request for a model did, for its metrics, its log line and its spans: the API it
+    came by, the version's labels (UNKNOWN_MODEL and "" until one is chosen), its status and
+    error, for an answer its batch size, phases (seconds by name) and the spans of the batches
+    its rows ran in; `trace` its own span when it is traced (what its rows' batches link to)."""
 
-    def __init__(self, request_id: str, api: str, model: str, version: str):
+    def __init__(self, request_id: str, api: str, model: str, version: str, trace: TraceContext | None = None):
         self.request_id, self.api, self.model, self.version = request_id, api, model, version
+        self.trace = trace
         # 499: the client closed the connection first (nginx's convention).
         self.status = 500
         self.error = ""
         self.rejection = ""
         self.batch_size = 0
         self.phases: dict[str, float] = {}
+        self.batches: list[TraceContext] = []
 
     @property
     def outcome(self) -> str:
@@ -51,10 +56,12 @@ ModelHandler = Callable[[web.Request, InferenceClient, Selection, RequestRecord,
 
 async def model_request(request: web.Request, api: str, handle: ModelHandler) -> web.Response:
     """Serve a request for the model its route names (`api`: "predict", "v2"): the version
-    selected, `handle`, then the request reported to the client and logged."""
+    selected, `handle`, then the request reported to the client, logged and, when traced, its
+    spans ended."""
     started = time.perf_counter()
     client = request.app[CLIENT]
-    record = RequestRecord(request["request_id"], api, UNKNOWN_MODEL, "")
+    trace = _begin_trace(request, api)
+    record = RequestRecord(request["request_id"], api, UNKNOWN_MODEL, "", trace and trace.context)
     selection = None
     try:
         with outcome_into(record):
@@ -74,6 +81,25 @@ async def model_request(request: web.Request, api: str, handle: ModelHandler) ->
             # Counted and logged even if the wait above is cancelled (a drain's shutdown timeout).
             client.finished(selection, record, total_s)
             log_request(record, total_s)
+            if trace is not None:
+                trace.finish(record.status, {"cronnx.model": record.model, "cronnx.version": record.version,
+                                             "cronnx.batch_size": record.batch_size},
+                             record.phases, total_s, record.batches, record.error)
+
+
+def _begin_trace(request: web.Request, api: str) -> RequestTrace | None:
+    """The request's server span, begun now, when the process traces and the sampler (or a
+    sampled `traceparent`) says so; its `traceparent` then goes into the answer."""
+    tracing = request.app[TRACING]
+    if tracing is None:
+        return None
+    route = request.match_info.route.resource.canonical
+    trace = tracing.request(request.method, route, request.headers, time.time_ns(), {
+        "http.request.method": request.method, "http.route": route, "url.path": request.path, "url.scheme": "http",
+        "cronnx.api": api, "cronnx.request_id": request["request_id"]})
+    if trace is not None:
+        request[TRACEPARENT] = trace.traceparent
+    return trace
 
 
 async def _chosen(client: InferenceClient, selection: Selection) -> ModelView | None:
@@ -114,6 +140,8 @@ def log_request(record: RequestRecord, total_s: float) -> None:
         fields["phases_ms"] = {phase: seconds * 1000.0 for phase, seconds in record.phases.items()}
     if record.error:
         fields["error"] = record.error
+    if record.trace is not None:
+        fields["trace_id"], fields["span_id"] = record.trace.trace_id_hex, record.trace.span_id_hex
     access_log.info("request", extra={"fields": fields})
 
 

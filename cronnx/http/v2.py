@@ -63,11 +63,12 @@ async def _infer(request: web.Request, client: InferenceClient, selection: Selec
     queue = queue_parameters(parsed)
     outputs = output_plans(parsed, model)
     read_s = time.perf_counter() - started
-    results = await _all_or_nothing([client.infer(selection, row, record.request_id, deadline, queue)
+    results = await _all_or_nothing([client.infer(selection, row, record.request_id, deadline, queue, record.trace)
                                      for row in rows])
     respond_started = time.perf_counter()
     response = _response(parsed, model, outputs, results)
     record.batch_size = max(r.batch_size for r in results)
+    record.batches = list(dict.fromkeys(r.batch_trace for r in results if r.batch_trace is not None))
     record.phases = {"read": read_s, "admission": max(r.admission_s for r in results),
                      "preprocess": max(r.preprocess_s for r in results),
                      "queue": max(r.queue_s for r in results), "inference": max(r.infer_s for r in results),

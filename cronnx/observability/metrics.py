@@ -21,7 +21,6 @@ from cronnx.config import DEFAULT_LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
     from cronnx.engine.pool import ModelPool
-    from cronnx.workers.supervisor import BatchObserver
 
 # A `_created` series per counter and histogram doubles the output and no dashboard reads it.
 disable_created_metrics()
@@ -33,7 +32,8 @@ class Metrics:
 
     def __init__(self, pools: Callable[[], Iterable[ModelPool]], latency_buckets_s=DEFAULT_LATENCY_BUCKETS_S,
                  open_connections: Callable[[], int] = lambda: 0,
-                 preprocessing_restarts: Callable[[], int] = lambda: 0):
+                 preprocessing_restarts: Callable[[], int] = lambda: 0,
+                 spans_dropped: Callable[[], dict[str, int]] = dict):
         self.registry = registry = CollectorRegistry(auto_describe=True)
         labels = ["model", "version"]
         self.requests = Counter("cronnx_requests", "Requests by API (predict, v2) and outcome: success, or the "
@@ -68,6 +68,10 @@ class Metrics:
         registry.register(_CounterFunction("cronnx_preprocess_process_restarts",
                                            "Preprocessing processes replaced after they exited "
                                            "(server.preprocess_processes)", preprocessing_restarts))
+        registry.register(_CounterFunction("cronnx_trace_spans_dropped",
+                                           "Trace spans lost, by reason: queue_full (the exporter's queue, "
+                                           "OTEL_BSP_MAX_QUEUE_SIZE, was full), export_failed (the collector refused "
+                                           "them or could not be reached in time)", spans_dropped, "reason"))
         self._versions: dict[tuple[str, str], _VersionSeries] = {}
 
     def record_request(self, model: str, version: str, api: str, outcome: str, total_s: float,
@@ -86,8 +90,9 @@ class Metrics:
         if rejection:
             series.rejection(rejection).inc()
 
-    def batch_recorder(self, model: str, version: str) -> BatchObserver:
-        """What the supervisor calls with each batch a worker ran for this model version."""
+    def batch_recorder(self, model: str, version: str) -> Callable[[int, float], None]:
+        """What to call with each batch a worker ran for this model version: the requests in it,
+        and the seconds its oldest request waited."""
         size = self.batch_size.labels(model, version)
         fill = self.batch_fill.labels(model, version)
 
@@ -189,17 +194,24 @@ class _PoolCollector:
 
 
 class _CounterFunction:
-    """A counter whose value is read from `read()` at each scrape."""
+    """A counter whose value is read from `read()` at each scrape: a number, or with a `label`,
+    a number per value of the label."""
 
-    def __init__(self, name: str, documentation: str, read: Callable[[], int]):
-        self.name, self.documentation, self.read = name, documentation, read
+    def __init__(self, name: str, documentation: str, read: Callable[[], int] | Callable[[], dict[str, int]],
+                 label: str | None = None):
+        self.name, self.documentation, self.read, self.label = name, documentation, read, label
 
     def describe(self):
         return []
 
     def collect(self):
-        family = CounterMetricFamily(self.name, self.documentation)
-        family.add_metric([], self.read())
+        if self.label is None:
+            family = CounterMetricFamily(self.name, self.documentation)
+            family.add_metric([], self.read())
+        else:
+            family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+            for value, count in self.read().items():
+                family.add_metric([value], count)
         yield family
 
 

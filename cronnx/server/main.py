@@ -26,15 +26,19 @@ from cronnx.http.listener import listen, reserve_port
 from cronnx.ipc.segments import release_names, remove_stale_segments
 from cronnx.models import catalog, runtime
 from cronnx.models.catalog import Key, ModelVersion, PreparedVersion
+from cronnx.observability import tracing
 from cronnx.observability.logs import LoggingSpec
 from cronnx.observability.metrics import Metrics
+from cronnx.observability.trace_context import TraceContext
+from cronnx.observability.tracing import Tracing
 from cronnx.preprocessing.placement import Preprocessing
 from cronnx.preprocessing.placement import start as start_preprocessing
 from cronnx.preprocessing.transform import pil_build, set_max_image_pixels
 from cronnx.server.reload import Reloader
 from cronnx.server.routes import add_server_routes
 from cronnx.server.state import ServerState
-from cronnx.workers.supervisor import Liveness
+from cronnx.workers import messages
+from cronnx.workers.supervisor import BatchObserver, Liveness, Worker
 
 log = logging.getLogger("cronnx.server")
 
@@ -55,6 +59,8 @@ def run_server(config: Config, config_path: str, overrides: dict[str, object] | 
     signal.signal(signal.SIGTERM, _stop_starting)
     signal.signal(signal.SIGINT, _stop_starting)
     set_max_image_pixels(config.server.max_image_pixels)
+    if tracing.wanted(config.server.tracing):
+        tracing.protocol()  # a protocol Cronnx cannot export with is a config error, before anything starts
     removed = remove_stale_segments()
     if removed:
         log.warning("removed %d shared-memory segments and lock files left by killed runs: %s", len(removed),
@@ -156,6 +162,7 @@ class ServerProcess:
         self.reloader: Reloader | None = None
         self.engine: InferenceEngine | None = None
         self.state: ServerState | None = None
+        self.tracing: Tracing | None = None
         self.runner: web.AppRunner | None = None
         # This process listens on the port (`listening`), or front processes do (`fronts`) on
         # the port `reserved` holds for them, and pass other routes on to a socket in `socket_dir`.
@@ -180,11 +187,15 @@ class ServerProcess:
     def start_engine(self) -> None:
         """The metrics, the registry (no model yet), the reloader and the engine over them."""
         server = self.server
+        self.tracing = Tracing.start(server.tracing, "server")
+        if self.tracing is not None:
+            log.info(self.tracing.describe())
         # Metrics read the registry's pools at each scrape; the registry reports batches to metrics.
         self.metrics = Metrics(self._pools, tuple(server.latency_buckets_s), open_connections=self._open_connections,
-                               preprocessing_restarts=lambda: self.preprocessing.restarts)
+                               preprocessing_restarts=lambda: self.preprocessing.restarts,
+                               spans_dropped=self._spans_dropped)
         liveness = Liveness(server.worker_ping_interval_s, server.worker_ping_timeout_s, server.batch_run_timeout_s)
-        self.registry = Registry(self._logging(), self.metrics.batch_recorder, server.model_load_timeout_s, liveness,
+        self.registry = Registry(self._logging(), self._batch_observer, server.model_load_timeout_s, liveness,
                                  QueueMemory(server.max_queue_bytes))
         self.reloader = Reloader(self.registry, self.config_path, self.overrides)
         self.engine = InferenceEngine(self.registry, self.preprocessing)
@@ -195,7 +206,7 @@ class ServerProcess:
         and awaited until they all listen)."""
         server = self.server
         settings = HttpSettings.of(server)
-        app = make_app(LocalClient(self.engine, self.metrics), settings)
+        app = make_app(LocalClient(self.engine, self.metrics), settings, self.tracing)
         add_server_routes(app, self.state)
         self.runner = make_runner(app, settings)
         await self.runner.setup()
@@ -248,6 +259,9 @@ class ServerProcess:
                 await self.runner.cleanup()
             if self.socket_dir is not None:
                 shutil.rmtree(self.socket_dir, ignore_errors=True)
+            if self.tracing is not None:
+                # Every request has answered, so every span has ended: the last ones leave now.
+                await asyncio.to_thread(self.tracing.shutdown)
         finally:
             for task in list(self._background):
                 task.cancel()
@@ -264,6 +278,32 @@ class ServerProcess:
 
     def _pools(self) -> Iterator[ModelPool]:
         return self.registry.pools()
+
+    def _batch_observer(self, model: str, version: str) -> BatchObserver:
+        """What a model version's supervisor calls with each batch: its metrics, and its span when
+        a request in it is traced."""
+        record = self.metrics.batch_recorder(model, version)
+        spans = self.tracing
+
+        def observe(worker: Worker, done: messages.Done, traced: list[TraceContext]) -> None:
+            record(len(done.slots), max(done.queue_s))
+            if traced and spans is not None and done.trace is not None:
+                spans.batch(done.trace, traced, done.started, done.infer_s, {
+                    "cronnx.model": model, "cronnx.version": version, "cronnx.worker": worker.name,
+                    "cronnx.batch.size": len(done.slots), "cronnx.batch.rows": done.rows,
+                    "cronnx.batch.padded_rows": done.rows - len(done.slots), "cronnx.providers": worker.providers})
+        return observe
+
+    def _spans_dropped(self) -> dict[str, int]:
+        """Spans dropped by reason, by this process and its front processes."""
+        drops = {"queue_full": 0, "export_failed": 0}
+        if self.tracing is not None:
+            drops["queue_full"] += self.tracing.drops.queue_full
+            drops["export_failed"] += self.tracing.drops.export_failed
+        if self.fronts is not None:
+            for reason, count in self.fronts.spans_dropped.items():
+                drops[reason] += count
+        return drops
 
     def _open_connections(self) -> int:
         if self.fronts is not None:

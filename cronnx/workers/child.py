@@ -22,6 +22,7 @@ import numpy as np
 from cronnx.ipc.cpu import mark_cpu_bound
 from cronnx.ipc.ring import AttachedRing
 from cronnx.observability.logs import setup_logging
+from cronnx.observability.trace_context import TraceContext
 from cronnx.workers import messages
 from cronnx.workers.batcher import Batcher
 from cronnx.workers.messages import WorkerSpec
@@ -297,6 +298,7 @@ def serve_batches(inbox: Connection, send: Send, batcher: Batcher, runner: Batch
     decode = messages.decode_to_worker
     encode = messages.encode
     request_ids: dict[int, str] = {}
+    traced: set[int] = set()  # slots whose requests are traced: their batch gets a span
     log_batches = log.isEnabledFor(logging.INFO)
 
     def report_failures(failed: dict[int, str], batch_size: int) -> None:
@@ -313,9 +315,12 @@ def serve_batches(inbox: Connection, send: Send, batcher: Batcher, runner: Batch
             if type(msg) is messages.Submit:
                 batcher.add(msg.slot, msg.enqueued, msg.filling, msg.alone, msg.priority)
                 request_ids[msg.slot] = msg.request_id
+                if msg.traced:
+                    traced.add(msg.slot)
             elif type(msg) is messages.Cancel:
                 if batcher.cancel(msg.slot):
                     request_ids.pop(msg.slot, None)
+                    traced.discard(msg.slot)
                     send(encode(messages.Dropped(msg.slot)))
             else:
                 return False
@@ -347,18 +352,25 @@ def serve_batches(inbox: Connection, send: Send, batcher: Batcher, runner: Batch
         queue_s = [started - t for t in enqueued]
         if failed:
             report_failures(failed, len(slots))
+            traced.difference_update(failed)
             kept = [i for i, slot in enumerate(slots) if slot not in failed]
             slots, queue_s = [slots[i] for i in kept], [queue_s[i] for i in kept]
         if slots:
+            trace = None
+            if traced and not traced.isdisjoint(slots):
+                trace = TraceContext.new()
+                traced.difference_update(slots)
             # Ring rule 2: the outputs are written (run returned); from here the server process may
             # reuse the slots.
-            send(encode(messages.Done(slots, queue_s, infer_s, rows)))
+            send(encode(messages.Done(slots, queue_s, infer_s, rows, started, trace)))
             ids = [request_ids.pop(slot, "") for slot in slots]
             if log_batches:
-                log.info("batch", extra={"fields": {
-                    "model": spec.model, "version": spec.version, "worker": spec.index, "batch_size": len(slots),
-                    "rows": rows, "solo": solo, "infer_ms": infer_s * 1000.0, "oldest_wait_ms": max(queue_s) * 1000.0,
-                    "request_ids": ids}})
+                fields = {"model": spec.model, "version": spec.version, "worker": spec.index, "batch_size": len(slots),
+                          "rows": rows, "solo": solo, "infer_ms": infer_s * 1000.0,
+                          "oldest_wait_ms": max(queue_s) * 1000.0, "request_ids": ids}
+                if trace is not None:
+                    fields["trace_id"], fields["span_id"] = trace.trace_id_hex, trace.span_id_hex
+                log.info("batch", extra={"fields": fields})
         if failed and not runner.healthy():
             log.error("the session fails on the warm-up input too; exiting so that a new worker replaces this one",
                       extra={"fields": {"model": spec.model, "version": spec.version, "worker": spec.index}})

@@ -17,6 +17,7 @@ import msgspec
 from cronnx.ipc.ring import RingLayout
 from cronnx.models.spec import ModelSpec
 from cronnx.observability.logs import LoggingSpec
+from cronnx.observability.trace_context import TraceContext
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -67,7 +68,8 @@ class Submit(msgspec.Struct, tag="submit", array_like=True):
     being preprocessed right now: when it is 0 no request is on its way, and waiting for one
     would only add latency. `alone`: no other request of the model is in flight anywhere.
     `priority`: its admission queue level (1 first; 0 with no levels): when more slots wait than
-    a batch holds, the batch takes the lowest level first."""
+    a batch holds, the batch takes the lowest level first. `traced`: the request is traced, so
+    its batch gets a span (whose ids the worker chooses and logs)."""
 
     slot: int
     enqueued: float
@@ -75,6 +77,7 @@ class Submit(msgspec.Struct, tag="submit", array_like=True):
     alone: bool
     request_id: str
     priority: int = 0
+    traced: bool = False
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):
@@ -114,12 +117,16 @@ class LoadFailed(msgspec.Struct, tag="load_failed", array_like=True):
 class Done(msgspec.Struct, tag="done", array_like=True):
     """The outputs of `slots` are written. `queue_s[i]`: seconds slot i waited from its Submit
     to the batch's start; `infer_s`: seconds the batch ran; `rows`: the batch dimension it ran
-    with (its bucket: len(slots) plus zero padding)."""
+    with (its bucket: len(slots) plus zero padding); `started`: the batch's start
+    (time.monotonic); `trace`: the ids of the batch's span when a request in it is traced (the
+    worker's batch log line carries them too)."""
 
     slots: list[int]
     queue_s: list[float]
     infer_s: float
     rows: int
+    started: float = 0.0
+    trace: TraceContext | None = None
 
 
 class Dropped(msgspec.Struct, tag="dropped", array_like=True):

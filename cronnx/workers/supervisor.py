@@ -34,14 +34,15 @@ import msgspec
 from cronnx.ipc.child import ChildProcess
 from cronnx.ipc.restarts import restart_delay
 from cronnx.ipc.ring import SlotRing
+from cronnx.observability.trace_context import TraceContext
 from cronnx.workers import messages
 from cronnx.workers.channel import RequestChannel
 from cronnx.workers.process import PINGS, WorkerTarget, start_worker
 
 log = logging.getLogger("cronnx.supervisor")
 
-# Called with each batch a worker ran: (requests in it, seconds its oldest request waited).
-BatchObserver = Callable[[int, float], None]
+# Called with each batch a worker ran: (the worker, its Done, the spans of the traced requests in it).
+BatchObserver = Callable[["Worker", messages.Done, list[TraceContext]], None]
 
 
 class Liveness(msgspec.Struct, frozen=True):
@@ -104,9 +105,10 @@ class Worker:
         self.channel = None
         return channel.lose_all(reason)
 
-    def submit(self, slot: int, alone: bool, request_id: str, on_return, priority: int = 0) -> None:
+    def submit(self, slot: int, alone: bool, request_id: str, on_return, priority: int = 0,
+               trace: TraceContext | None = None) -> None:
         """Hand a filled slot to the worker (see `RequestChannel.submit`); OSError if it is gone."""
-        self.channel.submit(slot, self.ring.filling_count - 1, alone, request_id, on_return, priority)
+        self.channel.submit(slot, self.ring.filling_count - 1, alone, request_id, on_return, priority, trace)
 
     def cancel(self, slot: int, on_return) -> None:
         """Ask the worker to drop `slot` if it still holds it for `on_return` (see `RequestChannel.cancel`)."""
@@ -162,9 +164,8 @@ class Supervisor:
     def _on_message(self, worker: Worker, msg) -> None:
         kind = type(msg)
         if kind is messages.Done:
-            self._on_batch(len(msg.slots), max(msg.queue_s))
             worker.bucket_runs[msg.rows] += 1
-            worker.channel.deliver(msg)
+            self._on_batch(worker, msg, worker.channel.deliver(msg))
         elif kind is messages.Failed or kind is messages.Dropped:
             worker.channel.deliver(msg)
         elif kind is messages.Pong:

@@ -131,7 +131,7 @@ async def serving(model_path, workers: int = 1, batch_size: int = 4, ring_slots:
     started_dir = Path(tempfile.mkdtemp(prefix="cronnx-started-"))
     os.environ[fake_worker.STARTED_DIR_ENV] = str(started_dir)  # inherited by the spawned workers
     quiet = LoggingSpec("critical", "text")
-    registry = Registry(quiet, lambda name, version: lambda size, _: batches.append(size),
+    registry = Registry(quiet, lambda name, version: lambda worker, done, traced: batches.append(len(done.slots)),
                         60.0, liveness, QueueMemory(queue_bytes), fake_worker.main)
     preprocessing = (ProcessPreprocessing(processes, 1_000_000, fill_timeout_s, quiet) if processes
                      else ThreadPreprocessing(threads))
@@ -635,7 +635,7 @@ def test_two_files_for_one_version_are_both_refused_and_the_other_versions_load(
                 ModelVersion("m", 2, str(model), config, "test")]
 
     async def main():
-        registry = Registry(LoggingSpec("critical", "text"), lambda name, version: lambda size, _: None, 60.0, QUIET,
+        registry = Registry(LoggingSpec("critical", "text"), lambda name, version: lambda worker, done, traced: None, 60.0, QUIET,
                             QueueMemory(0))
         try:
             await asyncio.wait_for(registry.apply([catalog.prepare(v) for v in versions], {}, {"m"}), 60)

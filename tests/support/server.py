@@ -43,9 +43,10 @@ def mapped_segments(pid: int) -> set[str]:
 
 
 class ServerProcess:
-    def __init__(self, workdir: Path, config: dict, args: tuple[str, ...] = ()):
+    def __init__(self, workdir: Path, config: dict, args: tuple[str, ...] = (), env: dict[str, str] | None = None):
         self.workdir = workdir
         self.args = list(args)  # more `cronnx serve` options
+        self.env = {**os.environ, **(env or {})}  # the server's environment: this one and `env`
         self.config_path = workdir / "cronnx.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "server.log"
@@ -59,7 +60,7 @@ class ServerProcess:
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cronnx", "serve", "--config", str(self.config_path), "--port", "0", *self.args],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         log.close()
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.url:

@@ -1,0 +1,302 @@
+"""OpenTelemetry traces: a span per inference request, with a child per phase, and a span per
+worker batch linked to the requests it served (docs/architecture.md, "Tracing").
+
+Spans are made from the timings Cronnx measures anyway, once they are known: the request's
+server span begins on arrival (so that its ids go into the response's `traceparent`, the access
+log and the batch's links), its phase spans are laid out from the phases' measured durations when
+it answers, and a batch's span is made in the server process from the worker's `Done` (the
+batch's start on the machine's monotonic clock and its run time), with the ids the worker chose
+and logged. So only the processes that serve HTTP (the server process, each front process) load
+the SDK and export; workers and preprocessing processes never do.
+
+What the operator sets is OpenTelemetry's own environment: `OTEL_SDK_DISABLED`,
+`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` / `_ARG` (the SDK's default,
+`parentbased_always_on`, unless set), `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`, `_PROTOCOL`
+(`http/protobuf`, the specification's default, or `grpc`), `_HEADERS`, `_TIMEOUT`, and the batch
+processor's `OTEL_BSP_*`; `server.tracing` turns it on or off where the environment does not.
+
+Spans never wait for the collector: ended spans go to the SDK's batch processor, whose queue is
+bounded (`OTEL_BSP_MAX_QUEUE_SIZE`, 2048); a span that finds it full, or whose export fails, is
+dropped and counted (`SpanDrops`). The shutdown gives the last spans `shutdown_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import (
+    Link,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    set_span_in_context,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+import cronnx
+from cronnx.config import ConfigError, TracingConfig
+from cronnx.observability.trace_context import TraceContext
+
+log = logging.getLogger("cronnx.tracing")
+
+ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+# The phases a request may report, in the order they happen; `respond` ends with the request.
+PHASES = ("read", "admission", "preprocess", "queue", "inference", "respond")
+_SCOPE = "cronnx"
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+
+
+class SpanDrops:
+    """Spans lost, by reason: `queue_full` (the batch processor's queue was full when the span
+    ended) and `export_failed` (the collector refused them, or could not be reached in time).
+    Each counter has one writer: the event loop's thread, and the exporting thread."""
+
+    def __init__(self) -> None:
+        self.queue_full = 0
+        self.export_failed = 0
+
+
+class _CountingExporter(SpanExporter):
+    """The OTLP exporter, counting the spans of every export that does not succeed."""
+
+    def __init__(self, exporter: SpanExporter, drops: SpanDrops):
+        self._exporter, self._drops = exporter, drops
+
+    def export(self, spans: Sequence) -> SpanExportResult:
+        try:
+            result = self._exporter.export(spans)
+        except Exception:
+            self._drops.export_failed += len(spans)
+            raise
+        if result is not SpanExportResult.SUCCESS:
+            self._drops.export_failed += len(spans)
+        return result
+
+    def shutdown(self) -> None:
+        self._exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
+
+
+class _CountingProcessor(BatchSpanProcessor):
+    """The SDK's batch processor, counting the spans its full queue drops. It reads the queue's
+    length from the SDK's own processor (not public: tests/observability/test_tracing.py holds
+    it to the SDK's behaviour, a collector that stalls)."""
+
+    def __init__(self, exporter: SpanExporter, drops: SpanDrops):
+        super().__init__(exporter)
+        self._drops = drops
+
+    def on_end(self, span) -> None:
+        batch = self._batch_processor
+        if len(batch._queue) >= batch._max_queue_size:
+            self._drops.queue_full += 1
+        super().on_end(span)
+
+    def shutdown(self, timeout_millis: float = 30000) -> None:
+        """Export what is queued within `timeout_millis` (the SDK's own shutdown waits 30 s)."""
+        self._batch_processor.shutdown(timeout_millis)
+
+
+class _PresetIds(RandomIdGenerator):
+    """Random ids, or the ones set in `preset` for the next span (a batch's, chosen by its worker)."""
+
+    def __init__(self) -> None:
+        self.preset: TraceContext | None = None
+
+    def generate_trace_id(self) -> int:
+        preset = self.preset
+        return int.from_bytes(preset.trace_id, "big") if preset else super().generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        preset = self.preset
+        return int.from_bytes(preset.span_id, "big") if preset else super().generate_span_id()
+
+
+def _exporter(protocol: str) -> SpanExporter:
+    """The OTLP span exporter for `protocol` (see `protocol()`); it reads its endpoint, headers
+    and timeout from the environment itself. Each is imported only when chosen: the gRPC one
+    loads grpcio."""
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcSpanExporter,
+        )
+        return GrpcSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter()
+
+
+def _first(variables: Sequence[str], default: str = "") -> str:
+    return next((os.environ[v] for v in variables if os.environ.get(v)), default)
+
+
+def protocol() -> str:
+    """The OTLP protocol the environment asks for (http/protobuf, the specification's default, or
+    grpc). ConfigError for one the Python SDK has no exporter of (http/json)."""
+    chosen = _first(PROTOCOL_VARIABLES, "http/protobuf")
+    if chosen not in ("http/protobuf", "grpc"):
+        raise ConfigError(f"{' / '.join(PROTOCOL_VARIABLES)} is {chosen!r}: Cronnx exports spans over "
+                          "http/protobuf or grpc")
+    return chosen
+
+
+def wanted(config: TracingConfig) -> bool:
+    """Whether to trace: never under OTEL_SDK_DISABLED=true; else as `config.enabled` says, and
+    when it says nothing, when an OTLP endpoint is set."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if config.enabled is not None:
+        return config.enabled
+    return bool(_first(ENDPOINT_VARIABLES))
+
+
+class RequestTrace:
+    """The server span of one sampled request, begun on its arrival; `finish` ends it with its
+    phases. `context` is its ids (for the batch's link), `traceparent` its W3C header value."""
+
+    __slots__ = ("_tracing", "_span", "_start_ns", "context", "traceparent")
+
+    def __init__(self, tracing: Tracing, span, start_ns: int):
+        self._tracing, self._span, self._start_ns = tracing, span, start_ns
+        ids = span.get_span_context()
+        self.context = TraceContext.of(ids.trace_id, ids.span_id)
+        self.traceparent = f"00-{ids.trace_id:032x}-{ids.span_id:016x}-01"
+
+    def finish(self, status: int, attributes: Mapping[str, object], phases: Mapping[str, float], total_s: float,
+               batches: Sequence[TraceContext], error: str = "") -> None:
+        """End the request's span `total_s` seconds after its arrival, with its HTTP `status`,
+        more `attributes`, and a child span per phase (seconds by name, as in PHASES), laid out end
+        to end from the arrival, `respond` ending with the request; the `inference` phase links
+        to the `batches` its rows ran in. A 5xx is an error (OpenTelemetry's HTTP server
+        conventions)."""
+        span, start_ns = self._span, self._start_ns
+        end_ns = start_ns + int(total_s * 1e9)
+        if phases:
+            self._tracing.phase_spans(span, start_ns, end_ns, phases, batches)
+        span.set_attribute("http.response.status_code", status)
+        for key, value in attributes.items():
+            span.set_attribute(key, value)
+        if status >= 500:
+            span.set_attribute("error.type", str(status))
+            span.set_status(Status(StatusCode.ERROR, error or None))
+        span.end(end_time=end_ns)
+
+
+class Tracing:
+    """The tracing of one process that serves HTTP (the server process or a front process): its
+    tracer provider (the environment's sampler), an always-on one for batches (a batch is traced
+    when one of its requests is), the W3C propagator, and the counts of dropped spans."""
+
+    def __init__(self, config: TracingConfig, process: str):
+        self.drops = SpanDrops()
+        self._shutdown_timeout_s = config.shutdown_timeout_s
+        resource = Resource.create({"cronnx.process": process})
+        if resource.attributes.get("service.name", "").startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": "cronnx", "service.version": cronnx.__version__}))
+        self.resource = resource
+        self._processor = _CountingProcessor(_CountingExporter(_exporter(protocol()), self.drops), self.drops)
+        self._provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+        self._provider.add_span_processor(self._processor)
+        self._tracer = self._provider.get_tracer(_SCOPE, cronnx.__version__)
+        self._batch_ids = _PresetIds()
+        self._batch_provider = TracerProvider(resource=resource, sampler=ALWAYS_ON, id_generator=self._batch_ids,
+                                              shutdown_on_exit=False)
+        self._batch_provider.add_span_processor(self._processor)
+        self._batch_tracer = self._batch_provider.get_tracer(_SCOPE, cronnx.__version__)
+        self._propagator = TraceContextTextMapPropagator()
+        self.sampler = self._provider.sampler.get_description()
+
+    @classmethod
+    def start(cls, config: TracingConfig, process: str) -> Tracing | None:
+        """This process's tracing (`process` names it in the spans' resource: "server",
+        "front-1"...), or None when off (`wanted`). Raises ConfigError for an OTLP protocol the
+        SDK cannot export with."""
+        if not wanted(config):
+            return None
+        return cls(config, process)
+
+    def describe(self) -> str:
+        """Where spans go and how they are sampled, for the start-up log."""
+        endpoint = _first(ENDPOINT_VARIABLES, "the exporter's default (localhost)")
+        return (f"tracing: OTLP {protocol()} to {endpoint}, service {self.resource.attributes.get('service.name')}, "
+                f"sampler {self.sampler}")
+
+    def request(self, method: str, route: str, headers: Mapping[str, str], start_ns: int,
+                attributes: Mapping[str, object]) -> RequestTrace | None:
+        """Begin the server span of a request that arrived at `start_ns` (time.time_ns) with
+        `headers` (its `traceparent` and `tracestate`, if any, are the parent: a sampled parent is
+        always traced), named "{method} {route}" (OpenTelemetry's HTTP conventions); None when
+        the sampler leaves it out."""
+        parent = self._propagator.extract(headers)
+        span = self._tracer.start_span(f"{method} {route}", context=parent, kind=SpanKind.SERVER,
+                                       start_time=start_ns, attributes=attributes)
+        if not span.is_recording():
+            return None
+        return RequestTrace(self, span, start_ns)
+
+    def phase_spans(self, parent, start_ns: int, end_ns: int, phases: Mapping[str, float],
+                    batches: Sequence[TraceContext]) -> None:
+        """A child span of `parent` for each phase in `phases` (seconds): end to end from
+        `start_ns`, `respond` last, ending at `end_ns`; `inference` linked to `batches`."""
+        context = _in_context(parent)
+        at = start_ns
+        for phase in PHASES:
+            seconds = phases.get(phase)
+            if seconds is None:
+                continue
+            length = int(seconds * 1e9)
+            begins = max(at, end_ns - length) if phase == "respond" else at
+            links = [_link(b) for b in batches] if phase == "inference" else ()
+            self._tracer.start_span(phase, context=context, start_time=begins, links=links).end(
+                end_time=min(begins + length, end_ns))
+            at = begins + length
+
+    def batch(self, ids: TraceContext, requests: Sequence[TraceContext], started_monotonic: float, run_s: float,
+              attributes: Mapping[str, object]) -> None:
+        """The span of a worker batch: ids `ids` (chosen and logged by the worker), from
+        `started_monotonic` (time.monotonic, which every process shares) for `run_s` seconds,
+        linked to the server span of each traced request in it."""
+        start_ns = time.time_ns() - int((time.monotonic() - started_monotonic) * 1e9)
+        self._batch_ids.preset = ids
+        try:
+            span = self._batch_tracer.start_span("batch", context=Context(), kind=SpanKind.INTERNAL,
+                                                 start_time=start_ns, attributes=attributes,
+                                                 links=[_link(r) for r in requests])
+        finally:
+            self._batch_ids.preset = None
+        span.end(end_time=start_ns + int(run_s * 1e9))
+
+    def shutdown(self) -> None:
+        """Export what is queued, waiting at most server.tracing.shutdown_timeout_s, and stop."""
+        started = time.monotonic()
+        self._processor.shutdown(timeout_millis=self._shutdown_timeout_s * 1000)
+        if self.drops.queue_full or self.drops.export_failed:
+            log.warning("tracing: spans dropped", extra={"fields": {
+                "queue_full": self.drops.queue_full, "export_failed": self.drops.export_failed}})
+        log.debug("tracing stopped in %.3f s", time.monotonic() - started)
+
+
+def _in_context(span) -> Context:
+    return set_span_in_context(span, Context())
+
+
+def _link(ids: TraceContext) -> Link:
+    return Link(SpanContext(int.from_bytes(ids.trace_id, "big"), int.from_bytes(ids.span_id, "big"), is_remote=True,
+                            trace_flags=_SAMPLED))

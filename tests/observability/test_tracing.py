@@ -1,0 +1,261 @@
+"""OpenTelemetry traces, received by a real OTLP/HTTP receiver on 127.0.0.1 (support/otlp.py):
+a request's server span with its incoming `traceparent` as parent, its phases as ordered
+children, the batch's span linked to it and it to the batch, the trace id in the answer and the
+log lines; in every placement. Sampling as the standard variables say; a collector that is down
+or stalls never costs a request anything, and what it loses is counted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+
+import aiohttp
+import numpy as np
+import pytest
+
+from support.client import TIMEOUT, post
+from support.images import encode, photo_like
+from support.metrics import scrape, value
+from support.models import tiny_classifier
+from support.otlp import OtlpReceiver, quiet_for
+from support.reference import DirectModel, assert_matches
+from support.server import model_entry, server_config
+
+PHOTO = encode(photo_like(160, 120, seed=3), "JPEG", quality=90)
+PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_SPAN = "00f067aa0ba902b7"
+PHASES = ["read", "admission", "preprocess", "queue", "inference", "respond"]
+# Export at once instead of every 5 s (the batch processor's schedule delay, ms).
+FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "50"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return tiny_classifier(tmp_path_factory.mktemp("tracing-models") / "tiny.onnx")
+
+
+@pytest.fixture
+def receiver():
+    receiver = OtlpReceiver()
+    receiver.start()
+    yield receiver
+    receiver.stop()
+
+
+def traced_env(receiver: OtlpReceiver, **more: str) -> dict[str, str]:
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_SERVICE_NAME": "cronnx-under-test", **FAST_EXPORT,
+            **more}
+
+
+def traceparent(sampled: bool = True) -> str:
+    return f"00-{PARENT_TRACE}-{PARENT_SPAN}-{'01' if sampled else '00'}"
+
+
+async def send(url: str, body: bytes, headers: dict | None = None, content_type: str = "image/jpeg"):
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        return await post(session, url, body, content_type, headers=headers)
+
+
+def log_lines(server, message: str) -> list[dict]:
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    return [line for line in lines if line["message"] == message]
+
+
+PLACEMENTS = pytest.mark.parametrize("placement", [
+    {}, {"preprocess_processes": 1}, {"front_processes": 2}],
+    ids=["one process", "preprocessing processes", "two front processes"])
+
+
+@PLACEMENTS
+def test_a_traced_request_has_its_phases_and_is_linked_to_its_batch(start_server, tiny_model, receiver, placement):
+    server = start_server(server_config(model_entry("tiny", tiny_model), **placement), env=traced_env(receiver))
+    # Health, readiness and metrics are never traced; neither is what the server itself asks.
+    for path in ("/health", "/ready", "/v2/health/ready", "/v2/health/live", "/metrics", "/models"):
+        urllib.request.urlopen(server.url + path, timeout=10).read()
+    reply = asyncio.run(send(f"{server.url}/predict/tiny", PHOTO, {"traceparent": traceparent()}))
+    assert reply.status == 200
+    assert_matches(reply.body, DirectModel(tiny_model).probabilities(PHOTO))
+
+    spans = receiver.wait_for(lambda s: any(x.name == "batch" for x in s) and len(s) >= 8, what="8 spans")
+    time.sleep(0.3)  # nothing more is coming: health and metrics made none
+    spans = receiver.received()
+    by_name = {s.name: s for s in spans}
+    assert sorted(by_name) == sorted(["POST /predict/{model}", "batch", *PHASES]), [s.name for s in spans]
+    assert len(spans) == 8
+    root = by_name["POST /predict/{model}"]
+    # The incoming traceparent is the parent; the answer names the server span.
+    assert (root.trace_id, root.parent_span_id) == (PARENT_TRACE, PARENT_SPAN)
+    assert reply.headers["traceparent"] == f"00-{PARENT_TRACE}-{root.span_id}-01"
+    assert root.kind == 2  # SERVER
+    assert root.attributes["http.request.method"] == "POST"
+    assert root.attributes["http.route"] == "/predict/{model}" and root.attributes["url.path"] == "/predict/tiny"
+    assert root.attributes["http.response.status_code"] == 200
+    assert root.attributes["cronnx.model"] == "tiny" and root.attributes["cronnx.version"] == "1"
+    assert root.attributes["cronnx.request_id"] == reply.headers["X-Request-ID"]
+    assert root.resource["service.name"] == "cronnx-under-test"
+    # Phases: children of the server span, in order, end to end, inside it.
+    phases = [by_name[p] for p in PHASES]
+    assert all(p.trace_id == PARENT_TRACE and p.parent_span_id == root.span_id for p in phases)
+    assert phases[0].start_ns == root.start_ns and phases[-1].end_ns == root.end_ns
+    for before, after in zip(phases, phases[1:]):
+        assert before.start_ns <= before.end_ns <= after.start_ns <= after.end_ns
+    timings = reply.body["timings_ms"]
+    for name in ("read", "admission", "preprocess", "queue", "inference"):
+        assert (by_name[name].end_ns - by_name[name].start_ns) / 1e6 == pytest.approx(timings[name], abs=0.01)
+    # The batch: its own trace, linked to the request; the inference phase linked back to it.
+    batch = by_name["batch"]
+    assert batch.links == [(PARENT_TRACE, root.span_id)]
+    assert by_name["inference"].links == [(batch.trace_id, batch.span_id)]
+    assert batch.attributes["cronnx.batch.size"] == 1 and batch.attributes["cronnx.model"] == "tiny"
+    assert batch.attributes["cronnx.batch.rows"] - batch.attributes["cronnx.batch.padded_rows"] == 1
+    assert (batch.end_ns - batch.start_ns) / 1e6 == pytest.approx(timings["inference"], abs=0.01)
+    # Its run lies within the request's inference phase, up to the clocks' conversion.
+    assert by_name["queue"].start_ns - 2_000_000 <= batch.start_ns <= root.end_ns
+    # The log lines carry the ids.
+    (access,) = [line for line in log_lines(server, "request") if line["request_id"] == reply.headers["X-Request-ID"]]
+    assert (access["trace_id"], access["span_id"]) == (PARENT_TRACE, root.span_id)
+    (batch_line,) = [line for line in log_lines(server, "batch") if "trace_id" in line]
+    assert (batch_line["trace_id"], batch_line["span_id"]) == (batch.trace_id, batch.span_id)
+    assert any("tracing: OTLP http/protobuf to " + receiver.url in line["message"] for line in log_lines_all(server))
+
+
+def log_lines_all(server) -> list[dict]:
+    return [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+
+
+def test_requests_batched_together_share_one_batch_span_linked_to_each(start_server, tiny_model, receiver):
+    # A batch window long enough that the four requests sent at once ride in one batch.
+    server = start_server(server_config(model_entry("tiny", tiny_model, batch_size=4, batch_timeout_ms=300)),
+                          env=traced_env(receiver))
+
+    async def main():
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            return await asyncio.gather(*(post(session, f"{server.url}/predict/tiny", PHOTO) for _ in range(4)))
+
+    replies = asyncio.run(main())
+    assert [r.body["batch_size"] for r in replies] == [4] * 4
+    spans = receiver.wait_for(lambda s: sum(x.name == "POST /predict/{model}" for x in s) == 4
+                              and any(x.name == "batch" for x in s), what="4 requests and their batch")
+    roots = {(s.trace_id, s.span_id) for s in spans if s.name == "POST /predict/{model}"}
+    (batch,) = [s for s in spans if s.name == "batch"]
+    assert set(batch.links) == roots and len(batch.links) == 4
+    assert {r.headers["traceparent"].split("-")[1] for r in replies} == {t for t, _ in roots}  # four traces
+    inference = [s for s in spans if s.name == "inference"]
+    assert [s.links for s in inference] == [[(batch.trace_id, batch.span_id)]] * 4
+
+
+def test_v2_requests_are_traced_with_a_batch_span_per_batch_their_rows_ran_in(start_server, tiny_model, receiver):
+    server = start_server(server_config(model_entry("tiny", tiny_model, batch_size=4)), env=traced_env(receiver))
+    direct = DirectModel(tiny_model)
+    rows = np.stack([direct.tensor(PHOTO)] * 3)
+    body = json.dumps({"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32",
+                                   "data": rows.ravel().tolist()}]}).encode()
+    reply = asyncio.run(send(f"{server.url}/v2/models/tiny/infer", body, {"traceparent": traceparent()},
+                             "application/json"))
+    assert reply.status == 200
+    spans = receiver.wait_for(lambda s: any(x.name == "respond" for x in s)
+                              and sum(x.attributes["cronnx.batch.size"] for x in s if x.name == "batch") == 3,
+                              what="the V2 request and the batches of its three rows")
+    (root,) = [s for s in spans if s.name == "POST /v2/models/{model}/infer"]
+    batches = [s for s in spans if s.name == "batch"]
+    # A batch links each traced request in it once, however many of its rows it holds.
+    assert all(b.links == [(PARENT_TRACE, root.span_id)] for b in batches)
+    (inference,) = [s for s in spans if s.name == "inference"]
+    assert sorted(inference.links) == sorted((b.trace_id, b.span_id) for b in batches)
+    assert root.attributes["cronnx.api"] == "v2"
+
+
+def test_errors_are_traced_and_a_5xx_is_an_error_span(start_server, tiny_model, receiver):
+    server = start_server(server_config(model_entry("tiny", tiny_model)), env=traced_env(receiver))
+    bad = asyncio.run(send(f"{server.url}/predict/tiny", b"not an image"))
+    unknown = asyncio.run(send(f"{server.url}/predict/nope", PHOTO))
+    assert (bad.status, unknown.status) == (400, 404)
+    spans = receiver.wait_for(lambda s: len(s) >= 2, what="two server spans")
+    time.sleep(0.3)
+    spans = receiver.received()
+    assert sorted(s.attributes["http.response.status_code"] for s in spans) == [400, 404]
+    assert all(s.status_code == 0 for s in spans)  # 4xx: the client's error, not the server's (UNSET)
+    assert {s.attributes["cronnx.model"] for s in spans} == {"tiny", "_unknown"}
+
+
+def test_ratio_zero_traces_nothing_but_a_sampled_parent(start_server, tiny_model, receiver):
+    server = start_server(server_config(model_entry("tiny", tiny_model)), env=traced_env(
+        receiver, OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG="0"))
+    plain = asyncio.run(send(f"{server.url}/predict/tiny", PHOTO))
+    unsampled = asyncio.run(send(f"{server.url}/predict/tiny", PHOTO, {"traceparent": traceparent(False)}))
+    assert plain.status == unsampled.status == 200
+    assert "traceparent" not in plain.headers and "traceparent" not in unsampled.headers
+    assert quiet_for(receiver, 0.5) == []
+    sampled = asyncio.run(send(f"{server.url}/predict/tiny", PHOTO, {"traceparent": traceparent()}))
+    assert sampled.headers["traceparent"].startswith(f"00-{PARENT_TRACE}-")
+    spans = receiver.wait_for(lambda s: len(s) == 8, what="the sampled request's 8 spans")
+    assert {s.trace_id for s in spans if s.name != "batch"} == {PARENT_TRACE}
+    (access,) = [line for line in log_lines(server, "request") if "trace_id" in line]
+    assert access["request_id"] == sampled.headers["X-Request-ID"]
+
+
+def test_otel_sdk_disabled_exports_nothing(start_server, tiny_model, receiver):
+    server = start_server(server_config(model_entry("tiny", tiny_model)),
+                          env=traced_env(receiver, OTEL_SDK_DISABLED="true"))
+    reply = asyncio.run(send(f"{server.url}/predict/tiny", PHOTO, {"traceparent": traceparent()}))
+    assert reply.status == 200 and "traceparent" not in reply.headers
+    assert quiet_for(receiver, 0.5) == [] and receiver.exports == 0
+    assert not any("tracing:" in line["message"] for line in log_lines_all(server))
+
+
+def _answer_times(url: str, count: int) -> list[float]:
+    async def main():
+        times = []
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            for _ in range(count):
+                started = time.perf_counter()
+                reply = await post(session, url, PHOTO, headers={"traceparent": traceparent()})
+                assert reply.status == 200, reply
+                times.append(time.perf_counter() - started)
+        return times
+    return asyncio.run(main())
+
+
+def test_a_collector_that_is_down_costs_requests_nothing_and_its_losses_are_counted(start_server, tiny_model):
+    closed = OtlpReceiver()
+    closed.start()
+    closed.stop()  # its port is now closed
+    server = start_server(server_config(model_entry("tiny", tiny_model)), env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": closed.url, "OTEL_EXPORTER_OTLP_TIMEOUT": "1", **FAST_EXPORT})
+    times = _answer_times(f"{server.url}/predict/tiny", 20)
+    assert np.median(times) < 0.5, times
+    samples = scrape(server.url)
+    assert value(samples, "cronnx_trace_spans_dropped_total", reason="queue_full") == 0
+    # Each export fails at once (connection refused): its spans are counted, 8 per request.
+    from support.server import wait_until
+    wait_until(lambda: value(scrape(server.url), "cronnx_trace_spans_dropped_total", reason="export_failed") >= 8,
+               timeout_s=20, what="the failed exports to be counted")
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("placement", [{}, {"front_processes": 2}], ids=["one process", "two front processes"])
+def test_a_collector_that_stalls_costs_requests_nothing_and_the_queue_drops_are_counted(start_server, tiny_model,
+                                                                                         placement):
+    stalled = OtlpReceiver(stall_s=60)
+    stalled.start()
+    try:
+        server = start_server(server_config(model_entry("tiny", tiny_model), **placement,
+                                            tracing={"shutdown_timeout_s": 1}), env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": stalled.url, "OTEL_BSP_MAX_QUEUE_SIZE": "16",
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "8", **FAST_EXPORT})
+        times = _answer_times(f"{server.url}/predict/tiny", 20)
+        assert np.median(times) < 0.5, times
+        # 20 requests of 8 spans: the first batch of 8 is stuck in export, 16 wait, the rest are dropped.
+        from support.server import wait_until
+        wait_until(lambda: value(scrape(server.url), "cronnx_trace_spans_dropped_total", reason="queue_full") > 100,
+                   timeout_s=10, what="the queue's drops to be counted")
+        started = time.monotonic()
+        assert server.stop() == 0
+        # The drain gives the last spans 1 s (server.tracing.shutdown_timeout_s), not the export's 10 s.
+        assert time.monotonic() - started < 8, server.log()[-2000:]
+    finally:
+        stalled.stop()
