@@ -257,9 +257,13 @@ class GoodTraffic:
 
 # The direct run reads the odd EXIF too, and Pillow warns of the tag that runs past the file.
 @pytest.mark.filterwarnings("ignore:Tag data larger than file:UserWarning")
-def test_storm_of_hostile_requests_beside_good_traffic(start_server, tiny_model):
+# The server process serving HTTP itself, and two front processes that read and decode every
+# request and pass the rest to it (tests/http/test_placements.py compares the two directly).
+@pytest.mark.parametrize("front_processes", [1, 2], ids=["one process", "two front processes"])
+def test_storm_of_hostile_requests_beside_good_traffic(start_server, tiny_model, front_processes):
     config = server_config(model_entry("tiny", tiny_model, ring_slots=512, batch_size=8),
-                           max_body_bytes=BODY_LIMIT, max_image_pixels=PIXEL_LIMIT, request_timeout_s=30)
+                           max_body_bytes=BODY_LIMIT, max_image_pixels=PIXEL_LIMIT, request_timeout_s=30,
+                           front_processes=front_processes)
     config["server"]["admin"] = {"enabled": True, "token": TOKEN}
     server = start_server(config)
     direct = DirectModel(tiny_model)
@@ -328,9 +332,6 @@ def test_storm_of_hostile_requests_beside_good_traffic(start_server, tiny_model)
     described = server.models()["tiny"]
     assert described["workers"] and all(w["slots_in_use"] == 0 for w in described["workers"]), described
     assert all(w["restarts"] == 0 and w["live"] for w in described["workers"]), described
-    samples = scrape(server.url)
-    assert value(samples, "cronnx_in_flight_requests") == 0
-    assert total(samples, "cronnx_ring_slots_in_use") == 0
     expected_counts: dict[tuple[str, str], int] = {}
     for name in order:
         kind = kinds[name]
@@ -338,15 +339,28 @@ def test_storm_of_hostile_requests_beside_good_traffic(start_server, tiny_model)
             key = (kind.model_label, "success" if kind.status == 200 else str(kind.status))
             expected_counts[key] = expected_counts.get(key, 0) + 1
     expected_counts[("tiny", "success")] = expected_counts.get(("tiny", "success"), 0) + len(good.replies)
+    expected_total = sum(1 for n in order if kinds[n].counted) + len(good.replies)
+    # A front process reports each request to the server process after answering it: wait until
+    # all are counted (at once with one process).
+    wait_until(lambda: total(scrape(server.url), "cronnx_requests_total") >= expected_total, timeout_s=10,
+               what="every request counted")
+    samples = scrape(server.url)
+    assert value(samples, "cronnx_in_flight_requests") == 0
+    assert total(samples, "cronnx_ring_slots_in_use") == 0
     counted = {(dict(labels)["model"], dict(labels)["outcome"]): v
                for (metric, labels), v in samples.items() if metric == "cronnx_requests_total" and v}
     assert counted == expected_counts
-    assert total(samples, "cronnx_requests_total") == sum(1 for n in order if kinds[n].counted) + len(good.replies)
+    assert total(samples, "cronnx_requests_total") == expected_total
 
-    # A clean stop: exit 0, no process of the server alive, no shared memory left.
+    # A clean stop: exit 0, no process of the server alive (workers and front processes are its
+    # children), no shared memory left.
     pid = server.proc.pid
     descendants = _descendants(pid)
     assert set(server.worker_pids("tiny")) <= set(descendants)
+    fronts = server.get("/models")[1]["front_processes"]
+    assert fronts["count"] == front_processes and fronts["restarts"] == 0, fronts
+    assert len(fronts["pids"]) == (front_processes if front_processes > 1 else 0), fronts
+    assert set(fronts["pids"]) <= set(descendants), (fronts, descendants)
     assert shm_segments(pid), "the server had no segments to clean up: the check below proves nothing"
     assert server.stop() == 0, server.log()[-3000:]
     wait_until(lambda: not any(pid_alive(p) for p in descendants), timeout_s=10, what="the server's processes to end")
