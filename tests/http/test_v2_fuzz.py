@@ -387,6 +387,14 @@ def _raw_binary(draw, drawn: Drawn, dtype: str, fault: str | None) -> None:
         drawn.rows = np.asarray(values, dtype).reshape([n, *ITEM])
 
 
+def not_digits(length: int) -> dict[str, str | bytes]:
+    """Header values that Python's int() reads as `length` and HTTP does not (Content-Length is
+    ASCII digits only), by how they differ."""
+    digits = str(length)
+    return {"sign": f"+{digits}", "underscore": f"{digits[0]}_{digits[1:]}",
+            "arabic-indic digits": "".join(chr(0x660 + int(d)) for d in digits).encode()}
+
+
 def _framing(draw, drawn: Drawn, header: bytes, binary: bytes, fault: str | None) -> None:
     """The body, the JSON header then the binary data, and its Inference-Header-Content-Length:
     absent (then only JSON may follow), right, or with `fault` wrong."""
@@ -404,7 +412,8 @@ def _framing(draw, drawn: Drawn, header: bytes, binary: bytes, fault: str | None
     elif fault == "header length beyond":
         text = str(len(drawn.body) + draw(st.integers(1, 10 ** 9)))
     elif fault == "header length not a number":
-        text = draw(st.sampled_from(["abc", "-1", "", "1e3", "0x10", "1.0", "9" * 5000]))
+        text = draw(st.sampled_from(["abc", "-1", "", "1e3", "0x10", "1.0", "9" * 5000,
+                                     *not_digits(len(header)).values()]))
     if fault in FAULTS["framing"] and fault != "binary without header length":
         drawn.faults.append(f"{fault}: {text!r} of {len(header)} + {len(binary)} bytes")
     drawn.headers[HEADER_LENGTH] = text
@@ -675,3 +684,17 @@ def test_a_request_with_a_fault_gets_its_documented_refusal(server, reference, f
     prop()
     check_healthy(server, reference, sender, before)
 
+
+@pytest.mark.parametrize("how", ["sign", "underscore", "arabic-indic digits", "5000 digits"])
+def test_a_header_length_that_is_not_ascii_digits_is_refused_as_a_content_length_would_be(server, how):
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, *ITEM], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 4 * ROW}}]}).encode()
+    body = header + np.zeros(ROW, np.float32).tobytes()
+    sender = Sender(server.url)
+    length = {**not_digits(len(header)), "5000 digits": "9" * 5000}[how]
+    status, _, raw = sender.post("/v2/models/fp32/infer", body, {HEADER_LENGTH: length})
+    assert status == 400, raw
+    assert json.loads(raw)["error"].startswith(f"{HEADER_LENGTH} is "), raw
+    # Control: the same body with its length in digits is served.
+    status, _, raw = sender.post("/v2/models/fp32/infer", body, {HEADER_LENGTH: str(len(header))})
+    assert status == 200, raw
