@@ -1,11 +1,14 @@
 """The hardening's standing guard: a storm of malformed and hostile requests, all kinds at once
-and interleaved, beside a stream of good requests to the same server.
+and interleaved, beside a stream of good requests to the same server, in both placements (the
+server process serving HTTP itself, and two front processes).
 
-Every hostile request gets its documented status and a JSON error naming what was wrong; every
-odd but valid image gets 200 with the answer of a direct onnxruntime run; every good request
-of the stream is answered correctly throughout. Afterwards nothing is left behind: no slot in
-use, nothing in flight, every prediction request counted once, and a clean stop (exit 0, no
-process, no shared memory).
+The storm holds /predict requests and the Open Inference Protocol's (V2 infer, and the health
+routes as KServe's client reads them). Every hostile request gets its documented status and a
+JSON error naming what was wrong; every odd but valid image or tensor gets 200 with the answer
+of a direct onnxruntime run; every good request of the stream is answered correctly throughout.
+Afterwards nothing is left behind: no slot in use, nothing in flight, every inference request
+counted once by API, model, version and outcome, and a clean stop (exit 0, no process, no
+shared memory).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import os
 import random
 import re
 import socket
+import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -54,9 +59,11 @@ def tiny_model(tmp_path_factory):
 @dataclass
 class Kind:
     """One kind of request. `status` is what the README documents for it; an error's text must
-    hold `words` (case-insensitive); a 200 must match a direct run on `image` with `top_k`.
-    `counted`: it reaches the predict handler, so it is one of cronnx_requests_total, under
-    `model_label`."""
+    hold `words` (case-insensitive); a 200 must pass `check` (its JSON body) or else, for
+    /predict, match a direct run on `image` with `top_k`. `raw`: the whole request as bytes, for
+    what aiohttp's client cannot send (sent on a connection of its own by `exchange`).
+    `counted`: it reaches an inference handler, so it is one of cronnx_requests_total, under
+    `api` and `model_label`."""
 
     content_type: str | None = "image/jpeg"
     body: bytes | None = b""
@@ -71,6 +78,9 @@ class Kind:
     top_k: int = 5
     counted: bool = True
     model_label: str = "tiny"
+    api: str = "predict"
+    raw: bytes | None = None
+    check: Callable[[dict], None] | None = None
 
 
 def _json(obj) -> bytes:
@@ -200,9 +210,246 @@ def storm_kinds() -> dict[str, Kind]:
     return kinds
 
 
+# --- The Open Inference Protocol's kinds ---------------------------------------------------------
+
+V2 = "/v2/models/tiny/infer"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+ROW_VALUES = 3 * 32 * 32  # one row of the tiny model's input, [N, 3, 32, 32] FP32
+
+
+def v2(body: bytes | None, status: int = 400, words: str = "", **fields) -> Kind:
+    """A V2 infer request for model tiny, JSON unless `content_type` says otherwise."""
+    return Kind(fields.pop("content_type", "application/json"), body, status, words,
+                **{"path": V2, "api": "v2", **fields})
+
+
+def _request(*inputs: dict, outputs: list | None = None, **fields) -> bytes:
+    return _json({"inputs": list(inputs), **({"outputs": outputs} if outputs is not None else {}), **fields})
+
+
+def _tensor(shape: list, data=None, name: str = "input", datatype: str = "FP32", **parameters) -> dict:
+    """An input tensor; without `data` its values are the binary data after the header."""
+    entry = {"name": name, "shape": shape, "datatype": datatype, "parameters": parameters}
+    if data is not None:
+        entry["data"] = data
+    return entry
+
+
+def _row_with(index: int, bad) -> list:
+    """One row of zeros but for `bad` at `index`."""
+    data = [0.0] * ROW_VALUES
+    data[index] = bad
+    return data
+
+
+def _with_binary(header: bytes, data: bytes) -> dict:
+    """A binary-extension body's fields: the header, then `data`, and the header's length."""
+    return {"body": header + data, "headers": {HEADER_LENGTH: str(len(header))},
+            "content_type": "application/octet-stream"}
+
+
+def _serialized(*elements: bytes) -> bytes:
+    """Triton's BYTES serialisation: each element's 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def _raw(path: str, headers: str, body: bytes = b"", version: str = "1.1") -> bytes:
+    """A whole POST request, as `exchange` sends it."""
+    return f"POST {path} HTTP/{version}\r\nHost: x\r\n{headers}Connection: close\r\n\r\n".encode() + body
+
+
+def _chunked(body: bytes) -> bytes:
+    return b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+
+
+def tensor_answer(expected: np.ndarray, request_id: str | None = None) -> Callable[[dict], None]:
+    """A V2 answer's check: the model's output tensor (in JSON, or binary as `send` reads it)
+    equal to `expected`, and the request's id echoed."""
+    def check(body: dict) -> None:
+        assert (body["model_name"], body["model_version"], body.get("id")) == ("tiny", "1", request_id), body
+        (output,) = body["outputs"]
+        assert (output["name"], output["datatype"], output["shape"]) == ("logits", "FP32", list(expected.shape))
+        np.testing.assert_allclose(np.reshape(output["data"], expected.shape), expected, rtol=0, atol=1e-5)
+    return check
+
+
+def classes_answer(probabilities: list[np.ndarray], k: int) -> Callable[[dict], None]:
+    """A V2 answer's check for the classification extension: each row's top `k` classes as
+    "score:index:label", the score being the probability /predict answers."""
+    def check(body: dict) -> None:
+        (output,) = body["outputs"]
+        assert (output["datatype"], output["shape"]) == ("BYTES", [len(probabilities), k]), output
+        for row, probs in enumerate(probabilities):
+            entries = [entry.split(":") for entry in output["data"][row * k:(row + 1) * k]]
+            expected = np.argsort(-probs, kind="stable")[:k].tolist()
+            assert [int(index) for _, index, _ in entries] == expected, (entries, expected)
+            assert [label for _, _, label in entries] == [f"class_{i}" for i in expected], entries
+            assert all(abs(float(score) - probs[int(index)]) <= 1e-5 for score, index, _ in entries), entries
+    return check
+
+
+def equals(expected: dict) -> Callable[[dict], None]:
+    def check(body: dict) -> None:
+        assert body == expected, body
+    return check
+
+
+def v2_kinds(direct: DirectModel) -> dict[str, Kind]:
+    """The V2 infer requests of the storm (README, "The Open Inference Protocol"), and its health
+    routes as KServe's client reads them."""
+    photo = encode(photo_like(160, 120, seed=31), "JPEG", quality=90)
+    png = encode(photo_like(120, 160, seed=32), "PNG")
+    bomb = encode(Image.new("L", (3000, 3000)), "PNG")
+    rows = np.stack([direct.tensor(photo), direct.tensor(png)])
+    logits = direct.session.run(None, {direct.spec.input_name: rows})[0]
+    zeros = [0.0] * ROW_VALUES
+    one_row = [1, 3, 32, 32]
+    as_json = [{"name": "logits", "parameters": {"binary_data": False}}]
+    binary_rows = _request(_tensor([2, 3, 32, 32], binary_data_size=rows.nbytes), outputs=as_json)
+    nan_row = np.zeros(one_row, np.float32)
+    nan_row.flat[7] = np.nan
+    images = _serialized(photo, png)
+    fp32_json = _request(_tensor(one_row, rows[:1].tolist()))  # nested, as the protocol allows
+    kinds = {
+        # Bodies the JSON decoder refuses, or that are not an inference request.
+        "v2 invalid json": v2(b'{"inputs": [{"name": "input"', words="not valid JSON"),
+        "v2 nesting deeper than the decoder follows": v2(
+            b'{"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": '
+            + b"[" * 50_000 + b"]" * 50_000 + b"}]}", words="nests its JSON too deeply"),
+        "v2 inputs not an array": v2(_json({"inputs": {"name": "input"}}), words="expected `array`"),
+        "v2 without inputs": v2(_json({"outputs": []}), words="missing required field `inputs`"),
+        "v2 two inputs": v2(_request(_tensor(one_row, zeros), _tensor(one_row, zeros)), words="has 2 inputs"),
+        # No header length: the whole body is the tensor's rows (a raw binary request).
+        "v2 empty body": v2(b"", words="got 0 bytes"),
+        # Values FP32 cannot hold, and another datatype.
+        "v2 fp32 beyond float32": v2(_request(_tensor(one_row, _row_with(0, 1e39))),
+                                     words="element 0 of data is 1e+39"),
+        "v2 fp32 as a string": v2(_request(_tensor(one_row, _row_with(5, "1.5"))),
+                                  words="element 5 of data is '1.5'"),
+        "v2 fp32 null": v2(_request(_tensor(one_row, _row_with(ROW_VALUES - 1, None))),
+                           words="element 3071 of data is None"),
+        "v2 fp32 boolean": v2(_request(_tensor(one_row, _row_with(7, True))), words="element 7 of data is True"),
+        "v2 uint8 to an fp32 model": v2(_request(_tensor(one_row, [300] * ROW_VALUES, datatype="UINT8")),
+                                        words="is UINT8; the model takes FP32"),
+        "v2 nan in binary data": v2(**_with_binary(_request(_tensor(one_row, binary_data_size=nan_row.nbytes)),
+                                                   nan_row.tobytes()), words="element 7 of the binary data is nan"),
+        # Shapes: row counts and element counts past int64, and out of the batch bound.
+        "v2 rows overflowing int64": v2(_request(_tensor([2 ** 56 + 1, 3, 32, 32], zeros)),
+                                        words="has 72057594037927937 rows"),
+        "v2 element count wrapping int64": v2(_request(_tensor([1, 3, 2 ** 61, 8], zeros)),
+                                              words="has shape [1, 3, 2305843009213693952, 8]"),
+        "v2 rows over the batch bound": v2(_request(_tensor([9, 3, 32, 32], zeros)),
+                                           words="has 9 rows (shape [9, 3, 32, 32]); model 'tiny' takes 1 to 8"),
+        "v2 zero rows": v2(_request(_tensor([0, 3, 32, 32], [])), words="has 0 rows"),
+        "v2 data not matching the shape": v2(_request(_tensor([2, 3, 32, 32], zeros)),
+                                             words="holds 6144 values, data has 3072"),
+        # Parameters of the wrong type, or of extensions Cronnx lacks.
+        "v2 binary_data_size as a string": v2(**_with_binary(
+            _request(_tensor(one_row, binary_data_size=str(rows[0].nbytes))), rows[0].tobytes()),
+            words="parameter 'binary_data_size' must be an integer"),
+        "v2 classification as a boolean": v2(_request(_tensor(one_row, zeros), outputs=[
+            {"name": "logits", "parameters": {"classification": True}}]),
+            words="parameter 'classification' must be an integer"),
+        "v2 classification zero": v2(_request(_tensor(one_row, zeros), outputs=[
+            {"name": "logits", "parameters": {"classification": 0}}]), words="must be a positive integer, got 0"),
+        "v2 binary_data_output as a string": v2(_request(_tensor(one_row, zeros),
+                                                         parameters={"binary_data_output": "false"}),
+                                                words="parameter 'binary_data_output' must be a boolean"),
+        "v2 sequence id": v2(_request(_tensor(one_row, zeros), parameters={"sequence_id": 7}),
+                             words="not stateful sequences"),
+        "v2 shared memory": v2(_request(_tensor(one_row, shared_memory_region="r0")),
+                               words="shared-memory extension is not supported"),
+        "v2 priority beyond the model's levels": v2(_request(_tensor(one_row, zeros), parameters={"priority": 1}),
+                                                    words="priority 1 is out of range for model 'tiny'"),
+        "v2 timeout the model does not allow": v2(_request(_tensor(one_row, zeros), parameters={"timeout": 1000}),
+                                                  words="does not let a request set its queue timeout"),
+        # Names and routes.
+        "v2 unknown input": v2(_request(_tensor(one_row, zeros, name="pixels")), words="unknown input 'pixels'"),
+        "v2 unknown output": v2(_request(_tensor(one_row, zeros), outputs=[{"name": "probs"}]),
+                                words="unknown output 'probs'"),
+        "v2 unknown model": v2(fp32_json, 404, "unknown model 'nope'", path="/v2/models/nope/infer",
+                               model_label="_unknown"),
+        "v2 unknown version": v2(fp32_json, 404, "version 7 of model 'tiny' is not served",
+                                 path="/v2/models/tiny/versions/7/infer", model_label="_unknown"),
+        "v2 version 0": v2(fp32_json, 404, "version 0 of model 'tiny' is not served",
+                           path="/v2/models/tiny/versions/0/infer", model_label="_unknown"),
+        "v2 get on infer": v2(None, 405, "method not allowed", method="GET", content_type=None, counted=False),
+        # Encoded images (BYTES) that are not images.
+        "v2 bytes that are not images": v2(_request(_tensor([1], [_b64(b"hello, world")], "IMAGE", "BYTES")),
+                                           words="not an image"),
+        "v2 bytes not base64": v2(_request(_tensor([1], ["not*base64!"], "IMAGE", "BYTES")),
+                                  words="not valid base64"),
+        "v2 bytes not strings": v2(_request(_tensor([1], [12345], "IMAGE", "BYTES")),
+                                   words="each element is an image's base64 string"),
+        "v2 bytes decompression bomb": v2(**_with_binary(_request(_tensor(
+            [1], name="IMAGE", datatype="BYTES", binary_data_size=len(bomb) + 4)), _serialized(bomb)),
+            status=413, words="too large"),
+        "v2 bytes element past the binary data": v2(**_with_binary(_request(_tensor(
+            [1], name="IMAGE", datatype="BYTES", binary_data_size=9)), struct.pack("<I", 1000) + b"short"),
+            words="an element of 1000 bytes runs past the binary data"),
+        "v2 bytes fewer than the shape": v2(_request(_tensor([2], [_b64(photo)], "IMAGE", "BYTES")),
+                                            words="has shape [2] but 1 elements"),
+        # The binary data extension's framing.
+        "v2 binary data shorter than declared": v2(**_with_binary(binary_rows, rows.tobytes()[:100]),
+                                                   words="declares binary_data_size 24576, but the binary data "
+                                                         "after the JSON header is 100 bytes"),
+        "v2 header length beyond the body": v2(binary_rows, headers={HEADER_LENGTH: "99999999"},
+                                               words="it must be an integer between 0 and the body's length"),
+        "v2 header length not a number": v2(binary_rows, headers={HEADER_LENGTH: "abc"},
+                                            words="Inference-Header-Content-Length is 'abc'"),
+        "v2 raw binary of part of a row": v2(b"\0" * 100, headers={HEADER_LENGTH: "0"},
+                                             content_type="application/octet-stream", words="whole rows"),
+        "v2 body over the limit": v2(b"{" + b" " * BODY_LIMIT + b"}", 413, "larger than the limit"),
+        # Headers.
+        "v2 unknown content-encoding": v2(fp32_json, 415, "Content-Encoding 'compress'",
+                                          headers={"Content-Encoding": "compress"}),
+        "v2 gzip that is not gzip": v2(fp32_json, 400, "cannot be read", headers={"Content-Encoding": "gzip"}),
+        "v2 expect something-else": v2(None, 417, "unsupported Expect 'something-else'", raw=_raw(
+            V2, "Content-Type: application/json\r\nContent-Length: 10\r\nExpect: something-else\r\n")),
+        "v2 gzip, chunked": v2(None, 501, "Transfer-Encoding 'gzip, chunked' is not implemented", raw=_raw(
+            V2, "Content-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n",
+            _chunked(gzip.compress(fp32_json)))),
+        "v2 http/1.0 with transfer-encoding": v2(None, 400, "HTTP/1.0 request cannot carry Transfer-Encoding",
+                                                 raw=_raw(V2, "Transfer-Encoding: chunked\r\n",
+                                                          _chunked(fp32_json), version="1.0")),
+        # Odd but valid: each answered as a direct run.
+        "v2 jpeg as bytes with classification": v2(_request(_tensor([1], [_b64(photo)], "IMAGE", "BYTES"), outputs=[
+            {"name": "logits", "parameters": {"classification": 3}}]), 200,
+            check=classes_answer([direct.probabilities(photo)], 3)),
+        "v2 two images as binary bytes": v2(**_with_binary(_request(_tensor(
+            [2, 1], name="IMAGE", datatype="BYTES", binary_data_size=len(images)), outputs=as_json), images),
+            status=200, check=tensor_answer(logits)),
+        "v2 fp32 nested in json with an id": v2(_request(_tensor(one_row, rows[:1].tolist()), id="storm-7"), 200,
+                                                check=tensor_answer(logits[:1], "storm-7")),
+        "v2 fp32 binary to version 1": v2(**_with_binary(binary_rows, rows.tobytes()), status=200,
+                                          path="/v2/models/tiny/versions/1/infer", check=tensor_answer(logits)),
+        "v2 raw binary, answered binary": v2(rows.tobytes(), 200, headers={HEADER_LENGTH: "0"},
+                                             content_type="application/octet-stream", check=tensor_answer(logits)),
+        "v2 real gzip": v2(gzip.compress(fp32_json), 200, headers={"Content-Encoding": "gzip"},
+                           check=tensor_answer(logits[:1])),
+        "v2 chunked binary": v2(**_with_binary(binary_rows, rows.tobytes()), status=200, chunked=True,
+                                check=tensor_answer(logits)),
+        "v2 parameters of the client's own": v2(_request(_tensor(one_row, rows[:1].tolist(), note="mine"),
+                                                         parameters={"custom": [1, "x"], "priority": 0}),
+                                                200, check=tensor_answer(logits[:1])),
+        # Health and readiness, with the bodies KServe's client reads.
+        "v2 health live": Kind(None, None, 200, method="GET", path="/v2/health/live", counted=False,
+                               check=equals({"live": True})),
+        "v2 health ready": Kind(None, None, 200, method="GET", path="/v2/health/ready", counted=False,
+                                check=equals({"ready": True})),
+        "v2 model ready": Kind(None, None, 200, method="GET", path="/v2/models/tiny/ready", counted=False,
+                               check=equals({"name": "tiny", "ready": True})),
+    }
+    assert len(rows.tobytes()) == 24576 and len(b"{" + b" " * BODY_LIMIT + b"}") > BODY_LIMIT
+    return kinds
+
+
 # --- Sending -----------------------------------------------------------------------------------
 
 async def send(session: aiohttp.ClientSession, base: str, kind: Kind) -> tuple[int, dict | str]:
+    if kind.raw is not None:
+        status, _, body = await asyncio.to_thread(exchange, base, [kind.raw])
+        return status, body
     headers = dict(kind.headers)
     if kind.content_type is not None:
         headers["Content-Type"] = kind.content_type
@@ -215,12 +462,27 @@ async def send(session: aiohttp.ClientSession, base: str, kind: Kind) -> tuple[i
     async with session.request(kind.method, base + kind.path, data=data, params=kind.params or None,
                                headers=headers) as response:
         raw = await response.read()
+        header_length = response.headers.get(HEADER_LENGTH)
         if kind.chunked:
             assert "Content-Length" not in response.request_info.headers
     try:
-        return response.status, json.loads(raw)
+        return response.status, json.loads(raw) if header_length is None else _binary_answer(raw, int(header_length))
     except ValueError:
         return response.status, raw.decode(errors="replace")  # not JSON: the assertion shows it
+
+
+def _binary_answer(raw: bytes, header_length: int) -> dict:
+    """A V2 answer with binary outputs: its JSON header, each binary output's values (FP32, the
+    tiny model's datatype) read into its `data`, as a JSON answer holds them."""
+    answer = json.loads(raw[:header_length])
+    offset = header_length
+    for output in answer["outputs"]:
+        size = output.get("parameters", {}).get("binary_data_size")
+        if size is not None:
+            output["data"] = np.frombuffer(raw[offset:offset + size], np.float32).tolist()
+            offset += size
+    assert offset == len(raw), f"{len(raw) - offset} bytes after the outputs"
+    return answer
 
 
 class GoodTraffic:
@@ -257,14 +519,21 @@ class GoodTraffic:
 
 # The direct run reads the odd EXIF too, and Pillow warns of the tag that runs past the file.
 @pytest.mark.filterwarnings("ignore:Tag data larger than file:UserWarning")
-def test_storm_of_hostile_requests_beside_good_traffic(start_server, tiny_model):
+# The server process serving HTTP itself, and two front processes that read and decode every
+# request and pass the rest to it (tests/http/test_placements.py compares the two directly).
+@pytest.mark.parametrize("front_processes", [1, 2], ids=["one process", "two front processes"])
+def test_storm_of_hostile_requests_beside_good_traffic(start_server, tiny_model, front_processes):
     config = server_config(model_entry("tiny", tiny_model, ring_slots=512, batch_size=8),
-                           max_body_bytes=BODY_LIMIT, max_image_pixels=PIXEL_LIMIT, request_timeout_s=30)
+                           max_body_bytes=BODY_LIMIT, max_image_pixels=PIXEL_LIMIT, request_timeout_s=30,
+                           front_processes=front_processes)
     config["server"]["admin"] = {"enabled": True, "token": TOKEN}
     server = start_server(config)
     direct = DirectModel(tiny_model)
     kinds = storm_kinds()
     assert len([k for k in kinds.values() if k.status != 200]) >= 25
+    extra = v2_kinds(direct)
+    assert len([k for k in extra.values() if k.status != 200]) >= 40 and not set(extra) & set(kinds)
+    kinds.update(extra)
 
     good_photo = encode(photo_like(320, 240, seed=1), "JPEG", quality=90)
     good_png = encode(photo_like(200, 150, seed=2), "PNG")
@@ -307,8 +576,11 @@ def test_storm_of_hostile_requests_beside_good_traffic(start_server, tiny_model)
             problems.append((name, status, body))
         elif status == 200:
             try:
-                assert body["model"] == "tiny" and body["version"] == 1
-                assert_matches(body, direct.probabilities(kind.image), top_k=kind.top_k)
+                if kind.check is not None:
+                    kind.check(body)
+                else:
+                    assert body["model"] == "tiny" and body["version"] == 1
+                    assert_matches(body, direct.probabilities(kind.image), top_k=kind.top_k)
             except AssertionError as exc:
                 problems.append((name, status, f"wrong answer: {exc}"))
         elif set(body) != {"error"} or kind.words.lower() not in body["error"].lower():
@@ -324,29 +596,41 @@ def test_storm_of_hostile_requests_beside_good_traffic(start_server, tiny_model)
     assert during, "no good request overlapped the storm: it proved nothing"
     assert len(good.replies) < GOOD_STREAMS * GOOD_MAX_PER_STREAM, "the good stream ran out before the storm ended"
 
-    # Nothing left in use, every prediction request counted once, by model and outcome.
+    # Nothing left in use, every inference request counted once, by API, model, version and outcome.
     described = server.models()["tiny"]
     assert described["workers"] and all(w["slots_in_use"] == 0 for w in described["workers"]), described
     assert all(w["restarts"] == 0 and w["live"] for w in described["workers"]), described
-    samples = scrape(server.url)
-    assert value(samples, "cronnx_in_flight_requests") == 0
-    assert total(samples, "cronnx_ring_slots_in_use") == 0
-    expected_counts: dict[tuple[str, str], int] = {}
+    expected_counts: dict[tuple[str, str, str, str], int] = {}
     for name in order:
         kind = kinds[name]
         if kind.counted:
-            key = (kind.model_label, "success" if kind.status == 200 else str(kind.status))
+            key = (kind.api, kind.model_label, "1" if kind.model_label == "tiny" else "",
+                   "success" if kind.status == 200 else str(kind.status))
             expected_counts[key] = expected_counts.get(key, 0) + 1
-    expected_counts[("tiny", "success")] = expected_counts.get(("tiny", "success"), 0) + len(good.replies)
-    counted = {(dict(labels)["model"], dict(labels)["outcome"]): v
+    good_key = ("predict", "tiny", "1", "success")
+    expected_counts[good_key] = expected_counts.get(good_key, 0) + len(good.replies)
+    expected_total = sum(1 for n in order if kinds[n].counted) + len(good.replies)
+    # A front process reports each request to the server process after answering it: wait until
+    # all are counted (at once with one process).
+    wait_until(lambda: total(scrape(server.url), "cronnx_requests_total") >= expected_total, timeout_s=10,
+               what="every request counted")
+    samples = scrape(server.url)
+    assert value(samples, "cronnx_in_flight_requests") == 0
+    assert total(samples, "cronnx_ring_slots_in_use") == 0
+    counted = {tuple(dict(labels)[label] for label in ("api", "model", "version", "outcome")): v
                for (metric, labels), v in samples.items() if metric == "cronnx_requests_total" and v}
     assert counted == expected_counts
-    assert total(samples, "cronnx_requests_total") == sum(1 for n in order if kinds[n].counted) + len(good.replies)
+    assert total(samples, "cronnx_requests_total") == expected_total
 
-    # A clean stop: exit 0, no process of the server alive, no shared memory left.
+    # A clean stop: exit 0, no process of the server alive (workers and front processes are its
+    # children), no shared memory left.
     pid = server.proc.pid
     descendants = _descendants(pid)
     assert set(server.worker_pids("tiny")) <= set(descendants)
+    fronts = server.get("/models")[1]["front_processes"]
+    assert fronts["count"] == front_processes and fronts["restarts"] == 0, fronts
+    assert len(fronts["pids"]) == (front_processes if front_processes > 1 else 0), fronts
+    assert set(fronts["pids"]) <= set(descendants), (fronts, descendants)
     assert shm_segments(pid), "the server had no segments to clean up: the check below proves nothing"
     assert server.stop() == 0, server.log()[-3000:]
     wait_until(lambda: not any(pid_alive(p) for p in descendants), timeout_s=10, what="the server's processes to end")
