@@ -49,4 +49,4 @@ class LocalClient:
             selection.leave()
             self._in_flight.dec()
         self._metrics.record_request(report.model, report.version, report.api, report.outcome, total_s,
-                                     report.phases, report.rejection)
+                                     report.phases, report.rejection, report.trace)

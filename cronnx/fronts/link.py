@@ -129,7 +129,7 @@ class EngineLink:
         """Report the answered request to the server process (`Completed`), which counts it in
         its metrics; `total_s` in seconds."""
         self.send(Completed(report.api, report.model, report.version, report.outcome, total_s, report.phases,
-                            report.rejection))
+                            report.rejection, report.trace))
 
     def _ask(self, row: bytes | np.ndarray, choice: Choice) -> tuple[_Request, int]:
         if self.server_gone:

@@ -185,7 +185,7 @@ class FrontProcesses(ChildSet[_Front]):
         elif kind is Completed:
             front.served += 1
             self._metrics.record_request(message.model, message.version, message.api, message.outcome,
-                                         message.total_s, message.phases, message.rejection)
+                                         message.total_s, message.phases, message.rejection, message.trace)
         elif kind is Listening:
             front.listening = True
             if all(f is not None and f.listening for f in self._children) and not self._all_listening.done():

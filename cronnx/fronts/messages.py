@@ -82,7 +82,8 @@ class Completed(msgspec.Struct, tag="completed", array_like=True):
     """A request answered by a front: for `cronnx_requests_total` and the latency histograms.
     `outcome` is "success" or the status code; seconds throughout. `model` and `version` label
     the version chosen for it, or engine.client.UNKNOWN_MODEL and "" when none was; `rejection`
-    the admission queue's reason for refusing it ("queue_full", "timeout", or "")."""
+    the admission queue's reason for refusing it ("queue_full", "timeout", or ""); `trace` its
+    span when the front traced it (the latency histogram's exemplar)."""
 
     api: str
     model: str
@@ -91,6 +92,7 @@ class Completed(msgspec.Struct, tag="completed", array_like=True):
     total_s: float
     phases: dict[str, float]
     rejection: str
+    trace: TraceContext | None = None
 
 
 class FrontStats(msgspec.Struct, tag="stats", array_like=True):

@@ -14,10 +14,12 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 
 from cronnx.config import DEFAULT_LATENCY_BUCKETS_S
+from cronnx.observability.trace_context import TraceContext
 
 if TYPE_CHECKING:
     from cronnx.engine.pool import ModelPool
@@ -75,16 +77,20 @@ class Metrics:
         self._versions: dict[tuple[str, str], _VersionSeries] = {}
 
     def record_request(self, model: str, version: str, api: str, outcome: str, total_s: float,
-                       phases: dict[str, float], rejection: str) -> None:
+                       phases: dict[str, float], rejection: str, trace: TraceContext | None = None) -> None:
         """One answered inference request: the API it came by ("predict", "v2"), its outcome
         ("success" or the error's status), its time and, when it succeeded, each phase's time;
         `rejection` the admission queue's reason for refusing it ("queue_full", "timeout"; ""
-        when it did not)."""
+        when it did not); `trace` its span when it was traced: the exemplar of its bucket of
+        cronnx_request_duration_seconds (shown to a scraper that asks for OpenMetrics)."""
         series = self._versions.get((model, version))
         if series is None:
             series = self._versions[(model, version)] = _VersionSeries(self, model, version)
         series.outcome(api, outcome).inc()
-        series.duration.observe(total_s)
+        if trace is None:
+            series.duration.observe(total_s)
+        else:
+            series.duration.observe(total_s, {"trace_id": trace.trace_id_hex, "span_id": trace.span_id_hex})
         for phase, seconds in phases.items():
             series.phase(phase).observe(seconds)
         if rejection:
@@ -101,8 +107,11 @@ class Metrics:
             fill.observe(oldest_wait_s)
         return record
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """The registry in the format a scraper's `Accept` header asks for, and its content type:
+        OpenMetrics (with the exemplars) when it asks for it, else Prometheus' text format."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
 
 
 class _VersionSeries:

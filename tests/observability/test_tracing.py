@@ -21,12 +21,13 @@ from support.metrics import scrape, value
 from support.models import tiny_classifier
 from support.otlp import OtlpReceiver, quiet_for
 from support.reference import DirectModel, assert_matches
-from support.server import model_entry, server_config
+from support.server import model_entry, server_config, wait_until
 
 PHOTO = encode(photo_like(160, 120, seed=3), "JPEG", quality=90)
 PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"
 PHASES = ["read", "admission", "preprocess", "queue", "inference", "respond"]
+OPENMETRICS = "application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
 # Export at once instead of every 5 s (the batch processor's schedule delay, ms).
 FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "50"}
 
@@ -119,6 +120,18 @@ def test_a_traced_request_has_its_phases_and_is_linked_to_its_batch(start_server
     (batch_line,) = [line for line in log_lines(server, "batch") if "trace_id" in line]
     assert (batch_line["trace_id"], batch_line["span_id"]) == (batch.trace_id, batch.span_id)
     assert any("tracing: OTLP http/protobuf to " + receiver.url in line["message"] for line in log_lines_all(server))
+    # The latency histogram's exemplar names the trace, for a scraper that asks for OpenMetrics.
+    exemplar = f'# {{span_id="{root.span_id}",trace_id="{PARENT_TRACE}"}}'
+    wait_until(lambda: any(line.startswith("cronnx_request_duration_seconds_bucket") and exemplar in line
+                           for line in openmetrics(server).splitlines()), timeout_s=5, what="the exemplar")
+    assert exemplar not in urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
+
+
+def openmetrics(server) -> str:
+    request = urllib.request.Request(server.url + "/metrics", headers={"Accept": OPENMETRICS})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+        return response.read().decode()
 
 
 def log_lines_all(server) -> list[dict]:
@@ -229,7 +242,6 @@ def test_a_collector_that_is_down_costs_requests_nothing_and_its_losses_are_coun
     samples = scrape(server.url)
     assert value(samples, "cronnx_trace_spans_dropped_total", reason="queue_full") == 0
     # Each export fails at once (connection refused): its spans are counted, 8 per request.
-    from support.server import wait_until
     wait_until(lambda: value(scrape(server.url), "cronnx_trace_spans_dropped_total", reason="export_failed") >= 8,
                timeout_s=20, what="the failed exports to be counted")
     started = time.monotonic()
@@ -250,7 +262,6 @@ def test_a_collector_that_stalls_costs_requests_nothing_and_the_queue_drops_are_
         times = _answer_times(f"{server.url}/predict/tiny", 20)
         assert np.median(times) < 0.5, times
         # 20 requests of 8 spans: the first batch of 8 is stuck in export, 16 wait, the rest are dropped.
-        from support.server import wait_until
         wait_until(lambda: value(scrape(server.url), "cronnx_trace_spans_dropped_total", reason="queue_full") > 100,
                    timeout_s=10, what="the queue's drops to be counted")
         started = time.monotonic()
