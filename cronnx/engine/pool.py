@@ -60,6 +60,9 @@ class ModelPool:
         # Requests that chose this version and have not answered yet; a draining pool stops
         # once it reaches zero.
         self.in_flight = 0
+        # Set once its registry routes requests to it: until then it is "loading", even with its
+        # workers live (the others of its reload may still be loading).
+        self.serving = False
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -121,9 +124,10 @@ class ModelPool:
 
     @property
     def state(self) -> str:
+        """"draining"; "ready" while requests are routed to it and a worker is live; else "loading"."""
         if self.draining:
             return "draining"
-        return "ready" if self.live_workers else "loading"
+        return "ready" if self.serving and self.live_workers else "loading"
 
     def enter(self) -> None:
         """A request chose this version."""

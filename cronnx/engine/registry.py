@@ -270,6 +270,7 @@ class Registry:
         route = self.routes[pool.name]
         previous = route.versions.get(pool.version)
         route.versions[pool.version] = pool
+        pool.serving = True
         if previous is not None:
             self._drain(previous)
         log.info("model %s version %d is serving", *key)
