@@ -19,7 +19,7 @@ from support.client import TIMEOUT, post
 from support.images import encode, photo_like
 from support.metrics import scrape, value
 from support.models import tiny_classifier
-from support.otlp import OtlpReceiver, quiet_for
+from bench.otlp_receiver import GrpcOtlpReceiver, OtlpReceiver, quiet_for
 from support.reference import DirectModel, assert_matches
 from support.server import model_entry, server_config, wait_until
 
@@ -270,3 +270,25 @@ def test_a_collector_that_stalls_costs_requests_nothing_and_the_queue_drops_are_
         assert time.monotonic() - started < 8, server.log()[-2000:]
     finally:
         stalled.stop()
+
+
+def test_spans_go_over_otlp_grpc_when_the_protocol_says_so(start_server, tiny_model):
+    receiver = GrpcOtlpReceiver()
+    receiver.start()
+    try:
+        server = start_server(server_config(model_entry("tiny", tiny_model)), env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", **FAST_EXPORT})
+        reply = asyncio.run(send(f"{server.url}/predict/tiny", PHOTO, {"traceparent": traceparent()}))
+        assert reply.status == 200
+        spans = receiver.wait_for(lambda s: len(s) == 8, what="the request's 8 spans over gRPC")
+        (root,) = [s for s in spans if s.name == "POST /predict/{model}"]
+        assert reply.headers["traceparent"] == f"00-{PARENT_TRACE}-{root.span_id}-01"
+        assert any("tracing: OTLP grpc to " + receiver.url in line["message"] for line in log_lines_all(server))
+    finally:
+        receiver.stop()
+
+
+def test_an_otlp_protocol_cronnx_cannot_export_with_stops_the_start(start_server, tiny_model):
+    with pytest.raises(RuntimeError, match=r"exited with 2(.|\n)*http/json"):
+        start_server(server_config(model_entry("tiny", tiny_model)), env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
