@@ -32,6 +32,7 @@ class Span:
     links: list[tuple[str, str]]
     status_code: int
     resource: dict = field(default_factory=dict)
+    trace_state: str = ""
 
 
 def _value(any_value):
@@ -54,7 +55,7 @@ def _spans(export: ExportTraceServiceRequest) -> list[Span]:
                 spans.append(Span(s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(), s.kind,
                                   s.start_time_unix_nano, s.end_time_unix_nano, _attributes(s.attributes),
                                   [(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
-                                  s.status.code, resource))
+                                  s.status.code, resource, s.trace_state))
     return spans
 
 

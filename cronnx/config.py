@@ -77,8 +77,9 @@ class TracingConfig(Strict):
     # None: on when an OTLP endpoint is set (OTEL_EXPORTER_OTLP_ENDPOINT or
     # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT). OTEL_SDK_DISABLED=true turns it off whatever this says.
     enabled: bool | None = None
-    # How long a stop waits for the last spans to reach the collector, inside the drain.
-    shutdown_timeout_s: PositiveFloat = 2.0
+    # How long a stop waits for the last spans to reach the collector, inside the drain (at most
+    # a minute: the drain of front processes waits this long more).
+    shutdown_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 2.0
 
 
 class ServerConfig(Strict):
@@ -97,9 +98,10 @@ class ServerConfig(Strict):
     # A connection with no request in progress (idle between requests, or whose request headers
     # have not all arrived: a slow-headers client) is closed after this many seconds.
     idle_timeout_s: PositiveFloat = 30.0
-    # A connection whose client leaves an answer untaken this long (more than 64 KiB of it waiting
-    # in the server, not falling to 16 KiB) is closed: a client that never reads its answers
-    # would otherwise hold its connection for ever (nginx's send_timeout; its default is 60 s).
+    # A connection whose client takes none of an answer's waiting bytes (more than 64 KiB of it
+    # waiting in the server) for this long is reset: a client that never reads its answers would
+    # otherwise hold its connection for ever. A slow reader keeps it (nginx's send_timeout, the
+    # time between two successive writes; its default is 60 s).
     send_timeout_s: PositiveFloat = 30.0
     # A version whose workers are not all ready by then fails to load.
     model_load_timeout_s: PositiveFloat = 120.0

@@ -59,7 +59,7 @@ class _Reports:
     def __init__(self, link: EngineLink, runner: web.AppRunner, tracing: Tracing | None):
         self._link, self._runner, self._tracing = link, runner, tracing
         self._refused = self._send_timeouts = 0
-        self._spans_reported = {"queue_full": 0, "export_failed": 0}
+        self._spans_reported: dict[str, int] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     def refused(self) -> None:
@@ -69,10 +69,14 @@ class _Reports:
         self._send_timeouts += 1
 
     def start(self) -> None:
+        self.send()
+        self._timer = asyncio.get_running_loop().call_later(STATS_INTERVAL_S, self.start)
+
+    def send(self) -> None:
+        """Report now (and once more after `stop`, with what the stop itself counted)."""
         self._link.send(FrontStats(len(self._runner.server.connections), self._refused, self._send_timeouts,
                                    self._spans_dropped()))
         self._refused = self._send_timeouts = 0
-        self._timer = asyncio.get_running_loop().call_later(STATS_INTERVAL_S, self.start)
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -82,9 +86,8 @@ class _Reports:
         """Spans dropped since the last report, by reason."""
         if self._tracing is None:
             return {}
-        drops = self._tracing.drops
-        now = {"queue_full": drops.queue_full, "export_failed": drops.export_failed}
-        since = {reason: count - self._spans_reported[reason] for reason, count in now.items()}
+        now = self._tracing.drops.by_reason()
+        since = {reason: count - self._spans_reported.get(reason, 0) for reason, count in now.items()}
         self._spans_reported = now
         return {reason: count for reason, count in since.items() if count}
 
@@ -115,4 +118,6 @@ async def _serve(spec: FrontSpec, inbox: Connection, outbox: Connection) -> None
         await server.close()
         if tracing is not None:
             await asyncio.to_thread(tracing.shutdown)  # every request has answered: its spans leave now
+        if listening is not None:
+            reports.send()  # the last of its counts, the stop's own included
         link.close()

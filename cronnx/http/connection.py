@@ -4,13 +4,13 @@ and a bound on how long a client may leave an answer untaken.
 A client that sends requests and never reads their answers would hold its connection for ever:
 aiohttp writes an answer and waits for the socket to drain below its high-water mark (64 KiB in
 the transport, beyond what the kernel's buffers hold) before it handles the connection's next
-request, and no timeout covers that wait. Here the connection is reset (RST, so that the kernel
-drops what it still buffers for the client too) and counted once its answer has waited above
-the high-water mark for `send_timeout_s` without the client taking enough of it to fall to the
-low-water mark (16 KiB): nginx's `send_timeout`, measured on the transport's own flow control.
-What one such connection holds meanwhile is bounded by aiohttp: one answer being written, and at
-most 32 pipelined requests parsed behind it (aiohttp 3.14.5's per-connection queue) before it
-stops reading the socket.
+request, and no timeout covers that wait. Here, once writing has paused, the bytes waiting in the
+transport are looked at every `send_timeout_s`: if the client took none of them in that time the
+connection is reset (RST, so that the kernel drops what it still buffers for the client too) and
+counted; a client that took some, however slowly, keeps it (nginx's `send_timeout`: the time
+between two successive writes). What one such connection holds meanwhile is bounded by aiohttp:
+one answer being written, and at most 32 pipelined requests parsed behind it (aiohttp 3.14.5's
+per-connection queue) before it stops reading the socket.
 
 Two answers come from aiohttp's HTTP parser itself, before any handler or middleware runs:
 
@@ -51,19 +51,24 @@ _MAX_REASON_CHARS = 200
 
 class JsonErrorRequestHandler(RequestHandler):
     """aiohttp's RequestHandler (one per connection) whose own error answers are Cronnx's JSON,
-    and which closes its connection when an answer has stayed untaken for `send_timeout_s`
-    seconds, calling `on_send_timeout()` (the module's docstring says how that is measured)."""
+    and which resets its connection when its client has taken none of an answer's waiting bytes
+    for `send_timeout_s` seconds, calling `on_send_timeout()` (the module's docstring says how)."""
 
-    __slots__ = ("_send_timeout_s", "_on_send_timeout", "_send_timer")
+    __slots__ = ("_send_timeout_s", "_on_send_timeout", "_send_timer", "_unsent")
 
     def __init__(self, server: web.Server, send_timeout_s: float, on_send_timeout: Callable[[], None], **kwargs):
         super().__init__(server, **kwargs)
         self._send_timeout_s = send_timeout_s
         self._on_send_timeout = on_send_timeout
         self._send_timer: asyncio.TimerHandle | None = None
+        self._unsent = 0  # the bytes waiting in the transport when the send timer was last armed
 
     def pause_writing(self) -> None:
         super().pause_writing()
+        self._arm_send_timer()
+
+    def _arm_send_timer(self) -> None:
+        self._unsent = self.transport.get_write_buffer_size() if self.transport is not None else 0
         self._send_timer = self._loop.call_later(self._send_timeout_s, self._send_timed_out)
 
     def resume_writing(self) -> None:
@@ -84,16 +89,23 @@ class JsonErrorRequestHandler(RequestHandler):
         transport = self.transport
         if transport is None:
             return
+        unsent = transport.get_write_buffer_size()
+        if unsent < self._unsent:
+            self._arm_send_timer()  # the client took some of it: a slow reader, not a stalled one
+            return
         peer = transport.get_extra_info("peername")
-        log.info("connection closed: its client took too little of an answer in server.send_timeout_s",
+        log.info("connection closed: its client took none of an answer in server.send_timeout_s",
                  extra={"fields": {"remote": peer[0] if peer else None, "send_timeout_s": self._send_timeout_s,
-                                   "unsent_bytes": transport.get_write_buffer_size()}})
+                                   "unsent_bytes": unsent}})
         self._on_send_timeout()
         # A reset, not a close: a closed socket would keep trying to send the kernel's buffered
         # answer (megabytes) to a client that takes none of it, for minutes, before its FIN.
         sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        try:
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass  # closed meanwhile: the abort below is all there is to do
         transport.abort()
 
     def data_received(self, data: bytes) -> None:

@@ -5,7 +5,7 @@ would hold a socket each until its idle timeout, and past the process's file-des
 connections fail for everyone. Here each accepted connection goes to aiohttp's own connection
 handler while fewer than `max_connections` are open; past that it gets a 503 with `Retry-After`
 and is closed at once, without its request being read, and is counted. A connection whose client
-leaves an answer untaken for `send_timeout_s` is closed and counted too (connection.py).
+takes none of an answer for `send_timeout_s` is reset and counted too (connection.py).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class ConnectionEvents(Protocol):
         """A connection was answered 503 and closed: `max_connections` were open."""
 
     def send_timed_out(self) -> None:
-        """A connection was closed: its client left an answer untaken for `send_timeout_s`."""
+        """A connection was reset: its client took none of an answer for `send_timeout_s`."""
 
 
 class CappedProtocolFactory:

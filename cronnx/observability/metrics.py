@@ -63,7 +63,7 @@ class Metrics:
                                            "Connections answered 503 and closed at once: server.max_connections "
                                            "were open", registry=registry)
         self.send_timeouts = Counter("cronnx_send_timeouts",
-                                     "Connections closed because their client left an answer untaken for "
+                                     "Connections reset because their client took none of an answer for "
                                      "server.send_timeout_s", registry=registry)
         self.pools = pools
         registry.register(_PoolCollector(self))
@@ -73,7 +73,9 @@ class Metrics:
         registry.register(_CounterFunction("cronnx_trace_spans_dropped",
                                            "Trace spans lost, by reason: queue_full (the exporter's queue, "
                                            "OTEL_BSP_MAX_QUEUE_SIZE, was full), export_failed (the collector refused "
-                                           "them or could not be reached in time)", spans_dropped, "reason"))
+                                           "them or could not be reached in time), shutdown (left when a front "
+                                           "process's stop ran out of server.tracing.shutdown_timeout_s)",
+                                           spans_dropped, "reason"))
         self._versions: dict[tuple[str, str], _VersionSeries] = {}
 
     def record_request(self, model: str, version: str, api: str, outcome: str, total_s: float,
@@ -110,7 +112,10 @@ class Metrics:
     def render(self, accept: str) -> tuple[bytes, str]:
         """The registry in the format a scraper's `Accept` header asks for, and its content type:
         OpenMetrics (with the exemplars) when it asks for it, else Prometheus' text format."""
-        encode, content_type = choose_encoder(accept)
+        try:
+            encode, content_type = choose_encoder(accept)
+        except (TypeError, ValueError):  # an Accept prometheus_client cannot read: its default format
+            encode, content_type = choose_encoder("")
         return encode(self.registry), content_type
 
 

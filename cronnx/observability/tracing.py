@@ -10,14 +10,17 @@ and logged. So only the processes that serve HTTP (the server process, each fron
 the SDK and export; workers and preprocessing processes never do.
 
 What the operator sets is OpenTelemetry's own environment: `OTEL_SDK_DISABLED`,
-`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` / `_ARG` (the SDK's default,
-`parentbased_always_on`, unless set), `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`, `_PROTOCOL`
-(`http/protobuf`, the specification's default, or `grpc`), `_HEADERS`, `_TIMEOUT`, and the batch
-processor's `OTEL_BSP_*`; `server.tracing` turns it on or off where the environment does not.
+`OTEL_TRACES_EXPORTER` (otlp, or none), `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+`OTEL_TRACES_SAMPLER` / `_ARG` (the SDK's default, `parentbased_always_on`, unless set),
+`OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`, `_PROTOCOL` (`http/protobuf`, the specification's default,
+or `grpc`), `_HEADERS`, `_TIMEOUT`, and the batch processor's `OTEL_BSP_SCHEDULE_DELAY`,
+`_MAX_QUEUE_SIZE` and `_MAX_EXPORT_BATCH_SIZE`; `server.tracing` turns it on or off where the
+environment does not. The propagation is W3C Trace Context's, whatever `OTEL_PROPAGATORS` says.
 
 Spans never wait for the collector: ended spans go to the SDK's batch processor, whose queue is
-bounded (`OTEL_BSP_MAX_QUEUE_SIZE`, 2048); a span that finds it full, or whose export fails, is
-dropped and counted (`SpanDrops`). The shutdown gives the last spans `shutdown_timeout_s`.
+bounded (`OTEL_BSP_MAX_QUEUE_SIZE`, 2048); when it is full the oldest queued span is dropped, as
+are the spans of an export that fails, and both are counted (`SpanDrops`). The shutdown gives the
+last spans `shutdown_timeout_s`. Making spans never fails a request: an error is logged once.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -63,13 +67,19 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
 
 class SpanDrops:
-    """Spans lost, by reason: `queue_full` (the batch processor's queue was full when the span
-    ended) and `export_failed` (the collector refused them, or could not be reached in time).
-    Each counter has one writer: the event loop's thread, and the exporting thread."""
+    """Spans lost, by reason: `queue_full` (the batch processor's queue was full when a span
+    ended: the oldest queued one is dropped), `export_failed` (the collector refused them, or could
+    not be reached in time), `shutdown` (still queued when the stop's shutdown_timeout_s ran out,
+    or ended after it). Each counter has one writer: the event loop's thread (`queue_full`,
+    `shutdown`), or the exporting thread (`export_failed`)."""
 
     def __init__(self) -> None:
         self.queue_full = 0
         self.export_failed = 0
+        self.shutdown = 0
+
+    def by_reason(self) -> dict[str, int]:
+        return {"queue_full": self.queue_full, "export_failed": self.export_failed, "shutdown": self.shutdown}
 
 
 class _CountingExporter(SpanExporter):
@@ -96,23 +106,38 @@ class _CountingExporter(SpanExporter):
 
 
 class _CountingProcessor(BatchSpanProcessor):
-    """The SDK's batch processor, counting the spans its full queue drops. It reads the queue's
-    length from the SDK's own processor (not public: tests/observability/test_tracing.py holds
-    it to the SDK's behaviour, a collector that stalls)."""
+    """The SDK's batch processor, counting the spans its full queue drops and those its shutdown
+    leaves. It reads the queue from the SDK's own processor (not public: the collector-stalls test
+    of tests/observability/test_tracing.py holds it to the SDK's behaviour); should the SDK change
+    it, drops go uncounted (logged once) and spans still flow."""
 
     def __init__(self, exporter: SpanExporter, drops: SpanDrops):
         super().__init__(exporter)
         self._drops = drops
+        self._counting = True
 
     def on_end(self, span) -> None:
-        batch = self._batch_processor
-        if len(batch._queue) >= batch._max_queue_size:
-            self._drops.queue_full += 1
+        if self._counting:
+            try:
+                batch = self._batch_processor
+                if batch._shutdown:
+                    self._drops.shutdown += 1
+                elif len(batch._queue) >= batch._max_queue_size:
+                    self._drops.queue_full += 1
+            except AttributeError:
+                self._counting = False
+                log.warning("tracing: this OpenTelemetry SDK hides its batch queue; dropped spans go uncounted")
         super().on_end(span)
 
     def shutdown(self, timeout_millis: float = 30000) -> None:
-        """Export what is queued within `timeout_millis` (the SDK's own shutdown waits 30 s)."""
+        """Export what is queued within `timeout_millis` (the SDK's own shutdown waits 30 s);
+        what is left is counted as dropped."""
         self._batch_processor.shutdown(timeout_millis)
+        if self._counting:
+            try:
+                self._drops.shutdown += len(self._batch_processor._queue)
+            except AttributeError:
+                pass
 
 
 class _PresetIds(RandomIdGenerator):
@@ -157,14 +182,43 @@ def protocol() -> str:
     return chosen
 
 
+def exporter_named() -> str:
+    """OTEL_TRACES_EXPORTER: "otlp" (the default) or "none" (no traces). ConfigError for another
+    exporter (console, zipkin...): Cronnx exports OTLP only."""
+    named = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() or "otlp"
+    if named not in ("otlp", "none"):
+        raise ConfigError(f"OTEL_TRACES_EXPORTER is {named!r}: Cronnx exports spans over OTLP only "
+                          "(otlp, or none for no traces)")
+    return named
+
+
 def wanted(config: TracingConfig) -> bool:
-    """Whether to trace: never under OTEL_SDK_DISABLED=true; else as `config.enabled` says, and
-    when it says nothing, when an OTLP endpoint is set."""
-    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+    """Whether to trace: never under OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none; else as
+    `config.enabled` says, and when it says nothing, when an OTLP endpoint is set. Raises
+    ConfigError for an OTEL_TRACES_EXPORTER other than otlp or none."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or exporter_named() == "none":
         return False
     if config.enabled is not None:
         return config.enabled
     return bool(_first(ENDPOINT_VARIABLES))
+
+
+class _HeaderGetter(Getter):
+    """Every value of a header, as W3C Trace Context asks of `tracestate` sent in several header
+    lines (the SDK's default getter reads only the first of an aiohttp request's)."""
+
+    def get(self, carrier, key: str) -> list[str] | None:
+        getall = getattr(carrier, "getall", None)
+        values = getall(key, None) if getall is not None else carrier.get(key)
+        if values is None:
+            return None
+        return [values] if isinstance(values, str) else list(values)
+
+    def keys(self, carrier) -> list[str]:
+        return list(carrier.keys())
+
+
+_HEADERS = _HeaderGetter()
 
 
 class RequestTrace:
@@ -177,7 +231,7 @@ class RequestTrace:
         self._tracing, self._span, self._start_ns = tracing, span, start_ns
         ids = span.get_span_context()
         self.context = TraceContext.of(ids.trace_id, ids.span_id)
-        self.traceparent = f"00-{ids.trace_id:032x}-{ids.span_id:016x}-01"
+        self.traceparent = f"00-{ids.trace_id:032x}-{ids.span_id:016x}-{ids.trace_flags:02x}"
 
     def finish(self, status: int, attributes: Mapping[str, object], phases: Mapping[str, float], total_s: float,
                batches: Sequence[TraceContext], error: str = "") -> None:
@@ -186,17 +240,20 @@ class RequestTrace:
         to end from the arrival, `respond` ending with the request; the `inference` phase links
         to the `batches` its rows ran in. A 5xx is an error (OpenTelemetry's HTTP server
         conventions)."""
-        span, start_ns = self._span, self._start_ns
-        end_ns = start_ns + int(total_s * 1e9)
-        if phases:
-            self._tracing.phase_spans(span, start_ns, end_ns, phases, batches)
-        span.set_attribute("http.response.status_code", status)
-        for key, value in attributes.items():
-            span.set_attribute(key, value)
-        if status >= 500:
-            span.set_attribute("error.type", str(status))
-            span.set_status(Status(StatusCode.ERROR, error or None))
-        span.end(end_time=end_ns)
+        try:
+            span, start_ns = self._span, self._start_ns
+            end_ns = start_ns + int(total_s * 1e9)
+            if phases:
+                self._tracing.phase_spans(span, start_ns, end_ns, phases, batches)
+            span.set_attribute("http.response.status_code", status)
+            for key, value in attributes.items():
+                span.set_attribute(key, value)
+            if status >= 500:
+                span.set_attribute("error.type", str(status))
+                span.set_status(Status(StatusCode.ERROR, error or None))
+            span.end(end_time=end_ns)
+        except Exception:
+            _failed("a request's spans")  # the request has answered: tracing never fails it
 
 
 class Tracing:
@@ -208,15 +265,18 @@ class Tracing:
         self.drops = SpanDrops()
         self._shutdown_timeout_s = config.shutdown_timeout_s
         resource = Resource.create({"cronnx.process": process})
-        if resource.attributes.get("service.name", "").startswith("unknown_service"):
-            resource = resource.merge(Resource({"service.name": "cronnx", "service.version": cronnx.__version__}))
-        self.resource = resource
+        attributes = dict(resource.attributes)
+        # What neither OTEL_SERVICE_NAME nor OTEL_RESOURCE_ATTRIBUTES says: the service is Cronnx, of this version.
+        if str(attributes.get("service.name", "")).startswith("unknown_service"):
+            attributes["service.name"] = "cronnx"
+        attributes.setdefault("service.version", cronnx.__version__)
+        self.resource = Resource(attributes, resource.schema_url)
         self._processor = _CountingProcessor(_CountingExporter(_exporter(protocol()), self.drops), self.drops)
-        self._provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+        self._provider = TracerProvider(resource=self.resource, shutdown_on_exit=False)
         self._provider.add_span_processor(self._processor)
         self._tracer = self._provider.get_tracer(_SCOPE, cronnx.__version__)
         self._batch_ids = _PresetIds()
-        self._batch_provider = TracerProvider(resource=resource, sampler=ALWAYS_ON, id_generator=self._batch_ids,
+        self._batch_provider = TracerProvider(resource=self.resource, sampler=ALWAYS_ON, id_generator=self._batch_ids,
                                               shutdown_on_exit=False)
         self._batch_provider.add_span_processor(self._processor)
         self._batch_tracer = self._batch_provider.get_tracer(_SCOPE, cronnx.__version__)
@@ -241,13 +301,14 @@ class Tracing:
     def request(self, method: str, route: str, headers: Mapping[str, str], start_ns: int,
                 attributes: Mapping[str, object]) -> RequestTrace | None:
         """Begin the server span of a request that arrived at `start_ns` (time.time_ns) with
-        `headers` (its `traceparent` and `tracestate`, if any, are the parent: a sampled parent is
-        always traced), named "{method} {route}" (OpenTelemetry's HTTP conventions); None when
-        the sampler leaves it out."""
-        parent = self._propagator.extract(headers)
+        `headers` (its `traceparent` and `tracestate`, if any, are the parent: with a
+        `parentbased_` sampler a sampled parent is always traced), named "{method} {route}"
+        (OpenTelemetry's HTTP conventions); None when the sampler leaves it out."""
+        parent = self._propagator.extract(headers, getter=_HEADERS)
         span = self._tracer.start_span(f"{method} {route}", context=parent, kind=SpanKind.SERVER,
                                        start_time=start_ns, attributes=attributes)
-        if not span.is_recording():
+        if not span.get_span_context().trace_flags.sampled:
+            span.end()  # recorded, perhaps, but never exported: nothing to link or to name
             return None
         return RequestTrace(self, span, start_ns)
 
@@ -262,11 +323,13 @@ class Tracing:
             if seconds is None:
                 continue
             length = int(seconds * 1e9)
-            begins = max(at, end_ns - length) if phase == "respond" else at
+            # Never past the request's end: a V2 request's phases are its rows' longest, whose sum
+            # may pass its total when its rows ran in different batches.
+            begins = min(max(at, end_ns - length) if phase == "respond" else at, end_ns)
+            ends = min(begins + length, end_ns)
             links = [_link(b) for b in batches] if phase == "inference" else ()
-            self._tracer.start_span(phase, context=context, start_time=begins, links=links).end(
-                end_time=min(begins + length, end_ns))
-            at = begins + length
+            self._tracer.start_span(phase, context=context, start_time=begins, links=links).end(end_time=ends)
+            at = ends
 
     def batch(self, ids: TraceContext, requests: Sequence[TraceContext], started_monotonic: float, run_s: float,
               attributes: Mapping[str, object]) -> None:
@@ -274,23 +337,37 @@ class Tracing:
         `started_monotonic` (time.monotonic, which every process shares) for `run_s` seconds,
         linked to the server span of each traced request in it."""
         start_ns = time.time_ns() - int((time.monotonic() - started_monotonic) * 1e9)
-        self._batch_ids.preset = ids
         try:
-            span = self._batch_tracer.start_span("batch", context=Context(), kind=SpanKind.INTERNAL,
-                                                 start_time=start_ns, attributes=attributes,
-                                                 links=[_link(r) for r in requests])
-        finally:
-            self._batch_ids.preset = None
-        span.end(end_time=start_ns + int(run_s * 1e9))
+            self._batch_ids.preset = ids
+            try:
+                span = self._batch_tracer.start_span("batch", context=Context(), kind=SpanKind.INTERNAL,
+                                                     start_time=start_ns, attributes=attributes,
+                                                     links=[_link(r) for r in requests])
+            finally:
+                self._batch_ids.preset = None
+            span.end(end_time=start_ns + int(run_s * 1e9))
+        except Exception:
+            _failed("a batch's span")  # called among a worker's answers: none of them may be lost
 
     def shutdown(self) -> None:
         """Export what is queued, waiting at most server.tracing.shutdown_timeout_s, and stop."""
         started = time.monotonic()
         self._processor.shutdown(timeout_millis=self._shutdown_timeout_s * 1000)
-        if self.drops.queue_full or self.drops.export_failed:
-            log.warning("tracing: spans dropped", extra={"fields": {
-                "queue_full": self.drops.queue_full, "export_failed": self.drops.export_failed}})
+        dropped = self.drops.by_reason()
+        if any(dropped.values()):
+            log.warning("tracing: spans dropped", extra={"fields": dropped})
         log.debug("tracing stopped in %.3f s", time.monotonic() - started)
+
+
+_failures_logged = False
+
+
+def _failed(what: str) -> None:
+    """Log (once per process, with the traceback) that making spans raised; the caller goes on."""
+    global _failures_logged
+    if not _failures_logged:
+        _failures_logged = True
+        log.exception("tracing: making %s failed; requests are served, their spans may be missing", what)
 
 
 def _in_context(span) -> Context:

@@ -250,7 +250,7 @@ class ServerProcess:
         try:
             if self.fronts is not None:
                 # They stop accepting and finish their requests, which this process still serves.
-                await self.fronts.drain(self.server.request_timeout_s + 5.0)
+                await self.fronts.drain(self.server.request_timeout_s + self.server.tracing.shutdown_timeout_s + 5.0)
             if self.reserved is not None:
                 self.reserved.close()
             if self.listening is not None:
@@ -296,13 +296,10 @@ class ServerProcess:
 
     def _spans_dropped(self) -> dict[str, int]:
         """Spans dropped by reason, by this process and its front processes."""
-        drops = {"queue_full": 0, "export_failed": 0}
-        if self.tracing is not None:
-            drops["queue_full"] += self.tracing.drops.queue_full
-            drops["export_failed"] += self.tracing.drops.export_failed
+        drops = self.tracing.drops.by_reason() if self.tracing is not None else {}
         if self.fronts is not None:
             for reason, count in self.fronts.spans_dropped.items():
-                drops[reason] += count
+                drops[reason] = drops.get(reason, 0) + count
         return drops
 
     def _open_connections(self) -> int:

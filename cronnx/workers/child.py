@@ -317,6 +317,8 @@ def serve_batches(inbox: Connection, send: Send, batcher: Batcher, runner: Batch
                 request_ids[msg.slot] = msg.request_id
                 if msg.traced:
                     traced.add(msg.slot)
+                elif traced:
+                    traced.discard(msg.slot)
             elif type(msg) is messages.Cancel:
                 if batcher.cancel(msg.slot):
                     request_ids.pop(msg.slot, None)

@@ -12,6 +12,7 @@ import urllib.request
 from urllib.parse import urlparse
 
 import aiohttp
+import numpy as np
 import pytest
 
 from support.client import TIMEOUT, GoodStream, post, predict_many
@@ -291,10 +292,10 @@ PIPELINED = 40
 SEND_TIMEOUT_S = 1.0
 
 
-def _v2_zeros_request(size: int) -> bytes:
-    """One V2 infer request for the wide model, its [1, 3, size, size] FP32 tensor in binary."""
-    tensor = bytes(4 * 3 * size * size)
-    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, size, size], "datatype": "FP32",
+def _v2_request(rows: np.ndarray) -> bytes:
+    """One V2 infer request for the wide model, `rows` (FP32, [N, 3, H, W]) in binary."""
+    tensor = rows.astype(np.float32).tobytes()
+    header = json.dumps({"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32",
                                      "parameters": {"binary_data_size": len(tensor)}}]}).encode()
     return (f"POST /v2/models/wide/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
             f"Inference-Header-Content-Length: {len(header)}\r\nContent-Length: {len(header) + len(tensor)}\r\n"
@@ -343,7 +344,7 @@ def test_clients_that_never_read_their_answers_are_closed_after_the_send_timeout
                                         idle_timeout_s=60, max_connections=6 * front_processes,
                                         front_processes=front_processes))
     parts = urlparse(server.url)
-    request = _v2_zeros_request(8)
+    request = _v2_request(np.zeros((1, 3, 8, 8), np.float32))
     head, body = request.split(b"\r\n\r\n", 1)
     with urllib.request.urlopen(urllib.request.Request(
             f"{server.url}/v2/models/wide/infer", data=body, headers=dict(
@@ -382,3 +383,38 @@ def test_clients_that_never_read_their_answers_are_closed_after_the_send_timeout
     closings = [json.loads(line) for line in server.log().splitlines() if "server.send_timeout_s" in line]
     assert len(closings) == STALLED_CLIENTS
     assert all(0 < c["unsent_bytes"] <= answer_bytes + 100 for c in closings), (answer_bytes, closings)
+
+
+def _read_slowly(url: str, request: bytes, bytes_per_s: float) -> tuple[bytes, bytes, float]:
+    """Send `request` and read its answer at about `bytes_per_s`: (head, body, seconds taken)."""
+    parts = urlparse(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        started = time.monotonic()
+        conn.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(16384)
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        while len(body) < length:
+            chunk = conn.recv(16384)
+            assert chunk, f"the server closed the connection after {len(body)} of {length} bytes"
+            body += chunk
+            time.sleep(len(chunk) / bytes_per_s)
+        return head, body, time.monotonic() - started
+
+
+def test_a_client_that_reads_a_large_answer_slowly_keeps_its_connection(start_server, tmp_path):
+    """The send timeout is for clients that take nothing: one reading an answer of megabytes at
+    2 MB/s, for several send timeouts, gets all of it."""
+    model = tiny_classifier(tmp_path / "wide.onnx", size=8, classes=50_000, hidden=16)
+    server = start_server(server_config(model_entry("wide", model), send_timeout_s=SEND_TIMEOUT_S))
+    rows = np.random.default_rng(3).random((8, 3, 8, 8), dtype=np.float32)
+    head, body, seconds = _read_slowly(server.url, _v2_request(rows), bytes_per_s=2e6)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert len(body) > 6e6 and seconds > 3 * SEND_TIMEOUT_S, (len(body), seconds)
+    outputs = json.loads(body)["outputs"][0]
+    assert outputs["shape"] == [8, 50_000]
+    assert value(scrape(server.url), "cronnx_send_timeouts_total") == 0
+

@@ -1,4 +1,4 @@
-"""OpenTelemetry traces, received by a real OTLP/HTTP receiver on 127.0.0.1 (support/otlp.py):
+"""OpenTelemetry traces, received by a real OTLP receiver on 127.0.0.1 (bench/otlp_receiver.py):
 a request's server span with its incoming `traceparent` as parent, its phases as ordered
 children, the batch's span linked to it and it to the batch, the trace id in the answer and the
 log lines; in every placement. Sampling as the standard variables say; a collector that is down
@@ -182,6 +182,10 @@ def test_v2_requests_are_traced_with_a_batch_span_per_batch_their_rows_ran_in(st
 
 def test_errors_are_traced_and_a_5xx_is_an_error_span(start_server, tiny_model, receiver):
     server = start_server(server_config(model_entry("tiny", tiny_model)), env=traced_env(receiver))
+    # An Accept header prometheus_client cannot read gets the default format, not a 500.
+    odd = urllib.request.Request(server.url + "/metrics", headers={"Accept": "application/openmetrics-text; version=x"})
+    with urllib.request.urlopen(odd, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain") and b"cronnx_requests_total" in response.read()
     bad = asyncio.run(send(f"{server.url}/predict/tiny", b"not an image"))
     unknown = asyncio.run(send(f"{server.url}/predict/nope", PHOTO))
     assert (bad.status, unknown.status) == (400, 404)
@@ -292,3 +296,68 @@ def test_an_otlp_protocol_cronnx_cannot_export_with_stops_the_start(start_server
     with pytest.raises(RuntimeError, match=r"exited with 2(.|\n)*http/json"):
         start_server(server_config(model_entry("tiny", tiny_model)), env={
             "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
+
+
+# --- In this process: the tracing module against the same receiver -------------------------------
+
+@pytest.fixture
+def in_process(receiver, monkeypatch):
+    """A Tracing of this process exporting to `receiver`, shut down after the test."""
+    from cronnx.config import TracingConfig
+    from cronnx.observability.tracing import Tracing
+    for key, setting in traced_env(receiver).items():
+        monkeypatch.setenv(key, setting)
+    made = []
+
+    def make(**env: str) -> Tracing:
+        for key, setting in env.items():
+            monkeypatch.setenv(key, setting)
+        made.append(Tracing.start(TracingConfig(), "test"))
+        return made[-1]
+    yield make
+    for tracing in made:
+        if tracing is not None:
+            tracing.shutdown()
+
+
+def test_phases_longer_than_their_request_never_end_before_they_begin(in_process, receiver):
+    # A V2 request's phases are its rows' longest: their sum may pass its total.
+    tracing = in_process()
+    trace = tracing.request("POST", "/v2/models/{model}/infer", {}, time.time_ns(), {})
+    trace.finish(200, {}, {"read": 0.001, "queue": 0.010, "inference": 0.010, "respond": 0.001}, 0.012, [])
+    tracing.shutdown()
+    spans = receiver.wait_for(lambda s: len(s) == 5, what="the request and its 4 phases")
+    (root,) = [s for s in spans if s.kind == 2]
+    for span in spans:
+        assert root.start_ns <= span.start_ns <= span.end_ns <= root.end_ns, span
+
+
+def test_service_name_and_version_defaults_leave_the_operators_own(in_process):
+    import cronnx
+    assert in_process().resource.attributes["service.version"] == cronnx.__version__
+    named = in_process(OTEL_SERVICE_NAME="", OTEL_RESOURCE_ATTRIBUTES="service.version=9.9,deployment.environment=test")
+    assert named.resource.attributes["service.name"] == "cronnx"
+    assert named.resource.attributes["service.version"] == "9.9"
+    assert named.resource.attributes["deployment.environment"] == "test"
+
+
+def test_tracestate_sent_in_several_header_lines_is_read_whole(in_process, receiver):
+    from multidict import CIMultiDict
+    tracing = in_process()
+    headers = CIMultiDict([("traceparent", traceparent()), ("tracestate", "a=1"), ("tracestate", "b=2")])
+    tracing.request("POST", "/predict/{model}", headers, time.time_ns(), {}).finish(400, {}, {}, 0.001, [])
+    tracing.shutdown()
+    (span,) = receiver.wait_for(lambda s: len(s) == 1)
+    assert span.trace_state == "a=1,b=2"
+
+
+def test_otel_traces_exporter_none_turns_tracing_off_and_another_exporter_is_refused(monkeypatch, receiver):
+    from cronnx.config import ConfigError, TracingConfig
+    from cronnx.observability.tracing import wanted
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+    assert wanted(TracingConfig())
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert not wanted(TracingConfig(enabled=True))
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    with pytest.raises(ConfigError, match="OTEL_TRACES_EXPORTER is 'console'"):
+        wanted(TracingConfig())
