@@ -74,8 +74,9 @@ class _Reports:
 
     def send(self) -> None:
         """Report now (and once more after `stop`, with what the stop itself counted)."""
-        self._link.send(FrontStats(len(self._runner.server.connections), self._refused, self._send_timeouts,
-                                   self._spans_dropped()))
+        server = self._runner.server  # None once the runner is cleaned up: no connection is open
+        self._link.send(FrontStats(len(server.connections) if server is not None else 0, self._refused,
+                                   self._send_timeouts, self._spans_dropped()))
         self._refused = self._send_timeouts = 0
 
     def stop(self) -> None:
