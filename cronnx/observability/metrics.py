@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from cronnx.config import DEFAULT_LATENCY_BUCKETS_S
+from cronnx.observability.statistics import Statistics
 from cronnx.observability.trace_context import TraceContext
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ class Metrics:
                                            "process's stop ran out of server.tracing.shutdown_timeout_s)",
                                            spans_dropped, "reason"))
         self._versions: dict[tuple[str, str], _VersionSeries] = {}
+        # Triton's statistics extension, from the same records (GET /v2/models/.../stats).
+        self.statistics = Statistics()
 
     def record_request(self, model: str, version: str, api: str, outcome: str, total_s: float,
                        phases: dict[str, float], rejection: str, trace: TraceContext | None = None) -> None:
@@ -97,16 +100,20 @@ class Metrics:
             series.phase(phase).observe(seconds)
         if rejection:
             series.rejection(rejection).inc()
+        if series.statistics is not None:
+            series.statistics.request(outcome == "success", total_s, phases)
 
-    def batch_recorder(self, model: str, version: str) -> Callable[[int, float], None]:
+    def batch_recorder(self, model: str, version: str) -> Callable[[int, float, float], None]:
         """What to call with each batch a worker ran for this model version: the requests in it,
-        and the seconds its oldest request waited."""
+        the seconds its oldest request waited, and the seconds it ran."""
         size = self.batch_size.labels(model, version)
         fill = self.batch_fill.labels(model, version)
+        statistics = self.statistics.version(model, version)
 
-        def record(batch_size: int, oldest_wait_s: float) -> None:
+        def record(batch_size: int, oldest_wait_s: float, run_s: float) -> None:
             size.observe(batch_size)
             fill.observe(oldest_wait_s)
+            statistics.batch(batch_size, run_s)
         return record
 
     def render(self, accept: str) -> tuple[bytes, str]:
@@ -126,6 +133,8 @@ class _VersionSeries:
     def __init__(self, metrics: Metrics, model: str, version: str):
         self._metrics, self._labels = metrics, (model, version)
         self.duration = metrics.duration.labels(model, version)
+        # None for requests that named no served model or version (model "_unknown", version "").
+        self.statistics = metrics.statistics.version(model, version) if version else None
         self._rejections: dict[str, Counter] = {}
         self._outcomes: dict[tuple[str, str], Counter] = {}
         self._phases: dict[str, Histogram] = {}

@@ -286,7 +286,7 @@ class ServerProcess:
         spans = self.tracing
 
         def observe(worker: Worker, done: messages.Done, traced: list[TraceContext]) -> None:
-            record(len(done.slots), max(done.queue_s))
+            record(len(done.slots), max(done.queue_s), done.infer_s)
             if traced and spans is not None and done.trace is not None:
                 spans.batch(done.trace, traced, done.started, done.infer_s, {
                     "cronnx.model": model, "cronnx.version": version, "cronnx.worker": worker.name,

@@ -1,6 +1,6 @@
 """The Open Inference Protocol's routes the server process answers (KServe V2; Triton's HTTP/REST
-API): server metadata and health, the repository index, and each model's metadata, readiness and
-Triton's model configuration. Infer is `http/v2.py`'s."""
+API): server metadata and health, the repository index, and each model's metadata, readiness,
+Triton's model configuration and Triton's statistics. Infer is `http/v2.py`'s."""
 
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ async def repository_index(request: web.Request) -> web.Response:
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    """`GET /v2`: name, version and the protocol extensions supported."""
-    return json_response({"name": "cronnx", "version": _server_version(), "extensions": EXTENSIONS})
+    """`GET /v2`: name, version and the protocol extensions supported: infer's, and Triton's
+    statistics (served here)."""
+    return json_response({"name": "cronnx", "version": _server_version(), "extensions": [*EXTENSIONS, "statistics"]})
 
 
 # The health answers carry a body as well as their status: Triton's clients read the status
@@ -119,6 +120,25 @@ async def model_config(request: web.Request) -> web.Response:
     })
 
 
+async def model_statistics(request: web.Request) -> web.Response:
+    """`GET /v2/models[/{m}[/versions/{v}]]/stats`: Triton's statistics extension
+    (observability/statistics.py) of every version with workers, of the model's, or of the one
+    named; 404 for an unknown model or version."""
+    state = request.app[STATE]
+    registry, statistics = state.registry, state.metrics.statistics
+    name, version = request.match_info.get("model"), requested_version(request)
+    if name is None:
+        pools = list(registry.pools())
+    elif version is not None:
+        pools = [registry.version(name, version)]
+    else:
+        registry.route(name)  # 404 for a model not served
+        pools = [pool for pool in registry.pools() if pool.name == name]
+    keys = sorted({(pool.name, pool.version) for pool in pools})
+    return json_response({"model_stats": [statistics.version(model, str(number)).to_json(model, str(number))
+                                          for model, number in keys]})
+
+
 def add_metadata_routes(app: web.Application) -> None:
     """The V2 routes of this module, beside infer on the same application."""
     router = app.router
@@ -126,7 +146,10 @@ def add_metadata_routes(app: web.Application) -> None:
     router.add_get("/v2/health/live", server_live)
     router.add_get("/v2/health/ready", server_ready)
     router.add_post("/v2/repository/index", repository_index)
+    # Before /v2/models/{model}, which would take "stats" for a model's name.
+    router.add_get("/v2/models/stats", model_statistics)
     for base in ("/v2/models/{model}", r"/v2/models/{model}/versions/{version:\d+}"):
         router.add_get(base, model_metadata)
         router.add_get(base + "/ready", model_ready)
         router.add_get(base + "/config", model_config)
+        router.add_get(base + "/stats", model_statistics)
