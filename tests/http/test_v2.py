@@ -59,7 +59,7 @@ def test_health_metadata_and_config_as_tritons_client_reads_them(server):
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
     config = c.get_model_config("tiny")
     assert config["max_batch_size"] == 8 and config["input"][0]["dims"] == [3, 32, 32]
-    assert c.get_server_metadata()["extensions"] == ["binary_tensor_data", "classification"]
+    assert c.get_server_metadata()["extensions"] == ["binary_tensor_data", "classification", "statistics"]
     with pytest.raises(InferenceServerException, match="unknown model"):
         c.get_model_metadata("nosuch")
 
