@@ -30,26 +30,13 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 
-from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    SpanExporter,
-    SpanExportResult,
-)
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace import (
-    Link,
-    SpanContext,
-    SpanKind,
-    Status,
-    StatusCode,
-    TraceFlags,
-    set_span_in_context,
-)
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import cronnx
@@ -64,6 +51,7 @@ PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_
 PHASES = ("read", "admission", "preprocess", "queue", "inference", "respond")
 _SCOPE = "cronnx"
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_UNSET = Status(StatusCode.UNSET)
 
 
 class SpanDrops:
@@ -138,21 +126,6 @@ class _CountingProcessor(BatchSpanProcessor):
                 self._drops.shutdown += len(self._batch_processor._queue)
             except AttributeError:
                 pass
-
-
-class _PresetIds(RandomIdGenerator):
-    """Random ids, or the ones set in `preset` for the next span (a batch's, chosen by its worker)."""
-
-    def __init__(self) -> None:
-        self.preset: TraceContext | None = None
-
-    def generate_trace_id(self) -> int:
-        preset = self.preset
-        return int.from_bytes(preset.trace_id, "big") if preset else super().generate_trace_id()
-
-    def generate_span_id(self) -> int:
-        preset = self.preset
-        return int.from_bytes(preset.span_id, "big") if preset else super().generate_span_id()
 
 
 def _exporter(protocol: str) -> SpanExporter:
@@ -258,8 +231,9 @@ class RequestTrace:
 
 class Tracing:
     """The tracing of one process that serves HTTP (the server process or a front process): its
-    tracer provider (the environment's sampler), an always-on one for batches (a batch is traced
-    when one of its requests is), the W3C propagator, and the counts of dropped spans."""
+    tracer provider (the environment's sampler) for the requests' server spans, ended spans made
+    directly for their phases and for batches (`_ended`), the W3C propagator, the batch processor
+    they all go to, and the counts of dropped spans."""
 
     def __init__(self, config: TracingConfig, process: str):
         self.drops = SpanDrops()
@@ -275,11 +249,8 @@ class Tracing:
         self._provider = TracerProvider(resource=self.resource, shutdown_on_exit=False)
         self._provider.add_span_processor(self._processor)
         self._tracer = self._provider.get_tracer(_SCOPE, cronnx.__version__)
-        self._batch_ids = _PresetIds()
-        self._batch_provider = TracerProvider(resource=self.resource, sampler=ALWAYS_ON, id_generator=self._batch_ids,
-                                              shutdown_on_exit=False)
-        self._batch_provider.add_span_processor(self._processor)
-        self._batch_tracer = self._batch_provider.get_tracer(_SCOPE, cronnx.__version__)
+        self._scope = InstrumentationScope(_SCOPE, cronnx.__version__)
+        self._ids = RandomIdGenerator()
         self._propagator = TraceContextTextMapPropagator()
         self.sampler = self._provider.sampler.get_description()
 
@@ -316,7 +287,7 @@ class Tracing:
                     batches: Sequence[TraceContext]) -> None:
         """A child span of `parent` for each phase in `phases` (seconds): end to end from
         `start_ns`, `respond` last, ending at `end_ns`; `inference` linked to `batches`."""
-        context = _in_context(parent)
+        ids = parent.get_span_context()
         at = start_ns
         for phase in PHASES:
             seconds = phases.get(phase)
@@ -327,9 +298,20 @@ class Tracing:
             # may pass its total when its rows ran in different batches.
             begins = min(max(at, end_ns - length) if phase == "respond" else at, end_ns)
             ends = min(begins + length, end_ns)
-            links = [_link(b) for b in batches] if phase == "inference" else ()
-            self._tracer.start_span(phase, context=context, start_time=begins, links=links).end(end_time=ends)
+            links = [_link(b) for b in batches] if phase == "inference" else []
+            own = SpanContext(ids.trace_id, self._ids.generate_span_id(), False, ids.trace_flags, ids.trace_state)
+            self._ended(phase, own, ids, begins, ends, {}, links)
             at = ends
+
+    def _ended(self, name: str, ids: SpanContext, parent: SpanContext | None, start_ns: int, end_ns: int,
+               attributes: Mapping[str, object], links: list[Link]) -> None:
+        """Hand the processor a span that is over already: a phase or a batch, whose times were
+        measured, made as the SDK makes an ended span (a ReadableSpan) without the Tracer's work
+        for a span still running (its sampler, lock and limits: three quarters of a span's cost
+        here). A phase is traced when its request is (every standard sampler decides a child as
+        its sampled root), a batch when one of its requests is."""
+        self._processor.on_end(ReadableSpan(name, ids, parent, self.resource, dict(attributes), (), links,
+                                            SpanKind.INTERNAL, None, _UNSET, start_ns, end_ns, self._scope))
 
     def batch(self, ids: TraceContext, requests: Sequence[TraceContext], started_monotonic: float, run_s: float,
               attributes: Mapping[str, object]) -> None:
@@ -338,14 +320,9 @@ class Tracing:
         linked to the server span of each traced request in it."""
         start_ns = time.time_ns() - int((time.monotonic() - started_monotonic) * 1e9)
         try:
-            self._batch_ids.preset = ids
-            try:
-                span = self._batch_tracer.start_span("batch", context=Context(), kind=SpanKind.INTERNAL,
-                                                     start_time=start_ns, attributes=attributes,
-                                                     links=[_link(r) for r in requests])
-            finally:
-                self._batch_ids.preset = None
-            span.end(end_time=start_ns + int(run_s * 1e9))
+            own = SpanContext(int.from_bytes(ids.trace_id, "big"), int.from_bytes(ids.span_id, "big"), False, _SAMPLED)
+            self._ended("batch", own, None, start_ns, start_ns + int(run_s * 1e9), attributes,
+                        [_link(r) for r in requests])
         except Exception:
             _failed("a batch's span")  # called among a worker's answers: none of them may be lost
 
@@ -368,10 +345,6 @@ def _failed(what: str) -> None:
     if not _failures_logged:
         _failures_logged = True
         log.exception("tracing: making %s failed; requests are served, their spans may be missing", what)
-
-
-def _in_context(span) -> Context:
-    return set_span_in_context(span, Context())
 
 
 def _link(ids: TraceContext) -> Link:
