@@ -17,6 +17,7 @@ import asyncio
 import logging
 import signal
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 import msgspec
 from aiohttp import web
@@ -27,8 +28,11 @@ from cronnx.fronts.relay import SERVER, relay, server_session
 from cronnx.http.app import make_app, make_runner
 from cronnx.http.listener import listen
 from cronnx.observability.logs import setup_logging
-from cronnx.observability.tracing import Tracing
+from cronnx.observability.trace_settings import start_tracing
 from cronnx.preprocessing.transform import set_max_image_pixels
+
+if TYPE_CHECKING:
+    from cronnx.observability.tracing import Tracing
 
 log = logging.getLogger("cronnx.front_process")
 
@@ -96,7 +100,7 @@ class _Reports:
 async def _serve(spec: FrontSpec, inbox: Connection, outbox: Connection) -> None:
     settings = spec.http
     link = EngineLink(inbox, outbox, spec.preprocess_threads)
-    tracing = Tracing.start(spec.tracing, f"front-{spec.index}")
+    tracing = start_tracing(spec.tracing, f"front-{spec.index}")
     app = make_app(link, settings, tracing)
     app[SERVER] = server = server_session(spec.server_socket)
     app.router.add_route("*", "/{tail:.*}", relay)

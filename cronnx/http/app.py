@@ -3,6 +3,8 @@ placement: `/predict` and V2 infer, over whichever inference client the process 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from cronnx.engine.client import InferenceClient
@@ -11,7 +13,9 @@ from cronnx.http.context import CLIENT, SETTINGS, TRACING, HttpSettings
 from cronnx.http.middleware import request_ids_and_json_errors
 from cronnx.http.predict import predict
 from cronnx.http.v2 import add_infer_routes
-from cronnx.observability.tracing import Tracing
+
+if TYPE_CHECKING:
+    from cronnx.observability.tracing import Tracing
 
 
 def make_app(client: InferenceClient, settings: HttpSettings, tracing: Tracing | None) -> web.Application:

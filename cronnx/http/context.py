@@ -3,12 +3,16 @@ inference client and the process's tracing (None when off), as keys of the aioht
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import msgspec
 from aiohttp import web
 
 from cronnx.config import ServerConfig
 from cronnx.engine.client import InferenceClient
-from cronnx.observability.tracing import Tracing
+
+if TYPE_CHECKING:  # loaded only by a process that traces (observability/trace_settings.py)
+    from cronnx.observability.tracing import Tracing
 
 
 class HttpSettings(msgspec.Struct, frozen=True):
@@ -32,4 +36,4 @@ class HttpSettings(msgspec.Struct, frozen=True):
 
 SETTINGS = web.AppKey("settings", HttpSettings)
 CLIENT = web.AppKey("client", InferenceClient)
-TRACING = web.AppKey("tracing", Tracing)
+TRACING: web.AppKey[Tracing | None] = web.AppKey("tracing")

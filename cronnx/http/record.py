@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -18,7 +19,9 @@ from cronnx.errors import CronnxError, ModelNotFound, QueueFull, QueueTimeout
 from cronnx.http.context import CLIENT, TRACING
 from cronnx.http.middleware import TRACEPARENT, error_status
 from cronnx.observability.trace_context import TraceContext
-from cronnx.observability.tracing import RequestTrace
+
+if TYPE_CHECKING:
+    from cronnx.observability.tracing import RequestTrace
 
 access_log = logging.getLogger("cronnx.access")
 

@@ -26,7 +26,6 @@ last spans `shutdown_timeout_s`. Making spans never fails a request: an error is
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 
@@ -40,13 +39,12 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import cronnx
-from cronnx.config import ConfigError, TracingConfig
+from cronnx.config import TracingConfig
 from cronnx.observability.trace_context import TraceContext
+from cronnx.observability.trace_settings import ENDPOINT_VARIABLES, first_set, protocol
 
 log = logging.getLogger("cronnx.tracing")
 
-ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
-PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
 # The phases a request may report, in the order they happen; `respond` ends with the request.
 PHASES = ("read", "admission", "preprocess", "queue", "inference", "respond")
 _SCOPE = "cronnx"
@@ -141,41 +139,6 @@ def _exporter(protocol: str) -> SpanExporter:
     return OTLPSpanExporter()
 
 
-def _first(variables: Sequence[str], default: str = "") -> str:
-    return next((os.environ[v] for v in variables if os.environ.get(v)), default)
-
-
-def protocol() -> str:
-    """The OTLP protocol the environment asks for (http/protobuf, the specification's default, or
-    grpc). ConfigError for one the Python SDK has no exporter of (http/json)."""
-    chosen = _first(PROTOCOL_VARIABLES, "http/protobuf")
-    if chosen not in ("http/protobuf", "grpc"):
-        raise ConfigError(f"{' / '.join(PROTOCOL_VARIABLES)} is {chosen!r}: Cronnx exports spans over "
-                          "http/protobuf or grpc")
-    return chosen
-
-
-def exporter_named() -> str:
-    """OTEL_TRACES_EXPORTER: "otlp" (the default) or "none" (no traces). ConfigError for another
-    exporter (console, zipkin...): Cronnx exports OTLP only."""
-    named = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() or "otlp"
-    if named not in ("otlp", "none"):
-        raise ConfigError(f"OTEL_TRACES_EXPORTER is {named!r}: Cronnx exports spans over OTLP only "
-                          "(otlp, or none for no traces)")
-    return named
-
-
-def wanted(config: TracingConfig) -> bool:
-    """Whether to trace: never under OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none; else as
-    `config.enabled` says, and when it says nothing, when an OTLP endpoint is set. Raises
-    ConfigError for an OTEL_TRACES_EXPORTER other than otlp or none."""
-    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or exporter_named() == "none":
-        return False
-    if config.enabled is not None:
-        return config.enabled
-    return bool(_first(ENDPOINT_VARIABLES))
-
-
 class _HeaderGetter(Getter):
     """Every value of a header, as W3C Trace Context asks of `tracestate` sent in several header
     lines (the SDK's default getter reads only the first of an aiohttp request's)."""
@@ -254,18 +217,9 @@ class Tracing:
         self._propagator = TraceContextTextMapPropagator()
         self.sampler = self._provider.sampler.get_description()
 
-    @classmethod
-    def start(cls, config: TracingConfig, process: str) -> Tracing | None:
-        """This process's tracing (`process` names it in the spans' resource: "server",
-        "front-1"...), or None when off (`wanted`). Raises ConfigError for an OTLP protocol the
-        SDK cannot export with."""
-        if not wanted(config):
-            return None
-        return cls(config, process)
-
     def describe(self) -> str:
         """Where spans go and how they are sampled, for the start-up log."""
-        endpoint = _first(ENDPOINT_VARIABLES, "the exporter's default (localhost)")
+        endpoint = first_set(ENDPOINT_VARIABLES, "the exporter's default (localhost)")
         return (f"tracing: OTLP {protocol()} to {endpoint}, service {self.resource.attributes.get('service.name')}, "
                 f"sampler {self.sampler}")
 

@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -26,11 +27,10 @@ from cronnx.http.listener import listen, reserve_port
 from cronnx.ipc.segments import release_names, remove_stale_segments
 from cronnx.models import catalog, runtime
 from cronnx.models.catalog import Key, ModelVersion, PreparedVersion
-from cronnx.observability import tracing
 from cronnx.observability.logs import LoggingSpec
 from cronnx.observability.metrics import Metrics
 from cronnx.observability.trace_context import TraceContext
-from cronnx.observability.tracing import Tracing
+from cronnx.observability.trace_settings import protocol, start_tracing, wanted
 from cronnx.preprocessing.placement import Preprocessing
 from cronnx.preprocessing.placement import start as start_preprocessing
 from cronnx.preprocessing.transform import pil_build, set_max_image_pixels
@@ -39,6 +39,9 @@ from cronnx.server.routes import add_server_routes
 from cronnx.server.state import ServerState
 from cronnx.workers import messages
 from cronnx.workers.supervisor import BatchObserver, Liveness, Worker
+
+if TYPE_CHECKING:
+    from cronnx.observability.tracing import Tracing
 
 log = logging.getLogger("cronnx.server")
 
@@ -59,8 +62,8 @@ def run_server(config: Config, config_path: str, overrides: dict[str, object] | 
     signal.signal(signal.SIGTERM, _stop_starting)
     signal.signal(signal.SIGINT, _stop_starting)
     set_max_image_pixels(config.server.max_image_pixels)
-    if tracing.wanted(config.server.tracing):
-        tracing.protocol()  # a protocol Cronnx cannot export with is a config error, before anything starts
+    if wanted(config.server.tracing):
+        protocol()  # a protocol Cronnx cannot export with is a config error, before anything starts
     removed = remove_stale_segments()
     if removed:
         log.warning("removed %d shared-memory segments and lock files left by killed runs: %s", len(removed),
@@ -162,7 +165,7 @@ class ServerProcess:
         self.reloader: Reloader | None = None
         self.engine: InferenceEngine | None = None
         self.state: ServerState | None = None
-        self.tracing: Tracing | None = None
+        self.tracing: Tracing | None = None  # observability.tracing's, when this server traces
         self.runner: web.AppRunner | None = None
         # This process listens on the port (`listening`), or front processes do (`fronts`) on
         # the port `reserved` holds for them, and pass other routes on to a socket in `socket_dir`.
@@ -187,7 +190,7 @@ class ServerProcess:
     def start_engine(self) -> None:
         """The metrics, the registry (no model yet), the reloader and the engine over them."""
         server = self.server
-        self.tracing = Tracing.start(server.tracing, "server")
+        self.tracing = start_tracing(server.tracing, "server")
         if self.tracing is not None:
             log.info(self.tracing.describe())
         # Metrics read the registry's pools at each scrape; the registry reports batches to metrics.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import urllib.request
 
@@ -304,6 +305,7 @@ def test_an_otlp_protocol_cronnx_cannot_export_with_stops_the_start(start_server
 def in_process(receiver, monkeypatch):
     """A Tracing of this process exporting to `receiver`, shut down after the test."""
     from cronnx.config import TracingConfig
+    from cronnx.observability.trace_settings import start_tracing
     from cronnx.observability.tracing import Tracing
     for key, setting in traced_env(receiver).items():
         monkeypatch.setenv(key, setting)
@@ -312,7 +314,7 @@ def in_process(receiver, monkeypatch):
     def make(**env: str) -> Tracing:
         for key, setting in env.items():
             monkeypatch.setenv(key, setting)
-        made.append(Tracing.start(TracingConfig(), "test"))
+        made.append(start_tracing(TracingConfig(), "test"))
         return made[-1]
     yield make
     for tracing in made:
@@ -353,7 +355,7 @@ def test_tracestate_sent_in_several_header_lines_is_read_whole(in_process, recei
 
 def test_otel_traces_exporter_none_turns_tracing_off_and_another_exporter_is_refused(monkeypatch, receiver):
     from cronnx.config import ConfigError, TracingConfig
-    from cronnx.observability.tracing import wanted
+    from cronnx.observability.trace_settings import wanted
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
     assert wanted(TracingConfig())
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
@@ -361,3 +363,19 @@ def test_otel_traces_exporter_none_turns_tracing_off_and_another_exporter_is_ref
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
     with pytest.raises(ConfigError, match="OTEL_TRACES_EXPORTER is 'console'"):
         wanted(TracingConfig())
+
+
+def test_a_server_that_does_not_trace_never_loads_the_sdk():
+    """Every module a server process, front process or worker loads without tracing, imported in a
+    fresh interpreter: OpenTelemetry stays out (it is not on every machine Cronnx runs on, and
+    costs start-up time and memory), and start_tracing loads it only when asked to trace."""
+    import subprocess
+    import sys
+    script = ("import sys; import cronnx.cli, cronnx.server.main, cronnx.fronts.child, cronnx.workers.child; "
+              "from cronnx.config import TracingConfig; from cronnx.observability.trace_settings import start_tracing; "
+              "assert start_tracing(TracingConfig(enabled=False), 'test') is None; "
+              "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("OTEL_")})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
