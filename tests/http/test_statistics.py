@@ -35,14 +35,6 @@ def _v2_body(direct: DirectModel) -> bytes:
                                    "data": rows.ravel().tolist()}]}).encode()
 
 
-def _get(url: str) -> tuple[int, dict]:
-    async def one():
-        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-            async with session.get(url) as response:
-                return response.status, await response.json()
-    return asyncio.run(one())
-
-
 @PLACEMENTS
 def test_statistics_count_exactly_the_requests_rows_and_batches_served(start_server, tiny_model, front_processes):
     server = start_server(server_config(model_entry("tiny", tiny_model), front_processes=front_processes))
@@ -63,7 +55,7 @@ def test_statistics_count_exactly_the_requests_rows_and_batches_served(start_ser
     succeeded = PREDICTS + V2_REQUESTS
 
     def stats() -> dict:
-        status, answer = _get(f"{server.url}/v2/models/tiny/versions/1/stats")
+        status, answer = server.get("/v2/models/tiny/versions/1/stats")
         assert status == 200, answer
         (entry,) = answer["model_stats"]
         return entry
@@ -89,13 +81,13 @@ def test_statistics_count_exactly_the_requests_rows_and_batches_served(start_ser
     assert before_ms <= entry["last_inference"] <= time.time_ns() // 1_000_000
 
     # Every version, the model's, and refusals for what is not served.
-    status, every = _get(f"{server.url}/v2/models/stats")
+    status, every = server.get("/v2/models/stats")
     assert status == 200 and [e["name"] for e in every["model_stats"]] == ["tiny"]
-    assert _get(f"{server.url}/v2/models/tiny/stats")[1] == {"model_stats": [stats()]}
-    status, missing = _get(f"{server.url}/v2/models/nope/stats")
+    assert server.get("/v2/models/tiny/stats")[1] == {"model_stats": [stats()]}
+    status, missing = server.get("/v2/models/nope/stats")
     assert status == 404 and "unknown model 'nope'" in missing["error"]
-    assert _get(f"{server.url}/v2/models/tiny/versions/7/stats")[0] == 404
-    assert "statistics" in _get(f"{server.url}/v2")[1]["extensions"]
+    assert server.get("/v2/models/tiny/versions/7/stats")[0] == 404
+    assert "statistics" in server.get("/v2")[1]["extensions"]
 
     # Triton's own client reads it.
     client = triton.InferenceServerClient(server.url.removeprefix("http://"))
@@ -108,7 +100,7 @@ def test_statistics_count_exactly_the_requests_rows_and_batches_served(start_ser
 
 def test_a_version_that_served_nothing_has_statistics_of_zero(start_server, tiny_model):
     server = start_server(server_config(model_entry("tiny", tiny_model)))
-    status, answer = _get(f"{server.url}/v2/models/tiny/stats")
+    status, answer = server.get("/v2/models/tiny/stats")
     assert status == 200
     (entry,) = answer["model_stats"]
     assert entry["inference_count"] == entry["execution_count"] == entry["last_inference"] == 0

@@ -60,9 +60,10 @@ async def send(url: str, body: bytes, headers: dict | None = None, content_type:
         return await post(session, url, body, content_type, headers=headers)
 
 
-def log_lines(server, message: str) -> list[dict]:
+def log_lines(server, message: str | None = None) -> list[dict]:
+    """The server's JSON log lines, those with `message` when one is given."""
     lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
-    return [line for line in lines if line["message"] == message]
+    return [line for line in lines if message is None or line["message"] == message]
 
 
 PLACEMENTS = pytest.mark.parametrize("placement", [
@@ -120,7 +121,7 @@ def test_a_traced_request_has_its_phases_and_is_linked_to_its_batch(start_server
     assert (access["trace_id"], access["span_id"]) == (PARENT_TRACE, root.span_id)
     (batch_line,) = [line for line in log_lines(server, "batch") if "trace_id" in line]
     assert (batch_line["trace_id"], batch_line["span_id"]) == (batch.trace_id, batch.span_id)
-    assert any("tracing: OTLP http/protobuf to " + receiver.url in line["message"] for line in log_lines_all(server))
+    assert any("tracing: OTLP http/protobuf to " + receiver.url in line["message"] for line in log_lines(server))
     # The latency histogram's exemplar names the trace, for a scraper that asks for OpenMetrics.
     exemplar = f'# {{span_id="{root.span_id}",trace_id="{PARENT_TRACE}"}}'
     wait_until(lambda: any(line.startswith("cronnx_request_duration_seconds_bucket") and exemplar in line
@@ -133,10 +134,6 @@ def openmetrics(server) -> str:
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.headers["Content-Type"].startswith("application/openmetrics-text")
         return response.read().decode()
-
-
-def log_lines_all(server) -> list[dict]:
-    return [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
 
 
 def test_requests_batched_together_share_one_batch_span_linked_to_each(start_server, tiny_model, receiver):
@@ -220,7 +217,7 @@ def test_otel_sdk_disabled_exports_nothing(start_server, tiny_model, receiver):
     reply = asyncio.run(send(f"{server.url}/predict/tiny", PHOTO, {"traceparent": traceparent()}))
     assert reply.status == 200 and "traceparent" not in reply.headers
     assert quiet_for(receiver, 0.5) == [] and receiver.exports == 0
-    assert not any("tracing:" in line["message"] for line in log_lines_all(server))
+    assert not any("tracing:" in line["message"] for line in log_lines(server))
 
 
 def _answer_times(url: str, count: int) -> list[float]:
@@ -288,7 +285,7 @@ def test_spans_go_over_otlp_grpc_when_the_protocol_says_so(start_server, tiny_mo
         spans = receiver.wait_for(lambda s: len(s) == 8, what="the request's 8 spans over gRPC")
         (root,) = [s for s in spans if s.name == "POST /predict/{model}"]
         assert reply.headers["traceparent"] == f"00-{PARENT_TRACE}-{root.span_id}-01"
-        assert any("tracing: OTLP grpc to " + receiver.url in line["message"] for line in log_lines_all(server))
+        assert any("tracing: OTLP grpc to " + receiver.url in line["message"] for line in log_lines(server))
     finally:
         receiver.stop()
 
