@@ -57,7 +57,7 @@ def cost_per_request(requests: int = 2000) -> tuple[float, float]:
     phases = {"read": 5e-4, "admission": 1e-5, "preprocess": 9e-3, "queue": 1e-3, "inference": 6e-3, "respond": 2e-4}
     started = time.process_time()
     for _ in range(requests):
-        trace = tracing.request("POST", "/predict/{model}", headers, time.time_ns(), {
+        trace = tracing.request("POST /predict/{model}", headers, time.time_ns(), {
             "http.request.method": "POST", "http.route": "/predict/{model}", "url.path": "/predict/m",
             "url.scheme": "http", "cronnx.api": "predict", "cronnx.request_id": "0" * 32})
         batch = TraceContext.new()

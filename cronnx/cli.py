@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from cronnx.config import ConfigError, load_config
+from cronnx.config import OFF, ConfigError, load_config
 from cronnx.observability.logs import setup_logging
 
 DEFAULT_CONFIG = "config/cronnx.yaml"
@@ -22,6 +22,25 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+class _GrpcPort(click.ParamType):
+    """A port number, or "off" (config.OFF)."""
+
+    name = "PORT|off"
+
+    def convert(self, value, param, ctx):
+        if value is OFF or isinstance(value, int):
+            return value
+        if value == "off":
+            return OFF
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a port number nor 'off'", param, ctx)
+
+
+GRPC_PORT = _GrpcPort()
+
+
 @click.group()
 @click.version_option(package_name="cronnx", prog_name="cronnx")
 def main() -> None:
@@ -32,19 +51,22 @@ def main() -> None:
 @click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help="YAML config file.")
 @click.option("--host", default=None, help="Address to bind (overrides server.host).")
 @click.option("--port", type=int, default=None, help="Port to bind (overrides server.port).")
+@click.option("--grpc-port", type=GRPC_PORT, default=None,
+              help="Serve the Open Inference Protocol over gRPC on this port too (0: a free one; off: not at all; "
+                   "overrides server.grpc_port).")
 @click.option("--model-repository", default=None,
               help="A folder of <name>/<version>/model.onnx to serve (overrides server.model_repository; "
                    "Triton's --model-repository, KServe's /mnt/models).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
 @click.option("--log-format", type=click.Choice(["json", "text"]), default=None,
               help="JSON lines (default) or human-readable text (overrides server.log_format).")
-def serve(config_path: str, host: str | None, port: int | None, model_repository: str | None,
+def serve(config_path: str, host: str | None, port: int | None, grpc_port: object, model_repository: str | None,
           log_level: str | None, log_format: str | None) -> None:
     """Serve the models of a config file over HTTP."""
     from cronnx.server.main import run_server
 
-    overrides = {"host": host, "port": port, "model_repository": model_repository, "log_level": log_level,
-                 "log_format": log_format}
+    overrides = {"host": host, "port": port, "grpc_port": grpc_port, "model_repository": model_repository,
+                 "log_level": log_level, "log_format": log_format}
     try:
         config = load_config(config_path, **overrides)
     except ConfigError as exc:
@@ -55,7 +77,7 @@ def serve(config_path: str, host: str | None, port: int | None, model_repository
     except ConfigError as exc:
         _fail(f"config error: {exc}", CONFIG_ERROR_EXIT)
     except OSError as exc:
-        _fail(f"cannot serve on {config.server.host}:{config.server.port}: {exc}", 1)
+        _fail(f"cannot serve: {exc}", 1)
     sys.exit(code)
 
 

@@ -124,6 +124,11 @@ class ServerConfig(Strict):
     # while this process keeps the models, rings and workers (cronnx/fronts/): one
     # event loop caps near 1,000 /predict requests a second (bench/README.md, "Front processes").
     front_processes: PositiveInt = 1
+    # The Open Inference Protocol over gRPC (Triton's GRPCInferenceService) on this port, beside
+    # HTTP; 0: a free port (the log says which); None: off. Off unless asked for, so that two
+    # servers on one host never contend for a port one of them does not use; the container
+    # images, the Kubernetes manifests and KServe's ServingRuntime ask for 8081 (KServe's gRPC port).
+    grpc_port: Port | None = None
     # Pillow refuses images above this many pixels (decompression bombs).
     max_image_pixels: PositiveInt = 50_000_000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -307,11 +312,16 @@ class Config(Strict):
             raise ValueError(f"server.admin.enabled needs a token: server.admin.token or {ADMIN_TOKEN_ENV}")
 
 
+# A command-line override that sets a field to null (`--grpc-port off`): None means "not given".
+OFF = object()
+
+
 def load_config(path: str | os.PathLike[str], **server_overrides: object) -> Config:
     """Read and validate a YAML config; every problem becomes one ConfigError naming file and field.
 
-    `server_overrides` (the command line's; None means not given) replace fields of the `server`
-    section before validation, so that a config naming no model is valid with --model-repository."""
+    `server_overrides` (the command line's; None means not given, OFF null) replace fields of
+    the `server` section before validation, so that a config naming no model is valid with
+    --model-repository."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -321,7 +331,7 @@ def load_config(path: str | os.PathLike[str], **server_overrides: object) -> Con
         data = msgspec.yaml.decode(raw)
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    given = {k: v for k, v in server_overrides.items() if v is not None}
+    given = {k: (None if v is OFF else v) for k, v in server_overrides.items() if v is not None}
     if given and isinstance(data, dict) and isinstance(data.get("server", {}), dict):
         data = {**data, "server": {**data.get("server", {}), **given}}
     try:

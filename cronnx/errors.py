@@ -1,6 +1,6 @@
 """What can go wrong with a request, below any protocol: the engine, the registry and the
 preprocessing raise these; HTTP maps them to status codes in one table
-(`http.middleware.ERROR_STATUS`). The message is what the client is told.
+(`protocol.status.ERROR_STATUS`). The message is what the client is told.
 
 An error crosses a pipe one way (`to_wire`, `from_wire`): as its class's name here and its
 message; any other exception (a bug) crosses as an `InternalError`.

@@ -37,7 +37,7 @@ def test_the_tree_keeps_every_import_contract():
      "A preprocessing process loads none of the server process's side"),
     ("models/spec.py", "cronnx.engine.pool", "Imports go down only"),
     ("fronts/link.py", "cronnx.engine.registry", "A front process loads none of the server process's side"),
-    ("http/predict.py", "cronnx.engine.inference", "HTTP sees only the engine's client interface"),
+    ("http/predict.py", "cronnx.engine.inference", "The protocols (HTTP, gRPC, what they share) see only"),
 ])
 def test_an_import_across_the_rules_breaks_its_contract(tmp_path, module, forbidden, contract):
     shutil.copytree(REPO / "cronnx", tmp_path / "cronnx", ignore=shutil.ignore_patterns("__pycache__"))

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from cronnx.fronts.link import EngineLink
 from cronnx.fronts.messages import FrontSpec, FrontStats, Listening
-from cronnx.fronts.relay import SERVER, relay, server_session
+from cronnx.fronts.relay import SERVER, RelayedMetadata, relay, server_session
 from cronnx.http.app import make_app, make_runner
 from cronnx.http.listener import listen
 from cronnx.observability.logs import setup_logging
@@ -107,11 +107,17 @@ async def _serve(spec: FrontSpec, inbox: Connection, outbox: Connection) -> None
     runner = make_runner(app, settings)
     await runner.setup()
     reports = _Reports(link, runner, tracing)
-    listening = None
+    listening = grpc_server = None
     try:
         listening = await listen(runner, settings.host, spec.port, spec.max_connections, settings.send_timeout_s,
                                  reports, reuse_port=True)
-        log.info("front process %d serving on port %d", spec.index, spec.port)
+        if spec.grpc_port is not None:
+            from cronnx.grpc.server import start_grpc  # only where gRPC is served (server/main.py says why)
+            grpc_server, _ = await start_grpc(link, RelayedMetadata(server), settings.host, spec.grpc_port,
+                                              settings.max_body_bytes, settings.request_timeout_s,
+                                              settings.idle_timeout_s, spec.max_connections, tracing, reuse_port=True)
+        log.info("front process %d serving on port %d%s", spec.index, spec.port,
+                 f" and gRPC on port {spec.grpc_port}" if grpc_server is not None else "")
         link.send(Listening())
         reports.start()
         await link.drained.wait()
@@ -119,7 +125,9 @@ async def _serve(spec: FrontSpec, inbox: Connection, outbox: Connection) -> None
         reports.stop()
         if listening is not None:
             listening.close()
-        await runner.cleanup()  # finishes the requests in progress (the server process still answers)
+        # Finishes the calls and requests in progress (the server process still answers them).
+        await asyncio.gather(runner.cleanup(), *([grpc_server.stop(settings.request_timeout_s)]
+                                                  if grpc_server is not None else []))
         await server.close()
         if tracing is not None:
             await asyncio.to_thread(tracing.shutdown)  # every request has answered: its spans leave now

@@ -96,16 +96,18 @@ class _Front:
 
 
 class FrontProcesses(ChildSet[_Front]):
-    """`count` front processes serving HTTP on `port` (already resolved) of `server.host`,
+    """`count` front processes serving HTTP on `port` (already resolved) of `server.host`, and
+    gRPC on `grpc_port` (resolved; None: not served),
     running their requests through `engine`; every other route they pass to the server
     process's app on the Unix socket `server_socket`. Create it on the running event loop;
     `drain()` stops them. `restarts` counts replacements; `pids` lists the live ones."""
 
-    def __init__(self, count: int, server: ServerConfig, port: int, server_socket: str, logging_spec: LoggingSpec,
-                 engine: InferenceEngine, metrics: Metrics):
+    def __init__(self, count: int, server: ServerConfig, port: int, grpc_port: int | None, server_socket: str,
+                 logging_spec: LoggingSpec, engine: InferenceEngine, metrics: Metrics):
         super().__init__(count, "front process", YOUNG_DEATH_S)
         self._server = server
         self._port = port
+        self._grpc_port = grpc_port
         self._server_socket = server_socket
         self._logging = logging_spec
         self._engine = engine
@@ -140,7 +142,7 @@ class FrontProcesses(ChildSet[_Front]):
 
     def _start(self, index: int) -> None:
         spec = FrontSpec(index, HttpSettings.of(self._server), self._server.max_image_pixels, self._port,
-                         self._server_socket, self.threads, self._max_connections, self._logging,
+                         self._grpc_port, self._server_socket, self.threads, self._max_connections, self._logging,
                          self._server.tracing)
         # Imported here: the front process's module pulls in what only a front needs.
         from cronnx.fronts.child import run_front_process

@@ -37,7 +37,8 @@ from cronnx.preprocessing.messages import Fill, Filled, FillFailed, Forget
 class FrontSpec(msgspec.Struct, frozen=True):
     """What a front process is started with, and all it is given of the config: `http`, the
     settings it serves with; `max_image_pixels`, the decoder's limit; `port` the resolved port
-    (never 0: every front binds the same one); `server_socket` the Unix socket where the server
+    (never 0: every front binds the same one), `grpc_port` gRPC's (None: not served);
+    `server_socket` the Unix socket where the server
     process answers every route a front does not serve itself; `preprocess_threads` this front's
     decoding threads; `max_connections` this front's share of server.max_connections; `tracing`
     server.tracing (the front exports its requests' spans itself)."""
@@ -46,6 +47,7 @@ class FrontSpec(msgspec.Struct, frozen=True):
     http: HttpSettings
     max_image_pixels: int
     port: int
+    grpc_port: int | None
     server_socket: str
     preprocess_threads: int
     max_connections: int

@@ -1,58 +1,26 @@
-"""How every answer leaves: JSON bodies, the request id on each, and the one table that maps the
-errors below HTTP (`errors.py`) to status codes."""
+"""How every answer leaves: JSON bodies, the request id on each, errors with their status
+(`protocol/status.py`)."""
 
 from __future__ import annotations
 
 import logging
-import re
-import uuid
 
 import msgspec
 from aiohttp import web
 
-from cronnx.errors import (BodyTimeout, CronnxError, DeadlineExceeded, ExpectationFailed, ImageTooLarge,
-                           InferenceFailed, InvalidRequest, ModelControlFailed, ModelNotFound, NotAuthenticated,
-                           PermissionDenied, RequestTooLarge, TransferCodingNotImplemented, Unavailable,
-                           UndecodableBody, UnsupportedMediaType)
+from cronnx.errors import BodyTimeout, CronnxError, UndecodableBody
 from cronnx.http.schemas import JSON_TYPE
+from cronnx.protocol.record import request_id_from
+from cronnx.protocol.status import error_status
 
 log = logging.getLogger("cronnx.http")
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A traced request's answer names its server span, as W3C Trace Context writes it: the trace id
-# to look for in the tracing backend (http/record.py sets it).
+# to look for in the tracing backend (http/model_request.py sets it).
 TRACEPARENT = "traceparent"
-# A client's request id is echoed into headers and logs: keep it short and printable.
-_VALID_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 _json = msgspec.json.Encoder()
-
-# Every error below HTTP becomes one status here; the most specific class listed wins.
-ERROR_STATUS: dict[type[CronnxError], int] = {
-    InvalidRequest: 400,
-    BodyTimeout: 408,
-    NotAuthenticated: 401,
-    PermissionDenied: 403,
-    ModelNotFound: 404,
-    ImageTooLarge: 413,
-    RequestTooLarge: 413,
-    UnsupportedMediaType: 415,
-    ExpectationFailed: 417,
-    TransferCodingNotImplemented: 501,
-    InferenceFailed: 500,
-    ModelControlFailed: 500,
-    Unavailable: 503,
-    DeadlineExceeded: 504,
-}
-
-
-def error_status(exc: CronnxError) -> int:
-    """`exc`'s status: that of its most specific class in ERROR_STATUS, else 500."""
-    for cls in type(exc).__mro__:
-        status = ERROR_STATUS.get(cls)
-        if status is not None:
-            return status
-    return 500
 
 
 def json_response(body: msgspec.Struct | dict | list, status: int = 200, headers: dict | None = None) -> web.Response:
@@ -64,10 +32,7 @@ def json_response(body: msgspec.Struct | dict | list, status: int = 200, headers
 async def request_ids_and_json_errors(request: web.Request, handler):
     """Every answer carries the request id (and a traced request's `traceparent`); every error
     leaves as {"error": "..."} with its status."""
-    request_id = request.headers.get(REQUEST_ID_HEADER, "")
-    if not _VALID_REQUEST_ID.match(request_id):
-        request_id = uuid.uuid4().hex
-    request["request_id"] = request_id
+    request["request_id"] = request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
     try:
         response = await handler(request)
     except CronnxError as exc:

@@ -13,7 +13,8 @@ from cronnx.errors import InvalidRequest
 from cronnx.http.body import read_image, request_deadline
 from cronnx.http.context import SETTINGS
 from cronnx.http.middleware import json_response
-from cronnx.http.record import RequestRecord, model_request
+from cronnx.http.model_request import model_request
+from cronnx.protocol.record import RequestRecord
 from cronnx.http.schemas import Prediction, PredictResponse, Timings
 from cronnx.models.postprocess import top_k
 

@@ -8,7 +8,7 @@ rows and `/predict` requests of the same model are batched together. Inputs are 
 - encoded images as a `BYTES` tensor `[N]` (or `[N, 1]`), preprocessed exactly as `/predict`
   does (in JSON each element is the image's base64; with the binary extension, its bytes).
 
-Errors are `{"error": "..."}` with the status of `middleware.ERROR_STATUS`, as for `/predict`;
+Errors are `{"error": "..."}` with the status of `protocol.status.ERROR_STATUS`, as for `/predict`;
 each infer request is counted and logged like a `/predict` request; the request is decoded and
 checked, before any row runs, by `v2_inputs.py`. The protocol's other routes
 (health, metadata, configuration) are the server process's (`server/metadata.py`). Reference: the
@@ -18,23 +18,21 @@ names are used).
 
 from __future__ import annotations
 
-import asyncio
-import struct
 import time
 
 import msgspec
-import numpy as np
 from aiohttp import web
 
-from cronnx.engine.client import InferenceClient, InferenceResult, ModelView, Selection
+from cronnx.engine.client import InferenceClient, ModelView, Selection
 from cronnx.errors import InvalidRequest
 from cronnx.http.body import read_body, request_deadline
 from cronnx.http.context import SETTINGS
 from cronnx.http.middleware import json_response
-from cronnx.http.record import RequestRecord, model_request
-from cronnx.http.v2_inputs import (DATATYPES, InferRequest, OutputPlan, output_plans, parse_header, queue_parameters,
-                                   raw_binary_request, request_rows)
-from cronnx.models.postprocess import check_finite, top_k
+from cronnx.http.model_request import model_request
+from cronnx.protocol.record import RequestRecord
+from cronnx.protocol.v2_infer import OutputTensor, output_tensors, record_phases, run_rows
+from cronnx.protocol.v2_inputs import (InferRequest, output_plans, parse_header, queue_parameters, raw_binary_request,
+                                       request_rows)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data", "classification"]
@@ -63,27 +61,11 @@ async def _infer(request: web.Request, client: InferenceClient, selection: Selec
     queue = queue_parameters(parsed)
     outputs = output_plans(parsed, model)
     read_s = time.perf_counter() - started
-    results = await _all_or_nothing([client.infer(selection, row, record.request_id, deadline, queue, record.trace)
-                                     for row in rows])
+    results = await run_rows(client, selection, rows, record, deadline, queue)
     respond_started = time.perf_counter()
-    response = _response(parsed, model, outputs, results)
-    record.batch_size = max(r.batch_size for r in results)
-    record.batches = list(dict.fromkeys(r.batch_trace for r in results if r.batch_trace is not None))
-    record.phases = {"read": read_s, "admission": max(r.admission_s for r in results),
-                     "preprocess": max(r.preprocess_s for r in results),
-                     "queue": max(r.queue_s for r in results), "inference": max(r.infer_s for r in results),
-                     "respond": time.perf_counter() - respond_started}
+    response = _response(parsed, model, output_tensors(model, outputs, results))
+    record_phases(record, read_s, results, respond_started)
     return response
-
-
-async def _all_or_nothing(jobs) -> list[InferenceResult]:
-    """Every row's result, or the first row's error with the other rows cancelled."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(job) for job in jobs]
-    except BaseExceptionGroup as group_error:
-        raise group_error.exceptions[0] from None
-    return [task.result() for task in tasks]
 
 
 def _split_body(request: web.Request, body: bytes) -> tuple[bytes, bytes]:
@@ -100,37 +82,16 @@ def _split_body(request: web.Request, body: bytes) -> tuple[bytes, bytes]:
     return body[:length], body[length:]
 
 
-def _serialize_bytes(elements: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
-
-
-def _response(parsed: InferRequest, model: ModelView, outputs: list[OutputPlan],
-              results: list[InferenceResult]) -> web.Response:
-    spec = model.spec
+def _response(parsed: InferRequest, model: ModelView, outputs: list[OutputTensor]) -> web.Response:
     entries, binary_parts = [], []
     for output in outputs:
-        if output.classes is not None:
-            labels = model.labels
-            rows = [[f"{score}:{index}:{labels[index]}"
-                     for index, score in top_k(r.output, output.classes, model.outputs_probabilities)]
-                    for r in results]
-            k = len(rows[0])
-            entry = {"name": output.name, "datatype": "BYTES", "shape": [len(rows), k]}
-            if output.binary:
-                blob = _serialize_bytes([s.encode() for row in rows for s in row])
-            else:
-                entry["data"] = [s for row in rows for s in row]
-        else:
-            tensor = np.stack([r.output for r in results])
-            check_finite(tensor)  # as /predict: a model that overflowed gets 500, not nulls in a 200
-            entry = {"name": output.name, "datatype": DATATYPES[spec.output_dtype], "shape": list(tensor.shape)}
-            if output.binary:
-                blob = np.ascontiguousarray(tensor).tobytes()
-            else:
-                entry["data"] = tensor.reshape(-1).tolist()
+        entry = {"name": output.name, "datatype": output.datatype, "shape": output.shape}
         if output.binary:
+            blob = output.raw()
             entry["parameters"] = {"binary_data_size": len(blob)}
             binary_parts.append(blob)
+        else:
+            entry["data"] = output.strings if output.strings is not None else output.tensor.reshape(-1).tolist()
         entries.append(entry)
     body = {"model_name": model.name, "model_version": str(model.version), "outputs": entries}
     if parsed.id is not None:

@@ -170,21 +170,23 @@ class RequestTrace:
         self.traceparent = f"00-{ids.trace_id:032x}-{ids.span_id:016x}-{ids.trace_flags:02x}"
 
     def finish(self, status: int, attributes: Mapping[str, object], phases: Mapping[str, float], total_s: float,
-               batches: Sequence[TraceContext], error: str = "") -> None:
-        """End the request's span `total_s` seconds after its arrival, with its HTTP `status`,
-        more `attributes`, and a child span per phase (seconds by name, as in PHASES), laid out end
-        to end from the arrival, `respond` ending with the request; the `inference` phase links
-        to the `batches` its rows ran in. A 5xx is an error (OpenTelemetry's HTTP server
-        conventions)."""
+               batches: Sequence[TraceContext], error: str = "", *,
+               status_attribute: str = "http.response.status_code", failed: bool | None = None) -> None:
+        """End the request's span `total_s` seconds after its arrival, with its `status` (HTTP's;
+        gRPC's code with `status_attribute` "rpc.grpc.status_code"), more `attributes`, and a
+        child span per phase (seconds by name, as in PHASES), laid out end to end from the
+        arrival, `respond` ending with the request; the `inference` phase links to the `batches`
+        its rows ran in. It is an error when `failed` (None: a 5xx, OpenTelemetry's HTTP server
+        conventions); `error` then says why."""
         try:
             span, start_ns = self._span, self._start_ns
             end_ns = start_ns + int(total_s * 1e9)
             if phases:
                 self._tracing.phase_spans(span, start_ns, end_ns, phases, batches)
-            span.set_attribute("http.response.status_code", status)
+            span.set_attribute(status_attribute, status)
             for key, value in attributes.items():
                 span.set_attribute(key, value)
-            if status >= 500:
+            if failed if failed is not None else status >= 500:
                 span.set_attribute("error.type", str(status))
                 span.set_status(Status(StatusCode.ERROR, error or None))
             span.end(end_time=end_ns)
@@ -223,14 +225,15 @@ class Tracing:
         return (f"tracing: OTLP {protocol()} to {endpoint}, service {self.resource.attributes.get('service.name')}, "
                 f"sampler {self.sampler}")
 
-    def request(self, method: str, route: str, headers: Mapping[str, str], start_ns: int,
+    def request(self, name: str, headers: Mapping[str, str], start_ns: int,
                 attributes: Mapping[str, object]) -> RequestTrace | None:
-        """Begin the server span of a request that arrived at `start_ns` (time.time_ns) with
-        `headers` (its `traceparent` and `tracestate`, if any, are the parent: with a
-        `parentbased_` sampler a sampled parent is always traced), named "{method} {route}"
-        (OpenTelemetry's HTTP conventions); None when the sampler leaves it out."""
+        """Begin the server span `name` of a request that arrived at `start_ns` (time.time_ns)
+        with `headers` (HTTP headers or gRPC metadata, lower-case names or not: its `traceparent`
+        and `tracestate`, if any, are the parent: with a `parentbased_` sampler a sampled parent
+        is always traced); None when the sampler leaves it out. OpenTelemetry's conventions name
+        it "{method} {route}" for HTTP, "{service}/{method}" for gRPC."""
         parent = self._propagator.extract(headers, getter=_HEADERS)
-        span = self._tracer.start_span(f"{method} {route}", context=parent, kind=SpanKind.SERVER,
+        span = self._tracer.start_span(name, context=parent, kind=SpanKind.SERVER,
                                        start_time=start_ns, attributes=attributes)
         if not span.get_span_context().trace_flags.sampled:
             span.end()  # recorded, perhaps, but never exported: nothing to link or to name

@@ -34,6 +34,7 @@ from cronnx.observability.trace_settings import protocol, start_tracing, wanted
 from cronnx.preprocessing.placement import Preprocessing
 from cronnx.preprocessing.placement import start as start_preprocessing
 from cronnx.preprocessing.transform import pil_build, set_max_image_pixels
+from cronnx.server.metadata import ServerMetadata
 from cronnx.server.reload import Reloader
 from cronnx.server.routes import add_server_routes
 from cronnx.server.state import ServerState
@@ -41,6 +42,8 @@ from cronnx.workers import messages
 from cronnx.workers.supervisor import BatchObserver, Liveness, Worker
 
 if TYPE_CHECKING:
+    import grpc
+
     from cronnx.observability.tracing import Tracing
 
 log = logging.getLogger("cronnx.server")
@@ -168,10 +171,13 @@ class ServerProcess:
         self.tracing: Tracing | None = None  # observability.tracing's, when this server traces
         self.runner: web.AppRunner | None = None
         # This process listens on the port (`listening`), or front processes do (`fronts`) on
-        # the port `reserved` holds for them, and pass other routes on to a socket in `socket_dir`.
+        # the ports `reserved` holds for them (HTTP's, then gRPC's), and pass other routes on to
+        # a socket in `socket_dir`.
         self.listening: asyncio.AbstractServer | None = None
         self.fronts: FrontProcesses | None = None
-        self.reserved: socket.socket | None = None
+        self.reserved: list[socket.socket] = []
+        # This process's gRPC server (front processes serve gRPC themselves).
+        self.grpc: grpc.aio.Server | None = None
         self.socket_dir: str | None = None
         self._background: set[asyncio.Task] = set()
 
@@ -209,7 +215,8 @@ class ServerProcess:
         and awaited until they all listen)."""
         server = self.server
         settings = HttpSettings.of(server)
-        app = make_app(LocalClient(self.engine, self.metrics), settings, self.tracing)
+        client = LocalClient(self.engine, self.metrics)
+        app = make_app(client, settings, self.tracing)
         add_server_routes(app, self.state)
         self.runner = make_runner(app, settings)
         await self.runner.setup()
@@ -218,18 +225,33 @@ class ServerProcess:
                                           server.send_timeout_s, _CountedConnections(self.metrics))
             host, port = self.listening.sockets[0].getsockname()[:2]
             log.info("serving on http://%s:%d", host, port)
+            if server.grpc_port is not None:
+                # Imported only to serve it: grpcio and the generated modules cost start-up time
+                # and memory, and the GPU machine's check runs without them.
+                from cronnx.grpc.server import start_grpc
+                self.grpc, grpc_port = await start_grpc(
+                    client, ServerMetadata(self.state), server.host, server.grpc_port, server.max_body_bytes,
+                    server.request_timeout_s, server.idle_timeout_s, server.max_connections, self.tracing,
+                    reuse_port=False)
+                log.info("serving gRPC on %s:%d", host, grpc_port)
             return
-        # The fronts serve the port; this process answers them (and every route they pass on) on
+        # The fronts serve the ports; this process answers them (and every route they pass on) on
         # a Unix socket of its own.
-        self.reserved = reserve_port(server.host, server.port)
-        host, port = self.reserved.getsockname()[:2]
+        self.reserved = [reserve_port(server.host, server.port)]
+        host, port = self.reserved[0].getsockname()[:2]
+        grpc_port = None
+        if server.grpc_port is not None:
+            self.reserved.append(reserve_port(server.host, server.grpc_port))
+            grpc_port = self.reserved[1].getsockname()[1]
         self.socket_dir = make_socket_dir()
         server_socket = os.path.join(self.socket_dir, SOCKET_NAME)
         await web.UnixSite(self.runner, server_socket).start()
-        self.fronts = self.state.fronts = FrontProcesses(server.front_processes, server, port, server_socket,
-                                                         self._logging(), self.engine, self.metrics)
+        self.fronts = self.state.fronts = FrontProcesses(server.front_processes, server, port, grpc_port,
+                                                         server_socket, self._logging(), self.engine, self.metrics)
         await self.fronts.listening()
         log.info("serving on http://%s:%d in %s", host, port, self.fronts)
+        if grpc_port is not None:
+            log.info("serving gRPC on %s:%d in the front processes", host, grpc_port)
 
     def load(self, prepared: list[PreparedVersion], to_build: list[ModelVersion], failed: dict[Key, str]) -> None:
         """Load the models (in the background: /ready answers 503 meanwhile, and each model's
@@ -254,12 +276,14 @@ class ServerProcess:
             if self.fronts is not None:
                 # They stop accepting and finish their requests, which this process still serves.
                 await self.fronts.drain(self.server.request_timeout_s + self.server.tracing.shutdown_timeout_s + 5.0)
-            if self.reserved is not None:
-                self.reserved.close()
+            for reserved in self.reserved:
+                reserved.close()
             if self.listening is not None:
                 self.listening.close()  # no new connections; the runner then finishes the open ones
-            if self.runner is not None:
-                await self.runner.cleanup()
+            # Calls and requests in progress finish (new ones are refused), on both protocols at once.
+            await asyncio.gather(*(
+                [self.grpc.stop(self.server.request_timeout_s)] if self.grpc is not None else []),
+                *([self.runner.cleanup()] if self.runner is not None else []))
             if self.socket_dir is not None:
                 shutil.rmtree(self.socket_dir, ignore_errors=True)
             if self.tracing is not None:

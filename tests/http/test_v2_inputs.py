@@ -1,4 +1,4 @@
-"""The Open Inference Protocol's request decoding (`cronnx.http.v2_inputs`), on the specs of real
+"""The Open Inference Protocol's request decoding (`cronnx.protocol.v2_inputs`), on the specs of real
 models of each input datatype: values a datatype cannot hold, element counts that overflow
 int64, and parameters of the wrong type are each a 400 (InvalidRequest) naming what was wrong;
 a property test draws requests of every JSON type and checks that decoding either gives the
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from cronnx.engine.client import ModelView
 from cronnx.errors import InvalidRequest
-from cronnx.http.v2_inputs import (DATATYPES, output_plans, parse_header, queue_parameters, raw_binary_request,
+from cronnx.protocol.v2_inputs import (DATATYPES, output_plans, parse_header, queue_parameters, raw_binary_request,
                                    request_rows)
 from cronnx.models.spec import inspect_model
 from support.models import image_classifier

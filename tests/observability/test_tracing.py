@@ -322,7 +322,7 @@ def in_process(receiver, monkeypatch):
 def test_phases_longer_than_their_request_never_end_before_they_begin(in_process, receiver):
     # A V2 request's phases are its rows' longest: their sum may pass its total.
     tracing = in_process()
-    trace = tracing.request("POST", "/v2/models/{model}/infer", {}, time.time_ns(), {})
+    trace = tracing.request("POST /v2/models/{model}/infer", {}, time.time_ns(), {})
     trace.finish(200, {}, {"read": 0.001, "queue": 0.010, "inference": 0.010, "respond": 0.001}, 0.012, [])
     tracing.shutdown()
     spans = receiver.wait_for(lambda s: len(s) == 5, what="the request and its 4 phases")
@@ -344,7 +344,7 @@ def test_tracestate_sent_in_several_header_lines_is_read_whole(in_process, recei
     from multidict import CIMultiDict
     tracing = in_process()
     headers = CIMultiDict([("traceparent", traceparent()), ("tracestate", "a=1"), ("tracestate", "b=2")])
-    tracing.request("POST", "/predict/{model}", headers, time.time_ns(), {}).finish(400, {}, {}, 0.001, [])
+    tracing.request("POST /predict/{model}", headers, time.time_ns(), {}).finish(400, {}, {}, 0.001, [])
     tracing.shutdown()
     (span,) = receiver.wait_for(lambda s: len(s) == 1)
     assert span.trace_state == "a=1,b=2"

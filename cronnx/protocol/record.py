@@ -1,32 +1,35 @@
-"""What every request for a model goes through, whichever protocol it speaks: its version chosen,
-its outcome recorded, one metrics record (through the inference client), one access-log line
-(logger "cronnx.access") and, when it is traced, its spans."""
+"""What every request for a model goes through, whichever protocol it speaks (HTTP's handlers
+through `http/model_request.py`, gRPC's `ModelInfer`): its version chosen, its outcome recorded,
+one metrics record (through the inference client), one access-log line (logger "cronnx.access")
+and, when it is traced, its spans ended."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
-
-from aiohttp import web
+from typing import TypeVar
 
 from cronnx.config import version_number
-from cronnx.engine.client import UNKNOWN_MODEL, InferenceClient, ModelView, Selection
+from cronnx.engine.client import InferenceClient, ModelView, Selection
 from cronnx.errors import CronnxError, ModelNotFound, QueueFull, QueueTimeout
-from cronnx.http.context import CLIENT, TRACING
-from cronnx.http.middleware import TRACEPARENT, error_status
 from cronnx.observability.trace_context import TraceContext
-
-if TYPE_CHECKING:
-    from cronnx.observability.tracing import RequestTrace
+from cronnx.protocol.status import error_status
 
 access_log = logging.getLogger("cronnx.access")
 
-# Requests with the same key get the same version of a model whose traffic is split.
-ROUTING_KEY_HEADER = "X-Cronnx-Key"
+# A client's request id is echoed into headers, metadata and logs: keep it short and printable.
+_VALID_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def request_id_from(sent: str | None) -> str:
+    """The request id a client sent (`X-Request-ID`, gRPC's `x-request-id`) when it is 1 to 128
+    printable ASCII characters, else a new one (32 hex digits)."""
+    return sent if sent is not None and _VALID_REQUEST_ID.match(sent) else uuid.uuid4().hex
 
 
 class RequestRecord:
@@ -52,25 +55,30 @@ class RequestRecord:
         return "success" if self.status == 200 else str(self.status)
 
 
-# A protocol's work once its request has a selection: (request, client, selection, record,
-# started: the arrival, perf_counter) -> the answer. It fills in the record's batch size and phases.
-ModelHandler = Callable[[web.Request, InferenceClient, Selection, RequestRecord, float], Awaitable[web.Response]]
+T = TypeVar("T")
+
+# A protocol's work once its request has a selection: (selection, record) -> the answer. It fills
+# in the record's batch size and phases.
+ModelHandler = Callable[[Selection, RequestRecord], Awaitable[T]]
 
 
-async def model_request(request: web.Request, api: str, handle: ModelHandler) -> web.Response:
-    """Serve a request for the model its route names (`api`: "predict", "v2"): the version
-    selected, `handle`, then the request reported to the client, logged and, when traced, its
-    spans ended."""
-    started = time.perf_counter()
-    client = request.app[CLIENT]
-    trace = _begin_trace(request, api)
-    record = RequestRecord(request["request_id"], api, UNKNOWN_MODEL, "", trace and trace.context)
+# Ends a traced request's spans once it has answered: (its record, its time in seconds) -> None.
+TraceEnd = Callable[[RequestRecord, float], None]
+
+
+async def serve_model_request(client: InferenceClient, record: RequestRecord, model: str, version: str | None,
+                              routing_key: str | None, end_trace: TraceEnd | None, started: float,
+                              handle: ModelHandler[T]) -> T:
+    """Serve a request for `model` (`version`: the digits the request names, None for the
+    model's traffic split, where `routing_key` keeps a client on one version): the version
+    selected, `handle`, then the request reported to the client, logged and, when it is traced,
+    its spans ended by `end_trace`. `started`: its arrival (perf_counter). Raises what `handle`
+    or the selection raises (CronnxError, CancelledError), with the record's outcome set from it."""
     selection = None
     try:
         with outcome_into(record):
-            selection = client.select(request.match_info["model"], requested_version(request),
-                                      request.headers.get(ROUTING_KEY_HEADER))
-            return await handle(request, client, selection, record, started)
+            selection = client.select(model, requested_version(model, version), routing_key)
+            return await handle(selection, record)
     finally:
         total_s = time.perf_counter() - started
         try:
@@ -84,25 +92,13 @@ async def model_request(request: web.Request, api: str, handle: ModelHandler) ->
             # Counted and logged even if the wait above is cancelled (a drain's shutdown timeout).
             client.finished(selection, record, total_s)
             log_request(record, total_s)
-            if trace is not None:
-                trace.finish(record.status, {"cronnx.model": record.model, "cronnx.version": record.version,
-                                             "cronnx.batch_size": record.batch_size},
-                             record.phases, total_s, record.batches, record.error)
+            if end_trace is not None:
+                end_trace(record, total_s)
 
 
-def _begin_trace(request: web.Request, api: str) -> RequestTrace | None:
-    """The request's server span, begun now, when the process traces and the sampler (or a
-    sampled `traceparent`) says so; its `traceparent` then goes into the answer."""
-    tracing = request.app[TRACING]
-    if tracing is None:
-        return None
-    route = request.match_info.route.resource.canonical
-    trace = tracing.request(request.method, route, request.headers, time.time_ns(), {
-        "http.request.method": request.method, "http.route": route, "url.path": request.path, "url.scheme": "http",
-        "cronnx.api": api, "cronnx.request_id": request["request_id"]})
-    if trace is not None:
-        request[TRACEPARENT] = trace.traceparent
-    return trace
+def trace_attributes(record: RequestRecord) -> dict[str, object]:
+    """What a request's span says of its answer, on every protocol."""
+    return {"cronnx.model": record.model, "cronnx.version": record.version, "cronnx.batch_size": record.batch_size}
 
 
 async def _chosen(client: InferenceClient, selection: Selection) -> ModelView | None:
@@ -148,16 +144,15 @@ def log_request(record: RequestRecord, total_s: float) -> None:
     access_log.info("request", extra={"fields": fields})
 
 
-def requested_version(request: web.Request) -> int | None:
-    """The version a route names (`.../versions/{version}`, digits), None when it names none.
-    Raises ModelNotFound for a number no version can have (0, or beyond int64: see
-    config.MAX_VERSION), as for any version not served."""
-    text = request.match_info.get("version")
+def requested_version(model: str, text: str | None) -> int | None:
+    """The version a request names (`text`: its digits), None when it names none. Raises
+    ModelNotFound for a text that names no version a model can have (not ASCII digits, 0, or
+    beyond int64: see config.MAX_VERSION), as for any version not served."""
     if text is None:
         return None
-    number = version_number(text)
+    number = version_number(text) if text.isascii() and text.isdigit() else None
     if number is None:
         digits = text.lstrip("0") or "0"
         raise ModelNotFound(f"version {digits[:24]}{'...' if len(digits) > 24 else ''} of model "
-                            f"{request.match_info['model']!r} is not served")
+                            f"{model!r} is not served")
     return number
