@@ -127,7 +127,10 @@ class Registry:
         if route is None:
             if any(key[0] == name for key in self.pending):
                 raise ModelNotReady(f"model {name!r} is loading")
-            raise ModelNotFound(f"unknown model {name!r}; served models: {sorted(self.routes)}")
+            # A name no model can have (over 64 characters: config.MODEL_NAME_PATTERN) is shown
+            # cut: a gRPC request's name may be megabytes long, and the message is logged too.
+            shown = repr(name) if len(name) <= 64 else f"{name[:64]!r}... ({len(name)} characters)"
+            raise ModelNotFound(f"unknown model {shown}; served models: {sorted(self.routes)}")
         return route
 
     def version(self, name: str, version: int) -> ModelPool:

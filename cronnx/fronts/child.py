@@ -1,11 +1,13 @@
-"""A front process (`server.front_processes` > 1): HTTP on the shared port, rows written here.
+"""A front process (`server.front_processes` > 1): HTTP on the shared port (and gRPC on its
+shared port when `server.grpc_port` is set), rows written here.
 
-It serves /predict and the Open Inference Protocol's infer with the same handlers as the server
-process (`http/`), over its link to the server process (`link.py`): it reads the body, the server
-process chooses the version and names a slot for each row, and this process writes the row in
-its own threads straight into the slot (an image decoded, or a tensor row copied) and answers
-from the output rows it gets back. Every other route is relayed to the server process
-(`relay.py`). It is given only what it serves with (`messages.FrontSpec`).
+It serves /predict and the Open Inference Protocol's infer (HTTP and gRPC) with the same
+handlers as the server process (`http/`, `grpc/`), over its link to the server process
+(`link.py`): it reads the body, the server process chooses the version and names a slot for
+each row, and this process writes the row in its own threads straight into the slot (an image
+decoded, or a tensor row copied) and answers from the output rows it gets back. Every other
+route is relayed to the server process (`relay.py`), and gRPC's metadata calls read the same
+routes (`relay.RelayedMetadata`). It is given only what it serves with (`messages.FrontSpec`).
 
 The server process decides when a front stops (`Drain`, or its pipe closing); SIGINT, SIGTERM and
 SIGHUP are ignored here.
