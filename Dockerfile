@@ -36,7 +36,8 @@ WORKDIR /
 # Numeric: Kubernetes' runAsNonRoot can verify only a numeric user.
 USER 10001:10001
 VOLUME ["/config", "/models"]
-EXPOSE 3000
+# HTTP, and gRPC (server.grpc_port of /config/cronnx.yaml).
+EXPOSE 3000 8081
 # Cronnx drains on SIGTERM (Docker's stop signal) as PID 1 and exits 0; give it more than
 # server.request_timeout_s: docker run --stop-timeout 15 (Docker's default is 10 s).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 CMD ["cronnx-healthcheck"]

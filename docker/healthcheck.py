@@ -1,21 +1,28 @@
 #!/usr/bin/env python3
-"""The images' HEALTHCHECK: GET /health on the port that Cronnx listens on in this container.
+"""The images' HEALTHCHECK: GET /health on the port that Cronnx serves HTTP on in this container.
 
-The port is read from /proc (the listening TCP sockets held by the container's processes), not
-configured, so the check follows --port, the mounted config and `docker run --init` alike.
-Exit 0 when /health answers 200, 1 otherwise (Docker's contract).
+The ports are read from /proc (the listening TCP sockets held by the container's processes), not
+configured, so the check follows --port, --grpc-port, the mounted config and `docker run --init`
+alike. Cronnx may listen on two ports, HTTP's and gRPC's: each is asked for /health in turn, and
+the gRPC port, which speaks only HTTP/2, answers an HTTP/1.1 request with bytes that are no HTTP
+status line. Exit 0 when one answers 200, 1 otherwise (Docker's contract).
 """
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import sys
+import time
+import urllib.error
 import urllib.request
 
 TCP_LISTEN = "0A"  # the state column of /proc/net/tcp*
 TABLES = (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6))
 LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
+# All the ports together, within the HEALTHCHECK's --timeout of 5 s.
+TIMEOUT_S = 4.0
 
 
 def socket_inodes() -> set[str]:
@@ -43,9 +50,11 @@ def decode_address(hex_address: str, family: int) -> str:
     return socket.inet_ntop(family, raw)
 
 
-def health_url() -> str:
-    """The URL of /health on the first listening socket found; SystemExit when there is none."""
+def health_urls() -> list[str]:
+    """The URL of /health on each listening socket found, in the order of /proc's tables;
+    SystemExit when there is none."""
     inodes = socket_inodes()
+    urls: list[str] = []
     for table, family in TABLES:
         try:
             with open(table) as rows:
@@ -58,21 +67,39 @@ def health_url() -> str:
                     host = decode_address(hex_address, family)
                     if host in ("0.0.0.0", "::"):
                         host = LOOPBACK[family]
-                    return f"http://{f'[{host}]' if family == socket.AF_INET6 else host}:{int(hex_port, 16)}/health"
+                    url = f"http://{f'[{host}]' if family == socket.AF_INET6 else host}:{int(hex_port, 16)}/health"
+                    if url not in urls:
+                        urls.append(url)
         except FileNotFoundError:
             continue  # no IPv6 in this kernel
-    sys.exit("unhealthy: no process in this container listens on a TCP port")
+    if not urls:
+        sys.exit("unhealthy: no process in this container listens on a TCP port")
+    return urls
+
+
+def status_of(url: str, timeout_s: float) -> int | str:
+    """The HTTP status `url` answers, or why there is none."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except http.client.HTTPException:
+        return "no HTTP/1.1 answer (gRPC's port, say)"
+    except OSError as exc:  # URLError derives from it
+        return str(exc)
 
 
 def main() -> None:
-    url = health_url()
-    try:
-        with urllib.request.urlopen(url, timeout=4) as response:
-            status = response.status
-    except OSError as exc:  # URLError and HTTPError derive from it
-        sys.exit(f"unhealthy: {url}: {exc}")
-    print(f"{url}: {status}")
-    sys.exit(0 if status == 200 else 1)
+    deadline = time.monotonic() + TIMEOUT_S
+    answers = []
+    for url in health_urls():
+        status = status_of(url, max(deadline - time.monotonic(), 0.1))
+        if status == 200:
+            print(f"{url}: 200")
+            sys.exit(0)
+        answers.append(f"{url}: {status}")
+    sys.exit("unhealthy: " + "; ".join(answers))
 
 
 if __name__ == "__main__":

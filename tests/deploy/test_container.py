@@ -1,5 +1,5 @@
 """The container images: the Dockerfiles pass hadolint, and the CPU image serves like `cronnx serve`
-outside it, as a non-root user, healthy, and stops cleanly on `docker stop`.
+outside it, over HTTP and gRPC, as a non-root user, healthy, and stops cleanly on `docker stop`.
 
 The image tests run the image CRONNX_IMAGE (default cronnx:cpu), which .ci/run builds:
 
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 import yaml
 
 from support.images import encode, photo_like
@@ -45,8 +46,11 @@ CONTAINER_UID = 10001
 DEMO_MODEL = "/models/mobilenetv2-demo.onnx"
 STOP_GRACE_S = 30
 START_TIMEOUT_S = 100  # the first start builds the demo model: about 25 s on 2 busy cores
-# --port 0: a free port on the host's network, read back from the log.
-SERVE = ["serve", "--port", "0"]
+# Free ports on the host's network, read back from the log: the image's config asks for 3000 and
+# 8081, which concurrent containers (and anything else on the host) would contend for.
+SERVE = ["serve", "--port", "0", "--grpc-port", "0"]
+# The ports the images' configs serve (HTTP, gRPC) and their Dockerfiles expose.
+IMAGE_PORTS = (3000, 8081)
 
 
 # --- the Dockerfiles and the configs in the images: no Docker needed -----------------------------
@@ -80,20 +84,27 @@ def test_every_hadolint_ignore_says_why_on_the_line_before(dockerfile):
                     f"{dockerfile}:{number + 1}: ignore of {rule} without '# {rule} ...: why' on the line before"
 
 
-def test_cpu_image_config_is_the_default_config_on_every_interface():
+def test_cpu_image_config_is_the_default_config_on_every_interface_with_grpc():
     image = yaml.safe_load((REPO / "docker" / "cronnx.yaml").read_text())
     default = yaml.safe_load((REPO / "config" / "cronnx.yaml").read_text())
     assert image["server"].pop("host") == "0.0.0.0"
+    assert image["server"].pop("grpc_port") == 8081
     default["server"].pop("host")
     assert image == default
 
 
 @pytest.mark.parametrize("config", ["cronnx.yaml", "cronnx.cuda.yaml"])
-def test_image_configs_are_valid_and_serve_port_3000_of_every_interface(config):
+def test_image_configs_are_valid_and_serve_http_and_grpc_on_every_interface(config):
     from cronnx.config import load_config
 
     loaded = load_config(str(REPO / "docker" / config))
-    assert (loaded.server.host, loaded.server.port) == ("0.0.0.0", 3000)
+    assert (loaded.server.host, loaded.server.port, loaded.server.grpc_port) == ("0.0.0.0", *IMAGE_PORTS)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_dockerfile_exposes_the_ports_its_config_serves(dockerfile):
+    exposed = re.findall(r"^EXPOSE (.+)$", (REPO / dockerfile).read_text(), re.M)
+    assert [int(port) for line in exposed for port in line.split()] == list(IMAGE_PORTS)
 
 
 def test_cuda_image_config_runs_the_model_on_a_gpu():
@@ -153,7 +164,7 @@ class Container:
         return docker("inspect", "--format", f"{{{{{field}}}}}", self.id).stdout.strip()
 
     def wait_serving(self) -> str:
-        """The URL it serves on, from its log (it runs with --port 0: a free port)."""
+        """The URL it serves HTTP on, from its log (it runs with --port 0: a free port)."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             found = re.search(r"serving on http://[\d.]+:(\d+)", self.logs())
@@ -179,6 +190,13 @@ class Container:
             if time.monotonic() > deadline:
                 raise AssertionError(f"/ready not 200 after {START_TIMEOUT_S} s:\n{self.logs()}")
             time.sleep(0.2)
+
+    def grpc_address(self) -> str:
+        """HOST:PORT it serves gRPC on, from its log (--grpc-port 0), once it serves HTTP (the
+        server logs the gRPC port right after the HTTP one, before any model is ready)."""
+        found = re.search(r"serving gRPC on [\d.]+:(\d+)", self.logs())
+        assert found, self.logs()
+        return f"127.0.0.1:{found.group(1)}"
 
     def predict(self, body: bytes) -> list[dict]:
         return predict(self.url, body)
@@ -234,7 +252,14 @@ def test_start_up_log_names_pillow_simd_and_the_onnxruntime_build(served):
     assert re.search(r"onnxruntime \d+\.\d+\.\d+, providers [A-Za-z, ]*CPUExecutionProvider", logs), logs
 
 
+def test_serves_grpc_beside_http(served):
+    with triton_grpc.InferenceServerClient(served.grpc_address()) as client:
+        assert client.is_server_ready()
+        assert client.get_model_metadata("mobilenetv2").name == "mobilenetv2"
+
+
 def test_healthcheck_reports_healthy(served):
+    # The check finds /health among the ports the server listens on: HTTP's and gRPC's.
     wait_until(lambda: served.state(".State.Health.Status") == "healthy", 30, "Docker's health status")
 
 

@@ -3,9 +3,10 @@
 Built-in kinds are validated offline by kubernetes-validate in strict mode (an unknown field
 fails) against the oldest Kubernetes the manifests are written for and the newest the package
 knows; KServe's kinds are built field by field from the generated models of KServe's own Python
-SDK. Then a real `cronnx serve` with each pod's config (host and port changed, nothing else)
-answers the paths the probes and the Prometheus annotations name, exports the series that the
-autoscaling rule reads, fits its rings in the pod's /dev/shm, and stops within the grace period.
+SDK, in a process of its own (kserve_sdk.py says why). Then a real `cronnx serve` with each pod's
+config (host and ports changed, nothing else) answers the paths the probes and the Prometheus
+annotations name and gRPC calls, exports the series that the autoscaling rule reads, fits its
+rings in the pod's /dev/shm, and stops within the grace period.
 """
 
 from __future__ import annotations
@@ -17,17 +18,17 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import kserve.models
-import kubernetes.client.models
 import kubernetes_validate
 import msgspec.yaml
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -40,6 +41,7 @@ CPU = DEPLOY / "kubernetes" / "cpu"
 GPU = DEPLOY / "kubernetes" / "gpu"
 KSERVE = DEPLOY / "kserve"
 ADAPTER_VALUES = DEPLOY / "prometheus-adapter" / "values.yaml"
+KSERVE_SDK = Path(__file__).with_name("kserve_sdk.py")
 # 1.30: the oldest with the preStop `sleep` action on by default; 1.37: the newest
 # kubernetes-validate 1.37 has schemas for.
 KUBERNETES_VERSIONS = ["1.30", "1.37"]
@@ -48,6 +50,9 @@ SCRAPE_LABELS = {"namespace", "pod"}
 PAGE = 4096
 # The folder KServe's storage initializer fills from an InferenceService's storageUri.
 KSERVE_MODELS = "/mnt/models"
+# Kubernetes' appProtocol for HTTP/2 without TLS, which gRPC speaks; KServe gives it to a
+# predictor's Service port whose container port's name holds "grpc" or "h2c".
+H2C = "kubernetes.io/h2c"
 
 
 # --- What `kubectl apply -k` applies -------------------------------------------------------------
@@ -142,53 +147,31 @@ class SchemaError(AssertionError):
     pass
 
 
-def build_model(value, type_name: str, path: str):
-    """Build `value` (parsed YAML) as the SDK model `type_name` ("V1alpha1ServingRuntime",
-    "list[V1Container]", "dict(str, str)", ...), as the API server would decode it: every key
-    must be a field of its model, of the field's type, and each model's own checks (required
-    fields, allowed values) must pass. KServe's models name Kubernetes' core types, which come
-    from the Kubernetes client's models. Raises SchemaError naming the path."""
-    if match := re.fullmatch(r"(?:list|List)\[(.+)\]", type_name):
-        if not isinstance(value, list):
-            raise SchemaError(f"{path}: expected a list ({type_name}), got {value!r}")
-        return [build_model(item, match[1], f"{path}[{i}]") for i, item in enumerate(value)]
-    if match := re.fullmatch(r"dict\(str, (.+)\)|Dict\[str, (.+)\]", type_name):
-        if not isinstance(value, dict):
-            raise SchemaError(f"{path}: expected a map ({type_name}), got {value!r}")
-        return {key: build_model(item, match[1] or match[2], f"{path}.{key}") for key, item in value.items()}
-    primitive = {"str": str, "bool": bool, "int": int, "float": (int, float), "datetime": str, "date": str}
-    if type_name in primitive:
-        if not isinstance(value, primitive[type_name]) or (type_name in ("int", "float") and isinstance(value, bool)):
-            raise SchemaError(f"{path}: expected {type_name}, got {value!r}")
-        return value
-    if type_name == "object":  # int-or-string, quantities, free-form status
-        return value
-    model = getattr(kserve.models, type_name, None) or getattr(kubernetes.client.models, type_name)
-    if not isinstance(value, dict):
-        raise SchemaError(f"{path}: expected a {type_name} object, got {value!r}")
-    fields = {key: attribute for attribute, key in model.attribute_map.items()}
-    unknown = sorted(set(value) - set(fields))
-    if unknown:
-        raise SchemaError(f"{path}: {type_name} has no field {', '.join(unknown)}")
-    arguments = {fields[key]: build_model(item, model.openapi_types[fields[key]], f"{path}.{key}")
-                 for key, item in value.items()}
-    try:
-        return model(**arguments)
-    except ValueError as exc:
-        raise SchemaError(f"{path}: {exc}") from None
+def kserve_errors(items: list[tuple[dict, str, str]]) -> list[str | None]:
+    """Each (value, SDK type name, path)'s error as kserve_sdk.py finds it in a process of its own
+    (it says why), None for a valid one."""
+    done = subprocess.run([sys.executable, str(KSERVE_SDK)], input=json.dumps(items), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 KSERVE_MODELS_BY_KIND = {("serving.kserve.io/v1alpha1", "ServingRuntime"): "V1alpha1ServingRuntime",
                          ("serving.kserve.io/v1beta1", "InferenceService"): "V1beta1InferenceService"}
 
 
-def validate(obj: dict, kubernetes_version: str) -> None:
-    """Validate one object: a KServe kind with KServe's SDK, any other with kubernetes-validate
-    (strict). A kind neither knows fails."""
-    if obj["apiVersion"].startswith("serving.kserve.io/"):
-        build_model(obj, KSERVE_MODELS_BY_KIND[(obj["apiVersion"], obj["kind"])], obj["kind"])
-    else:
-        kubernetes_validate.validate(obj, kubernetes_version, strict=True)
+def validate(objects: list[dict], kubernetes_version: str) -> None:
+    """Validate objects: KServe's kinds with KServe's SDK (SchemaError naming the first fault),
+    the others with kubernetes-validate (strict). A kind neither knows fails."""
+    kserve_kinds = [o for o in objects if o["apiVersion"].startswith("serving.kserve.io/")]
+    for obj in objects:
+        if obj not in kserve_kinds:
+            kubernetes_validate.validate(obj, kubernetes_version, strict=True)
+    if kserve_kinds:
+        errors = kserve_errors([(o, KSERVE_MODELS_BY_KIND[(o["apiVersion"], o["kind"])], o["kind"])
+                                for o in kserve_kinds])
+        for error in filter(None, errors):
+            raise SchemaError(error)
 
 
 # --- Helpers on objects and the live server ------------------------------------------------------
@@ -260,12 +243,21 @@ def segment_bytes(pid: int) -> int:
 
 
 def start(config: dict, workdir: Path) -> ServerProcess:
-    """A real `cronnx serve` of the pod's config, on 127.0.0.1 and a free port (ServerProcess
-    adds --port 0): the host and port are the only changes."""
+    """A real `cronnx serve` of the pod's config, on 127.0.0.1, a free port (ServerProcess adds
+    --port 0) and a free gRPC port: the host and ports are the only changes."""
     config = copy.deepcopy(config)
     config["server"]["host"] = "127.0.0.1"
+    assert config["server"]["grpc_port"] is not None
+    config["server"]["grpc_port"] = 0
     workdir.mkdir(parents=True)
     return ServerProcess(workdir, config).start()
+
+
+def grpc_client(server: ServerProcess) -> triton_grpc.InferenceServerClient:
+    """Triton's gRPC client of `server`, on the port its log names ("serving gRPC on HOST:PORT")."""
+    address = re.search(r"serving gRPC on ([\d.]+:\d+)", server.log())
+    assert address, server.log()
+    return triton_grpc.InferenceServerClient(address.group(1))
 
 
 def kserve_repository(folder: Path, demo_model: Path) -> Path:
@@ -303,8 +295,7 @@ def kserve_server(demo_model, tmp_path_factory):
 @pytest.mark.parametrize("name", SETS)
 def test_every_object_is_valid(name, version):
     objects = SETS[name]()
-    for obj in objects:
-        validate(obj, version)
+    validate(objects, version)
     expected = {"cpu": ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Service"],
                 "gpu": ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Service"],
                 "kserve": ["ConfigMap", "InferenceService", "ServingRuntime"]}[name]
@@ -315,23 +306,25 @@ def test_the_validators_reject_unknown_fields_and_wrong_types():
     deployment = copy.deepcopy(find(cpu_objects(), "Deployment"))
     deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
     with pytest.raises(kubernetes_validate.ValidationError, match="livenessProbes"):
-        validate(deployment, KUBERNETES_VERSIONS[0])
+        validate([deployment], KUBERNETES_VERSIONS[0])
 
     runtime = find(kserve_objects(), "ServingRuntime")
     misspelt = copy.deepcopy(runtime)
     misspelt["spec"]["containers"][0]["readinessProbe"]["httpGet"]["paht"] = "/ready"
     with pytest.raises(SchemaError, match=r"containers\[0\]\.readinessProbe\.httpGet: V1HTTPGetAction has no field paht"):
-        validate(misspelt, KUBERNETES_VERSIONS[0])
+        validate([misspelt], KUBERNETES_VERSIONS[0])
     scalar = copy.deepcopy(runtime)
     scalar["spec"]["protocolVersions"] = "v2"
-    with pytest.raises(SchemaError, match="protocolVersions: expected a list"):
-        validate(scalar, KUBERNETES_VERSIONS[0])
     nameless = copy.deepcopy(runtime)
     del nameless["spec"]["containers"][0]["name"]
-    with pytest.raises(SchemaError, match="name"):
-        validate(nameless, KUBERNETES_VERSIONS[0])
+    # One SDK process for the rest.
+    valid, not_a_list, no_name = kserve_errors([(o, "V1alpha1ServingRuntime", "ServingRuntime")
+                                                for o in (runtime, scalar, nameless)])
+    assert valid is None
+    assert "protocolVersions: expected a list" in not_a_list
+    assert "name" in no_name
     with pytest.raises(kubernetes_validate.utils.SchemaNotFoundError):
-        validate({"apiVersion": "example.com/v1", "kind": "Unknown", "metadata": {"name": "x"}}, "1.30")
+        validate([{"apiVersion": "example.com/v1", "kind": "Unknown", "metadata": {"name": "x"}}], "1.30")
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (which carries kustomize) is not installed")
@@ -376,9 +369,25 @@ def test_every_pod_config_is_valid_and_listens_on_all_interfaces(name):
     assert config.server.host == "0.0.0.0"
 
 
+@pytest.mark.parametrize("name", SETS)
+def test_every_pod_serves_grpc_on_the_port_its_manifests_name_grpc(name):
+    objects = SETS[name]()
+    config, _ = pod_config(objects)
+    container = pod_spec(next(o for o in objects if pod_spec(o)))["containers"][0]
+    # HTTP's port first: KServe makes the first container port its Service's port 80 (HTTP).
+    http, grpc = container["ports"]
+    assert http["containerPort"] == config.server.port and "grpc" not in http["name"]
+    assert (grpc["name"], grpc["containerPort"]) == ("grpc", config.server.grpc_port)
+    if name != "kserve":  # KServe makes its own Service from the container's ports
+        ports = find(objects, "Service")["spec"]["ports"]
+        [grpc_service] = [p for p in ports if container_port(container, p["targetPort"]) == config.server.grpc_port]
+        assert (grpc_service["name"], grpc_service["appProtocol"]) == ("grpc", H2C)
+
+
 def test_the_inference_service_runs_cronnx_on_the_storage_initializer_folder():
     runtime = find(kserve_objects(), "ServingRuntime")["spec"]
-    assert runtime["protocolVersions"] == ["v2"]
+    # KServe admits an InferenceService asking for either protocol only if the runtime lists it.
+    assert runtime["protocolVersions"] == ["v2", "grpc-v2"]
     assert [f["name"] for f in runtime["supportedModelFormats"]] == ["onnx"]
     container = runtime["containers"][0]
     assert container["name"] == "kserve-container"  # the container KServe adds the model's storage to
@@ -401,10 +410,13 @@ def test_the_deployment_probes_ports_and_scrape_path_are_what_the_server_serves(
     for probe in probes(container).values():
         assert container_port(container, probe["port"]) == config.server.port
         assert get(cpu_server.url + probe["path"])[0] == 200
-    assert [p["containerPort"] for p in container["ports"]] == [config.server.port]
+    assert [p["containerPort"] for p in container["ports"]] == [config.server.port, config.server.grpc_port]
     service = find(objects, "Service")["spec"]
     assert service["selector"].items() <= pod["metadata"]["labels"].items()
-    assert [container_port(container, p["targetPort"]) for p in service["ports"]] == [config.server.port]
+    assert [container_port(container, p["targetPort"]) for p in service["ports"]] == [config.server.port,
+                                                                                      config.server.grpc_port]
+    with grpc_client(cpu_server) as client:
+        assert client.is_server_ready()
 
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
@@ -417,7 +429,7 @@ def test_the_kserve_runtime_probes_ports_and_v2_inference_work(kserve_server, ph
     config, _ = pod_config(objects)
     runtime = find(objects, "ServingRuntime")["spec"]
     container = runtime["containers"][0]
-    assert [p["containerPort"] for p in container["ports"]] == [config.server.port]
+    assert [p["containerPort"] for p in container["ports"]] == [config.server.port, config.server.grpc_port]
     assert {probe["path"] for probe in probes(container).values()} == {"/v2/health/live", "/v2/health/ready"}
     for probe in probes(container).values():
         assert container_port(container, probe["port"]) == config.server.port
@@ -438,6 +450,15 @@ def test_the_kserve_runtime_probes_ports_and_v2_inference_work(kserve_server, ph
         answer = json.loads(response.read())
     assert answer["model_name"] == "mobilenetv2"
     assert len(answer["outputs"][0]["data"]) == 3
+
+    # The same request over gRPC (KServe's protocolVersion grpc-v2).
+    images = triton_grpc.InferInput("IMAGE", [1], "BYTES")
+    images.set_data_from_numpy(np.array([photos[0].read_bytes()], dtype=object))
+    top3 = triton_grpc.InferRequestedOutput(output, class_count=3)
+    with grpc_client(kserve_server) as client:
+        answer = client.infer("mobilenetv2", [images], outputs=[top3])
+    assert answer.get_response().model_name == "mobilenetv2"
+    assert answer.as_numpy(output).shape == (1, 3)
 
 
 def test_the_hpa_metric_is_an_exported_gauge_served_by_the_adapter_rule(cpu_server):
