@@ -80,8 +80,8 @@ class Selection(Protocol):
 
 
 class RequestReport(Protocol):
-    """What `finished` reads of an answered request (`http.record.RequestRecord`): the API it came
-    by ("predict", "v2"), the version's labels (UNKNOWN_MODEL and "" when none was chosen), its
+    """What `finished` reads of an answered request (`protocol.record.RequestRecord`): the API it came
+    by ("predict", "v2", "grpc"), the version's labels (UNKNOWN_MODEL and "" when none was chosen), its
     outcome ("success" or the status code), its phases in seconds, the admission queue's reason
     for refusing it ("queue_full", "timeout"; "" when it did not), and its span when it is traced
     (an exemplar of the latency histogram)."""

@@ -39,7 +39,7 @@ class Metrics:
                  spans_dropped: Callable[[], dict[str, int]] = dict):
         self.registry = registry = CollectorRegistry(auto_describe=True)
         labels = ["model", "version"]
-        self.requests = Counter("cronnx_requests", "Requests by API (predict, v2) and outcome: success, or the "
+        self.requests = Counter("cronnx_requests", "Requests by API (predict, v2, grpc) and outcome: success, or the "
                                 "HTTP status of the error", [*labels, "api", "outcome"], registry=registry)
         self.duration = Histogram("cronnx_request_duration_seconds", "End-to-end time of a request in the server",
                                   labels, buckets=latency_buckets_s, registry=registry)
@@ -83,7 +83,7 @@ class Metrics:
 
     def record_request(self, model: str, version: str, api: str, outcome: str, total_s: float,
                        phases: dict[str, float], rejection: str, trace: TraceContext | None = None) -> None:
-        """One answered inference request: the API it came by ("predict", "v2"), its outcome
+        """One answered inference request: the API it came by ("predict", "v2", "grpc"), its outcome
         ("success" or the error's status), its time and, when it succeeded, each phase's time;
         `rejection` the admission queue's reason for refusing it ("queue_full", "timeout"; ""
         when it did not); `trace` its span when it was traced: the exemplar of its bucket of

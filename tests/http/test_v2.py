@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,38 +67,27 @@ def test_health_metadata_and_config_as_tritons_client_reads_them(server):
         c.get_model_metadata("nosuch")
 
 
-def test_kserves_own_client_reads_health_and_readiness_and_infers(server, direct):
-    """KServe's Python SDK (its REST client, protocol v2): health, model readiness, and infer with
-    JSON and binary tensors and with encoded images, each equal to onnxruntime."""
-    import kserve
-
+def test_kserves_own_client_reads_health_and_readiness_and_infers(server, direct, tmp_path):
+    """KServe's Python SDK (its REST client, protocol v2; run by kserve_v2_client.py in a process
+    of its own): health, model readiness, and infer with JSON and binary tensors and with encoded
+    images, each equal to onnxruntime."""
     batch = np.stack([direct.tensor(image) for image in IMAGES])
-
-    async def main():
-        sdk = kserve.InferenceRESTClient(kserve.RESTConfig(protocol="v2", retries=0, timeout=30))
-        try:
-            health = (await sdk.is_server_live(server.url), await sdk.is_server_ready(server.url),
-                      await sdk.is_model_ready(server.url, "tiny"), await sdk.is_model_ready(server.url, "nosuch"))
-            answers = []
-            for binary in (False, True):
-                tensor = kserve.InferInput("input", list(batch.shape), "FP32")
-                tensor.set_data_from_numpy(batch, binary_data=binary)
-                answers.append(await sdk.infer(server.url, kserve.InferRequest("tiny", [tensor], request_id="k-1"),
-                                               model_name="tiny"))
-            images = kserve.InferInput("IMAGE", [len(IMAGES)], "BYTES")
-            images.set_data_from_numpy(np.array(IMAGES, dtype=np.object_), binary_data=True)
-            answers.append(await sdk.infer(server.url, kserve.InferRequest("tiny", [images]), model_name="tiny"))
-            return health, answers
-        finally:
-            await sdk.close()
-
-    health, answers = asyncio.run(main())
-    assert health == (True, True, True, False)
+    np.save(tmp_path / "batch.npy", batch)
+    images = []
+    for i, image in enumerate(IMAGES):
+        images.append(tmp_path / f"{i}.jpg")
+        images[-1].write_bytes(image)
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("kserve_v2_client.py")), server.url,
+                           str(tmp_path / "batch.npy"), *map(str, images)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["health"] == [True, True, True, False]
     expected = logits(direct, batch)
-    assert answers[0].id == "k-1"
-    for answer in answers:
-        assert answer.model_name == "tiny"
-        np.testing.assert_allclose(answer.outputs[0].as_numpy(), expected, rtol=0, atol=1e-5)
+    assert result["answers"][0]["id"] == "k-1"
+    for answer in result["answers"]:
+        assert answer["model_name"] == "tiny"
+        np.testing.assert_allclose(np.array(answer["output"]), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("binary_in", [True, False])
