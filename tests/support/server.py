@@ -52,6 +52,7 @@ class ServerProcess:
         self.log_path = workdir / "server.log"
         self.proc: subprocess.Popen | None = None
         self.url = ""
+        self._grpc_address = ""
 
     def start(self, wait_ready: bool = True) -> "ServerProcess":
         if not may_start:
@@ -85,6 +86,21 @@ class ServerProcess:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"server not ready:\n{self.log()}")
+
+    @property
+    def grpc_address(self) -> str:
+        """host:port of the server's gRPC endpoint, read from its log ("serving gRPC on ..."); the
+        line may follow the HTTP one, so this waits for it. Raises when the server does not log one."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._grpc_address:
+            match = re.search(r"serving gRPC on ([\d.]+:\d+)", self.log())
+            if match:
+                self._grpc_address = match.group(1)
+            elif self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server does not serve gRPC:\n{self.log()}")
+            else:
+                time.sleep(0.05)
+        return self._grpc_address
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
