@@ -123,7 +123,8 @@ class InferenceEngine:
                 preprocess_s = time.perf_counter() - started
                 returned = await _run(pool, worker, slot, request_id, level, trace)  # after the fill: ring rule 1
         except TimeoutError:
-            raise DeadlineExceeded("request did not complete before its deadline (the request timeout)") from None
+            raise DeadlineExceeded("request did not complete before its deadline "
+                                   "(server.request_timeout_s, or a gRPC call's own deadline)") from None
         try:
             if returned.outcome == "done":
                 output = ring.outputs[slot].copy()  # ring rule 3: before the release below

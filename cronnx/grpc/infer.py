@@ -7,6 +7,8 @@ as Triton's gRPC endpoint sends them (the classification extension's strings as 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from tritonclient.grpc import service_pb2
 
@@ -74,6 +76,11 @@ def _typed_contents(tensor: RequestTensor, contents: service_pb2.InferTensorCont
                              f"not {', '.join(used)}")
     if tensor.datatype == "BYTES":
         return serialize_bytes(list(contents.bytes_contents))
+    count = math.prod(tensor.shape)  # Python integers: no wrap-around
+    given = len(getattr(contents, field))
+    if given != count:
+        raise InvalidRequest(f"input {tensor.name!r}: shape {tensor.shape} holds {count} values, contents.{field} "
+                             f"has {given}")
     if tensor.datatype == "FP32":
         return np.asarray(contents.fp32_contents, np.float32).tobytes()
     if tensor.datatype == "UINT8":

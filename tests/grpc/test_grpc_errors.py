@@ -115,7 +115,7 @@ REFUSALS = {
     "raw size not matching the shape": (lambda: infer_request(raw=[ROW[:-4]]), INVALID,
                                         "needs 12288 bytes"),
     "typed count not matching the shape": (lambda: infer_request(contents={"fp32_contents": [0.0] * 100}), INVALID,
-                                           "needs 12288 bytes"),
+                                           "shape [1, 3, 32, 32] holds 3072 values, contents.fp32_contents has 100"),
     "a batch over max_batch_size": (lambda: infer_request(shape=[MAX_BATCH + 1, 3, 32, 32],
                                                           raw=[ROW * (MAX_BATCH + 1)]), INVALID,
                                     (f"has 5 rows (shape [5, 3, 32, 32]); model 'tiny' takes 1 to {MAX_BATCH} "
