@@ -44,6 +44,8 @@ REQUEST_ID_KEY = "x-request-id"
 # As HTTP's X-Cronnx-Key: calls with the same key get the same version of a split model.
 ROUTING_KEY = "x-cronnx-key"
 TRACEPARENT = "traceparent"
+# gRPC's Retry-After (its retry design, A6): how long a client should wait before calling again.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 class GrpcLimits:
@@ -137,7 +139,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 _first(metadata, ROUTING_KEY), end_trace, started,
                 lambda selection, record: self._infer(request, context, selection, record, started))
         except CronnxError as exc:
-            await context.abort(error_code(exc), exc.message, trailing)
+            code = error_code(exc)
+            if code == grpc.StatusCode.UNAVAILABLE:  # as HTTP's 503 says Retry-After: 1
+                trailing += ((RETRY_PUSHBACK_KEY, "1000"),)
+            await context.abort(code, exc.message, trailing)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -151,6 +151,8 @@ def test_past_a_full_queue_a_call_is_unavailable_at_once(server):
     assert taken == SLOTS + QUEUE
     assert refused.code() == grpc.StatusCode.UNAVAILABLE
     assert "model 'slow' is at capacity" in refused.details() and "(max_queue_size)" in refused.details()
+    # gRPC's Retry-After, as HTTP's 503 says Retry-After: 1.
+    assert ("grpc-retry-pushback-ms", "1000") in tuple(refused.trailing_metadata())
     assert requests_total(server, "503") - before == 1
     assert value(scrape(server.url), "cronnx_admission_rejections_total", model="slow", version=1,
                  reason="queue_full") >= 1
