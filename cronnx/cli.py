@@ -138,6 +138,17 @@ def inspect(path: str) -> None:
 @main.command()
 @click.argument("url", default="http://127.0.0.1:3000")  # or a full predict URL
 @click.option("--model", default="mobilenetv2", show_default=True, help="Model name (POST URL/predict/MODEL).")
+@click.option("--protocol", type=click.Choice(["predict", "v2", "grpc"]), default="predict", show_default=True,
+              help="predict: POST /predict/MODEL with the images; v2: POST /v2/models/MODEL/infer and grpc: "
+                   "ModelInfer, each with the model's input tensor (its metadata gives the shape; filled once "
+                   "with fixed values) as binary data. URL is then the server's base URL.")
+@click.option("--grpc-url", default=None, metavar="HOST:PORT",
+              help="With --protocol grpc: the server's gRPC address (`cronnx serve --grpc-port`); the server's "
+                   "/metrics and /models are still read at URL.")
+@click.option("--grpc-channels", type=click.Choice(["per-client", "shared"]), default="per-client",
+              show_default=True,
+              help="With --protocol grpc: a channel (connection) per client, as HTTP's clients each keep a "
+                   "connection, or one channel per client process that every client's calls share (HTTP/2 streams).")
 @click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False), help="An image (repeatable).")
 @click.option("--images", "folder", type=click.Path(exists=True, file_okay=False), help="A folder of images, cycled.")
 @click.option("--mode", type=click.Choice(["raw", "json"]), default="raw", show_default=True,
@@ -153,38 +164,39 @@ def inspect(path: str) -> None:
 @click.option("--retry-after/--no-retry-after", default=True, show_default=True,
               help="Closed loop: after a 503 with Retry-After, a client waits that long before its next request.")
 @click.option("--priority", type=click.IntRange(min=0), default=None,
-              help="Ask for this admission priority level (Cronnx's /predict?priority=; 1 is served first).")
+              help="Ask for this admission priority level (Cronnx's /predict?priority=, V2's and gRPC's priority "
+                   "parameter; 1 is served first).")
 @click.option("--sweep", default=None, help="Comma-separated concurrencies (or rates with --rate) to run in turn.")
 @click.option("--plot", "plot_path", default=None, help="With --sweep: draw latency against throughput (PNG).")
 @click.option("--json", "json_path", default=None, help="Write the results as JSON here.")
-def bench(url, model, images, folder, mode, concurrency, rate, arrivals, duration, requests, warmup, timeout, procs,
-          retry_after, priority, sweep, plot_path, json_path) -> None:
+def bench(url, model, protocol, grpc_url, grpc_channels, images, folder, mode, concurrency, rate, arrivals, duration,
+          requests, warmup, timeout, procs, retry_after, priority, sweep, plot_path, json_path) -> None:
     """Load a Cronnx server (or any server with the same API) and report what it sustained."""
     import msgspec
 
     from cronnx.loadgen import bench as loadgen
-    from cronnx.loadgen import report
+    from cronnx.loadgen import payloads, report
     from cronnx.loadgen.runner import LoadSpec
 
     # What an option needs is checked before the run: a run's results are never thrown away.
     if plot_path and importlib.util.find_spec("matplotlib") is None:
         _fail("--plot needs matplotlib: pip install 'cronnx[bench]' (checked before the run)", 2)
-    if urlsplit(url).path in ("", "/"):  # a server's base URL: Cronnx's predict route
-        url = f"{url.rstrip('/')}/predict/{model}"
-    if priority is not None:
-        url = f"{url}{'&' if urlsplit(url).query else '?'}priority={priority}"
     try:
-        bodies, content_type = loadgen.request_bodies(loadgen.image_files(list(images), folder), mode)
+        target = _bench_target(protocol, url, grpc_url, model, priority, list(images), folder, mode)
     except ValueError as exc:
         _fail(str(exc), 2)
+    except payloads.PayloadError as exc:
+        _fail(f"cannot build the requests: {exc}", 1)
     points = [float(p) for p in sweep.split(",")] if sweep else [rate if rate else concurrency]
     results = []
     for point in points:
-        spec = LoadSpec(url=url, bodies=bodies, content_type=content_type,
+        spec = LoadSpec(url=target.url, bodies=target.bodies, content_type=target.headers.get("Content-Type", ""),
+                        protocol=protocol, headers=target.headers,
+                        grpc_channels=None if grpc_channels == "per-client" else 1,
                         concurrency=None if rate else int(point), rate=point if rate else None, arrivals=arrivals,
                         duration_s=None if requests else duration, requests=requests, warmup_s=warmup,
                         timeout_s=timeout, progress=sys.stderr.isatty(), retry_after=retry_after)
-        result = loadgen.run(spec, procs, model)
+        result = loadgen.run(spec, procs, model, http_url=url)
         click.echo(report.summary(result))
         results.append(result)
     if len(results) > 1:
@@ -195,3 +207,28 @@ def bench(url, model, images, folder, mode, concurrency, rate, arrivals, duratio
     if plot_path:
         report.plot(results, plot_path)
         click.echo(f"wrote {plot_path}")
+
+
+def _bench_target(protocol: str, url: str, grpc_url: str | None, model: str, priority: int | None,
+                  images: list[str], folder: str | None, mode: str):
+    """What `cronnx bench` loads, and with what (`loadgen.payloads.Target`). Raises ValueError for
+    options that do not go together, PayloadError when the model's metadata cannot be read."""
+    from cronnx.loadgen import bench as loadgen
+    from cronnx.loadgen import payloads
+
+    if protocol == "predict":
+        if grpc_url:
+            raise ValueError("--grpc-url is for --protocol grpc")
+        return payloads.predict_target(url, model, priority, loadgen.image_files(images, folder), mode)
+    if images or folder:
+        raise ValueError(f"--protocol {protocol} sends the model's input tensor, not images: leave out "
+                         "--image and --images")
+    if urlsplit(url).path not in ("", "/"):
+        raise ValueError(f"--protocol {protocol} takes the server's base URL (http://HOST:PORT), not {url}")
+    if protocol == "v2":
+        if grpc_url:
+            raise ValueError("--grpc-url is for --protocol grpc")
+        return payloads.v2_target(url, model, priority)
+    if not grpc_url:
+        raise ValueError("--protocol grpc needs --grpc-url HOST:PORT (the server's gRPC port)")
+    return payloads.grpc_target(grpc_url, model, priority)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import multiprocessing
 import threading
 import time
@@ -14,7 +12,9 @@ import msgspec
 
 from . import server_stats
 from .histogram import LatencyHistogram
+from .payloads import image_bodies
 from .runner import LoadResult, LoadSpec, run_in_process, run_load
+from .transports import SUCCESS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 # A client process using more than this share of a core is itself the bottleneck.
@@ -23,7 +23,8 @@ PERCENTILES = {"p50": 50, "p90": 90, "p95": 95, "p99": 99, "p99_9": 99.9}
 
 
 class BenchResult(msgspec.Struct):
-    url: str
+    url: str  # what was loaded: an HTTP URL, or gRPC's host:port
+    protocol: str  # "predict", "v2" or "grpc"
     loop: str  # "closed" or "open"
     concurrency: int | None
     rate: float | None
@@ -52,11 +53,8 @@ def image_files(images: list[str], folder: str | None) -> list[Path]:
 
 
 def request_bodies(paths: list[Path], mode: str) -> tuple[list[bytes], str]:
-    """Encoded once, before the run: the load loop does no per-request work."""
-    raw = [p.read_bytes() for p in paths]
-    if mode == "raw":
-        return raw, "application/octet-stream"
-    return [json.dumps({"image": base64.b64encode(b).decode()}).encode() for b in raw], "application/json"
+    """`/predict` bodies, encoded once, before the run: the load loop does no per-request work."""
+    return image_bodies(paths, mode)
 
 
 def _split(total: int | None, parts: int) -> list[int | None]:
@@ -65,15 +63,16 @@ def _split(total: int | None, parts: int) -> list[int | None]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def run(spec: LoadSpec, procs: int, model: str) -> BenchResult:
-    """Run the load; the server's metrics are read when the measuring window opens and after it."""
+def run(spec: LoadSpec, procs: int, model: str, http_url: str | None = None) -> BenchResult:
+    """Run the load; the server's metrics are read when the measuring window opens and after it,
+    from the server's HTTP side (`http_url`, any URL of it; by default the spec's URL)."""
     # Client processes need about a second to spawn and import before they can start together.
     start_at = time.monotonic() + (3.0 if procs > 1 else 0.1)
     spec = msgspec.structs.replace(spec, start_at=start_at)
     outcome: list = []
     runner = threading.Thread(target=lambda: outcome.append(_run_clients(spec, procs)), daemon=True)
     runner.start()
-    metrics_url = server_stats.metrics_url(spec.url)
+    metrics_url = server_stats.metrics_url(http_url or spec.url)
     time.sleep(max(0.0, start_at + spec.warmup_s - time.monotonic()))
     before = server_stats.scrape(metrics_url)
     runner.join()
@@ -81,7 +80,7 @@ def run(spec: LoadSpec, procs: int, model: str) -> BenchResult:
     if not outcome:
         raise RuntimeError("the load clients failed; see the error above")
     result = summarize(spec, outcome[0], server_stats.difference(before, after, model))
-    capacity = server_stats.capacity(spec.url, model)
+    capacity = server_stats.capacity(http_url or spec.url, model)
     if capacity is not None and spec.concurrency is not None:
         result.warnings.extend(server_stats.capacity_warnings(spec.concurrency, *capacity))
     return result
@@ -126,9 +125,9 @@ def summarize(spec: LoadSpec, results: list[LoadResult], server) -> BenchResult:
     if spec.rate and late > 0.01 * sent:
         warnings.append(f"{late} of {sent} sends were more than 2 ms late: the client could not keep the rate")
     return BenchResult(
-        url=spec.url, loop="open" if spec.rate else "closed", concurrency=spec.concurrency, rate=spec.rate,
-        procs=len(results), window_s=window, ok=ok, requests_per_s=ok / window, images_per_s=ok / window,
-        latency_ms=latency, errors_by_status={k: v for k, v in statuses.items() if k != "200"},
+        url=spec.url, protocol=spec.protocol, loop="open" if spec.rate else "closed", concurrency=spec.concurrency,
+        rate=spec.rate, procs=len(results), window_s=window, ok=ok, requests_per_s=ok / window, images_per_s=ok / window,
+        latency_ms=latency, errors_by_status={k: v for k, v in statuses.items() if k not in SUCCESS},
         errors_by_exception=exceptions, late_sends=late, sent=sent, client_cpu_per_process=cpu,
         server=server, warnings=warnings)
 

@@ -18,7 +18,8 @@ def load_label(r: BenchResult) -> str:
 def summary(r: BenchResult) -> str:
     lat = r.latency_ms
     lines = [
-        f"cronnx bench {r.url}: {load_label(r)}, {r.window_s:.1f} s measured, {r.procs} client process(es)",
+        f"cronnx bench {r.url} ({r.protocol}): {load_label(r)}, {r.window_s:.1f} s measured, "
+        f"{r.procs} client process(es)",
         f"  throughput  {r.requests_per_s:.1f} req/s, {r.images_per_s:.1f} images/s ({r.ok} ok)",
         "  latency ms  " + "  ".join(f"{k.replace('_', '.')} {_f(lat[k])}"
                                     for k in ("p50", "p90", "p95", "p99", "p99_9", "max")),

@@ -13,10 +13,10 @@ import sys
 import time
 from collections import Counter
 
-import aiohttp
 import msgspec
 
 from .histogram import LatencyHistogram
+from .transports import SUCCESS, GrpcTransport, HttpTransport, NoAnswer
 
 LATE_S = 0.002
 # A closed-loop client whose connection failed waits this long, so a dead server is not a busy loop.
@@ -26,9 +26,14 @@ GIVE_UP_S = 3.0
 
 
 class LoadSpec(msgspec.Struct, frozen=True):
-    url: str
-    bodies: list[bytes]
+    url: str  # HTTP: the URL posted to; gRPC: the server's host:port
+    bodies: list[bytes]  # HTTP: the bodies; gRPC: serialised ModelInferRequests
     content_type: str
+    protocol: str = "predict"  # or "v2" (both HTTP) or "grpc"
+    headers: dict[str, str] = {}  # HTTP: more headers
+    # gRPC: the channels (connections) of a client process, client i on channel i % n; None: one
+    # per client (the open loop, which has no clients: one).
+    grpc_channels: int | None = None
     concurrency: int | None = None  # closed loop
     rate: float | None = None  # open loop, requests per second
     arrivals: str = "constant"  # or "poisson"
@@ -39,7 +44,8 @@ class LoadSpec(msgspec.Struct, frozen=True):
     seed: int = 1
     progress: bool = False
     # Closed loop: a client answered 503 with Retry-After waits that long before its next request
-    # (RFC 9110, 10.2.3), as a well-behaved client would; off: it sends again at once.
+    # (RFC 9110, 10.2.3), as a well-behaved client would (gRPC: UNAVAILABLE with the trailing
+    # metadata grpc-retry-pushback-ms); off: it sends again at once.
     retry_after: bool = True
     # time.monotonic() at which the warm-up starts: several processes start together.
     start_at: float | None = None
@@ -100,47 +106,36 @@ class _Run:
             return True
         return False
 
-    async def send(self, session: aiohttp.ClientSession, body: bytes, start: float, measured: bool) -> float:
-        """One request; returns the seconds its Retry-After asks to wait (0 unless a 503 says so
-        and the spec honours it). Raises _Failed when no answer came."""
+    async def send(self, transport, body: bytes, client: int, start: float, measured: bool) -> float:
+        """One request; returns the seconds its answer asks to wait (a 503's Retry-After, when
+        the spec honours it; else 0). Raises _Failed when no answer came."""
         try:
-            async with session.post(self.spec.url, data=body, headers={"Content-Type": self.spec.content_type}) as r:
-                await r.read()
-                status = r.status
-                retry_after = r.headers.get("Retry-After") if status == 503 and self.spec.retry_after else None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            status, wait_s = await transport.call(body, client)
+        except NoAnswer as exc:
             if measured:
-                self.exceptions[type(exc).__name__] += 1
+                self.exceptions[exc.name] += 1
             if self.failing_since is None:
                 self.failing_since = time.monotonic()
             raise _Failed from None
         now = time.monotonic()
         self.failing_since = None
         if measured:
-            self.statuses[str(status)] += 1
-            if status == 200:
+            self.statuses[status] += 1
+            if status in SUCCESS:
                 self.ok += 1
                 self.histogram.record(now - start)
-        return _delay_s(retry_after)
+        return wait_s
 
 
 class _Failed(Exception):
     pass
 
 
-def _delay_s(retry_after: str | None) -> float:
-    """The seconds a Retry-After header's delay-seconds form asks for (at most 60); 0 for none,
-    or for the HTTP-date form, which Cronnx never sends."""
-    if retry_after is None or not retry_after.strip().isdigit():
-        return 0.0
-    return min(60.0, float(retry_after.strip()))
-
-
-async def _closed_loop(run: _Run, session: aiohttp.ClientSession) -> None:
+async def _closed_loop(run: _Run, transport) -> None:
     spec = run.spec
     rng = random.Random(spec.seed)
 
-    async def client(offset: int) -> None:
+    async def client(number: int, offset: int) -> None:
         i = offset
         while not run.finished(time.monotonic()):
             start = time.monotonic()
@@ -148,7 +143,7 @@ async def _closed_loop(run: _Run, session: aiohttp.ClientSession) -> None:
             if run.measured(start) and not measured:
                 return  # --requests: all measured requests are out
             try:
-                wait_s = await run.send(session, spec.bodies[i % len(spec.bodies)], start, measured)
+                wait_s = await run.send(transport, spec.bodies[i % len(spec.bodies)], number, start, measured)
             except _Failed:
                 await asyncio.sleep(ERROR_PAUSE_S)
             else:
@@ -157,19 +152,19 @@ async def _closed_loop(run: _Run, session: aiohttp.ClientSession) -> None:
             i += 1
 
     await asyncio.sleep(max(0.0, run.warmup_start - time.monotonic()))
-    await asyncio.gather(*(client(rng.randrange(len(spec.bodies))) for _ in range(spec.concurrency)))
+    await asyncio.gather(*(client(n, rng.randrange(len(spec.bodies))) for n in range(spec.concurrency)))
 
 
-async def _open_loop(run: _Run, session: aiohttp.ClientSession) -> None:
+async def _open_loop(run: _Run, transport) -> None:
     spec = run.spec
     rng = random.Random(spec.seed)
     in_flight: set[asyncio.Task] = set()
     intended = run.warmup_start
     i = 0
 
-    async def one(body: bytes, at: float, measured: bool) -> None:
+    async def one(body: bytes, number: int, at: float, measured: bool) -> None:
         try:
-            await run.send(session, body, at, measured)
+            await run.send(transport, body, number, at, measured)
         except _Failed:
             pass
 
@@ -185,7 +180,7 @@ async def _open_loop(run: _Run, session: aiohttp.ClientSession) -> None:
                 break
             if time.monotonic() - intended > LATE_S:
                 run.late += 1
-        task = asyncio.get_running_loop().create_task(one(spec.bodies[i % len(spec.bodies)], intended, measured))
+        task = asyncio.get_running_loop().create_task(one(spec.bodies[i % len(spec.bodies)], i, intended, measured))
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
         i += 1
@@ -211,20 +206,28 @@ async def _progress(run: _Run) -> None:
         sys.stderr.flush()
 
 
+def transport_for(spec: LoadSpec):
+    """The spec's transport: gRPC's channels, or an HTTP pool."""
+    if spec.protocol == "grpc":
+        channels = spec.grpc_channels or (spec.concurrency or 1)
+        return GrpcTransport(spec.url, channels, spec.timeout_s, spec.retry_after)
+    return HttpTransport(spec.url, {"Content-Type": spec.content_type, **spec.headers}, spec.timeout_s,
+                         spec.retry_after)
+
+
 async def run_load(spec: LoadSpec) -> LoadResult:
     run = _Run(spec)
-    connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=spec.timeout_s)
     progress = asyncio.get_running_loop().create_task(_progress(run)) if spec.progress else None
     cpu_at_window = None
+    transport = transport_for(spec)
     try:
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            loop_task = asyncio.ensure_future(_open_loop(run, session) if spec.rate else _closed_loop(run, session))
-            # The client's own CPU is read over the measuring window only.
-            await asyncio.sleep(max(0.0, run.window_start - time.monotonic()))
-            cpu_at_window = time.process_time()
-            await loop_task
+        loop_task = asyncio.ensure_future(_open_loop(run, transport) if spec.rate else _closed_loop(run, transport))
+        # The client's own CPU is read over the measuring window only.
+        await asyncio.sleep(max(0.0, run.window_start - time.monotonic()))
+        cpu_at_window = time.process_time()
+        await loop_task
     finally:
+        await transport.close()
         if progress is not None:
             progress.cancel()
             sys.stderr.write("\n")

@@ -12,23 +12,25 @@ import time
 from pathlib import Path
 
 import pytest
-
+from support import metrics
 from support.images import encode, photo_like
 from support.models import tiny_classifier
 from support.server import REPO, model_entry, server_config
 
 FAKE_SERVER = Path(__file__).parents[1] / "support" / "fake_server.py"
+FAKE_GRPC_SERVER = Path(__file__).parent / "fake_grpc_server.py"
 
 
 class FakeServers:
     """fake_server(*args) -> base URL of a fake server started with those options;
     fake_server.process(url) -> the subprocess.Popen of the server at that URL."""
 
-    def __init__(self):
+    def __init__(self, script: Path = FAKE_SERVER):
+        self.script = script
         self._procs: dict[str, subprocess.Popen] = {}
 
     def __call__(self, *args: str) -> str:
-        proc = subprocess.Popen([sys.executable, str(FAKE_SERVER), *args], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, str(self.script), *args], stdout=subprocess.PIPE, text=True)
         line = proc.stdout.readline()
         match = re.search(r"listening on (\d+)", line)
         if match is None:
@@ -57,6 +59,14 @@ def fake_server():
     servers.stop_all()
 
 
+@pytest.fixture
+def fake_grpc_server():
+    """As fake_server, for fake gRPC servers (fake_grpc_server.py); the URL's host:port is the target."""
+    servers = FakeServers(FAKE_GRPC_SERVER)
+    yield servers
+    servers.stop_all()
+
+
 @pytest.fixture(scope="module")
 def image(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("img") / "photo.jpg"
@@ -64,10 +74,12 @@ def image(tmp_path_factory) -> Path:
     return path
 
 
-def bench(url: str, image: Path, *args: str, timeout: float = 120) -> tuple[dict, str]:
+def bench(url: str, image: Path | None, *args: str, timeout: float = 120) -> tuple[dict, str]:
+    """`cronnx bench URL --model m [--image IMAGE] ARGS`: its last result and its output."""
     out = Path(f"/tmp/cronnx-bench-{time.monotonic_ns()}.json")
+    images = ("--image", str(image)) if image is not None else ()
     try:
-        result = subprocess.run([sys.executable, "-m", "cronnx", "bench", url, "--model", "m", "--image", str(image),
+        result = subprocess.run([sys.executable, "-m", "cronnx", "bench", url, "--model", "m", *images,
                                  "--json", str(out), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
         assert result.returncode == 0, result.stderr
         return json.loads(out.read_text())[-1], result.stdout
@@ -228,3 +240,144 @@ def test_plot_without_matplotlib_is_refused_before_the_run_not_after(fake_server
                              "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "checked before the run" in result.stderr, result.stderr
     assert "req/s" not in result.stdout and not out.exists()  # nothing was measured, so nothing was lost
+
+
+# The protocols: /predict with images, V2 infer and gRPC's ModelInfer with the model's tensor.
+
+def grpc_target(url: str) -> str:
+    return url.removeprefix("http://")
+
+
+def requests_counted(before: dict, after: dict):
+    """counted(api, outcome=None) -> cronnx_requests_total of that API (and outcome) between the scrapes."""
+    def counted(api: str, outcome: str | None = None) -> int:
+        labels = {"api": api} if outcome is None else {"api": api, "outcome": outcome}
+        return int(metrics.total(after, "cronnx_requests_total", **labels)
+                   - metrics.total(before, "cronnx_requests_total", **labels))
+    return counted
+
+
+def test_each_protocol_is_counted_as_the_server_counts_it(start_server, tmp_path, image):
+    # Two ring slots and one place in the queue for six clients that do not wait after a 503:
+    # every protocol gets answers and refusals, and the server's counter of its API must say
+    # the same of each, while the other APIs' counters stay put.
+    model = tiny_classifier(tmp_path / "m.onnx", slow_layers=20)
+    server = start_server(server_config(model_entry("m", model, batch_size=1, workers=1, ring_slots=2,
+                                                    max_queue_size=1)), args=("--grpc-port", "0"))
+    grpc_url = re.search(r"serving gRPC on ([\d.]+:\d+)", server.log()).group(1)
+    options = {"predict": ("--image", str(image)), "v2": ("--protocol", "v2"),
+               "grpc": ("--protocol", "grpc", "--grpc-url", grpc_url)}
+    refusal = {"predict": "503", "v2": "503", "grpc": "UNAVAILABLE"}
+    for protocol, args in options.items():
+        before = metrics.scrape(server.url)
+        r, text = bench(server.url, None, *args, "--concurrency", "6", "--requests", "120", "--warmup", "0",
+                        "--no-retry-after")
+        counted = requests_counted(before, metrics.scrape(server.url))
+        assert r["protocol"] == protocol and f"({protocol})" in text
+        assert r["errors_by_exception"] == {}, r
+        assert set(r["errors_by_status"]) == {refusal[protocol]}, r
+        assert r["ok"] > 0 and r["errors_by_status"][refusal[protocol]] > 0, r
+        assert r["ok"] + r["errors_by_status"][refusal[protocol]] == 120, r
+        assert r["ok"] == counted(protocol, "success"), (protocol, r)
+        assert r["errors_by_status"][refusal[protocol]] == counted(protocol, "503"), (protocol, r)
+        assert counted(protocol) == 120
+        assert [counted(api) for api in options if api != protocol] == [0, 0], protocol
+
+
+def test_v2_and_grpc_send_the_tensor_that_the_model_metadata_describes(start_server, tmp_path):
+    # A model whose input is [N, 3, 16, 16]: a request of any other shape would be refused (400,
+    # INVALID_ARGUMENT), so answers mean the shape came from the metadata.
+    model = tiny_classifier(tmp_path / "m.onnx", size=16)
+    server = start_server(server_config(model_entry("m", model, batch_size=2, workers=1)),
+                          args=("--grpc-port", "0"))
+    grpc_url = re.search(r"serving gRPC on ([\d.]+:\d+)", server.log()).group(1)
+    v2, _ = bench(server.url, None, "--protocol", "v2", "--concurrency", "2", "--requests", "20", "--warmup", "0")
+    rpc, _ = bench(server.url, None, "--protocol", "grpc", "--grpc-url", grpc_url, "--concurrency", "2",
+                   "--requests", "20", "--warmup", "0", "--priority", "0")
+    assert v2["ok"] == 20 and v2["url"] == f"{server.url}/v2/models/m/infer", v2
+    assert rpc["ok"] == 20 and rpc["url"] == grpc_url, rpc
+    assert rpc["server"]["batches"] >= 10  # the server's stats are read from its HTTP side
+
+
+def test_grpc_unavailable_from_the_server_is_an_answer_and_its_pushback_is_honoured(fake_grpc_server):
+    # Every 2nd call is UNAVAILABLE with grpc-retry-pushback-ms: 1000 (gRPC's Retry-After). It is
+    # the server's answer, counted by its code; honoured, each costs a second.
+    target = grpc_target(fake_grpc_server("--busy-every", "2"))
+    args = ("--protocol", "grpc", "--grpc-url", target, "--concurrency", "1", "--duration", "2.5", "--warmup", "0")
+    polite, text = bench("http://127.0.0.1:9", None, *args)
+    assert 1 <= polite["errors_by_status"]["UNAVAILABLE"] <= 3 and polite["ok"] <= 4, polite
+    assert polite["errors_by_exception"] == {} and "UNAVAILABLE: " in text
+    eager, _ = bench("http://127.0.0.1:9", None, *args, "--no-retry-after")
+    assert eager["errors_by_status"]["UNAVAILABLE"] > 50 and eager["errors_by_exception"] == {}, eager
+
+
+def test_a_grpc_server_that_dies_mid_run_is_reported_with_the_numbers_so_far(fake_grpc_server):
+    url = fake_grpc_server("--delay-ms", "5")
+    server = fake_grpc_server.process(url)
+
+    def kill_soon():
+        time.sleep(1.5)
+        server.kill()  # this test's server only, by its pid
+
+    threading.Thread(target=kill_soon, daemon=True).start()
+    r, _ = bench("http://127.0.0.1:9", None, "--protocol", "grpc", "--grpc-url", grpc_target(url),
+                 "--concurrency", "2", "--duration", "6", "--warmup", "0")
+    assert r["ok"] > 50 and r["errors_by_status"] == {}, r
+    assert r["errors_by_exception"].get("grpc UNAVAILABLE", 0) > 0, r
+    assert any("no answer" in w for w in r["warnings"]), r["warnings"]
+
+
+@pytest.mark.parametrize("channels, connections", [("per-client", 4), ("shared", 1)])
+def test_grpc_clients_each_have_a_connection_or_share_one(fake_grpc_server, tmp_path, channels, connections):
+    peers = tmp_path / "peers"
+    target = grpc_target(fake_grpc_server("--delay-ms", "5", "--peers", str(peers)))
+    r, _ = bench("http://127.0.0.1:9", None, "--protocol", "grpc", "--grpc-url", target, "--grpc-channels",
+                 channels, "--concurrency", "4", "--requests", "80", "--warmup", "0")
+    assert r["ok"] == 80
+    assert len(peers.read_text().split()) == connections
+
+
+def refused(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "cronnx", "bench", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode != 0 and "req/s" not in result.stdout, result
+    return result
+
+
+def test_options_that_do_not_go_together_are_refused_before_the_run(image):
+    assert "not images" in refused("--protocol", "v2", "--image", str(image)).stderr
+    assert "needs --grpc-url" in refused("--protocol", "grpc").stderr
+    assert "--grpc-url is for --protocol grpc" in refused("--grpc-url", "127.0.0.1:1", "--image", str(image)).stderr
+    assert "base URL" in refused("http://127.0.0.1:1/predict/m", "--protocol", "v2").stderr
+
+
+def test_without_the_model_metadata_v2_and_grpc_are_refused_before_the_run():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    v2 = refused(f"http://127.0.0.1:{port}", "--protocol", "v2", "--model", "m")
+    assert v2.returncode == 1 and f"GET http://127.0.0.1:{port}/v2/models/m failed" in v2.stderr, v2.stderr
+    rpc = refused("--protocol", "grpc", "--grpc-url", f"127.0.0.1:{port}", "--model", "m")
+    assert rpc.returncode == 1 and "ModelMetadata of 'm'" in rpc.stderr and "UNAVAILABLE" in rpc.stderr, rpc.stderr
+
+
+def test_the_tensor_has_the_metadata_shape_with_one_row_and_the_same_values_every_time():
+    import numpy as np
+
+    from cronnx.loadgen.payloads import PayloadError, input_tensor
+
+    metadata = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 4, 4]}]}
+    tensor = input_tensor(metadata, "m")
+    values = np.frombuffer(tensor.data, np.float32)
+    assert (tensor.name, tensor.datatype, tensor.shape) == ("input", "FP32", [1, 3, 4, 4])
+    assert values.size == 48 and np.isfinite(values).all() and values.std() > 0.5
+    assert input_tensor(metadata, "m") == tensor
+    # gRPC's metadata as a dict gives int64 dimensions as strings.
+    grpc_style = {"inputs": [{"name": "x", "datatype": "UINT8", "shape": ["-1", "8"]}]}
+    assert input_tensor(grpc_style, "m").shape == [1, 8] and len(input_tensor(grpc_style, "m").data) == 8
+    with pytest.raises(PayloadError, match="2 inputs"):
+        input_tensor({"inputs": metadata["inputs"] * 2}, "m")
+    with pytest.raises(PayloadError, match="BYTES"):
+        input_tensor({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1]}]}, "m")
