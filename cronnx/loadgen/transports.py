@@ -86,9 +86,10 @@ class GrpcTransport:
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             # gRPC gives UNAVAILABLE for a connection that failed as for a server that says it
-            # is unavailable (Cronnx's 503): the channel's state tells them apart.
-            if code == grpc.StatusCode.UNAVAILABLE and (
-                    self.channels[lane].get_state() != grpc.ChannelConnectivity.READY):
+            # is unavailable (Cronnx's 503). A server's answer ends with its trailers (Cronnx's
+            # carry the request id); a status the client's gRPC made up has none. (The channel's
+            # state does not tell: it may still read READY as the server's socket closes.)
+            if code == grpc.StatusCode.UNAVAILABLE and not exc.trailing_metadata():
                 raise NoAnswer("grpc UNAVAILABLE") from None
             if code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - started >= self.timeout_s:
                 raise NoAnswer("grpc DEADLINE_EXCEEDED") from None  # the client's own timeout

@@ -93,6 +93,8 @@ def test_a_failed_model_removed_from_the_config_is_forgotten_on_reload(start_ser
     broken = batch_one_only_model(tmp_path / "batch1.onnx")
     config = server_config(model_entry("good", good_model), model_entry("b1", broken, batch_size=4))
     server = start_server(config)
+    # The failed load's workers may still be stopping ("draining") as the server turns ready.
+    wait_until(lambda: all(v["state"] != "draining" for v in server.versions()), what="the failed load to stop")
     assert [v["state"] for v in server.versions() if v["name"] == "b1"] == ["failed"]
     status, body = server.get("/ready")
     assert status == 200 and body["status"] == "ready" and "b1 v1" in body["failed"], body
