@@ -20,6 +20,7 @@ REPO = BENCH.parent
 sys.path[:0] = [str(REPO), str(BENCH)]
 
 from cronnx.loadgen import bench as loadgen  # noqa: E402
+from cronnx.loadgen import payloads  # noqa: E402
 from cronnx.loadgen.runner import LoadSpec  # noqa: E402
 
 
@@ -77,7 +78,7 @@ def measure(url: str, model: str, mode: str, seconds: float, warmup: float, phot
     """One `cronnx bench` run in this process; the BenchResult as plain data. `encode` makes a
     JSON body of another shape than Cronnx's {"image": base64} from each photo's bytes."""
     if encode is None:
-        bodies, content_type = loadgen.request_bodies(photos, mode)
+        bodies, content_type = payloads.image_bodies(photos, mode)
     else:
         bodies, content_type = [encode(p.read_bytes()) for p in photos], "application/json"
     spec = LoadSpec(url=url, bodies=bodies, content_type=content_type, concurrency=concurrency,

@@ -12,7 +12,6 @@ import msgspec
 
 from . import server_stats
 from .histogram import LatencyHistogram
-from .payloads import image_bodies
 from .runner import LoadResult, LoadSpec, run_in_process, run_load
 from .transports import SUCCESS
 
@@ -50,11 +49,6 @@ def image_files(images: list[str], folder: str | None) -> list[Path]:
     if not paths:
         raise ValueError("no images: give --image FILE (repeatable) or --images DIR")
     return paths
-
-
-def request_bodies(paths: list[Path], mode: str) -> tuple[list[bytes], str]:
-    """`/predict` bodies, encoded once, before the run: the load loop does no per-request work."""
-    return image_bodies(paths, mode)
 
 
 def _split(total: int | None, parts: int) -> list[int | None]:

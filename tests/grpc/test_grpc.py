@@ -18,7 +18,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
 import tritonclient.http as triton_http
 from google.protobuf import json_format
-from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2
 
 from support.client import predict_many
 from support.metrics import scrape, value
@@ -46,18 +46,8 @@ def server(request, tmp_path_factory, tiny_model):
     """One server per placement for the module, serving gRPC on a free port (config grpc_port: 0)."""
     config = server_config(model_entry("tiny", tiny_model, batch_size=8), model_entry(COUNTED, tiny_model),
                            grpc_port=0, front_processes=request.param)
-    process = ServerProcess(tmp_path_factory.mktemp("grpc-server"), config)
-    try:
-        yield process.start()
-    finally:
-        process.cleanup()
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    """The generated stub itself, for what tritonclient does not show (trailing metadata, codes)."""
-    with grpc.insecure_channel(server.grpc_address) as channel:
-        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with ServerProcess.running(tmp_path_factory.mktemp("grpc-server"), config) as server:
+        yield server
 
 
 def client(server) -> triton_grpc.InferenceServerClient:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2
 
 from support.metrics import scrape, value
 from support.models import image_classifier, tiny_classifier
@@ -34,17 +34,8 @@ def models(tmp_path_factory):
 def server(tmp_path_factory, models):
     config = server_config(model_entry("tiny", models["tiny"], batch_size=MAX_BATCH),
                            model_entry("pixels", models["pixels"]), grpc_port=0, max_body_bytes=MAX_BODY)
-    process = ServerProcess(tmp_path_factory.mktemp("grpc-errors"), config)
-    try:
-        yield process.start()
-    finally:
-        process.cleanup()
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(server.grpc_address) as channel:
-        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with ServerProcess.running(tmp_path_factory.mktemp("grpc-errors"), config) as server:
+        yield server
 
 
 def infer_request(model: str = "tiny", name: str = "input", datatype: str = "FP32", shape=(1, 3, 32, 32),

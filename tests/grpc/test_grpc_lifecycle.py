@@ -76,11 +76,8 @@ def server(tmp_path_factory, slow_model):
     refused."""
     config = server_config(model_entry("slow", slow_model, batch_size=1, ring_slots=SLOTS, max_queue_size=QUEUE),
                            grpc_port=0, request_timeout_s=60)
-    process = ServerProcess(tmp_path_factory.mktemp("grpc-slow-server"), config)
-    try:
-        yield process.start()
-    finally:
-        process.cleanup()
+    with ServerProcess.running(tmp_path_factory.mktemp("grpc-slow-server"), config) as server:
+        yield server
 
 
 def row_request() -> service_pb2.ModelInferRequest:

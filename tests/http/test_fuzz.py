@@ -212,12 +212,9 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model):
     """One server for the module, started and cleaned up like `start_server`'s."""
-    process = ServerProcess(tmp_path_factory.mktemp("fuzz-server"), server_config(
-        model_entry("tiny", tiny_model), max_body_bytes=BODY_LIMIT, max_image_pixels=PIXEL_LIMIT))
-    try:
-        yield process.start()
-    finally:
-        process.cleanup()
+    with ServerProcess.running(tmp_path_factory.mktemp("fuzz-server"), server_config(
+        model_entry("tiny", tiny_model), max_body_bytes=BODY_LIMIT, max_image_pixels=PIXEL_LIMIT)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -71,12 +71,8 @@ def model_paths(tmp_path_factory) -> dict:
 def server(tmp_path_factory, model_paths):
     """One server for the module, started and cleaned up like `start_server`'s."""
     models = [model_entry(name, path, batch_size=BATCH) for name, path in model_paths.items()]
-    process = ServerProcess(tmp_path_factory.mktemp("v2-fuzz-server"),
-                            server_config(*models, max_image_pixels=PIXEL_LIMIT))
-    try:
-        yield process.start()
-    finally:
-        process.cleanup()
+    with ServerProcess.running(tmp_path_factory.mktemp("v2-fuzz-server"), server_config(*models, max_image_pixels=PIXEL_LIMIT)) as server:
+        yield server
 
 
 class Reference:

@@ -11,6 +11,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -130,6 +132,16 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout_s)
+
+    @classmethod
+    @contextmanager
+    def running(cls, workdir: Path, config: dict) -> Iterator["ServerProcess"]:
+        """A started server for the `with` block (a module's fixture), cleaned up however it ends."""
+        process = cls(workdir, config)
+        try:
+            yield process.start()
+        finally:
+            process.cleanup()
 
     def cleanup(self) -> None:
         """Whatever happened in the test: no process and no segment is left behind."""
