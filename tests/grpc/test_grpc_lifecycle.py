@@ -26,7 +26,7 @@ SLOTS, QUEUE = 2, 1
 TIMEOUT_S = 30.0
 # A row of the slow model takes ~0.2 ms a step on one core here: 1,500 steps, about 0.3 s.
 STEPS = 1500
-ROW = np.full((1, 3, 32, 32), STEPS, np.float32)
+SHAPE = (1, 3, 32, 32)
 
 
 def slow_on_demand(path, hidden: int = 1024, size: int = 32, classes: int = 10):
@@ -80,10 +80,11 @@ def server(tmp_path_factory, slow_model):
         yield server
 
 
-def row_request() -> service_pb2.ModelInferRequest:
+def row_request(steps: int = STEPS) -> service_pb2.ModelInferRequest:
+    """One row of the slow model, `steps` long (about 0.2 ms each)."""
     request = service_pb2.ModelInferRequest(model_name="slow")
-    request.inputs.add(name="input", datatype="FP32", shape=list(ROW.shape))
-    request.raw_input_contents.append(ROW.tobytes())
+    request.inputs.add(name="input", datatype="FP32", shape=list(SHAPE))
+    request.raw_input_contents.append(np.full(SHAPE, steps, np.float32).tobytes())
     return request
 
 
@@ -106,10 +107,11 @@ async def until(server: ServerProcess, predicate, what: str) -> dict:
     raise AssertionError(f"timed out waiting for {what}: {status}")
 
 
-async def call_held(server, stub, **options) -> grpc.aio.Call:
-    """A call of one row, returned once it is held (in a slot or in the queue) or has ended."""
+async def call_held(server, stub, steps: int = STEPS, **options) -> grpc.aio.Call:
+    """A call of one row (`steps` long), returned once it is held (in a slot or in the queue) or
+    has ended."""
     held = await asyncio.to_thread(model_status, server)
-    call = stub.ModelInfer(row_request(), **{"timeout": TIMEOUT_S, **options})
+    call = stub.ModelInfer(row_request(steps), **{"timeout": TIMEOUT_S, **options})
     await until(server, lambda s: call.done() or s["in_use"] + s["waiting"] > held["in_use"] + held["waiting"],
                 "the call held")
     return call
@@ -161,9 +163,11 @@ def test_a_call_whose_deadline_passes_while_it_waits_runs_nothing(server):
     rows_before = server.get("/v2/models/slow/stats")[1]["model_stats"][0]["inference_count"]
 
     async def main(stub):
-        running = await call_held(server, stub)
+        # A row long enough (~1.5 s) that the late call surely comes while it runs, on a busy
+        # machine too (with a row of 0.3 s, the late call once found a slot and was dropped there).
+        running = await call_held(server, stub, steps=5 * STEPS)
         ready = await call_held(server, stub)
-        # Behind a row running and one ready for the worker: waiting at least a whole row.
+        # Behind a row running and one ready for the worker: waiting in the queue at least a whole row.
         late = await call_held(server, stub, timeout=0.1)
         with pytest.raises(grpc.aio.AioRpcError) as expired:
             await late
