@@ -178,6 +178,54 @@ def test_v2_requests_are_traced_with_a_batch_span_per_batch_their_rows_ran_in(st
     assert root.attributes["cronnx.api"] == "v2"
 
 
+@pytest.mark.parametrize("placement", [{}, {"front_processes": 2}], ids=["one process", "two front processes"])
+def test_grpc_calls_are_traced_as_rpcs_with_their_phases_and_batch(start_server, tiny_model, receiver, placement):
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    server = start_server(server_config(model_entry("tiny", tiny_model), grpc_port=0, **placement),
+                          env=traced_env(receiver))
+    direct = DirectModel(tiny_model)
+    row = direct.tensor(PHOTO)[None]
+    request = service_pb2.ModelInferRequest(model_name="tiny")
+    request.inputs.add(name="input", datatype="FP32", shape=list(row.shape))
+    request.raw_input_contents.append(row.tobytes())
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response, call = stub.ModelInfer.with_call(request, metadata=[("traceparent", traceparent())], timeout=30)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(service_pb2.ModelInferRequest(model_name="nope"), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    logits = np.frombuffer(response.raw_output_contents[0], np.float32)
+    expected = direct.session.run(None, {direct.spec.input_name: row})[0].ravel()
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5)
+
+    name = "inference.GRPCInferenceService/ModelInfer"
+    spans = receiver.wait_for(lambda s: sum(x.name == name for x in s) == 2 and any(x.name == "batch" for x in s)
+                              and any(x.name == "respond" for x in s), what="two calls and a batch")
+    (root,) = [s for s in spans if s.name == name and s.trace_id == PARENT_TRACE]
+    (failed,) = [s for s in spans if s.name == name and s.trace_id != PARENT_TRACE]
+    # The metadata's traceparent is the parent; the trailing metadata names the server span.
+    assert root.parent_span_id == PARENT_SPAN and root.kind == 2  # SERVER
+    assert (("traceparent", f"00-{PARENT_TRACE}-{root.span_id}-01")
+            in [(m.key, m.value) for m in call.trailing_metadata()])
+    assert {k: root.attributes[k] for k in ("rpc.system", "rpc.method", "rpc.grpc.status_code", "cronnx.api",
+                                            "cronnx.model", "cronnx.version")} == {
+        "rpc.system": "grpc", "rpc.method": "ModelInfer", "rpc.grpc.status_code": 0, "cronnx.api": "grpc",
+        "cronnx.model": "tiny", "cronnx.version": "1"}
+    assert failed.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert failed.attributes["cronnx.model"] == "_unknown" and failed.status_code == 0  # the client's error
+    # Its phases are children of the server span, in order; the batch and its inference phase link each other.
+    phases = sorted((s for s in spans if s.trace_id == PARENT_TRACE and s.parent_span_id == root.span_id),
+                    key=lambda s: s.start_ns)
+    assert [p.name for p in phases][-2:] == ["inference", "respond"] and phases[0].start_ns == root.start_ns
+    for before, after in zip(phases, phases[1:]):
+        assert before.start_ns <= before.end_ns <= after.start_ns <= after.end_ns <= root.end_ns
+    (batch,) = [s for s in spans if s.name == "batch"]
+    assert batch.links == [(PARENT_TRACE, root.span_id)]
+    assert phases[-2].links == [(batch.trace_id, batch.span_id)]
+
+
 def test_errors_are_traced_and_a_5xx_is_an_error_span(start_server, tiny_model, receiver):
     server = start_server(server_config(model_entry("tiny", tiny_model)), env=traced_env(receiver))
     # An Accept header prometheus_client cannot read gets the default format, not a 500.
