@@ -227,11 +227,12 @@ def _tensor_rows(tensor: RequestTensor, binary: bytes, model: ModelView) -> np.n
             raise InvalidRequest(f"input {tensor.name!r}: shape {tensor.shape} of {tensor.datatype} needs "
                                  f"{count * dtype.itemsize} bytes, binary_data_size is {len(part)}")
         values = np.frombuffer(part, dtype)
-        if dtype.kind == "f":
-            bad = np.flatnonzero(~np.isfinite(values))
-            if bad.size:
-                raise InvalidRequest(f"input {tensor.name!r}: element {bad[0]} of the binary data is {values[bad[0]]}; "
-                                     f"{tensor.datatype} input must be finite")
+        # One pass when every value is finite, the common case; the first one that is not is
+        # looked for only then.
+        if dtype.kind == "f" and not np.isfinite(values).all():
+            bad = int(np.argmin(np.isfinite(values)))
+            raise InvalidRequest(f"input {tensor.name!r}: element {bad} of the binary data is {values[bad]}; "
+                                 f"{tensor.datatype} input must be finite")
     else:
         if tensor.data is None:
             raise InvalidRequest(f"input {tensor.name!r} has neither data nor binary_data_size")
