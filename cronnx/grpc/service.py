@@ -27,7 +27,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from cronnx.engine.client import UNKNOWN_MODEL, InferenceClient, Selection
 from cronnx.errors import CronnxError, DeadlineExceeded, RequestTooLarge
-from cronnx.grpc.infer import infer_request, infer_response
+from cronnx.grpc.infer import infer_request, infer_response, take_raw_contents
 from cronnx.grpc.status import error_code, grpc_code
 from cronnx.protocol.metadata import MetadataSource
 from cronnx.protocol.record import RequestRecord, request_id_from, serve_model_request, trace_attributes
@@ -152,13 +152,13 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request, context, selection: Selection, record: RequestRecord, started: float):
         """The request checked against the chosen version, each row run on it, every row's
         output in the answer (as `http/v2.py` does with a V2 HTTP request)."""
-        size = request.ByteSize()
+        raw, size = take_raw_contents(request)
         if size > self._limits.max_message_bytes:
             raise RequestTooLarge(f"the request message is {size} bytes; the server takes at most "
                                   f"{self._limits.max_message_bytes} (server.max_body_bytes)")
         deadline = self._deadline(context, started)
         model = await self._client.view(selection)
-        parsed, binary = infer_request(request)
+        parsed, binary = infer_request(request, raw)
         # Everything is checked before any row runs: a bad request costs no inference.
         rows = request_rows(parsed, binary, model)
         queue = queue_parameters(parsed)
