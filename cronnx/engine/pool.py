@@ -75,6 +75,9 @@ class ModelPool:
         except SharedMemoryFull as exc:
             self.close()
             raise VersionLoadFailed(str(exc)) from None
+        except OSError as exc:  # no file descriptor or memory left for it: this version fails alone
+            self.close()
+            raise VersionLoadFailed(f"its rings could not be made: {exc}") from None
         except BaseException:
             self.close()
             raise
@@ -100,7 +103,12 @@ class ModelPool:
             solo_intra_op_threads=c.solo_intra_op_threads, allow_spinning=c.allow_spinning, logging=logging)
 
     def start(self) -> None:
-        self.supervisor.start()
+        """Spawn its workers. Raises VersionLoadFailed when one cannot be started (no file
+        descriptor or process left); those already started stop when the pool is drained."""
+        try:
+            self.supervisor.start()
+        except OSError as exc:
+            raise VersionLoadFailed(f"its workers could not be started: {exc}") from None
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Until every worker has loaded and warmed up; VersionLoadFailed if one exits first or time runs out."""

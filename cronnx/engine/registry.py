@@ -217,7 +217,7 @@ class Registry:
                     if force or self._changed(p):
                         try:
                             started.append(self._start(p))
-                        except VersionLoadFailed as exc:  # its rings could not be made: the others still load
+                        except VersionLoadFailed as exc:  # its rings or workers could not be made: the others load
                             failed[(p.model.name, p.model.version)] = str(exc)
                 results = await asyncio.gather(*(self._wait_ready(pool) for pool in started))
             except BaseException:
@@ -325,13 +325,21 @@ class Registry:
         return current is None or current.fingerprint != prepared.fingerprint
 
     def _start(self, prepared: PreparedVersion) -> ModelPool:
+        """The version's pool, its workers starting, in `loading`. Raises VersionLoadFailed when
+        its rings or workers cannot be made, leaving nothing of it behind."""
         self._generation += 1
         model = prepared.model
         pool = ModelPool(prepared, self._generation, self._logging_spec,
                          self._on_batch(model.name, str(model.version)), self._liveness, self._queue_memory,
                          self._worker_target)
         self.loading[(model.name, model.version)] = pool
-        pool.start()
+        try:
+            pool.start()
+        except BaseException:
+            # It is not loading any more: the workers it did start are stopped.
+            del self.loading[(model.name, model.version)]
+            self._drain(pool)
+            raise
         return pool
 
     async def _wait_ready(self, pool: ModelPool) -> str | None:

@@ -51,16 +51,28 @@ class ChildProcess:
         self._log = log
         # What the parent said when it killed the process (None: it did not).
         self.kill_reason: str | None = None
+        # Its exit code, kept when it has exited and the process object is closed.
+        self._exitcode: int | None = None
         self.exited = asyncio.Event()
-        pipes = [_spawn.Pipe(duplex=False) for _ in range(2 + extra_inboxes)]
-        (inbox_read, inbox_write), (outbox_read, outbox_write), *extra = pipes
-        enlarge_pipe(inbox_write.fileno())
-        if enlarge_outbox:
-            enlarge_pipe(outbox_write.fileno())
-        self.started_at = time.monotonic()
-        self._process = _spawn.Process(target=target, name=name, daemon=True,
-                                       args=(*args, inbox_read, outbox_write, *(read for read, _ in extra)))
-        self._process.start()
+        pipes: list[tuple[Connection, Connection]] = []
+        try:
+            for _ in range(2 + extra_inboxes):
+                pipes.append(_spawn.Pipe(duplex=False))
+            (inbox_read, inbox_write), (outbox_read, outbox_write), *extra = pipes
+            enlarge_pipe(inbox_write.fileno())
+            if enlarge_outbox:
+                enlarge_pipe(outbox_write.fileno())
+            self.started_at = time.monotonic()
+            self._process = _spawn.Process(target=target, name=name, daemon=True,
+                                           args=(*args, inbox_read, outbox_write, *(read for read, _ in extra)))
+            self._process.start()
+        except BaseException:
+            # No process (no descriptor or process left for it): its pipes close now, not when
+            # the traceback that holds them is collected.
+            for read, write in pipes:
+                read.close()
+                write.close()
+            raise
         # The child has its own copies; closing ours lets EOF reach each side when the other dies.
         inbox_read.close()
         outbox_write.close()
@@ -71,22 +83,23 @@ class ChildProcess:
         self._reader = PipeReader(outbox_read)
         self._loop.add_reader(outbox_read.fileno(), self._on_readable)
         self._loop.add_reader(self._process.sentinel, self._on_sentinel)
+        self._pid = self._process.pid
 
     @property
     def pid(self) -> int:
-        return self._process.pid
+        return self._pid
 
     @property
     def exitcode(self) -> int | None:
         """multiprocessing's: the code it exited with, minus the signal that ended it, or None while it runs."""
-        return self._process.exitcode
+        return self._exitcode if self._exitcode is not None else self._process.exitcode
 
     @property
     def exit_reason(self) -> str | None:
         """How it ended, as the predicate of a sentence about it: the reason the parent gave
         `kill`, "exited with code N", or "was killed by SIGNAME" for a signal from elsewhere (the
         OOM killer, a person); None while it runs."""
-        code = self._process.exitcode
+        code = self.exitcode
         if code is None:
             return None
         if self.kill_reason is not None:
@@ -145,5 +158,9 @@ class ChildProcess:
         for inbox in self._inboxes:
             inbox.close()
         self._process.join()
+        self._exitcode = self._process.exitcode
+        # Its sentinel and the end of the pipe its spawn was written to close now, not when the
+        # process object is collected (a failed load's pool may outlive it).
+        self._process.close()
         self.exited.set()
         self._on_exit(self)

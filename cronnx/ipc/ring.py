@@ -28,6 +28,7 @@ as "ring rule N".
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -185,7 +186,9 @@ def _create(name: str, size: int) -> shared_memory.SharedMemory:
     except OSError as exc:
         shm.close()
         shm.unlink()
-        raise SharedMemoryFull(_no_room(name, size)) from exc
+        if exc.errno == errno.ENOSPC:
+            raise SharedMemoryFull(_no_room(name, size)) from exc
+        raise  # not for want of room (no file descriptor left, say): said as it is
     return shm
 
 

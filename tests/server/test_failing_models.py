@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
+import resource
 import signal
 
 import aiohttp
@@ -15,6 +17,7 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
+from bench.processes import children_of
 from support.client import TIMEOUT, predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape, value
@@ -199,3 +202,53 @@ def test_a_model_whose_declared_output_shape_differs_from_what_it_computes_is_se
         assert reply.status == 200, reply.body
         assert_matches(reply.body, direct.probabilities(image))
     assert server.models()["mis"]["output_shape"] == computed
+
+
+def test_a_version_whose_rings_or_workers_cannot_be_made_fails_alone_and_leaves_nothing(start_server, tmp_path,
+                                                                                       good_model):
+    """The server process runs out of file descriptors while a reload loads a second model: at
+    each limit tried, from one more descriptor than it holds upward, that model fails with the
+    reason (its ring segments, or its workers' pipes, cannot be made) and nothing of it stays
+    behind (no version left "loading", no descriptor, process or segment); the first model serves
+    throughout; once a reload can make everything, it loads."""
+    config = server_config(model_entry("good", good_model))
+    server = start_server(config)
+    pid = server.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    config["models"].append(model_entry("late", tiny_classifier(tmp_path / "late.onnx"), workers=2))
+    server.config_path.write_text(yaml.safe_dump(config))
+    children = sorted(children_of(pid))
+    reasons = []
+    for spare in range(1, 60):
+        held = len(os.listdir(f"/proc/{pid}/fd"))
+        ended = len(re.findall(r"model late version 1 (not loaded|is serving)", server.log()))
+        # Nothing may connect meanwhile (a connection takes a descriptor): the log says when it ends.
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (held + spare, hard))
+        try:
+            server.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: len(re.findall(r"model late version 1 (not loaded|is serving)", server.log())) > ended,
+                       what="the reload to end")
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        # A failed load's workers may still be stopping ("draining") beside its failure.
+        wait_until(lambda: len([v for v in server.versions() if v["name"] == "late"]) == 1,
+                   what="one state of the late model")
+        (late,) = [v for v in server.versions() if v["name"] == "late"]
+        assert [r.status for r in asyncio.run(predict_many(f"{server.url}/predict/good", [IMAGE] * 2))] == [200] * 2
+        if late["state"] == "ready":
+            break
+        assert late["state"] == "failed", late  # not "loading" for ever
+        reasons.append(late["reason"])
+        # What it made is gone: its workers, its descriptors and its ring segments.
+        wait_until(lambda: sorted(children_of(pid)) == children, what="its workers to stop")
+        wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= held, what="its descriptors to close")
+        assert not [n for n in os.listdir("/dev/shm") if "_late_v1_" in n and n.startswith(f"cronnx_{pid}_")]
+    else:
+        raise AssertionError(f"never loaded: {reasons}")
+    assert all("Too many open files" in reason for reason in reasons), reasons
+    # Both kinds were met on the way.
+    assert any(r.startswith("its rings could not be made") for r in reasons), reasons
+    assert any(r.startswith("its workers could not be started") for r in reasons), reasons
+    (reply,) = asyncio.run(predict_many(f"{server.url}/predict/late", [IMAGE]))
+    assert reply.status == 200
+    assert_matches(reply.body, DirectModel(tmp_path / "late.onnx").probabilities(IMAGE))
