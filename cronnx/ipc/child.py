@@ -159,8 +159,9 @@ class ChildProcess:
             inbox.close()
         self._process.join()
         self._exitcode = self._process.exitcode
-        # Its sentinel and the end of the pipe its spawn was written to close now, not when the
-        # process object is collected (a failed load's pool may outlive it).
-        self._process.close()
+        if self._exitcode is not None:  # (None only if something else reaped it)
+            # Its sentinel and the end of the pipe its spawn was written to close now, not when
+            # the process object is collected (a failed load's pool may outlive it).
+            self._process.close()
         self.exited.set()
         self._on_exit(self)

@@ -64,5 +64,12 @@ class ChildSet(Generic[Child]):
         asyncio.get_running_loop().call_later(delay, self._restart, index)
 
     def _restart(self, index: int) -> None:
-        if not self._stopping and self._children[index] is None:
+        if self._stopping or self._children[index] is not None:
+            return
+        try:
             self._start(index)
+        except OSError as exc:  # no descriptor or process left now: try again after a longer pause
+            self._young_deaths[index] += 1
+            delay = restart_delay(self._young_deaths[index])
+            log.error("%s %d could not be started (%s); trying again in %.1fs", self._what, index, exc, delay)
+            asyncio.get_running_loop().call_later(delay, self._restart, index)

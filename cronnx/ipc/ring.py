@@ -186,7 +186,7 @@ def _create(name: str, size: int) -> shared_memory.SharedMemory:
     except OSError as exc:
         shm.close()
         shm.unlink()
-        if exc.errno == errno.ENOSPC:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM):  # tmpfs full, or the container's memory
             raise SharedMemoryFull(_no_room(name, size)) from exc
         raise  # not for want of room (no file descriptor left, say): said as it is
     return shm

@@ -203,8 +203,17 @@ class Supervisor:
         self._loop.call_later(delay, self._restart, worker)
 
     def _restart(self, worker: Worker) -> None:
-        if not self._stopping:
+        if self._stopping:
+            return
+        try:
             self._start(worker)
+        except OSError as exc:  # no descriptor or process left now: try again after a longer pause
+            worker.failed_starts += 1
+            worker.last_exit = f"could not be started: {exc}"
+            delay = restart_delay(worker.failed_starts)
+            log.error("worker %s could not be started (%s); trying again in %.1fs", worker.name, exc, delay,
+                      extra={"fields": {"worker": worker.name, "reason": "start_failed"}})
+            self._loop.call_later(delay, self._restart, worker)
 
     def _check_liveness(self) -> None:
         liveness = self._liveness

@@ -217,7 +217,7 @@ def test_grpc_calls_are_traced_as_rpcs_with_their_phases_and_batch(start_server,
     assert failed.attributes["cronnx.model"] == "_unknown" and failed.status_code == 0  # the client's error
     # Its phases are children of the server span, in order; the batch and its inference phase link each other.
     phases = sorted((s for s in spans if s.trace_id == PARENT_TRACE and s.parent_span_id == root.span_id),
-                    key=lambda s: s.start_ns)
+                    key=lambda s: PHASES.index(s.name))
     assert [p.name for p in phases][-2:] == ["inference", "respond"] and phases[0].start_ns == root.start_ns
     for before, after in zip(phases, phases[1:]):
         assert before.start_ns <= before.end_ns <= after.start_ns <= after.end_ns <= root.end_ns
