@@ -163,12 +163,14 @@ def test_a_call_whose_deadline_passes_while_it_waits_runs_nothing(server):
     rows_before = server.get("/v2/models/slow/stats")[1]["model_stats"][0]["inference_count"]
 
     async def main(stub):
-        # A row long enough (~1.5 s) that the late call surely comes while it runs, on a busy
-        # machine too (with a row of 0.3 s, the late call once found a slot and was dropped there).
-        running = await call_held(server, stub, steps=5 * STEPS)
+        # A row twenty times the usual (seconds long) runs first, so that the late call's
+        # deadline passes while it waits in the queue on a fast machine and on a busy one alike
+        # (with rows of 0.3 s and a deadline of 0.1 s it once found a slot and was dropped there).
+        running = await call_held(server, stub, steps=20 * STEPS)
         ready = await call_held(server, stub)
-        # Behind a row running and one ready for the worker: waiting in the queue at least a whole row.
-        late = await call_held(server, stub, timeout=0.1)
+        # Behind a row running and one ready for the worker: waiting in the queue. Its deadline
+        # (0.5 s) lets it reach the server first on a busy machine.
+        late = await call_held(server, stub, timeout=0.5)
         with pytest.raises(grpc.aio.AioRpcError) as expired:
             await late
         return expired.value, [await running, await ready]
