@@ -6,6 +6,7 @@ import pytest
 
 import support.server
 from support.images import write_photo_set
+from support.models import tiny_classifier
 from support.server import REPO, ServerProcess
 
 DEMO_MODEL = REPO / "models" / "mobilenetv2-demo.onnx"
@@ -35,6 +36,13 @@ def demo_model() -> Path:
 
         write_demo_model(DEMO_MODEL)
     return DEMO_MODEL
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A small real classifier (support.models.tiny_classifier: FP32 [N, 3, 32, 32] in, 10
+    logits out), written once for each test module that asks for it."""
+    return tiny_classifier(tmp_path_factory.mktemp("models") / "tiny.onnx")
 
 
 @pytest.fixture(scope="session")

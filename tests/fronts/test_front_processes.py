@@ -27,7 +27,6 @@ from support.bad_requests import BODY_LIMIT
 from support.client import TIMEOUT, post, predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape
-from support.models import tiny_classifier
 from support.reference import DirectModel, assert_matches
 from support.server import (mapped_segments, model_entry, pid_alive, server_config, shm_lock_files, shm_segments,
                             wait_until)
@@ -43,11 +42,6 @@ from cronnx.ipc.ring import SlotRing
 PHOTOS = [encode(photo_like(320 + 16 * i, 240, seed=i), "JPEG", quality=90) for i in range(6)]
 SUCCESS = ("cronnx_requests_total", frozenset({("api", "predict"), ("model", "tiny"), ("outcome", "success"),
                                                ("version", "1")}))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return tiny_classifier(tmp_path_factory.mktemp("models") / "tiny.onnx")
 
 
 @pytest.fixture

@@ -22,18 +22,12 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 
 from support.client import predict_many
 from support.metrics import scrape, value
-from support.models import tiny_classifier
 from support.reference import DirectModel
 from support.server import ServerProcess, model_entry, server_config, wait_until
 
 CLIENT_TIMEOUT_S = 30.0
 # The model only the counting test sends to: its counts are those requests, whatever else ran.
 COUNTED = "counted"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return tiny_classifier(tmp_path_factory.mktemp("grpc-models") / "tiny.onnx")
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,9 @@ from support.bad_requests import BAD_REQUESTS, BODY_LIMIT
 from support.client import TIMEOUT, GoodStream, Reply, post, predict_many
 from support.images import encode, photo_like
 from support.metrics import scrape, value
-from support.models import failing_on_bright_images, tiny_classifier
+from support.models import failing_on_bright_images
 from support.reference import DirectModel, assert_matches
 from support.server import model_entry, server_config, wait_until
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return tiny_classifier(tmp_path_factory.mktemp("models") / "tiny.onnx")
-
 
 @pytest.fixture
 def server(start_server, tiny_model):

@@ -37,7 +37,6 @@ from cronnx.models.spec import ModelSpec
 from cronnx.preprocessing.transform import Preprocessor, set_max_image_pixels
 from support.images import encode, photo_like
 from support.metrics import scrape, total, value
-from support.models import tiny_classifier
 from support.reference import DirectModel, assert_matches
 from support.server import ServerProcess, model_entry, server_config
 
@@ -203,11 +202,6 @@ def test_pillows_warning_range_is_refused_in_this_process_too():
 
 
 # --- (b) HTTP body parsing against one real server -----------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return tiny_classifier(tmp_path_factory.mktemp("fuzz-models") / "tiny.onnx")
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model):

@@ -26,11 +26,6 @@ BODY_LIMIT = 64 * 1024
 TOKEN = "s3cret-token"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return tiny_classifier(tmp_path_factory.mktemp("models") / "tiny.onnx")
-
-
 @pytest.fixture
 def server(start_server, tiny_model):
     config = server_config(model_entry("tiny", tiny_model), max_body_bytes=BODY_LIMIT)

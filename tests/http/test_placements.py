@@ -17,7 +17,6 @@ from support.bad_requests import BODY_LIMIT
 from support.client import TIMEOUT
 from support.images import encode, photo_like
 from support.metrics import scrape
-from support.models import tiny_classifier
 from support.reference import DirectModel
 from support.server import ServerProcess, model_entry, server_config, wait_until
 
@@ -116,11 +115,6 @@ def _access_fields(log: str) -> dict[str, dict]:
             line["phases_ms"] = sorted(line["phases_ms"])
         fields[line["request_id"]] = line
     return fields
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return tiny_classifier(tmp_path_factory.mktemp("models") / "tiny.onnx")
 
 
 @pytest.fixture(scope="module")

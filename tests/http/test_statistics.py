@@ -15,18 +15,12 @@ import tritonclient.http as triton
 
 from support.client import TIMEOUT, post
 from support.images import encode, photo_like
-from support.models import tiny_classifier
 from support.reference import DirectModel
 from support.server import model_entry, server_config, wait_until
 
 PHOTO = encode(photo_like(160, 120, seed=8), "JPEG", quality=90)
 PLACEMENTS = pytest.mark.parametrize("front_processes", [1, 2], ids=["one process", "two front processes"])
 PREDICTS, V2_REQUESTS, V2_ROWS, BAD = 5, 3, 2, 4
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return tiny_classifier(tmp_path_factory.mktemp("stats-models") / "tiny.onnx")
 
 
 def _v2_body(direct: DirectModel) -> bytes:

@@ -36,7 +36,6 @@ from PIL import Image
 from support.client import TIMEOUT, Reply
 from support.images import encode, exif_block, photo_like
 from support.metrics import scrape, total, value
-from support.models import tiny_classifier
 from support.reference import DirectModel, assert_matches
 from support.server import children_of, model_entry, pid_alive, server_config, shm_segments, wait_until
 
@@ -47,11 +46,6 @@ COPIES = 6             # of each kind, all sent at once
 GOOD_STREAMS = 3       # concurrent clients sending good requests throughout
 GOOD_MAX_PER_STREAM = 300
 STORM_SEED = 11
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return tiny_classifier(tmp_path_factory.mktemp("storm-models") / "tiny.onnx")
 
 
 # --- The requests ------------------------------------------------------------------------------

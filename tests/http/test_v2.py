@@ -27,11 +27,6 @@ IMAGES = [encode(photo_like(320 + 40 * i, 240, seed=10 + i), "JPEG") for i in ra
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return tiny_classifier(tmp_path_factory.mktemp("v2") / "tiny.onnx")
-
-
-@pytest.fixture(scope="module")
 def direct(tiny_model):
     return DirectModel(tiny_model)
 

@@ -134,15 +134,20 @@ def test_open_loop_shows_a_server_stall_in_the_tail(fake_server, image):
     assert r["latency_ms"]["p50"] < 50.0
 
 
+def _kill_after(server, seconds: float) -> None:
+    """Kill this test's server (by its pid) `seconds` from now, from a thread of its own."""
+    def kill() -> None:
+        time.sleep(seconds)
+        server.kill()
+
+    threading.Thread(target=kill, daemon=True).start()
+
+
 def test_server_that_dies_mid_run_is_reported_with_the_numbers_so_far(fake_server, image):
     url = fake_server("--delay-ms", "5")
     server = fake_server.process(url)
 
-    def kill_soon():
-        time.sleep(1.5)
-        server.kill()  # this test's server only, by its pid
-
-    threading.Thread(target=kill_soon, daemon=True).start()
+    _kill_after(server, 1.5)
     r, text = bench(url, image, "--concurrency", "2", "--duration", "6", "--warmup", "0")
     assert r["ok"] > 50
     assert sum(r["errors_by_exception"].values()) > 0
@@ -315,11 +320,7 @@ def test_a_grpc_server_that_dies_mid_run_is_reported_with_the_numbers_so_far(fak
     url = fake_grpc_server("--delay-ms", "5")
     server = fake_grpc_server.process(url)
 
-    def kill_soon():
-        time.sleep(1.5)
-        server.kill()  # this test's server only, by its pid
-
-    threading.Thread(target=kill_soon, daemon=True).start()
+    _kill_after(server, 1.5)
     r, _ = bench("http://127.0.0.1:9", None, "--protocol", "grpc", "--grpc-url", grpc_target(url),
                  "--concurrency", "2", "--duration", "6", "--warmup", "0")
     assert r["ok"] > 50 and r["errors_by_status"] == {}, r

@@ -19,7 +19,6 @@ import pytest
 from support.client import TIMEOUT, post
 from support.images import encode, photo_like
 from support.metrics import scrape, value
-from support.models import tiny_classifier
 from bench.otlp_receiver import GrpcOtlpReceiver, OtlpReceiver, quiet_for
 from support.reference import DirectModel, assert_matches
 from support.server import model_entry, server_config, wait_until
@@ -31,11 +30,6 @@ PHASES = ["read", "admission", "preprocess", "queue", "inference", "respond"]
 OPENMETRICS = "application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
 # Export at once instead of every 5 s (the batch processor's schedule delay, ms).
 FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "50"}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return tiny_classifier(tmp_path_factory.mktemp("tracing-models") / "tiny.onnx")
 
 
 @pytest.fixture
